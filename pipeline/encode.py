@@ -1,0 +1,434 @@
+"""Stage one, part 1: image-caption pairs -> scaled VAE latents and CLIP text embeddings in a store.
+
+    plan (driver, sequential)        caption checks, duplicate ids, shard boundaries by source position
+    encode_shard (worker)            decode images, VAE + text encoder in batches, write the shard whole
+    finish (driver)                  rejects file, counts, manifest status "complete"
+
+Shard k holds the accepted items among source positions [k*shard_size, (k+1)*shard_size), so a
+rerun after a crash plans the same shards, skips the finished ones and redoes the rest.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+import sdit
+from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from sdit.devices import resolve_device, resolve_dtype
+from sdit.errors import SDiTError
+from sdit.sources import RejectedInput, SourceItem, load_image, open_source
+from sdit.store import Manifest, Store, write_shard
+from sdit.teacher import Teacher, load_teacher
+
+Progress = Callable[[int], None]  # called with the number of source items just finished
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    source: str
+    teacher: str
+    out: str
+    teacher_config: str | None = None
+    prompts: str | None = None  # a text file (one prompt a line) or a parquet file with `prompt_column`
+    prompt_column: str = "text"
+    resolution: int = 512
+    min_size: int | None = None  # smallest accepted short side; default resolution // 4
+    batch_size: int = 16
+    shard_size: int = 1024
+    limit: int | None = None  # encode only the first N source items
+    strict: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    image_column: str = "image"
+    caption_column: str = "text"
+    id_column: str | None = None
+    caption_key: str | None = None
+    ray_address: str | None = None
+    num_workers: int | None = None
+
+    def check(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            raise SDiTError(f"--resolution {self.resolution}: must be a positive multiple of 8")
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise SDiTError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.limit is not None and self.limit < 0:
+            raise SDiTError("--limit must not be negative")
+
+    @property
+    def min_short_side(self) -> int:
+        return self.resolution // 4 if self.min_size is None else self.min_size
+
+
+@dataclass
+class ShardTask:
+    group: str  # "records" or "prompts"
+    index: int
+    items: list[SourceItem]  # passed the driver's checks; images not decoded yet
+    rejects: list[dict] = field(default_factory=list)
+    size: int = 0  # source items this shard covers, for progress
+
+
+@dataclass
+class EncodeSummary:
+    store: str
+    records: int
+    rejects: int
+    truncated: int
+    prompts: int
+    shards: int
+    skipped_shards: int  # finished by an earlier run
+
+    def line(self) -> str:
+        return (f"encoded {self.records} records into {self.shards} shards at {self.store} "
+                f"({self.rejects} rejected, {self.truncated} captions truncated to 77 tokens, "
+                f"{self.prompts} prompts; {self.skipped_shards} shards already done)")
+
+
+# --- the worker ---------------------------------------------------------------------------------------
+class ShardEncoder:
+    """Holds the VAE and text encoder; turns one ShardTask into one finished shard."""
+
+    def __init__(self, config: EncodeConfig, teacher: Teacher, device: torch.device, dtype: torch.dtype):
+        self.config, self.teacher, self.device, self.dtype = config, teacher, device, dtype
+        self.store = Store(config.out)
+        vae = teacher.vae.config
+        self.scale, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", None) or 0.0
+
+    @torch.inference_mode()
+    def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(N, 77, D) fp16 last hidden states, (N,) token counts, and how many were truncated."""
+        tok = self.teacher.tokenizer
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        lengths = np.array([len(x) for x in tok(captions, truncation=False).input_ids])
+        emb = self.teacher.text_encoder(ids.to(self.device)).last_hidden_state
+        counts = np.minimum(lengths, tok.model_max_length).astype(np.int16)
+        return emb.float().cpu().numpy().astype(np.float16), counts, int((lengths > tok.model_max_length).sum())
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) in [-1, 1] -> (N, C, H/8, W/8) fp16 scaled posterior means.
+
+        The posterior mean, not a sample: it is deterministic (so a store is reproducible byte for byte)
+        and SD's posterior std is small next to the diffusion noise that stage one adds anyway."""
+        x = torch.from_numpy(pixels).to(self.device, self.dtype)
+        mean = self.teacher.vae.encode(x).latent_dist.mean
+        return ((mean.float() - self.shift) * self.scale).cpu().numpy().astype(np.float16)
+
+    def __call__(self, task: ShardTask) -> dict:
+        if task.group == "prompts":
+            return self._prompt_shard(task)
+        rejects, kept, latents = list(task.rejects), [], []
+        for start in range(0, len(task.items), self.config.batch_size):
+            batch, pixels = [], []
+            for item in task.items[start:start + self.config.batch_size]:
+                try:
+                    pixels.append(load_image(item.read(), self.config.resolution,
+                                             min_size=self.config.min_short_side))
+                    batch.append(item)
+                except RejectedInput as err:
+                    rejects.append(reject_entry("records", item, err.reason, err.detail))
+            if batch:
+                latents.append(self.encode_images(np.stack(pixels)))
+                kept.extend(batch)
+        if self.config.strict and rejects:
+            raise SDiTError(f"--strict: {describe_reject(rejects[0])}")
+        text, counts, truncated = self._encode_captions([item.caption for item in kept])
+        columns = {
+            "latents": np.concatenate(latents) if latents else np.zeros((0, *self._latent_shape()), np.float16),
+            "text_emb": text, "token_count": counts,
+            "ids": np.array([i.id for i in kept], dtype=str), "captions": np.array([i.caption for i in kept], dtype=str),
+            "positions": np.array([i.position for i in kept], dtype=np.int64),
+        }
+        record = {"rejects": rejects, "truncated": truncated, "size": task.size}
+        write_shard(self.store, "records", task.index, columns, record)
+        return {"group": "records", "index": task.index, "count": len(kept), **record}
+
+    def _prompt_shard(self, task: ShardTask) -> dict:
+        text, counts, truncated = self._encode_captions([item.caption for item in task.items])
+        columns = {"text_emb": text, "token_count": counts,
+                   "captions": np.array([i.caption for i in task.items], dtype=str),
+                   "positions": np.array([i.position for i in task.items], dtype=np.int64)}
+        record = {"rejects": task.rejects, "truncated": truncated, "size": task.size}
+        write_shard(self.store, "prompts", task.index, columns, record)
+        return {"group": "prompts", "index": task.index, "count": len(task.items), **record}
+
+    def _encode_captions(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        L, D = self._text_shape()
+        parts = [self.encode_text(captions[i:i + self.config.batch_size])
+                 for i in range(0, len(captions), self.config.batch_size)]
+        if not parts:
+            return np.zeros((0, L, D), np.float16), np.zeros((0,), np.int16), 0
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), sum(p[2] for p in parts)
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        return latent_shape(self.teacher, self.config.resolution)
+
+    def _text_shape(self) -> tuple[int, int]:
+        return text_shape(self.teacher)
+
+
+@dataclass(frozen=True)
+class EncoderFactory:
+    """Picklable: builds a ShardEncoder inside a Ray actor (each actor loads its own teacher)."""
+
+    config: EncodeConfig
+
+    def __call__(self) -> ShardEncoder:
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        teacher = load_teacher(self.config.teacher, components=("vae", "text_encoder"),
+                               config_dir=self.config.teacher_config, device=device, dtype=dtype)
+        return ShardEncoder(self.config, teacher, device, dtype)
+
+
+# --- the driver ---------------------------------------------------------------------------------------
+def encode(config: EncodeConfig, progress: Progress | None = None,
+           on_total: Callable[[int | None], None] | None = None) -> EncodeSummary:
+    """Run stage one, part 1. Resumes a store left unfinished by the same configuration."""
+    config.check()
+    source = open_source(config.source, image_column=config.image_column, caption_column=config.caption_column,
+                         id_column=config.id_column, caption_key=config.caption_key)
+    prompts = open_prompt_source(config) if config.prompts else None
+    factory = EncoderFactory(config)
+    encoder = factory()  # the driver's copy: identity, shapes, the null embedding; the local worker
+    store = Store(config.out)
+    manifest = prepare_store(store, new_manifest(config, encoder, source.format), config.overwrite)
+    _write_null_embedding(store, encoder)
+    if on_total:
+        on_total(_total(source, prompts, config.limit))
+    done = {"records": store.finished("records"), "prompts": store.finished("prompts")}
+    tasks = _pending(plan(config, source, prompts), done, progress)
+    if config.ray_address:
+        with ray_session(config.ray_address, config.out):
+            _run(RayExecutor(factory, num_workers=config.num_workers,
+                             gpus_per_worker=1.0 if encoder.device.type == "cuda" else 0.0), tasks, config, progress)
+    else:
+        encoder.store = store
+        _run(LocalExecutor(lambda: encoder), tasks, config, progress)
+    return finish(store, manifest, skipped=sum(len(d) for d in done.values()))
+
+
+def plan(config: EncodeConfig, source: Iterable[SourceItem],
+         prompts: Iterable[SourceItem] | None) -> Iterator[ShardTask]:
+    """Shard tasks in order: driver-side checks (captions, ids, missing images) need no image decoding."""
+    yield from _plan_group("records", source, config)
+    if prompts is not None:
+        yield from _plan_group("prompts", prompts, config)
+
+
+def _plan_group(group: str, items: Iterable[SourceItem], config: EncodeConfig) -> Iterator[ShardTask]:
+    seen: set[str] = set()  # the one structure that grows with the dataset: ~100 bytes per record id
+    task = ShardTask(group, 0, [])
+    for item in items:
+        if config.limit is not None and group == "records" and item.position >= config.limit:
+            break
+        index = item.position // config.shard_size
+        if index != task.index:
+            if task.size:
+                yield task
+            task = ShardTask(group, index, [])
+        task.size += 1
+        reason = _driver_reject(item, seen) if group == "records" else _caption_reject(item)
+        if reason:
+            entry = reject_entry(group, item, reason)
+            if config.strict:
+                raise SDiTError(f"--strict: {describe_reject(entry)}")
+            task.rejects.append(entry)
+        else:
+            task.items.append(item)
+    if task.size:
+        yield task
+
+
+def _driver_reject(item: SourceItem, seen: set[str]) -> str | None:
+    if item.data is None and item.path is None:
+        return "missing_image"
+    if reason := _caption_reject(item):
+        return reason
+    if item.id in seen:
+        return "duplicate_id"
+    seen.add(item.id)
+    return None
+
+
+def _caption_reject(item: SourceItem) -> str | None:
+    if item.caption is None:
+        return "missing_caption"
+    if not item.caption.strip():
+        return "empty_caption"
+    return None
+
+
+def _pending(tasks: Iterable[ShardTask], done: dict[str, dict], progress: Progress | None) -> Iterator[ShardTask]:
+    for task in tasks:
+        if task.index in done[task.group]:
+            if progress:
+                progress(task.size)
+            continue
+        yield task
+
+
+def _run(executor, tasks: Iterable[ShardTask], config: EncodeConfig, progress: Progress | None) -> None:
+    for result in executor.map(tasks):
+        if config.strict and result["rejects"]:
+            raise SDiTError(f"--strict: {describe_reject(result['rejects'][0])}")
+        if progress:
+            progress(result["size"])
+
+
+def finish(store: Store, manifest: Manifest, skipped: int) -> EncodeSummary:
+    records, prompts = store.finished("records"), store.finished("prompts")
+    rejects = sorted((r for d in (records, prompts) for rec in d.values() for r in rec["rejects"]),
+                     key=lambda r: (r["group"], r["position"]))
+    store.write_lines(iter(rejects), "rejects.jsonl")
+    counts = {
+        "records": sum(r["count"] for r in records.values()),
+        "rejects": sum(1 for r in rejects if r["group"] == "records"),
+        "truncated": sum(r["truncated"] for r in records.values()),
+        "shards": len(records),
+        "prompts": sum(r["count"] for r in prompts.values()),
+        "prompt_rejects": sum(1 for r in rejects if r["group"] == "prompts"),
+        "prompts_truncated": sum(r["truncated"] for r in prompts.values()),
+        "reject_reasons": _tally(r["reason"] for r in rejects if r["group"] == "records"),
+    }
+    store.write_manifest(dataclasses.replace(manifest, counts=counts, status="complete"))
+    return EncodeSummary(store.url, counts["records"], counts["rejects"], counts["truncated"], counts["prompts"],
+                         counts["shards"], skipped)
+
+
+# --- the store's set-up -------------------------------------------------------------------------------
+def latent_shape(teacher: Teacher, resolution: int) -> tuple[int, int, int]:
+    factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    return (teacher.vae.config.latent_channels, resolution // factor, resolution // factor)
+
+
+def text_shape(teacher: Teacher) -> tuple[int, int]:
+    return (teacher.tokenizer.model_max_length, teacher.text_encoder.config.hidden_size)
+
+
+def new_manifest(config: EncodeConfig, encoder: ShardEncoder, source_format: str) -> Manifest:
+    teacher = encoder.teacher
+    source = {"location": config.source, "format": source_format, "image_column": config.image_column,
+              "caption_column": config.caption_column, "id_column": config.id_column,
+              "caption_key": config.caption_key, "limit": config.limit, "min_size": config.min_short_side}
+    return Manifest(
+        source=source, teacher=teacher.identity.to_json() | {"scheduler": teacher.scheduler_config},
+        resolution=config.resolution, latent_scale=encoder.scale, latent_shape=latent_shape(teacher, config.resolution),
+        text_shape=text_shape(teacher), shard_size=config.shard_size,
+        prompts={"location": config.prompts, "column": config.prompt_column} if config.prompts else None,
+        sdit_version=sdit.__version__)
+
+
+# What must match for a rerun to resume a store rather than refuse it.
+_RESUME_KEYS = ("source", "resolution", "latent_shape", "text_shape", "shard_size", "prompts")
+
+
+def prepare_store(store: Store, manifest: Manifest, overwrite: bool) -> Manifest:
+    """Check a rerun against the existing manifest (or wipe it with `overwrite`), create the groups,
+    delete unfinished shards, and write the manifest with status "in_progress"."""
+    if overwrite:
+        for name in ("records", "prompts", "_done", "null_text_emb", "rejects.jsonl", "manifest.json", "zarr.json"):
+            store.remove(name)
+    elif store.exists("manifest.json"):
+        old = store.manifest()
+        for key in _RESUME_KEYS:
+            if _normal(getattr(old, key)) != _normal(getattr(manifest, key)):
+                raise SDiTError(f"{store.url} was encoded with another {key} ({getattr(old, key)!r}); "
+                                "pass --overwrite to start again, or choose another --out")
+        for part in ("vae", "text_encoder"):
+            if old.teacher["hashes"].get(part) != manifest.teacher["hashes"].get(part):
+                raise SDiTError(f"{store.url} was encoded with another teacher {part}; "
+                                "pass --overwrite to start again, or choose another --out")
+        manifest = dataclasses.replace(manifest, created=old.created)
+    elif store.exists("zarr.json") or store.exists("records"):
+        raise SDiTError(f"{store.url} holds data but no SDiT manifest; choose another --out or pass --overwrite")
+    root = store.root_group(mode="a")
+    root.require_group("records")
+    root.require_group("prompts")
+    store.remove_unfinished("records")
+    store.remove_unfinished("prompts")
+    store.write_manifest(manifest)
+    return manifest
+
+
+def _write_null_embedding(store: Store, encoder: ShardEncoder) -> None:
+    emb, _, _ = encoder.encode_text([""])
+    root = store.root_group(mode="a")
+    arr = root.require_array("null_text_emb", shape=emb.shape[1:], dtype="float16", compressors=None)
+    arr[:] = emb[0]
+
+
+class PromptSource:
+    """Prompt bank items: one prompt per line of a text file, or a column of a parquet file."""
+
+    format = "prompts"
+
+    def __init__(self, location: str, column: str):
+        self.path, self.column = Path(location), column
+        if not self.path.is_file():
+            raise SDiTError(f"--prompts {self.path}: no such file (a text file, one prompt a line, or a parquet file)")
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            self.parquet = pq.ParquetFile(self.path)
+            if column not in self.parquet.schema_arrow.names:
+                raise SDiTError(f"--prompts {self.path}: no column {column!r} "
+                                f"(columns: {', '.join(self.parquet.schema_arrow.names)}); set --prompt-column")
+
+    def num_items(self) -> int:
+        if self.path.suffix == ".parquet":
+            return self.parquet.metadata.num_rows
+        with self.path.open("rb") as f:
+            return sum(1 for _ in f)
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        if self.path.suffix == ".parquet":
+            lines = (text for batch in self.parquet.iter_batches(batch_size=4096, columns=[self.column])
+                     for text in batch.column(0).to_pylist())
+        else:
+            lines = (line.rstrip("\r\n") for line in self.path.open(encoding="utf-8", errors="replace"))
+        for i, text in enumerate(lines):
+            yield SourceItem(position=i, id=f"prompt-{i}", caption=None if text is None else text.strip())
+
+
+def open_prompt_source(config: EncodeConfig) -> PromptSource:
+    return PromptSource(config.prompts, config.prompt_column)
+
+
+def _total(source, prompts: PromptSource | None, limit: int | None) -> int | None:
+    """Source items to process, for the progress bar's ETA; None where counting would mean reading it all."""
+    count = getattr(source, "num_items", None)
+    n = count() if callable(count) else None
+    if n is None:
+        return None
+    if limit is not None:
+        n = min(n, limit)
+    return n + (prompts.num_items() if prompts else 0)
+
+
+def reject_entry(group: str, item: SourceItem, reason: str, detail: str = "") -> dict:
+    return {"group": group, "id": item.id, "position": item.position, "reason": reason, "detail": detail}
+
+
+def describe_reject(entry: dict) -> str:
+    detail = f": {entry['detail']}" if entry.get("detail") else ""
+    return f"{entry['group']} item {entry['id']!r} (position {entry['position']}) rejected: {entry['reason']}{detail}"
+
+
+def _normal(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _tally(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,110 @@
+"""Where shard tasks run: in this process (the default), or on Ray actors that each hold the models.
+
+A worker is built by a picklable factory (`make_worker()` returns a callable `task -> result`), so the
+same code runs in-process and inside a Ray actor, and writes the same bytes either way: shards are the
+unit of work and each is written whole by the worker that ran it.
+"""
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sdit.errors import SDiTError
+
+# Unix domain socket paths are limited to 107 bytes; Ray puts its sockets under the temp dir.
+_RAY_TEMP_MAX = 60
+
+
+class LocalExecutor:
+    """Runs tasks one after another in this process, with one worker."""
+
+    def __init__(self, make_worker: Callable[[], Callable[[Any], Any]]):
+        self.worker = make_worker()
+
+    def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        for task in tasks:
+            yield self.worker(task)
+
+
+class RayExecutor:
+    """One actor per GPU (or per `num_workers` CPU slots) holding the models; at most two tasks in flight
+    per actor, so the driver never holds more than a few shards' inputs in memory."""
+
+    def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], *, num_workers: int | None = None,
+                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0):
+        import ray
+
+        @ray.remote
+        class Worker:
+            def __init__(self, factory):
+                self.fn = factory()
+
+            def run(self, task):
+                return self.fn(task)
+
+        if num_workers is None:
+            resources = ray.cluster_resources()
+            num_workers = int(resources.get("GPU", 0)) if gpus_per_worker else int(resources.get("CPU", 1))
+            num_workers = max(1, num_workers)
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+        self.actors = [Worker.options(**options).remote(make_worker) for _ in range(num_workers)]
+
+    def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        """Results as they complete (order is not kept: each result names its shard)."""
+        import ray
+
+        idle = list(self.actors) * 2
+        running: dict[Any, Any] = {}
+        task_iter = iter(tasks)
+        exhausted = False
+        while running or not exhausted:
+            while idle and not exhausted:
+                task = next(task_iter, None)
+                if task is None:
+                    exhausted = True
+                    break
+                actor = idle.pop()
+                running[actor.run.remote(task)] = actor
+            if not running:
+                break
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            idle.append(running.pop(ref))
+            yield ray.get(ref)
+
+
+def ray_temp_dir(run_dir: str | Path) -> str:
+    """Ray's session files go under the run's own folder, unless that path is too long for its sockets."""
+    preferred = Path(run_dir).resolve() / ".ray"
+    if len(str(preferred)) <= _RAY_TEMP_MAX:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return str(preferred)
+    return tempfile.mkdtemp(prefix="sdit-ray-")
+
+
+@contextmanager
+def ray_session(address: str, run_dir: str | Path, num_cpus: int | None = None):
+    """`local` starts a Ray for this run and shuts it down after; `auto` or `ray://host:port` joins one."""
+    try:
+        import ray
+    except ImportError as err:
+        raise SDiTError("--ray-address needs Ray: pip install 'ray[data]'") from err
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}}
+    if address == "local":
+        kwargs |= {"_temp_dir": ray_temp_dir(run_dir), "num_cpus": num_cpus or os.cpu_count()}
+    else:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise SDiTError(f"cannot start or join Ray at {address!r}: {str(err).splitlines()[0]}") from err
+    try:
+        yield
+    finally:
+        ray.shutdown()
