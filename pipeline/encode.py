@@ -9,6 +9,7 @@ rerun after a crash plans the same shards, skips the finished ones and redoes th
 """
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ class EncodeConfig:
     caption_key: str | None = None
     ray_address: str | None = None
     num_workers: int | None = None
+    # Torch threads per CPU worker. CPU convolutions round differently with another thread count, so
+    # every executor uses the same one (default: this machine's) and writes the same bytes.
+    threads: int | None = None
 
     def check(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:
@@ -104,13 +108,11 @@ class ShardEncoder:
     @torch.inference_mode()
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """(N, 77, D) fp16 last hidden states, (N,) token counts, and how many were truncated."""
-        tok = self.teacher.tokenizer
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        lengths = np.array([len(x) for x in tok(captions, truncation=False).input_ids])
+        ids, lengths = tokenize(self.teacher.tokenizer, captions)
         emb = self.teacher.text_encoder(ids.to(self.device)).last_hidden_state
-        counts = np.minimum(lengths, tok.model_max_length).astype(np.int16)
-        return emb.float().cpu().numpy().astype(np.float16), counts, int((lengths > tok.model_max_length).sum())
+        limit = self.teacher.tokenizer.model_max_length
+        counts = np.minimum(lengths, limit).astype(np.int16)
+        return emb.float().cpu().numpy().astype(np.float16), counts, int((lengths > limit).sum())
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -126,18 +128,19 @@ class ShardEncoder:
         if task.group == "prompts":
             return self._prompt_shard(task)
         rejects, kept, latents = list(task.rejects), [], []
-        for start in range(0, len(task.items), self.config.batch_size):
-            batch, pixels = [], []
-            for item in task.items[start:start + self.config.batch_size]:
-                try:
-                    pixels.append(load_image(item.read(), self.config.resolution,
-                                             min_size=self.config.min_short_side))
-                    batch.append(item)
-                except RejectedInput as err:
-                    rejects.append(reject_entry("records", item, err.reason, err.detail))
-            if batch:
-                latents.append(self.encode_images(np.stack(pixels)))
-                kept.extend(batch)
+        size = self.config.batch_size
+        batches = [task.items[i:i + size] for i in range(0, len(task.items), size)]
+        # Decode batch i+1 while the VAE runs on batch i: Pillow releases the GIL while it decodes.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._decode, batches[0]) if batches else None
+            for i in range(len(batches)):
+                batch, pixels, batch_rejects = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(self._decode, batches[i + 1])
+                rejects.extend(batch_rejects)
+                if batch:
+                    latents.append(self.encode_images(pixels))
+                    kept.extend(batch)
         if self.config.strict and rejects:
             raise SDiTError(f"--strict: {describe_reject(rejects[0])}")
         text, counts, truncated = self._encode_captions([item.caption for item in kept])
@@ -150,6 +153,17 @@ class ShardEncoder:
         record = {"rejects": rejects, "truncated": truncated, "size": task.size}
         write_shard(self.store, "records", task.index, columns, record)
         return {"group": "records", "index": task.index, "count": len(kept), **record}
+
+    def _decode(self, items: list[SourceItem]) -> tuple[list[SourceItem], np.ndarray, list[dict]]:
+        """Images of one batch as one (N, 3, H, W) array; the ones that fail become rejects."""
+        kept, pixels, rejects = [], [], []
+        for item in items:
+            try:
+                pixels.append(load_image(item.read(), self.config.resolution, min_size=self.config.min_short_side))
+                kept.append(item)
+            except RejectedInput as err:
+                rejects.append(reject_entry("records", item, err.reason, err.detail))
+        return kept, np.stack(pixels) if pixels else np.zeros((0,)), rejects
 
     def _prompt_shard(self, task: ShardTask) -> dict:
         text, counts, truncated = self._encode_captions([item.caption for item in task.items])
@@ -175,6 +189,19 @@ class ShardEncoder:
         return text_shape(self.teacher)
 
 
+def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 77) token ids as SD's pipelines make them (truncated to start + 75 tokens + end, padded with the
+    pad token), and each caption's untruncated token count: one tokenizer pass for both."""
+    limit = tokenizer.model_max_length
+    full = tokenizer(captions, truncation=False).input_ids
+    ids = torch.full((len(full), limit), tokenizer.pad_token_id, dtype=torch.long)
+    for row, tokens in enumerate(full):
+        if len(tokens) > limit:
+            tokens = tokens[:limit - 1] + [tokenizer.eos_token_id]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+    return ids, np.array([len(t) for t in full])
+
+
 @dataclass(frozen=True)
 class EncoderFactory:
     """Picklable: builds a ShardEncoder inside a Ray actor (each actor loads its own teacher)."""
@@ -184,6 +211,8 @@ class EncoderFactory:
     def __call__(self) -> ShardEncoder:
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, device)
+        if device.type == "cpu" and self.config.threads:
+            torch.set_num_threads(self.config.threads)
         teacher = load_teacher(self.config.teacher, components=("vae", "text_encoder"),
                                config_dir=self.config.teacher_config, device=device, dtype=dtype)
         return ShardEncoder(self.config, teacher, device, dtype)
@@ -194,6 +223,7 @@ def encode(config: EncodeConfig, progress: Progress | None = None,
            on_total: Callable[[int | None], None] | None = None) -> EncodeSummary:
     """Run stage one, part 1. Resumes a store left unfinished by the same configuration."""
     config.check()
+    config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
     source = open_source(config.source, image_column=config.image_column, caption_column=config.caption_column,
                          id_column=config.id_column, caption_key=config.caption_key)
     prompts = open_prompt_source(config) if config.prompts else None
@@ -328,7 +358,7 @@ def new_manifest(config: EncodeConfig, encoder: ShardEncoder, source_format: str
 
 
 # What must match for a rerun to resume a store rather than refuse it.
-_RESUME_KEYS = ("source", "resolution", "latent_shape", "text_shape", "shard_size", "prompts")
+_RESUME_KEYS = ("resolution", "shard_size", "source", "latent_shape", "text_shape", "prompts")
 
 
 def prepare_store(store: Store, manifest: Manifest, overwrite: bool) -> Manifest:
@@ -341,7 +371,8 @@ def prepare_store(store: Store, manifest: Manifest, overwrite: bool) -> Manifest
         old = store.manifest()
         for key in _RESUME_KEYS:
             if _normal(getattr(old, key)) != _normal(getattr(manifest, key)):
-                raise SDiTError(f"{store.url} was encoded with another {key} ({getattr(old, key)!r}); "
+                raise SDiTError(f"{store.url} was encoded with another {key} "
+                                f"({_difference(getattr(old, key), getattr(manifest, key))}); "
                                 "pass --overwrite to start again, or choose another --out")
         for part in ("vae", "text_encoder"):
             if old.teacher["hashes"].get(part) != manifest.teacher["hashes"].get(part):
@@ -421,6 +452,13 @@ def reject_entry(group: str, item: SourceItem, reason: str, detail: str = "") ->
 def describe_reject(entry: dict) -> str:
     detail = f": {entry['detail']}" if entry.get("detail") else ""
     return f"{entry['group']} item {entry['id']!r} (position {entry['position']}) rejected: {entry['reason']}{detail}"
+
+
+def _difference(old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(old.keys() | new.keys())
+                         if _normal(old.get(k)) != _normal(new.get(k)))
+    return f"{old!r} then, {new!r} now"
 
 
 def _normal(value):

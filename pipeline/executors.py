@@ -6,6 +6,7 @@ unit of work and each is written whole by the worker that ran it.
 """
 
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -96,15 +97,23 @@ def ray_session(address: str, run_dir: str | Path, num_cpus: int | None = None):
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}}
+    saved = dict(os.environ)
     if address == "local":
         kwargs |= {"_temp_dir": ray_temp_dir(run_dir), "num_cpus": num_cpus or os.cpu_count()}
+        if not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"} & set(os.environ):
+            # A token for this run only: Ray would otherwise generate one and save it in ~/.ray.
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     else:
         kwargs["address"] = address
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:
+        os.environ.clear()
+        os.environ.update(saved)
         raise SDiTError(f"cannot start or join Ray at {address!r}: {str(err).splitlines()[0]}") from err
     try:
         yield
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 
 import fsspec
 import numpy as np
@@ -231,4 +231,6 @@ def _json_default(obj):
         return float(obj)
     if isinstance(obj, (tuple, set)):
         return list(obj)
+    if isinstance(obj, PurePath):
+        return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

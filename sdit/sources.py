@@ -1,0 +1,516 @@
+"""Image-caption sources read as streams, and the decoding of one image into model input.
+
+`open_source` detects the format of what the user passed (a folder of images, Parquet in the
+Hugging Face layout, or webdataset tar shards) and returns a `Source`: an iterable of
+`SourceItem`s in a stable order, so a position names the same record on every run and an
+interrupted encode can resume with `iter_from`. Sources never hold the dataset: memory is
+bounded by one Parquet batch, one tar key, or one directory listing (invariant 5).
+
+Images are not decoded here; the pipeline calls `SourceItem.read` and `load_image` per record
+and turns a `RejectedInput` into a line of the rejects file (invariant 6).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from glob import glob
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from sdit.errors import SDiTError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # tar preference order
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+PARQUET_BATCH_ROWS = 64  # a batch of encoded images is a few MB: small enough to bound memory
+REDUCING_GAP = 2.0  # Pillow's thumbnail default: JPEG DCT scaling and box reduction up to 2x the target, then bicubic
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_TAR_MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset: key = path up to the basename's first dot
+
+
+class RejectedInput(Exception):
+    """A record that is skipped and listed in the rejects file."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason  # short snake_case code, e.g. "unreadable_image"
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One record of a source. The image stays undecoded (bytes or a path) until the pipeline asks."""
+
+    position: int
+    id: str
+    caption: str | None
+    data: bytes | None = field(default=None, repr=False)
+    path: str | None = None
+
+    def read(self) -> bytes:
+        """The image bytes; a missing or unreadable file becomes a reject, not a crash."""
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            raise RejectedInput("missing_image", "no image file for this record")
+        try:
+            return Path(self.path).read_bytes()
+        except FileNotFoundError:
+            raise RejectedInput("missing_image", f"{self.path} does not exist") from None
+        except OSError as e:
+            raise RejectedInput("unreadable_image", f"{self.path}: {e}") from None
+
+
+class Source(Protocol):
+    format: str  # "folder" | "parquet" | "webdataset"
+    location: str  # what the user passed
+
+    def __iter__(self) -> Iterator[SourceItem]: ...
+
+    def iter_from(self, start: int) -> Iterator[SourceItem]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding one image
+# ---------------------------------------------------------------------------------------------
+
+
+def load_image(data: bytes, resolution: int, *, min_size: int = 0) -> np.ndarray:
+    """Decode image bytes to float32 (3, resolution, resolution) in [-1, 1], the VAE's input.
+
+    EXIF orientation is applied, every mode becomes RGB (transparency on white), the short side is
+    resized to `resolution` (bicubic) and the centre square kept. Raises RejectedInput
+    ("unreadable_image", "too_small") for bad records and SDiTError for a bad resolution.
+    """
+    if resolution <= 0 or resolution % 8:
+        raise SDiTError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}")
+    if not data:
+        raise RejectedInput("unreadable_image", "zero-byte file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            short = min(img.size)  # from the header: reject before paying for the decode
+            if short < min_size:
+                raise RejectedInput("too_small", f"{img.width}x{img.height}, short side under {min_size} px")
+            scale = REDUCING_GAP * resolution / short
+            img.draft(None, (int(img.width * scale), int(img.height * scale)))  # JPEG: decode at 1/2..1/8 scale
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = _to_rgb(img)
+            array = np.asarray(_centre_square(rgb, resolution), dtype=np.float32)  # (R, R, 3) in 0..255
+    except RejectedInput:
+        raise
+    except Exception as e:  # decoders of untrusted bytes raise many types; one bad file must not stop a run
+        raise RejectedInput("unreadable_image", f"{type(e).__name__}: {e}") from None
+    return np.ascontiguousarray(array.transpose(2, 0, 1)) / np.float32(127.5) - np.float32(1.0)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB; transparent pixels become white, as a viewer on a white page shows them."""
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = Image.fromarray(_high_depth_to_8bit(np.asarray(img), img.mode), mode="L")
+    if img.has_transparency_data:  # RGBA, LA, PA, palette or RGB/L with a tRNS colour key
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_depth_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit and float grey to 0..255.
+
+    Pillow's own convert("L"/"RGB") clips instead of scaling: a 16-bit mid-grey becomes white and
+    a float 0.5 becomes black. Integers are read as 16-bit samples (PNG and TIFF), floats in [0, 1]
+    or [0, 255] as such; anything else is stretched from its min to its max.
+    """
+    a = np.nan_to_num(values.astype(np.float32))
+    lo, hi = float(a.min()), float(a.max())
+    if mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif mode != "F" and lo >= 0 and hi <= 65535:
+        a = a / 257
+    elif not (mode == "F" and lo >= 0 and hi <= 255) and hi > lo:
+        a = (a - lo) * (255 / (hi - lo))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _centre_square(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize the centre square of `img` to resolution², one resampling pass (same as resize then crop)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    box = (left, top, left + side, top + side)
+    return img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a source
+# ---------------------------------------------------------------------------------------------
+
+
+def open_source(
+    location: str,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    id_column: str | None = None,
+    caption_key: str | None = None,
+) -> Source:
+    """Detect the format of `location` and check its columns; fails in one line before any work.
+
+    A folder holding metadata.{jsonl,csv,parquet} is an imagefolder; one with top-level .parquet
+    or tar files is a Parquet or webdataset source; otherwise it is a folder of images with .txt
+    captions. A file or a glob is Parquet or tar by its suffix.
+    """
+    if re.search(r"[*?\[]", location) and not os.path.exists(location):  # "photos [2019]" is a folder
+        files = sorted(f for f in glob(location, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise SDiTError(f"no files match {location!r}; check the pattern (quote it so the shell leaves it alone)")
+        return _open_files(location, files, image_column, caption_column, id_column, caption_key)
+    path = Path(location)
+    if not path.exists():
+        raise SDiTError(
+            f"{location} does not exist; pass a folder of images, a .parquet file or folder, or .tar shards"
+        )
+    if path.is_file():
+        return _open_files(location, [str(path)], image_column, caption_column, id_column, caption_key)
+    metadata = [path / name for name in METADATA_FILES if (path / name).is_file()]
+    if len(metadata) > 1:
+        raise SDiTError(f"{location} has several metadata files ({', '.join(m.name for m in metadata)}); keep one")
+    if metadata:
+        return MetadataFolderSource(location, path, metadata[0], caption_column)
+    files = sorted(str(p) for p in path.iterdir() if p.is_file() and _kind(p.name) != "unknown")
+    if files:
+        return _open_files(location, files, image_column, caption_column, id_column, caption_key)
+    if next(_walk_folder(path), None) is None:
+        raise SDiTError(
+            f"{location} has no images, .parquet or .tar files; for a Hugging Face dataset repo pass "
+            "its parquet files as a glob, e.g. 'repo/data/train-*.parquet'"
+        )
+    return FolderSource(location, path)
+
+
+def _kind(name: str) -> str:
+    lower = name.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    return "webdataset" if lower.endswith(TAR_SUFFIXES) else "unknown"
+
+
+def _open_files(
+    location: str,
+    files: list[str],
+    image_column: str,
+    caption_column: str,
+    id_column: str | None,
+    caption_key: str | None,
+) -> Source:
+    kinds = {_kind(f) for f in files}
+    if kinds == {"parquet"}:
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        for f in files:
+            _check_parquet(f, image_column, caption_column, id_column)
+        return ParquetSource(location, tuple(files), base, image_column, caption_column, id_column)
+    if kinds == {"webdataset"}:
+        return TarSource(location, tuple(files), caption_key)
+    raise SDiTError(
+        f"cannot tell the format of {location} ({', '.join(sorted({Path(f).suffix or f for f in files}))}); "
+        "pass a folder of images, .parquet files, or .tar/.tar.gz shards"
+    )
+
+
+class _Stream:
+    def __iter__(self) -> Iterator[SourceItem]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[SourceItem]:
+        raise NotImplementedError
+
+
+def _clean_caption(value: Any) -> str | None:
+    """Strip, nothing more: the caption is the teacher's text input and must reach CLIP as written."""
+    if value is None:
+        return None
+    text = value.decode("utf-8-sig", errors="replace") if isinstance(value, bytes) else str(value)
+    return text.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder of images
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderSource(_Stream):
+    """Images with same-name .txt captions, recursive, in sorted order."""
+
+    location: str
+    root: Path
+    format: str = field(default="folder", init=False)
+
+    def iter_from(self, start: int) -> Iterator[SourceItem]:
+        for position, (id_, image, caption_file) in enumerate(_walk_folder(self.root)):
+            if position >= start:  # skipped records cost a directory entry, never a file read
+                caption = _clean_caption(caption_file.read_bytes()) if caption_file else None
+                yield SourceItem(position, id_, caption, path=str(image) if image else None)
+
+
+def _walk_folder(root: Path, prefix: str = "") -> Iterator[tuple[str, Path | None, Path | None]]:
+    """(id, image, caption file) in sorted order: files of a directory by stem, then its subfolders.
+
+    One directory is listed at a time, so memory grows with the largest directory, not the
+    dataset. Two images sharing a stem (a.jpg, a.png) both get a.txt and keep their extension in
+    the id, so ids stay unique.
+    """
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    groups: dict[str, tuple[list[Path], list[Path]]] = {}
+    for entry in entries:
+        stem, _, ext = entry.name.rpartition(".")
+        ext = ext.lower()
+        if entry.name.startswith(".") or not stem or not entry.is_file():
+            continue
+        if ext in IMAGE_EXTENSIONS or ext == "txt":
+            images, texts = groups.setdefault(stem, ([], []))
+            (images if ext in IMAGE_EXTENSIONS else texts).append(Path(entry.path))
+    for stem, (images, texts) in sorted(groups.items()):
+        caption_file = texts[0] if texts else None
+        if not images:
+            yield prefix + stem, None, caption_file
+        for image in images:
+            yield prefix + (stem if len(images) == 1 else image.name), image, caption_file
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            yield from _walk_folder(Path(entry.path), f"{prefix}{entry.name}/")
+
+
+@dataclass
+class MetadataFolderSource(_Stream):
+    """A Hugging Face imagefolder: the metadata file lists the records (`file_name` + caption), in its order."""
+
+    location: str
+    root: Path
+    metadata: Path
+    caption_column: str
+    format: str = field(default="folder", init=False)
+
+    def __post_init__(self) -> None:
+        columns = _metadata_columns(self.metadata)
+        for column, option in (("file_name", None), (self.caption_column, "--caption-column")):
+            if column not in columns:
+                _missing_column(column, columns, str(self.metadata), option)
+
+    def iter_from(self, start: int) -> Iterator[SourceItem]:
+        for position, row in _metadata_rows(self.metadata, ["file_name", self.caption_column], start):
+            file_name = str(row.get("file_name") or "")
+            caption = _clean_caption(row.get(self.caption_column))
+            if not file_name:  # a row naming no image: rejected downstream as missing_image
+                yield SourceItem(position, f"{self.metadata.name}:{position}", caption)
+                continue
+            id_ = Path(file_name).with_suffix("").as_posix()
+            yield SourceItem(position, id_, caption, path=str(self.root / file_name))
+
+
+def _metadata_columns(path: Path) -> list[str]:
+    try:
+        if path.suffix == ".parquet":
+            return pq.ParquetFile(path).schema_arrow.names
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            if path.suffix == ".csv":
+                return next(csv.reader(f), [])
+            return list(json.loads(next((line for line in f if line.strip()), "{}")))
+    except (ValueError, TypeError, OSError, pa.ArrowException) as e:  # UnicodeDecodeError is a ValueError
+        raise SDiTError(f"{path} is not a readable metadata file ({e}); fix or remove it") from None
+
+
+def _metadata_rows(path: Path, columns: list[str], start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, row) for rows at or after `start`, streamed; skipped lines are counted, not parsed."""
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(pq.ParquetFile(path), columns, start)
+        return
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        if path.suffix == ".csv":
+            yield from ((i, row) for i, row in enumerate(csv.DictReader(f)) if i >= start)
+            return
+        lines = (line for line in f if line.strip())
+        for i, line in enumerate(lines):
+            if i >= start:
+                try:
+                    yield i, json.loads(line)
+                except ValueError:
+                    raise SDiTError(f"{path}: record {i} is not valid JSON; fix the line and rerun") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet (Hugging Face datasets layout)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParquetSource(_Stream):
+    """Parquet files with an image column (struct of bytes and path, or plain binary) and a caption column."""
+
+    location: str
+    files: tuple[str, ...]
+    base: str  # ids are "<file relative to base>:<row>"
+    image_column: str
+    caption_column: str
+    id_column: str | None
+    format: str = field(default="parquet", init=False)
+
+    def iter_from(self, start: int) -> Iterator[SourceItem]:
+        columns = [self.image_column, self.caption_column] + ([self.id_column] if self.id_column else [])
+        offset = 0  # position of the file's first row
+        for file in self.files:
+            parquet = pq.ParquetFile(file)
+            rows = parquet.metadata.num_rows
+            if offset + rows > start:  # whole files before `start` cost one footer read
+                for row, record in _parquet_rows(parquet, columns, max(0, start - offset)):
+                    yield self._item(offset + row, file, row, record)
+            offset += rows
+
+    def _item(self, position: int, file: str, row: int, record: dict[str, Any]) -> SourceItem:
+        image = record[self.image_column]
+        data, path = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
+        if data is None and path:  # an image stored by reference: relative to the parquet file
+            path = os.path.join(os.path.dirname(os.path.abspath(file)), path)
+        raw_id = record.get(self.id_column) if self.id_column else None
+        id_ = str(raw_id) if raw_id is not None else f"{os.path.relpath(os.path.abspath(file), self.base)}:{row}"
+        return SourceItem(position, id_, _clean_caption(record[self.caption_column]), data=data, path=path)
+
+
+def _check_parquet(file: str, image_column: str, caption_column: str, id_column: str | None) -> None:
+    try:
+        schema = pq.ParquetFile(file).schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise SDiTError(f"{file} is not a readable Parquet file ({e}); remove or replace it") from None
+    options = {image_column: "--image-column", caption_column: "--caption-column", id_column: "--id-column"}
+    for column, option in options.items():
+        if column is not None and column not in schema.names:
+            _missing_column(column, schema.names, file, option)
+    image_type = schema.field(image_column).type
+    is_struct = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
+    if not (is_struct or pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise SDiTError(
+            f"column {image_column!r} of {file} is {image_type}, not image bytes (a struct with 'bytes', "
+            "or binary); pick the image column with --image-column"
+        )
+
+
+def _parquet_rows(parquet: pq.ParquetFile, columns: list[str], start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row, record) for rows >= start, one small batch in memory at a time.
+
+    Row groups wholly before `start` are skipped from the footer's metadata without reading
+    them; within the first group read, earlier rows are sliced off before conversion.
+    """
+    first_row, groups = 0, []
+    for g in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if groups or first_row + n > start:
+            groups.append(g)
+        else:
+            first_row += n
+    row = first_row
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
+        skip = min(max(0, start - row), batch.num_rows)
+        values = {name: batch.column(name).slice(skip).to_pylist() for name in columns}
+        for i in range(batch.num_rows - skip):
+            yield row + skip + i, {name: values[name][i] for name in columns}
+        row += batch.num_rows
+
+
+def _missing_column(column: str, existing: list[str], where: str, option: str | None) -> None:
+    hint = f"; choose one with {option}" if option else ""
+    raise SDiTError(f"no column {column!r} in {where} (columns: {', '.join(existing)}){hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Webdataset / img2dataset tar shards
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TarSource(_Stream):
+    """Tar shards of KEY.jpg|png|webp with KEY.txt or KEY.json, streamed one key at a time."""
+
+    location: str
+    shards: tuple[str, ...]
+    caption_key: str | None
+    format: str = field(default="webdataset", init=False)
+
+    def iter_from(self, start: int) -> Iterator[SourceItem]:
+        position = 0
+        for shard in self.shards:
+            for key, files in _tar_records(shard, read_from=start - position):
+                if position >= start:
+                    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                    yield SourceItem(position, key, _tar_caption(files, self.caption_key), data=image)
+                position += 1
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive quietly at a cut or garbled header; a shard cut short must fail instead."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EmptyHeaderError:
+            raise tarfile.ReadError(f"ends at byte {tar.offset} without an end-of-archive marker") from None
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            raise tarfile.ReadError(f"{e} at byte {tar.offset}") from None
+
+
+def _tar_records(shard: str, read_from: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per key in shard order; keys before `read_from` are yielded empty, unread.
+
+    Members of one key are adjacent in webdataset shards, so a key is complete when the next one
+    starts; only that key's wanted members are ever held.
+    """
+    wanted = {*IMAGE_EXTENSIONS, "txt", "json"}
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    count = 0
+    try:
+        with tarfile.open(shard, "r|*", tarinfo=_StrictTarInfo) as tar:
+            for member in tar:
+                tar.members = []  # TarFile keeps every header it has read; a stream needs none of them
+                match = _TAR_MEMBER.match(member.name.removeprefix("./"))
+                if not member.isfile() or not match:
+                    continue
+                if match[1] != key:
+                    if key is not None:
+                        yield key, files
+                        count += 1
+                    key, files = match[1], {}
+                ext = match[2].lower()
+                if count >= read_from and ext in wanted and (extracted := tar.extractfile(member)):
+                    files[ext] = extracted.read()
+            if key is not None:
+                yield key, files
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise SDiTError(f"{shard} is not a readable tar shard ({e}); re-create or remove it, then rerun") from None
+
+
+def _tar_caption(files: dict[str, bytes], caption_key: str | None) -> str | None:
+    """KEY.txt, or the caption field of KEY.json (caption_key, else "caption" then "text")."""
+    if "txt" in files and not (caption_key and "json" in files):
+        return _clean_caption(files["txt"])
+    if "json" not in files:
+        return None
+    try:
+        meta = json.loads(files["json"])
+    except ValueError:
+        return None
+    keys = [caption_key] if caption_key else ["caption", "text"]
+    values = [meta.get(k) for k in keys] if isinstance(meta, dict) else []
+    return _clean_caption(next((v for v in values if v is not None), None))

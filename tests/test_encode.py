@@ -1,0 +1,268 @@
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from conftest import SAMPLES
+from pipeline.bench import generate_images
+from pipeline.encode import EncodeConfig, encode
+from sdit.errors import SDiTError
+
+# The bundled samples: what is accepted, and why the rest is rejected (data/samples/README.md).
+EXPECTED_REJECTS = {"empty_caption": "empty_caption", "no_caption": "missing_caption",
+                    "orphan_caption": "missing_image", "truncated": "unreadable_image",
+                    "zero_byte": "unreadable_image"}
+
+
+def _encode(source, teacher, out, **options) -> "EncodeSummary":  # noqa: F821
+    return encode(EncodeConfig(source=str(source), teacher=str(teacher), out=str(out), resolution=64, **options))
+
+
+def _arrays(store: Path) -> dict:
+    """Every array of every shard, for byte-for-byte comparisons."""
+    root = zarr.open_group(str(store), mode="r")
+    out = {"null_text_emb": root["null_text_emb"][:]}
+    for group in ("records", "prompts"):
+        for name, shard in sorted(root[group].groups()):
+            for column, arr in shard.arrays():
+                out[f"{group}/{name}/{column}"] = arr[:]
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def _accepted_samples() -> list[tuple[str, bytes, str]]:
+    """(stem, image bytes, caption) for the bundled samples that encode cleanly."""
+    out = []
+    for txt in sorted(SAMPLES.rglob("*.txt")):
+        stem = txt.with_suffix("")
+        images = [p for p in stem.parent.glob(stem.name + ".*") if p.suffix != ".txt"]
+        if txt.stem in EXPECTED_REJECTS or not images:
+            continue
+        out.append((str(stem.relative_to(SAMPLES)), images[0].read_bytes(), txt.read_text().strip()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_store(tiny_teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "folder"
+    _encode(SAMPLES, tiny_teacher, out, shard_size=4, batch_size=3)
+    return out
+
+
+def test_folder_store_layout(folder_store):
+    root = zarr.open_group(str(folder_store), mode="r")
+    manifest = json.loads((folder_store / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["schema_version"] == 1
+    assert manifest["latent_shape"] == [4, 8, 8] and manifest["text_shape"] == [77, 32]
+    assert set(manifest["teacher"]["hashes"]) == {"vae", "text_encoder"}
+    n = 0
+    for _, shard in root["records"].groups():
+        k = shard["ids"].shape[0]
+        n += k
+        assert shard["latents"].shape == (k, 4, 8, 8) and shard["latents"].dtype == np.float16
+        assert shard["text_emb"].shape == (k, 77, 32) and shard["text_emb"].dtype == np.float16
+        assert shard["token_count"].dtype == np.int16 and shard["positions"].dtype == np.int64
+        assert shard["captions"].shape == (k,)
+        assert np.isfinite(shard["latents"][:].astype(np.float32)).all()
+    assert n == manifest["counts"]["records"] == len(_accepted_samples())
+    assert root["null_text_emb"].shape == (77, 32)
+
+
+def test_rejects_are_listed_with_reasons(folder_store):
+    lines = [json.loads(line) for line in (folder_store / "rejects.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["reason"] for r in lines} == EXPECTED_REJECTS
+    manifest = json.loads((folder_store / "manifest.json").read_text())
+    assert manifest["counts"]["rejects"] == len(EXPECTED_REJECTS)
+
+
+def _write_parquet(path: Path) -> None:
+    rows = _accepted_samples()
+    table = pa.table({
+        "image": [{"bytes": b, "path": s} for s, b, _ in rows],
+        "caption": [c for _, _, c in rows],
+        "key": [s for s, _, _ in rows],
+    })
+    pq.write_table(table, path, row_group_size=4)
+
+
+def _write_tar(path: Path) -> None:
+    with tarfile.open(path, "w") as tar:
+        for stem, data, caption in _accepted_samples():
+            for name, payload in ((f"{stem}.img", data), (f"{stem}.txt", caption.encode())):
+                info = tarfile.TarInfo(name.replace(".img", _suffix(data)))
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _suffix(data: bytes) -> str:
+    from PIL import Image
+
+    return "." + {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[Image.open(io.BytesIO(data)).format]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_every_source_format_gives_the_same_records(fmt, folder_store, tiny_teacher, tmp_path):
+    if fmt == "parquet":
+        source = tmp_path / "data.parquet"
+        _write_parquet(source)
+        options = {"caption_column": "caption", "id_column": "key"}
+    else:
+        source = tmp_path / "shard-000.tar"
+        _write_tar(source)
+        options = {}
+    out = tmp_path / "store"
+    summary = _encode(source, tiny_teacher, out, shard_size=64, **options)
+    assert summary.records == len(_accepted_samples()) and summary.rejects == 0
+    by_id = {}
+    for store in (folder_store, out):
+        root = zarr.open_group(str(store), mode="r")
+        records = {}
+        for _, shard in root["records"].groups():
+            for i, record_id in enumerate(shard["ids"][:]):
+                records[str(record_id)] = (shard["latents"][i], shard["text_emb"][i], str(shard["captions"][i]))
+        by_id[store] = records
+    folder, other = by_id[folder_store], by_id[out]
+    assert folder.keys() == other.keys()
+    for key in folder:  # same image bytes and caption -> same latent and embedding, whatever the format
+        assert np.allclose(folder[key][0], other[key][0], atol=1e-3), key
+        assert np.allclose(folder[key][1], other[key][1], atol=1e-3), key
+        assert folder[key][2] == other[key][2]
+
+
+def test_prompt_bank_and_truncation(tiny_teacher, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    long = " ".join(["a very long prompt"] * 40)
+    prompts.write_text(f"a red circle\n\n{long}\na blue square\n")
+    summary = _encode(SAMPLES, tiny_teacher, tmp_path / "s", prompts=prompts)
+    assert summary.prompts == 3
+    root = zarr.open_group(str(tmp_path / "s"), mode="r")
+    shard = root["prompts/00000"]
+    assert list(shard["captions"][:]) == ["a red circle", long, "a blue square"]
+    assert list(shard["token_count"][:]) == [5, 77, 5]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["counts"]["prompts_truncated"] == 1 and manifest["counts"]["prompt_rejects"] == 1
+    parquet = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": ["a red circle", long, "a blue square"]}), parquet)
+    _encode(SAMPLES, tiny_teacher, tmp_path / "p", prompts=parquet, prompt_column="prompt")
+    assert np.array_equal(zarr.open_group(str(tmp_path / "p"), mode="r")["prompts/00000/text_emb"][:],
+                          shard["text_emb"][:])
+
+
+def test_unfinished_shards_are_redone(folder_store, tiny_teacher, tmp_path):
+    out = tmp_path / "s"
+    _encode(SAMPLES, tiny_teacher, out, shard_size=4, batch_size=3)
+    (out / "_done" / "records" / "00001.json").unlink()  # as if the run died while writing shard 1
+    (out / "records" / "00002" / "latents" / "zarr.json").unlink()  # and mid-way through shard 2's arrays
+    (out / "_done" / "records" / "00002.json").unlink()
+    summary = _encode(SAMPLES, tiny_teacher, out, shard_size=4, batch_size=3)
+    assert summary.skipped_shards == summary.shards - 2
+    _assert_same(_arrays(folder_store), _arrays(out))
+
+
+def test_batch_size_does_not_change_the_records(folder_store, tiny_teacher, tmp_path):
+    _encode(SAMPLES, tiny_teacher, tmp_path / "s", shard_size=4, batch_size=1)
+    a, b = _arrays(folder_store), _arrays(tmp_path / "s")
+    assert a.keys() == b.keys()
+    for key in a:  # batched kernels may round differently: equal within fp16 rounding
+        if a[key].dtype == np.float16:
+            assert np.allclose(a[key], b[key], atol=2e-3, rtol=1e-3), key
+        else:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_rerun_with_other_options_is_refused(folder_store, tiny_teacher):
+    with pytest.raises(SDiTError, match="another resolution"):
+        encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(folder_store), resolution=32,
+                            shard_size=4))
+
+
+def test_overwrite_and_limit(tiny_teacher, tmp_path):
+    out = tmp_path / "s"
+    _encode(SAMPLES, tiny_teacher, out, shard_size=4)
+    summary = _encode(SAMPLES, tiny_teacher, out, shard_size=4, limit=3, overwrite=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary.records == manifest["counts"]["records"] <= 3
+    assert max(int(p) for s in zarr.open_group(str(out), mode="r")["records"].groups()
+               for p in s[1]["positions"][:]) < 3
+
+
+def test_strict_stops_at_the_first_reject(tiny_teacher, tmp_path):
+    with pytest.raises(SDiTError, match="--strict: records item 'empty_caption'"):
+        _encode(SAMPLES, tiny_teacher, tmp_path / "s", strict=True)
+
+
+def test_single_file_teacher_gives_the_same_store(folder_store, tiny_single_file, tmp_path):
+    encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_single_file), out=str(tmp_path / "s"),
+                        teacher_config=str(tiny_single_file.parent), resolution=64, shard_size=4, batch_size=3))
+    _assert_same(_arrays(folder_store), _arrays(tmp_path / "s"))
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-c", "from cli import app; app()", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
+    images = generate_images(tmp_path / "images", 240, 64)
+    args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
+            "--batch-size", "4"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    done = killed / "_done" / "records"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not done.exists() or len(list(done.glob("*.json"))) < 3):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(done.glob("*.json")))
+    assert 3 <= finished < 30, "the kill should land mid-run"
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "in_progress"
+    subprocess.run(_cli(*args, "--out", str(killed)), check=True, env=env, capture_output=True)
+    _assert_same(_arrays(tmp_path / "whole"), _arrays(killed))
+    assert (killed / "rejects.jsonl").read_text() == (tmp_path / "whole" / "rejects.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_ray_writes_the_same_bytes(folder_store, tiny_teacher, tmp_path):
+    import ray
+
+    try:
+        _encode(SAMPLES, tiny_teacher, tmp_path / "s", shard_size=4, batch_size=3, ray_address="local",
+                num_workers=2)
+    finally:
+        ray.shutdown()
+    assert not ray.is_initialized()
+    _assert_same(_arrays(folder_store), _arrays(tmp_path / "s"))
+    assert (tmp_path / "s" / ".ray").is_dir() or len(str(tmp_path)) > 50  # Ray's files stay with the run
+
+
+def test_tokenize_matches_the_tokenizers_own_truncation():
+    from pipeline.encode import tokenize
+    from sdit.teacher import SD15_CONFIG_DIR, load_tokenizer
+
+    tok = load_tokenizer(SD15_CONFIG_DIR)
+    captions = ["a photo of a cat", "", " ".join(["word"] * 75), " ".join(["word"] * 76), " ".join(["long"] * 200)]
+    ids, lengths = tokenize(tok, captions)
+    expected = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, expected)
+    assert list(lengths) == [7, 2, 77, 78, 202]

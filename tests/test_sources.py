@@ -1,0 +1,461 @@
+"""Sources (folder, imagefolder metadata, Parquet, webdataset tar) and image decoding, on real formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from sdit.errors import SDiTError
+from sdit.sources import RejectedInput, SourceItem, load_image, open_source
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+WHITE = np.ones(3, np.float32)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def centre_and_corner(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RGB at the centre and at the top-left corner of a (3, R, R) array."""
+    r = array.shape[1]
+    return array[:, r // 2, r // 2], array[:, 1, 1]
+
+
+def disc(mode: str, background: object, fill: object, size: int = 64) -> Image.Image:
+    img = Image.new(mode, (size, size), background)
+    ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=fill)
+    return img
+
+
+def palette_disc() -> Image.Image:
+    img = Image.new("P", (64, 64), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=1)
+    return img
+
+
+def gray16(centre: int, background: int) -> Image.Image:
+    a = np.full((64, 64), background, np.uint16)
+    a[16:48, 16:48] = centre
+    return Image.fromarray(a)
+
+
+def float_gray(centre: float, background: float) -> Image.Image:
+    a = np.full((64, 64), background, np.float32)
+    a[16:48, 16:48] = centre
+    return Image.fromarray(a, mode="F")
+
+
+# ---- load_image: every mode becomes RGB in [-1, 1] -------------------------------------------
+
+RED, GREY = [1.0, -1.0, -1.0], [0.0, 0.0, 0.0]
+MODES = {
+    # name: (encoded image, expected centre RGB, expected corner RGB), colours in [-1, 1]
+    "rgb_jpeg": (lambda: encode(disc("RGB", "white", (255, 0, 0)), "JPEG", quality=95), RED, WHITE),
+    "rgb_png": (lambda: encode(disc("RGB", "white", (255, 0, 0))), RED, WHITE),
+    "gray_png": (lambda: encode(disc("L", 255, 128)), GREY, WHITE),
+    "bilevel_png": (lambda: encode(disc("1", 1, 0)), -WHITE, WHITE),
+    "palette_transparent_png": (lambda: encode(palette_disc(), transparency=0), RED, WHITE),
+    "rgba_png": (lambda: encode(disc("RGBA", (0, 0, 0, 0), (255, 0, 0, 255))), RED, WHITE),
+    "la_png": (lambda: encode(disc("LA", (0, 0), (128, 255))), GREY, WHITE),
+    "rgb_colour_key_png": (lambda: encode(disc("RGB", (0, 0, 0), (255, 0, 0)), transparency=(0, 0, 0)), RED, WHITE),
+    "cmyk_jpeg": (lambda: encode(disc("CMYK", (0, 0, 0, 0), (0, 255, 255, 0)), "JPEG", quality=95), RED, WHITE),
+    "ycbcr_jpeg": (lambda: encode(disc("RGB", "white", (255, 0, 0)).convert("YCbCr"), "JPEG", quality=95), RED, WHITE),
+    "gray16_png": (lambda: encode(gray16(32768, 65535)), GREY, WHITE),
+    "gray32_tiff": (lambda: encode(gray16(32768, 65535).convert("I"), "TIFF"), GREY, WHITE),
+    "float_tiff": (lambda: encode(float_gray(0.5, 1.0), "TIFF"), GREY, WHITE),
+    "webp": (lambda: encode(disc("RGB", "white", (255, 0, 0)), "WEBP", lossless=True), RED, WHITE),
+    "gif": (lambda: encode(disc("RGB", "white", (255, 0, 0)).convert("P"), "GIF"), RED, WHITE),
+    "bmp": (lambda: encode(disc("RGB", "white", (255, 0, 0)), "BMP"), RED, WHITE),
+}
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_every_mode_becomes_rgb_in_range(name: str) -> None:
+    make, centre, corner = MODES[name]
+    array = load_image(make(), 32)
+    assert array.shape == (3, 32, 32) and array.dtype == np.float32
+    assert array.min() >= -1 and array.max() <= 1
+    got_centre, got_corner = centre_and_corner(array)
+    np.testing.assert_allclose(got_centre, centre, atol=0.05)  # JPEG and grey rounding
+    np.testing.assert_allclose(got_corner, corner, atol=0.05)  # transparent pixels are white
+
+
+def test_high_depth_grey_is_scaled_not_clipped() -> None:
+    """Pillow's convert("RGB") turns 16-bit mid-grey white and float 0.5 black; ours keeps the grey."""
+    assert Image.open(io.BytesIO(encode(gray16(32768, 0)))).convert("RGB").getpixel((32, 32)) == (255, 255, 255)
+    for image in (gray16(32768, 0), float_gray(0.5, 0.0)):
+        centre, corner = centre_and_corner(load_image(encode(image, "TIFF"), 64))
+        np.testing.assert_allclose(centre, 0.0, atol=0.01)
+        np.testing.assert_allclose(corner, -1.0, atol=0.01)
+
+
+def test_exif_orientation_is_applied() -> None:
+    """Stored 64x32 sideways (red left, blue right) with Orientation 6: upright it is 32x64, red on top."""
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    array = load_image(encode(stored, exif=exif.tobytes()), 32)
+    np.testing.assert_allclose(array[:, 4, 16], RED, atol=0.01)
+    np.testing.assert_allclose(array[:, 28, 16], [-1, -1, 1], atol=0.01)
+
+
+@pytest.mark.parametrize("size", [(128, 64), (64, 128)])
+def test_resize_short_side_and_keep_centre(size: tuple[int, int]) -> None:
+    """The long side is cropped equally at both ends: only the centre square (green) is kept."""
+    w, h = size
+    img = Image.new("RGB", size, (255, 0, 0))
+    left, top = (w - 64) // 2, (h - 64) // 2
+    img.paste((0, 255, 0), (left, top, left + 64, top + 64))
+    green = np.array([-1, 1, -1], np.float32)[:, None, None]
+    exact = load_image(encode(img), 64)  # no scaling: the crop is exactly the green square
+    np.testing.assert_allclose(exact, np.broadcast_to(green, exact.shape), atol=1e-6)
+    small = load_image(encode(img), 16)
+    assert small.shape == (3, 16, 16)
+    # the bicubic kernel reaches a few source pixels past the crop, as resize-then-crop would
+    np.testing.assert_allclose(small[:, 1:-1, 1:-1], np.broadcast_to(green, (3, 14, 14)), atol=0.02)
+
+
+def test_small_image_is_upscaled_and_large_jpeg_drafted() -> None:
+    assert load_image(encode(Image.new("RGB", (10, 20), "white")), 64).shape == (3, 64, 64)
+    big = load_image(encode(Image.new("RGB", (2048, 1024), (255, 0, 0)), "JPEG"), 64)
+    np.testing.assert_allclose(big[:, 32, 32], RED, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    "data, min_size, reason",
+    [
+        (b"", 0, "unreadable_image"),
+        (b"not an image at all", 0, "unreadable_image"),
+        (encode(Image.new("RGB", (64, 64), "red"), "JPEG")[:300], 0, "unreadable_image"),
+        (encode(Image.new("RGB", (64, 64), "red"))[:100], 0, "unreadable_image"),
+        (encode(Image.new("RGB", (40, 100), "red")), 64, "too_small"),
+    ],
+    ids=["zero_byte", "not_image", "truncated_jpeg", "truncated_png", "too_small"],
+)
+def test_rejects(data: bytes, min_size: int, reason: str) -> None:
+    with pytest.raises(RejectedInput) as info:
+        load_image(data, 32, min_size=min_size)
+    assert info.value.reason == reason
+
+
+def test_decompression_bomb_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(RejectedInput, match="DecompressionBombError") as info:
+        load_image(encode(Image.new("RGB", (64, 64))), 32)
+    assert info.value.reason == "unreadable_image"
+
+
+@pytest.mark.parametrize("resolution", [0, -8, 30])
+def test_resolution_must_be_multiple_of_8(resolution: int) -> None:
+    with pytest.raises(SDiTError, match="multiple of 8"):
+        load_image(encode(Image.new("RGB", (64, 64))), resolution)
+
+
+def test_item_read(tmp_path: Path) -> None:
+    assert SourceItem(0, "a", "c", data=b"xy").read() == b"xy"
+    (tmp_path / "a.png").write_bytes(b"abc")
+    assert SourceItem(0, "a", "c", path=str(tmp_path / "a.png")).read() == b"abc"
+    for item in (SourceItem(0, "a", "c"), SourceItem(0, "a", "c", path=str(tmp_path / "gone.png"))):
+        with pytest.raises(RejectedInput) as info:
+            item.read()
+        assert info.value.reason == "missing_image"
+    assert "data=" not in repr(SourceItem(0, "a", "c", data=b"x" * 10_000))  # logs stay readable
+
+
+# ---- sources ----------------------------------------------------------------------------------
+
+PNG = encode(Image.new("RGB", (8, 8), "red"))
+RECORDS = [("cat", "a cat"), ("dog", "  a dog \n"), ("owl", None), ("sub/fox", "a fox")]  # fox in a subfolder
+
+
+def write_folder(root: Path) -> Path:
+    for key, caption in RECORDS:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{key}.png").write_bytes(PNG)
+        if caption is not None:
+            (root / f"{key}.txt").write_text(caption)
+    (root / "ghost.TXT").write_text("no image")  # extension case is ignored
+    (root / "empty.JPG").write_bytes(PNG)
+    (root / "empty.txt").write_text(" \t\n")
+    (root / "notes.md").write_text("ignored")
+    (root / ".hidden.png").write_bytes(PNG)
+    return root
+
+
+def test_folder_with_txt_captions(tmp_path: Path) -> None:
+    source = open_source(str(write_folder(tmp_path)))
+    assert source.format == "folder" and source.location == str(tmp_path)
+    items = list(source)
+    assert [i.position for i in items] == list(range(len(items)))
+    got = {i.id: (i.caption, i.path is not None) for i in items}
+    assert got == {
+        "cat": ("a cat", True),
+        "dog": ("a dog", True),
+        "empty": ("", True),
+        "ghost": ("no image", False),
+        "owl": (None, True),
+        "sub/fox": ("a fox", True),
+    }
+    assert [i.id for i in items] == ["cat", "dog", "empty", "ghost", "owl", "sub/fox"]
+    assert items[0].read() == PNG
+
+
+def test_folder_same_stem_images_keep_unique_ids(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    (tmp_path / "a.jpg").write_bytes(PNG)
+    (tmp_path / "a.txt").write_text("shared")
+    assert [(i.id, i.caption) for i in open_source(str(tmp_path))] == [("a.jpg", "shared"), ("a.png", "shared")]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_imagefolder_metadata(tmp_path: Path, kind: str) -> None:
+    pairs = [("b.png", " b "), ("sub/a.png", "a"), ("gone.png", "c")]
+    rows = [{"file_name": name, "text": text} for name, text in pairs]
+    (tmp_path / "sub").mkdir()
+    for name in ("b.png", "sub/a.png", "unlisted.png"):
+        (tmp_path / name).write_bytes(PNG)
+    if kind == "jsonl":
+        (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    elif kind == "csv":
+        lines = [f"{r['file_name']},{r['text']}\n" for r in rows]
+        (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(lines))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "metadata.parquet")
+    items = list(open_source(str(tmp_path)))
+    assert [(i.position, i.id, i.caption) for i in items] == [(0, "b", "b"), (1, "sub/a", "a"), (2, "gone", "c")]
+    assert items[1].read() == PNG
+    with pytest.raises(RejectedInput, match="missing_image"):
+        items[2].read()
+    with pytest.raises(SDiTError, match=r"no column 'caption'.*file_name, text"):
+        open_source(str(tmp_path), caption_column="caption")
+
+
+def hf_rows(n: int) -> list[dict[str, object]]:
+    return [{"image": {"bytes": PNG, "path": f"{i}.png"}, "text": f" caption {i} ", "key": f"k{i}"} for i in range(n)]
+
+
+def test_parquet_hf_layout(tmp_path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(hf_rows(3)), tmp_path / "train.parquet")
+    source = open_source(str(tmp_path / "train.parquet"))
+    items = list(source)
+    assert source.format == "parquet"
+    expected = [(p, f"train.parquet:{p}", f"caption {p}") for p in range(3)]
+    assert [(i.position, i.id, i.caption) for i in items] == expected
+    assert all(i.read() == PNG and i.path == f"{i.position}.png" for i in items)
+    assert [i.id for i in open_source(str(tmp_path), id_column="key")] == ["k0", "k1", "k2"]
+
+
+def test_parquet_custom_columns_binary_and_by_reference(tmp_path: Path) -> None:
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "x.png").write_bytes(PNG)
+    table = pa.table({
+        "jpg": pa.array([{"bytes": None, "path": "pics/x.png"}, {"bytes": PNG, "path": None}]),
+        "prompt": ["x", None],
+    })
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(pa.table({"jpg": pa.array([PNG], pa.binary()), "prompt": ["raw"]}), tmp_path / "b.parquet")
+    items = list(open_source(str(tmp_path / "*.parquet"), image_column="jpg", caption_column="prompt"))
+    assert [(i.id, i.caption) for i in items] == [("a.parquet:0", "x"), ("a.parquet:1", None), ("b.parquet:0", "raw")]
+    assert [i.read() for i in items] == [PNG] * 3
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"caption_column": "caption"}, r"no column 'caption' in .*train.parquet \(columns: image, text, key\); "
+                                        "choose one with --caption-column"),
+        ({"image_column": "img"}, r"no column 'img'.*columns: image, text, key"),
+        ({"id_column": "uid"}, r"no column 'uid'"),
+        ({"image_column": "text"}, r"column 'text' .* is string, not image bytes"),
+    ],
+)
+def test_parquet_column_errors(tmp_path: Path, options: dict[str, str], message: str) -> None:
+    pq.write_table(pa.Table.from_pylist(hf_rows(1)), tmp_path / "train.parquet")
+    with pytest.raises(SDiTError, match=message):
+        open_source(str(tmp_path / "train.parquet"), **options)
+
+
+def test_parquet_streams_in_bounded_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read_table; iter_from skips whole row groups from the footer and reads only what it yields."""
+    pq.write_table(pa.Table.from_pylist(hf_rows(200)), tmp_path / "big.parquet", row_group_size=20)
+    calls: list[dict[str, object]] = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self: pq.ParquetFile, **kwargs: object):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+        for batch in original(self, **kwargs):
+            assert batch.num_rows <= 64
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read_table loads the whole file"))
+    stream = iter(open_source(str(tmp_path / "big.parquet")))
+    assert next(stream).position == 0
+    items = list(open_source(str(tmp_path / "big.parquet")).iter_from(185))
+    assert [i.position for i in items] == list(range(185, 200))
+    assert calls[-1]["row_groups"] == [9] and set(calls[-1]["columns"]) == {"image", "text"}  # type: ignore[arg-type]
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, start: int, n: int, captions: str = "txt") -> None:
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
+        for i in range(start, start + n):
+            key = f"{i:06d}"
+            add_member(tar, f"{key}.jpg", PNG)
+            if captions == "txt":
+                add_member(tar, f"{key}.txt", f" tar {i} ".encode())
+            else:
+                meta = {"caption": f"cap {i}", "text": f"text {i}", "alt": f"alt {i}"}
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+            add_member(tar, f"{key}.cls", b"3")  # other members are skipped
+
+
+def test_webdataset_txt_and_gz_shards(tmp_path: Path) -> None:
+    write_shard(tmp_path / "00000.tar", 0, 3)
+    write_shard(tmp_path / "00001.tar.gz", 3, 2)
+    with tarfile.open(tmp_path / "00002.tar", "w") as tar:
+        add_member(tar, "./000005.txt", b"caption without image")
+        add_member(tar, "000006.webp", PNG)
+    source = open_source(str(tmp_path))
+    items = list(source)
+    assert source.format == "webdataset"
+    assert [(i.position, i.id, i.caption) for i in items[:5]] == [(p, f"{p:06d}", f"tar {p}") for p in range(5)]
+    assert all(i.read() == PNG for i in items[:5])
+    assert (items[5].id, items[5].caption, items[5].data) == ("000005", "caption without image", None)
+    assert (items[6].id, items[6].caption, items[6].data) == ("000006", None, PNG)
+    assert [i.id for i in open_source(str(tmp_path / "00001.tar.gz"))] == ["000003", "000004"]
+
+
+@pytest.mark.parametrize("caption_key, expected", [(None, "cap 1"), ("alt", "alt 1"), ("missing", None)])
+def test_webdataset_json_captions(tmp_path: Path, caption_key: str | None, expected: str | None) -> None:
+    write_shard(tmp_path / "s.tar", 0, 2, captions="json")
+    assert list(open_source(str(tmp_path / "s.tar"), caption_key=caption_key))[1].caption == expected
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.5 + 100 / 163840, 0.5 + 600 / 163840], ids=["on_block", "in_header", "in_data"])
+@pytest.mark.parametrize("name", ["s.tar", "s.tar.gz"])
+def test_webdataset_cut_shard_fails_in_one_line(tmp_path: Path, name: str, cut: float) -> None:
+    """tarfile alone reads a shard cut at a header as a shorter, valid archive: records would vanish."""
+    write_shard(tmp_path / name, 0, 50)  # 163840 bytes uncompressed
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(SDiTError, match=f"{name} is not a readable tar shard") as info:
+        list(open_source(str(tmp_path / name)))
+    assert "\n" not in str(info.value)
+
+
+def make_each_format(root: Path) -> dict[str, Path]:
+    (root / "folder").mkdir()
+    write_folder(root / "folder")
+    (root / "pq").mkdir()
+    for name, rows in (("a", 7), ("b", 5)):
+        pq.write_table(pa.Table.from_pylist(hf_rows(rows)), root / "pq" / f"{name}.parquet", row_group_size=3)
+    (root / "tar").mkdir()
+    write_shard(root / "tar" / "a.tar", 0, 4)
+    write_shard(root / "tar" / "b.tar.gz", 4, 3, captions="json")
+    meta = root / "meta"
+    meta.mkdir()
+    rows = [json.dumps({"file_name": f"{i}.png", "text": str(i)}) + "\n" for i in range(5)]
+    (meta / "metadata.jsonl").write_text("".join(rows))
+    return {"folder": root / "folder", "parquet": root / "pq", "webdataset": root / "tar" / "*", "metadata": meta}
+
+
+def test_iter_from_matches_slicing_for_every_format(tmp_path: Path) -> None:
+    for kind, location in make_each_format(tmp_path).items():
+        source = open_source(str(location))
+        everything = list(source)
+        assert [i.position for i in everything] == list(range(len(everything))), kind
+        for start in range(len(everything) + 2):
+            assert list(source.iter_from(start)) == everything[start:], (kind, start)
+        assert list(source) == everything, kind  # stable across runs
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "nope"), "does not exist"),
+        (lambda p: str(p / "nope*.parquet"), "no files match"),
+        (lambda p: (p / "x.zip").write_bytes(b"PK") and str(p / "x.zip"), r"cannot tell the format .*\.zip"),
+        (lambda p: str(p), "has no images, .parquet or .tar files"),
+        (lambda p: (p / "bad.parquet").write_bytes(b"junk") and str(p / "bad.parquet"), "not a readable Parquet file"),
+        (lambda p: [(p / f"metadata.{e}").write_text("{}") for e in ("csv", "jsonl")] and str(p), "several metadata"),
+    ],
+    ids=["missing", "glob_no_match", "unknown_suffix", "empty_folder", "bad_parquet", "two_metadata"],
+)
+def test_open_source_errors_are_one_line(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SDiTError, match=message) as info:
+        open_source(make(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+# ---- the bundled sample set -------------------------------------------------------------------
+
+
+def outcome(item: SourceItem) -> str:
+    """What the encode pipeline decides for a record: accepted or the reject reason."""
+    try:
+        load_image(item.read(), 32)
+    except RejectedInput as e:
+        return e.reason
+    if item.caption is None:
+        return "missing_caption"
+    return "empty_caption" if not item.caption else "accepted"
+
+
+def test_bundled_samples_split() -> None:
+    expected_rejects = {
+        "zero_byte": "unreadable_image",
+        "truncated": "unreadable_image",
+        "orphan_caption": "missing_image",
+        "empty_caption": "empty_caption",
+        "no_caption": "missing_caption",
+    }
+    got = {item.id: outcome(item) for item in open_source(str(SAMPLES))}
+    assert {k: v for k, v in got.items() if v != "accepted"} == expected_rejects
+    assert len(got) - len(expected_rejects) == 11 and "nested/cyan_circle" in got
+    readme = (SAMPLES / "README.md").read_text()
+    assert all(f"`{reason}`" in readme for reason in expected_rejects.values())
+
+
+@pytest.mark.parametrize(
+    "name, mode, background",
+    [
+        ("red_circle.jpg", "RGB", 255),
+        ("blue_square.png", "RGB", 255),
+        ("gray_triangle.png", "L", 230),
+        ("green_star_palette.png", "P", 255),
+        ("yellow_circle_rgba.png", "RGBA", 255),
+        ("magenta_square_cmyk.jpg", "CMYK", 255),
+        ("gray_circle_16bit.png", "I;16", 255),
+        ("orange_triangle.webp", "RGB", 255),
+        ("purple_rectangle_wide.png", "RGB", 255),
+        ("green_triangle_exif.jpg", "RGB", 255),
+        ("nested/cyan_circle.png", "RGB", 255),
+    ],
+)
+def test_bundled_samples_cover_the_modes(name: str, mode: str, background: int) -> None:
+    """Each good sample is stored in the mode it claims, and its background decodes as drawn."""
+    data = (SAMPLES / name).read_bytes()
+    assert Image.open(io.BytesIO(data)).mode == mode
+    centre, corner = centre_and_corner(load_image(data, 64))
+    np.testing.assert_allclose(corner, background / 127.5 - 1, atol=0.02)
+    if mode == "I;16":
+        np.testing.assert_allclose(centre, 0.0, atol=0.01)  # 32768 of 65535

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from sdit.errors import SDiTError
+from sdit.store import MANIFEST, SCHEMA_VERSION, Manifest, Store, write_shard
+
+
+def _manifest(**changes) -> Manifest:
+    base = dict(source={"location": "x", "format": "folder"}, teacher={"hashes": {}}, resolution=64,
+                latent_scale=0.18215, latent_shape=(4, 8, 8), text_shape=(77, 32), shard_size=4)
+    return Manifest(**base | changes)
+
+
+def _columns(n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "latents": rng.standard_normal((n, 4, 8, 8)).astype(np.float16),
+        "text_emb": rng.standard_normal((n, 77, 32)).astype(np.float16),
+        "token_count": np.full(n, 7, np.int16),
+        "ids": np.array([f"id{i}" for i in range(n)], dtype=str),
+        "captions": np.array([f"caption {i} é" for i in range(n)], dtype=str),
+        "positions": np.arange(n, dtype=np.int64),
+    }
+
+
+def test_manifest_round_trip_and_version_check(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(SDiTError, match="not an SDiT store"):
+        store.manifest()
+    store.write_manifest(_manifest())
+    assert store.manifest() == _manifest(created=store.manifest().created)
+    data = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(SDiTError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        store.manifest()
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 200])
+def test_shard_round_trip_with_plain_zarr(tmp_path, n):
+    store = Store(str(tmp_path / "s"))
+    zarr.open_group(store.url, mode="w").require_group("records")
+    cols = _columns(n)
+    write_shard(store, "records", 3, cols, {"rejects": [], "truncated": 0})
+    assert store.finished("records")[3]["count"] == n
+    group = zarr.open_group(str(tmp_path / "s"), mode="r")["records/00003"]
+    for name, values in cols.items():
+        assert group[name].shape == values.shape
+        assert np.array_equal(group[name][:], values), name
+    assert group["latents"].dtype == np.float16 and group["token_count"].dtype == np.int16
+
+
+def test_unfinished_shards_are_invisible_and_removed(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    zarr.open_group(store.url, mode="w").require_group("records")
+    write_shard(store, "records", 0, _columns(5), {"rejects": []})
+    write_shard(store, "records", 1, _columns(5), {"rejects": []})
+    (tmp_path / "s" / "_done" / "records" / "00001.json").unlink()  # as if killed before the record
+    assert list(store.finished("records")) == [0]
+    assert [i for i, _ in store.iter_shards("records")] == [0]
+    assert store.remove_unfinished("records") == [1]
+    assert not (tmp_path / "s" / "records" / "00001").exists()
+
+
+def test_json_writes_are_atomic(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "s"))
+    store.write_json({"a": 1}, "x.json")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(OSError):
+        store.write_json({"a": 2}, "x.json")
+    assert store.read_json("x.json") == {"a": 1}
+
+
+def test_store_on_an_fsspec_url():
+    store = Store("memory://sdit-test-store")
+    zarr.open_group(store.url, mode="w").require_group("records")
+    write_shard(store, "records", 0, _columns(3), {"rejects": []})
+    store.write_manifest(_manifest())
+    assert store.manifest().shard_size == 4
+    shard = store.shard_group("records", 0)
+    assert np.array_equal(shard["ids"][:], _columns(3)["ids"])
