@@ -7,6 +7,7 @@ unit of work and each is written whole by the worker that ran it.
 
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -15,8 +16,10 @@ from typing import Any
 
 from sdit.errors import SDiTError
 
-# Unix domain socket paths are limited to 107 bytes; Ray puts its sockets under the temp dir.
-_RAY_TEMP_MAX = 60
+# Unix socket paths are limited to 107 bytes, and Ray's are `<temp>/session_<date>_<time>_<pid>/sockets/
+# plasma_store` (about 66 bytes after the temp dir).
+_RAY_TEMP_MAX = 40
+_PROCESS_TOKEN = secrets.token_hex(32)
 
 
 class LocalExecutor:
@@ -98,11 +101,14 @@ def ray_session(address: str, run_dir: str | Path, num_cpus: int | None = None):
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}}
     saved = dict(os.environ)
+    temp_dir = None
     if address == "local":
-        kwargs |= {"_temp_dir": ray_temp_dir(run_dir), "num_cpus": num_cpus or os.cpu_count()}
+        temp_dir = ray_temp_dir(run_dir)
+        kwargs |= {"_temp_dir": temp_dir, "num_cpus": num_cpus or os.cpu_count()}
         if not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"} & set(os.environ):
-            # A token for this run only: Ray would otherwise generate one and save it in ~/.ray.
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+            # A token for this process's clusters only: Ray would otherwise generate one and save it in
+            # ~/.ray. One per process, because Ray caches the first token it loads.
+            os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
     else:
         kwargs["address"] = address
     try:
@@ -117,3 +123,5 @@ def ray_session(address: str, run_dir: str | Path, num_cpus: int | None = None):
         ray.shutdown()
         os.environ.clear()
         os.environ.update(saved)
+        if temp_dir and Path(temp_dir).name.startswith("sdit-ray-"):
+            shutil.rmtree(temp_dir, ignore_errors=True)

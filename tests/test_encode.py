@@ -253,7 +253,6 @@ def test_ray_writes_the_same_bytes(folder_store, tiny_teacher, tmp_path):
         ray.shutdown()
     assert not ray.is_initialized()
     _assert_same(_arrays(folder_store), _arrays(tmp_path / "s"))
-    assert (tmp_path / "s" / ".ray").is_dir() or len(str(tmp_path)) > 50  # Ray's files stay with the run
 
 
 def test_tokenize_matches_the_tokenizers_own_truncation():

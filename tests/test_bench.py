@@ -1,0 +1,18 @@
+import json
+
+import pytest
+
+from pipeline.bench import BenchEncodeConfig, bench_encode, format_table, write_json
+
+
+@pytest.mark.slow
+def test_bench_encode_reports_every_figure(tmp_path):
+    result = bench_encode(BenchEncodeConfig(images=16, resolution=32, batch_size=8, shard_size=8))
+    assert result["records"] == [16, 32]
+    assert result["stage_records_per_s"] > 0 and result["bare_records_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["stage_records_per_s"] / result["bare_records_per_s"])
+    assert len(result["peak_rss_mb"]) == 2 and all(r > 100 for r in result["peak_rss_mb"])
+    write_json(result, tmp_path / "b.json")
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert {"stage_records_per_s", "bare_records_per_s", "ratio", "peak_rss_mb"} <= saved.keys()
+    assert "stage / bare" in format_table(result)
