@@ -9,20 +9,18 @@ rerun after a crash plans the same shards, skips the finished ones and redoes th
 """
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 import sdit
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
-from sdit.sources import RejectedInput, SourceItem, load_image, open_source
+from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, open_prompts, open_source
 from sdit.store import Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
 
@@ -226,7 +224,7 @@ def encode(config: EncodeConfig, progress: Progress | None = None,
     config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
     source = open_source(config.source, image_column=config.image_column, caption_column=config.caption_column,
                          id_column=config.id_column, caption_key=config.caption_key)
-    prompts = open_prompt_source(config) if config.prompts else None
+    prompts = open_prompts(config.prompts, config.prompt_column) if config.prompts else None
     factory = EncoderFactory(config)
     encoder = factory()  # the driver's copy: identity, shapes, the null embedding; the local worker
     store = Store(config.out)
@@ -395,43 +393,6 @@ def _write_null_embedding(store: Store, encoder: ShardEncoder) -> None:
     root = store.root_group(mode="a")
     arr = root.require_array("null_text_emb", shape=emb.shape[1:], dtype="float16", compressors=None)
     arr[:] = emb[0]
-
-
-class PromptSource:
-    """Prompt bank items: one prompt per line of a text file, or a column of a parquet file."""
-
-    format = "prompts"
-
-    def __init__(self, location: str, column: str):
-        self.path, self.column = Path(location), column
-        if not self.path.is_file():
-            raise SDiTError(f"--prompts {self.path}: no such file (a text file, one prompt a line, or a parquet file)")
-        if self.path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            self.parquet = pq.ParquetFile(self.path)
-            if column not in self.parquet.schema_arrow.names:
-                raise SDiTError(f"--prompts {self.path}: no column {column!r} "
-                                f"(columns: {', '.join(self.parquet.schema_arrow.names)}); set --prompt-column")
-
-    def num_items(self) -> int:
-        if self.path.suffix == ".parquet":
-            return self.parquet.metadata.num_rows
-        with self.path.open("rb") as f:
-            return sum(1 for _ in f)
-
-    def __iter__(self) -> Iterator[SourceItem]:
-        if self.path.suffix == ".parquet":
-            lines = (text for batch in self.parquet.iter_batches(batch_size=4096, columns=[self.column])
-                     for text in batch.column(0).to_pylist())
-        else:
-            lines = (line.rstrip("\r\n") for line in self.path.open(encoding="utf-8", errors="replace"))
-        for i, text in enumerate(lines):
-            yield SourceItem(position=i, id=f"prompt-{i}", caption=None if text is None else text.strip())
-
-
-def open_prompt_source(config: EncodeConfig) -> PromptSource:
-    return PromptSource(config.prompts, config.prompt_column)
 
 
 def _total(source, prompts: PromptSource | None, limit: int | None) -> int | None:

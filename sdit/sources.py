@@ -233,6 +233,10 @@ class _Stream:
     def __iter__(self) -> Iterator[SourceItem]:
         return self.iter_from(0)
 
+    def num_items(self) -> int | None:
+        """How many items the source holds, where that is cheap to know (for progress and ETA)."""
+        return None
+
     def iter_from(self, start: int) -> Iterator[SourceItem]:
         raise NotImplementedError
 
@@ -257,6 +261,9 @@ class FolderSource(_Stream):
     location: str
     root: Path
     format: str = field(default="folder", init=False)
+
+    def num_items(self) -> int:
+        return sum(1 for _ in _walk_folder(self.root))  # directory listings only
 
     def iter_from(self, start: int) -> Iterator[SourceItem]:
         for position, (id_, image, caption_file) in enumerate(_walk_folder(self.root)):
@@ -308,6 +315,9 @@ class MetadataFolderSource(_Stream):
         for column, option in (("file_name", None), (self.caption_column, "--caption-column")):
             if column not in columns:
                 _missing_column(column, columns, str(self.metadata), option)
+
+    def num_items(self) -> int:
+        return sum(1 for _ in _metadata_rows(self.metadata, ["file_name"], 0))
 
     def iter_from(self, start: int) -> Iterator[SourceItem]:
         for position, row in _metadata_rows(self.metadata, ["file_name", self.caption_column], start):
@@ -366,6 +376,9 @@ class ParquetSource(_Stream):
     caption_column: str
     id_column: str | None
     format: str = field(default="parquet", init=False)
+
+    def num_items(self) -> int:
+        return sum(pq.ParquetFile(file).metadata.num_rows for file in self.files)  # footers only
 
     def iter_from(self, start: int) -> Iterator[SourceItem]:
         columns = [self.image_column, self.caption_column] + ([self.id_column] if self.id_column else [])
@@ -514,3 +527,45 @@ def _tar_caption(files: dict[str, bytes], caption_key: str | None) -> str | None
     keys = [caption_key] if caption_key else ["caption", "text"]
     values = [meta.get(k) for k in keys] if isinstance(meta, dict) else []
     return _clean_caption(next((v for v in values if v is not None), None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-only prompt banks
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptSource:
+    """Prompt bank items: one prompt per line of a text file, or a column of a parquet file."""
+
+    format = "prompts"
+
+    def __init__(self, location: str, column: str):
+        self.path, self.column = Path(location), column
+        if not self.path.is_file():
+            raise SDiTError(f"--prompts {self.path}: no such file (a text file, one prompt a line, or a parquet file)")
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            self.parquet = pq.ParquetFile(self.path)
+            if column not in self.parquet.schema_arrow.names:
+                raise SDiTError(f"--prompts {self.path}: no column {column!r} "
+                                f"(columns: {', '.join(self.parquet.schema_arrow.names)}); set --prompt-column")
+
+    def num_items(self) -> int:
+        if self.path.suffix == ".parquet":
+            return self.parquet.metadata.num_rows
+        with self.path.open("rb") as f:
+            return sum(1 for _ in f)
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        if self.path.suffix == ".parquet":
+            lines = (text for batch in self.parquet.iter_batches(batch_size=4096, columns=[self.column])
+                     for text in batch.column(0).to_pylist())
+        else:
+            lines = (line.rstrip("\r\n") for line in self.path.open(encoding="utf-8", errors="replace"))
+        for i, text in enumerate(lines):
+            yield SourceItem(position=i, id=f"prompt-{i}", caption=None if text is None else text.strip())
+
+
+def open_prompts(location: str, column: str = "text") -> PromptSource:
+    return PromptSource(location, column)

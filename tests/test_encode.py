@@ -265,3 +265,14 @@ def test_tokenize_matches_the_tokenizers_own_truncation():
     expected = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ids, expected)
     assert list(lengths) == [7, 2, 77, 78, 202]
+
+
+def test_duplicate_ids_are_rejected_after_the_first(tiny_teacher, tmp_path):
+    rows = _accepted_samples()[:3]
+    table = pa.table({"image": [{"bytes": b, "path": s} for s, b, _ in rows] * 2,
+                      "text": [c for _, _, c in rows] * 2, "key": ["a", "b", "c", "a", "d", "c"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    summary = _encode(tmp_path / "d.parquet", tiny_teacher, tmp_path / "s", id_column="key", shard_size=4)
+    assert summary.records == 4 and summary.rejects == 2
+    lines = [json.loads(line) for line in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["position"], r["reason"]) for r in lines] == [("a", 3, "duplicate_id"), ("c", 5, "duplicate_id")]

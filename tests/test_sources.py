@@ -459,3 +459,20 @@ def test_bundled_samples_cover_the_modes(name: str, mode: str, background: int) 
     np.testing.assert_allclose(corner, background / 127.5 - 1, atol=0.02)
     if mode == "I;16":
         np.testing.assert_allclose(centre, 0.0, atol=0.01)  # 32768 of 65535
+
+
+def test_num_items_where_cheap(tmp_path):
+    """Folder and parquet sources know their size without reading images (the progress bar's ETA);
+    tar shards would have to be read through, so they say None."""
+    from conftest import SAMPLES
+
+    folder = open_source(str(SAMPLES))
+    assert folder.num_items() == len(list(folder))
+    table = pa.table({"image": [{"bytes": b"x", "path": "a"}] * 5, "text": ["c"] * 5})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=2)
+    assert open_source(str(tmp_path / "a.parquet")).num_items() == 5
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        info = tarfile.TarInfo("k.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"c"))
+    assert open_source(str(tmp_path / "s.tar")).num_items() is None
