@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from sdit.errors import SDiTError
+from sdit.perturb import (CaptionFrom, Kind, PerturbConfig, draw_generator, input_noise, perturbed_text,
+                          sample_draw)
+
+SHAPE = (4, 8, 8)
+
+
+def _draw(config=PerturbConfig(), seed=0, shard=0, record=0, draw=0, **kw):
+    options = dict(latent_shape=SHAPE, num_timesteps=1000, num_records=50, num_prompts=20) | kw
+    return sample_draw(config, draw_generator(seed, shard, record, draw), **options)
+
+
+def _same(a, b) -> bool:
+    return (a.timestep, a.kind, a.caption_from, a.caption_index, a.weight) == \
+        (b.timestep, b.kind, b.caption_from, b.caption_index, b.weight) and np.array_equal(a.noise, b.noise) \
+        and ((a.xi is None and b.xi is None) or np.array_equal(a.xi, b.xi))
+
+
+def test_a_draw_depends_only_on_its_coordinates():
+    for coords in [(0, 0, 0, 0), (7, 3, 11, 2)]:
+        assert _same(_draw(PerturbConfig(), *coords), _draw(PerturbConfig(), *coords))
+    assert not _same(_draw(record=1), _draw(record=2))
+    assert not _same(_draw(seed=1), _draw(seed=2))
+    # Drawing other records first (another batch order or worker) changes nothing.
+    first = _draw(record=5)
+    for r in range(5):
+        _draw(record=r)
+    assert _same(first, _draw(record=5))
+
+
+def test_caption_perturbations_stay_at_high_noise():
+    config = PerturbConfig(mix={"swap": 0.5, "mix": 0.5, "none": 0.0}, caption_min_t=400)
+    draws = [_draw(config, record=r, draw=d) for r in range(100) for d in range(4)]
+    for d in draws:
+        if d.kind in (Kind.SWAP, Kind.MIX):
+            assert d.timestep >= 400
+        else:
+            assert d.kind == Kind.NONE and d.timestep < 400  # the fallback where no allowed kind remains
+    assert {d.kind for d in draws} == {Kind.SWAP, Kind.MIX, Kind.NONE}
+
+
+def test_the_mix_is_respected():
+    config = PerturbConfig(caption_min_t=0)
+    kinds = np.array([_draw(config, record=r).kind for r in range(4000)])
+    for kind, p in [(Kind.NONE, 0.6), (Kind.NULL, 0.1), (Kind.SWAP, 0.1)]:
+        assert abs((kinds == kind).mean() - p) < 0.03
+    swaps = [_draw(config, record=r) for r in range(4000)]
+    sources = [d.caption_from[0] for d in swaps if d.kind == Kind.SWAP]
+    assert 0.4 < np.mean([s == CaptionFrom.PROMPT for s in sources]) < 0.6
+    assert all(0 <= d.caption_index[0] < (20 if d.caption_from[0] == CaptionFrom.PROMPT else 50)
+               for d in swaps if d.kind == Kind.SWAP)
+
+
+def test_stratified_timesteps_cover_each_slice():
+    ts = [_draw(record=r, draw=k, stratum=(k, 4)).timestep for r in range(20) for k in range(4)]
+    for k in range(4):
+        assert all(k * 250 <= t < (k + 1) * 250 for t in ts[k::4])
+
+
+def test_input_draws_carry_xi_and_rebuild_exactly():
+    draw = next(d for d in (_draw(record=r) for r in range(200)) if d.kind == Kind.INPUT)
+    assert draw.xi.shape == SHAPE and draw.xi.dtype == np.float16 and draw.noise.dtype == np.float16
+    rebuilt = input_noise(draw.noise, draw.xi, 0.1)
+    assert rebuilt.dtype == torch.float16
+    assert torch.equal(rebuilt, input_noise(draw.noise.copy(), draw.xi.copy(), 0.1))
+    assert torch.allclose(rebuilt.float(), torch.from_numpy(draw.noise).float() + 0.1 * torch.from_numpy(draw.xi).float(),
+                          atol=2e-3)
+
+
+def test_perturbed_text():
+    rng = np.random.default_rng(0)
+    own, a, b, null = (rng.standard_normal((77, 8)).astype(np.float16) for _ in range(4))
+    assert torch.equal(perturbed_text(Kind.NONE, own, None, None, 0, null), torch.from_numpy(own))
+    assert torch.equal(perturbed_text(Kind.NULL, own, None, None, 0, null), torch.from_numpy(null))
+    assert torch.equal(perturbed_text(Kind.SWAP, own, a, None, 0, null), torch.from_numpy(a))
+    mixed = perturbed_text(Kind.MIX, own, a, b, 0.25, null)
+    assert mixed.dtype == torch.float16
+    assert torch.allclose(mixed.float(), 0.75 * torch.from_numpy(a).float() + 0.25 * torch.from_numpy(b).float(),
+                          atol=1e-2)
+
+
+def test_parse():
+    config = PerturbConfig.parse("none=0.8, null=0.2")
+    assert config.probabilities(True)[Kind.NULL] == pytest.approx(0.2)
+    for bad in ("none", "none=x", "bogus=1", "none=0"):
+        with pytest.raises(SDiTError):
+            PerturbConfig.parse(bad)
