@@ -108,6 +108,54 @@ def encode(
     typer.echo(summary.line())
 
 
+@app.command("teacher-label")
+@command
+def teacher_label(
+    store: Annotated[str, typer.Argument(help="An encoded store (from `sdit encode`).")],
+    teacher: Teacher,
+    teacher_config: TeacherConfig = None,
+    labels: Annotated[str, typer.Option(help="Name of this labelling: labels/NAME in the store.")] = "default",
+    draws: Annotated[int, typer.Option(min=1, help="Labelled draws per record.")] = 4,
+    timesteps: Annotated[str, typer.Option(help="uniform, or stratified: a record's draws spread across [0, T).")] = "uniform",
+    perturb: Annotated[Optional[str], typer.Option(help="Perturbation mix, e.g. none=0.6,input=0.1,swap=0.1,mix=0.1,null=0.1.")] = None,
+    input_gamma: Annotated[float, typer.Option(min=0, help="γ of input perturbation: the input uses ε + γ·ξ.")] = 0.1,
+    caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = 400,
+    prompt_share: Annotated[float, typer.Option(min=0, max=1, help="Share of swap/mix captions from the prompt bank.")] = 0.5,
+    guidance: Annotated[Optional[str], typer.Option(help="W_MIN:W_MAX: store guided targets ε_u + w(ε_c − ε_u) with w stored.")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same draws, whatever the executor or batch size.")] = 0,
+    batch_size: BatchSize = 64,
+    max_dropped: Annotated[float, typer.Option(min=0, max=1, help="Stop when more draws than this get a NaN/inf teacher output.")] = 0.01,
+    overwrite: Annotated[bool, typer.Option(help="Delete labels of the same name and start again.")] = False,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    ray_address: RayAddress = None,
+    num_workers: Annotated[Optional[int], typer.Option(min=1, help="Ray actors [default: one per GPU, else per CPU].")] = None,
+):
+    """Run the teacher's UNet once over a store: K draws per record (timestep, noise, perturbation) and ε_T."""
+    from pipeline.label import LabelConfig, label
+    from sdit.errors import SDiTError
+    from sdit.perturb import DEFAULT_MIX, PerturbConfig
+
+    window = None
+    if guidance:
+        try:
+            low, high = (float(x) for x in guidance.split(":"))
+        except ValueError:
+            raise SDiTError(f"--guidance {guidance!r}: give W_MIN:W_MAX, e.g. 2:8") from None
+        window = (low, high)
+    options = dict(input_gamma=input_gamma, caption_min_t=caption_min_t, prompt_share=prompt_share)
+    mix = PerturbConfig.parse(perturb, **options) if perturb else PerturbConfig(mix=dict(DEFAULT_MIX), **options)
+    config = LabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, name=labels, draws=draws,
+                         timesteps=timesteps, perturb=mix, guidance=window, seed=seed, batch_size=batch_size,
+                         max_dropped=max_dropped, overwrite=overwrite, device=device, dtype=dtype,
+                         ray_address=ray_address, num_workers=num_workers)
+    with progress_bar("teacher-label", "draw") as bar:
+        counts = label(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+    kinds = ", ".join(f"{k} {v}" for k, v in counts["kinds"].items())
+    typer.echo(f"labelled {counts['draws']} draws in {counts['shards']} shards into {store}/labels/{labels} "
+               f"({kinds}; {counts['dropped']} dropped; {counts['bytes_per_draw']:.0f} bytes a draw)")
+
+
 # --- benchmarks -----------------------------------------------------------------------------------------
 @bench_app.command("encode")
 @command

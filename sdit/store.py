@@ -44,6 +44,7 @@ CHUNK_RECORDS = 64
 class Column:
     dtype: str  # numpy dtype name, or "str"
     per_record_shape: tuple[str, ...]  # symbolic, filled from the manifest (e.g. ("C", "h", "w"))
+    per_record: bool = True  # False: a side table with its own row count (indexed from a per-record column)
 
 
 RECORD_COLUMNS = {
@@ -55,7 +56,25 @@ RECORD_COLUMNS = {
     "positions": Column("int64", ()),
 }
 PROMPT_COLUMNS = {name: RECORD_COLUMNS[name] for name in ("text_emb", "token_count", "captions", "positions")}
+# Teacher labels: K draws per record, in `labels/<name>/NNNNN`, one label shard per records shard.
+LABEL_COLUMNS = {
+    "timesteps": Column("int32", ("K",)),
+    "kind": Column("uint8", ("K",)),  # sdit.perturb.Kind
+    "caption_from": Column("uint8", ("K", 2)),  # sdit.perturb.CaptionFrom of captions a and b
+    "caption_index": Column("int64", ("K", 2)),
+    "weight": Column("float32", ("K",)),  # mix weight of caption b
+    "guidance": Column("float32", ("K",)),  # w of a guidance target; 0 without guidance
+    "noise": Column("float16", ("K", "C", "h", "w")),  # ε: the true-noise target
+    "xi_index": Column("int32", ("K",)),  # row of `xi` for input-perturbation draws, -1 elsewhere
+    "xi": Column("float16", ("C", "h", "w"), per_record=False),
+    "eps_teacher": Column("float16", ("K", "C", "h", "w")),
+    "valid": Column("bool", ("K",)),  # False: the teacher's output was not finite; the draw is dropped
+}
 GROUP_COLUMNS = {"records": RECORD_COLUMNS, "prompts": PROMPT_COLUMNS}
+
+
+def columns_of(group: str) -> dict[str, Column]:
+    return LABEL_COLUMNS if group.startswith("labels/") else GROUP_COLUMNS[group]
 
 
 @dataclass(frozen=True)
@@ -92,10 +111,6 @@ class Manifest:
         data["latent_shape"] = tuple(data["latent_shape"])
         data["text_shape"] = tuple(data["text_shape"])
         return cls(**data)
-
-    def column_shape(self, column: Column) -> tuple[int, ...]:
-        sizes = dict(zip("Chw", self.latent_shape)) | dict(zip("LD", self.text_shape))
-        return tuple(sizes[s] for s in column.per_record_shape)
 
 
 def shard_name(index: int) -> str:
@@ -198,24 +213,25 @@ def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndar
     Each column is one Zarr array with the sharding codec (one file per column), inner chunks of
     CHUNK_RECORDS records, and no compressor for floats (fp16 compresses 1.0 to 1.15x, not worth CPU).
     """
-    spec = GROUP_COLUMNS[group]
+    spec = columns_of(group)
     if set(columns) != set(spec):
         raise ValueError(f"shard columns {sorted(columns)} != {sorted(spec)}")
-    n = len(columns["positions"])
+    n = len(next(columns[name] for name, col in spec.items() if col.per_record))
     url = f"{store.url}/{group}/{shard_name(index)}"
     shard = zarr.open_group(url, mode="w", zarr_format=3)
-    chunk = max(1, min(CHUNK_RECORDS, n))
-    capacity = max(chunk, -(-n // chunk) * chunk)  # the sharding codec wants whole inner chunks
     for name, values in columns.items():
-        if len(values) != n:
+        if spec[name].per_record and len(values) != n:
             raise ValueError(f"column {name} has {len(values)} rows, expected {n}")
         rest = values.shape[1:]
+        rows = len(values)
+        chunk = max(1, min(CHUNK_RECORDS, rows))
+        capacity = max(chunk, -(-rows // chunk) * chunk)  # the sharding codec wants whole inner chunks
         if spec[name].dtype == "str":
             arr = shard.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), shards=(capacity,))
         else:
             arr = shard.create_array(name, shape=values.shape, dtype=spec[name].dtype, chunks=(chunk, *rest),
                                      shards=(capacity, *rest), compressors=None, fill_value=0)
-        if n:
+        if rows:
             arr[:] = values
     store.write_json({**record, "count": n, "index": index}, "_done", group, f"{shard_name(index)}.json")
 

@@ -1,0 +1,268 @@
+"""Stage one, part 2: K labelled draws per record, and the teacher UNet's ε for each.
+
+    check (driver)          the store's VAE/text encoder are the teacher's; shapes fit the UNet
+    label_shard (worker)    draws from (seed, shard, record, draw) generators, rebuild inputs, run the
+                            UNet in batches, drop non-finite outputs, write the label shard whole
+    finish (driver)         counts per kind, dropped draws, bytes per draw, manifest "complete"
+
+Labels go to `labels/<name>/NNNNN` beside the records shard NNNNN they describe, with their own manifest
+`labels/<name>/manifest.json`; another teacher or seed goes into another name.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from sdit.devices import resolve_device, resolve_dtype
+from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
+from sdit.errors import SDiTError
+from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
+from sdit.perturb import Kind, PerturbConfig, draw_generator, sample_draw
+from sdit.store import LABEL_COLUMNS, Store, write_shard
+from sdit.teacher import Teacher, load_teacher
+
+TIMESTEP_SAMPLING = ("uniform", "stratified")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    store: str
+    teacher: str
+    teacher_config: str | None = None
+    name: str = "default"
+    draws: int = 4
+    timesteps: str = "uniform"
+    perturb: PerturbConfig = dataclasses.field(default_factory=PerturbConfig)
+    guidance: tuple[float, float] | None = None  # (w_min, w_max): store ε_u + w(ε_c − ε_u)
+    seed: int = 0
+    batch_size: int = 64
+    max_dropped: float = 0.01  # stop when more than this fraction of draws has a non-finite teacher output
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    ray_address: str | None = None
+    num_workers: int | None = None
+
+    def check(self) -> None:
+        if self.draws < 1 or self.batch_size < 1:
+            raise SDiTError("--draws and --batch-size must be at least 1")
+        if self.timesteps not in TIMESTEP_SAMPLING:
+            raise SDiTError(f"--timesteps {self.timesteps!r}: choose {' or '.join(TIMESTEP_SAMPLING)}")
+        if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
+            raise SDiTError(f"--guidance {self.guidance}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
+        if not self.name or "/" in self.name:
+            raise SDiTError(f"--labels {self.name!r}: a plain name, no '/'")
+
+    @property
+    def group(self) -> str:
+        return f"labels/{self.name}"
+
+
+class ShardLabeler:
+    """Holds the teacher's UNet; turns one records shard into one label shard."""
+
+    def __init__(self, config: LabelConfig, teacher: Teacher, device: torch.device, dtype: torch.dtype):
+        self.config, self.unet, self.device, self.dtype = config, teacher.unet, device, dtype
+        self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+        self.store = Store(config.store)
+        self.manifest = self.store.manifest()
+        self.bank = CaptionBank(self.store)
+        self.null = self.store.root_group()["null_text_emb"][:]
+
+    def draw_labels(self, shard: int, n: int) -> dict:
+        """Every random choice of the shard's draws; nothing here depends on batching or workers."""
+        c, K = self.config, self.config.draws
+        shape = tuple(self.manifest.latent_shape)
+        labels = {name: np.zeros((n, K, *self._tail(name, shape)), dtype=col.dtype)
+                  for name, col in LABEL_COLUMNS.items() if col.per_record}
+        labels["xi_index"][:] = -1
+        xi = []
+        for r in range(n):
+            for d in range(K):
+                gen = draw_generator(c.seed, shard, r, d)
+                draw = sample_draw(c.perturb, gen, latent_shape=shape, num_timesteps=self.schedule.num_timesteps,
+                                   num_records=self.bank.size("records"), num_prompts=self.bank.size("prompts"),
+                                   stratum=(d, K) if c.timesteps == "stratified" else None)
+                labels["timesteps"][r, d], labels["kind"][r, d] = draw.timestep, draw.kind
+                labels["caption_from"][r, d], labels["caption_index"][r, d] = draw.caption_from, draw.caption_index
+                labels["weight"][r, d], labels["noise"][r, d] = draw.weight, draw.noise
+                if draw.xi is not None:
+                    labels["xi_index"][r, d] = len(xi)
+                    xi.append(draw.xi)
+                if c.guidance:
+                    labels["guidance"][r, d] = gen.uniform(*c.guidance)
+        labels["xi"] = np.stack(xi) if xi else np.zeros((0, *shape), np.float16)
+        return labels
+
+    @staticmethod
+    def _tail(name: str, latent_shape: tuple) -> tuple:
+        per_draw = {"caption_from": (2,), "caption_index": (2,), "noise": latent_shape, "eps_teacher": latent_shape}
+        return per_draw.get(name, ())
+
+    @torch.inference_mode()
+    def teacher_eps(self, inputs, guidance: np.ndarray | None) -> torch.Tensor:
+        """(B, C, h, w) float32 ε of the teacher (guided when `guidance` is given)."""
+        x = inputs.x_t.to(self.device, self.dtype)
+        t = inputs.timesteps.to(self.device)
+        text = inputs.text.to(self.device, self.dtype)
+        if guidance is None:
+            out = self.unet(x, t, encoder_hidden_states=text).sample
+            return epsilon_from_prediction(self.schedule, out.float(), inputs.x_t.to(self.device), inputs.timesteps)
+        null = torch.as_tensor(self.null).to(self.device, self.dtype).expand_as(text)
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([text, null])).sample
+        x_t2 = torch.cat([inputs.x_t, inputs.x_t]).to(self.device)
+        eps_c, eps_u = epsilon_from_prediction(self.schedule, out.float(), x_t2,
+                                               torch.cat([inputs.timesteps, inputs.timesteps])).chunk(2)
+        w = torch.as_tensor(guidance, dtype=torch.float32, device=self.device).view(-1, 1, 1, 1)
+        return eps_u + w * (eps_c - eps_u)
+
+    def __call__(self, shard: int) -> dict:
+        records = self.store.shard_group("records", shard)
+        latents, text_emb = records["latents"][:], records["text_emb"][:]
+        n, K = len(latents), self.config.draws
+        labels = self.draw_labels(shard, n)
+        rows, draws = np.divmod(np.arange(n * K), K)
+        for start in range(0, n * K, self.config.batch_size):
+            r, d = rows[start:start + self.config.batch_size], draws[start:start + self.config.batch_size]
+            inputs = teacher_inputs(self.schedule, latents, text_emb, labels, r, d, self.bank, self.null,
+                                    self.config.perturb.input_gamma)
+            eps = self.teacher_eps(inputs, labels["guidance"][r, d] if self.config.guidance else None)
+            eps16 = eps.cpu().to(torch.float16).numpy()
+            labels["valid"][r, d] = np.isfinite(eps16).reshape(len(r), -1).all(axis=1)
+            labels["eps_teacher"][r, d] = np.where(np.isfinite(eps16), eps16, 0)
+        kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
+        record = {"draws": n * K, "dropped": int((~labels["valid"]).sum()), "kinds": kinds,
+                  "bytes": int(sum(v.nbytes for v in labels.values()))}
+        write_shard(self.store, self.config.group, shard, labels, record)
+        return {"index": shard, "count": n, **record}
+
+
+@dataclass(frozen=True)
+class LabelerFactory:
+    config: LabelConfig
+
+    def __call__(self) -> ShardLabeler:
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        if device.type == "cpu" and self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        teacher = load_teacher(self.config.teacher, components=("unet",), config_dir=self.config.teacher_config,
+                               device=device, dtype=dtype)
+        return ShardLabeler(self.config, teacher, device, dtype)
+
+
+def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
+          on_total: Callable[[int], None] | None = None) -> dict:
+    """Run stage one, part 2 over a finished store; resumes an unfinished labelling of the same config."""
+    config.check()
+    config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
+    store = Store(config.store)
+    manifest = store.manifest()
+    if manifest.status != "complete":
+        raise SDiTError(f"{store.url} is not finished encoding; rerun `sdit encode` on it first")
+    teacher = load_teacher(config.teacher, config_dir=config.teacher_config)  # all parts: hashes and shapes
+    check_teacher(manifest, teacher)
+    meta = prepare_labels(store, config, teacher)
+    records = store.finished("records")
+    done = store.finished(config.group)
+    if on_total:
+        on_total(sum(r["count"] for r in records.values()) * config.draws)
+    todo = []
+    for index, record in records.items():
+        if index in done:
+            if progress:
+                progress(record["count"] * config.draws)
+        else:
+            todo.append(index)
+    started = time.perf_counter()
+    factory = LabelerFactory(config)
+    if config.ray_address:
+        with ray_session(config.ray_address, config.store):
+            gpu = resolve_device(config.device).type == "cuda"
+            _run(RayExecutor(factory, num_workers=config.num_workers, gpus_per_worker=1.0 if gpu else 0.0),
+                 todo, config, progress)
+    else:
+        device = resolve_device(config.device)
+        labeler = ShardLabeler(config, _to(teacher, device, resolve_dtype(config.dtype, device)), device,
+                               resolve_dtype(config.dtype, device))
+        _run(LocalExecutor(lambda: labeler), todo, config, progress)
+    return finish(store, config, meta, time.perf_counter() - started)
+
+
+def _to(teacher: Teacher, device, dtype) -> Teacher:
+    teacher.unet.to(device=device, dtype=dtype)
+    return teacher
+
+
+def _run(executor, shards: list[int], config: LabelConfig, progress) -> None:
+    draws = dropped = 0
+    for result in executor.map(shards):
+        draws, dropped = draws + result["draws"], dropped + result["dropped"]
+        if dropped > config.max_dropped * max(draws, 1) and dropped > 0:
+            raise SDiTError(f"the teacher's output was NaN or inf for {dropped} of {draws} draws (over "
+                            f"{config.max_dropped:.0%}); try --dtype fp32 or bf16. Finished shards are kept")
+        if progress:
+            progress(result["draws"])
+
+
+def check_teacher(manifest, teacher: Teacher) -> None:
+    """One-line refusals: the store's latents and embeddings must come from this teacher's VAE and text
+    encoder, and their shapes must fit its UNet."""
+    for part in ("vae", "text_encoder"):
+        if manifest.teacher["hashes"].get(part) != teacher.identity.hashes.get(part):
+            raise SDiTError(f"the store was encoded with another {part.replace('_', ' ')} than this teacher's "
+                            f"({manifest.teacher['path']}); label it with that teacher or re-encode")
+    unet = teacher.unet.config
+    if manifest.latent_shape[0] != unet.in_channels or manifest.text_shape[1] != unet.cross_attention_dim:
+        raise SDiTError(f"the store's latents {manifest.latent_shape} / text width {manifest.text_shape[1]} "
+                        f"do not fit the UNet ({unet.in_channels} channels, text width {unet.cross_attention_dim})")
+
+
+def _meta(config: LabelConfig, teacher: Teacher) -> dict:
+    schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+    return {"schema_version": 1, "name": config.name, "teacher": teacher.identity.to_json(),
+            "scheduler": teacher.scheduler_config, "prediction_type": schedule.prediction_type,
+            "seed": config.seed, "draws": config.draws, "timesteps": config.timesteps,
+            "perturb": dataclasses.asdict(config.perturb),
+            "guidance": list(config.guidance) if config.guidance else None, "status": "in_progress"}
+
+
+# What must match for a rerun to resume a labelling rather than refuse it.
+_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance")
+
+
+def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher) -> dict:
+    meta = _meta(config, teacher)
+    path = (config.group, LABELS_MANIFEST)
+    if config.overwrite:
+        store.remove(config.group)
+        store.remove("_done", config.group)
+    elif store.exists(*path):
+        old = store.read_json(*path)
+        for key in _RESUME_KEYS:
+            if old.get(key) != meta[key]:
+                raise SDiTError(f"labels {config.name!r} were made with another {key}; pass --labels NAME for a "
+                                "new set, or --overwrite")
+    store.root_group(mode="a").require_group(config.group)
+    store.remove_unfinished(config.group)
+    store.write_json(meta, *path)
+    return meta
+
+
+def finish(store: Store, config: LabelConfig, meta: dict, seconds: float) -> dict:
+    done = store.finished(config.group)
+    kinds: dict[str, int] = {}
+    for record in done.values():
+        for kind, count in record["kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    draws = sum(r["draws"] for r in done.values())
+    counts = {"draws": draws, "dropped": sum(r["dropped"] for r in done.values()), "kinds": kinds,
+              "shards": len(done), "bytes_per_draw": sum(r["bytes"] for r in done.values()) / max(draws, 1)}
+    store.write_json(meta | {"counts": counts, "status": "complete"}, config.group, LABELS_MANIFEST)
+    return counts | {"seconds": seconds}

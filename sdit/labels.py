@@ -1,0 +1,96 @@
+"""Rebuilding the teacher's inputs from a store: the one path stage one and stage two share.
+
+`teacher_inputs` turns a records shard's latents and embeddings plus its label arrays into the noisy latents,
+text embeddings and timesteps the teacher saw. Stage one calls it right before the teacher's forward; stage
+two calls it before the student's, so the student sees exactly what the teacher saw (invariant 1).
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sdit.diffusion import NoiseSchedule, noisy_latents
+from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
+from sdit.store import CHUNK_RECORDS, Store
+
+LABELS_MANIFEST = "manifest.json"
+
+
+class CaptionBank:
+    """Text embeddings of any record or prompt, by (CaptionFrom, index), read in whole chunks with a small
+    LRU cache (zarr pays per chunk read, not per row)."""
+
+    def __init__(self, store: Store, cache_chunks: int = 16):
+        self.store, self.cache_chunks = store, cache_chunks
+        self.cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.offsets = {group: self._offsets(group) for group in ("records", "prompts")}
+
+    def _offsets(self, group: str) -> tuple[list[int], list[int]]:
+        done = self.store.finished(group)
+        indices, starts, total = [], [], 0
+        for index, record in done.items():
+            indices.append(index)
+            starts.append(total)
+            total += record["count"]
+        return indices, starts + [total]
+
+    def size(self, group: str) -> int:
+        return self.offsets[group][1][-1]
+
+    def get(self, source: int, index: int) -> np.ndarray:
+        group = "records" if source == CaptionFrom.RECORD else "prompts"
+        shards, starts = self.offsets[group]
+        if not 0 <= index < starts[-1]:
+            raise IndexError(f"{group} caption {index} out of range (0..{starts[-1] - 1})")
+        k = int(np.searchsorted(starts, index, side="right")) - 1
+        row = index - starts[k]
+        key = (group, shards[k], row // CHUNK_RECORDS)
+        if key not in self.cache:
+            block = row // CHUNK_RECORDS * CHUNK_RECORDS
+            self.cache[key] = self.store.shard_group(group, shards[k])["text_emb"][block:block + CHUNK_RECORDS]
+            if len(self.cache) > self.cache_chunks:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return self.cache[key][row % CHUNK_RECORDS]
+
+
+@dataclass(frozen=True)
+class TeacherInputs:
+    x_t: torch.Tensor  # (B, C, h, w) float32
+    text: torch.Tensor  # (B, L, D) float16
+    timesteps: torch.Tensor  # (B,) long
+
+
+def teacher_inputs(schedule: NoiseSchedule, latents: np.ndarray, text_emb: np.ndarray, labels: dict,
+                   rows: np.ndarray, draws: np.ndarray, bank: CaptionBank, null: np.ndarray,
+                   input_gamma: float) -> TeacherInputs:
+    """Inputs for the draws (rows[i], draws[i]) of one shard.
+
+    latents (n, C, h, w) and text_emb (n, L, D): the records shard; labels: its label arrays ((n, K, ...)
+    plus the `xi` side table); rows, draws: (B,) which draws to rebuild.
+    """
+    kinds = labels["kind"][rows, draws]
+    noise = labels["noise"][rows, draws]  # (B, C, h, w) fp16
+    is_input = kinds == Kind.INPUT
+    if is_input.any():
+        noise = noise.copy()
+        xi = labels["xi"][labels["xi_index"][rows[is_input], draws[is_input]]]
+        noise[is_input] = input_noise(noise[is_input], xi, input_gamma).numpy()
+    t = torch.as_tensor(labels["timesteps"][rows, draws], dtype=torch.long)
+    x_t = noisy_latents(schedule, latents[rows], noise, t)
+    text = torch.stack([
+        perturbed_text(int(kind), text_emb[r], *_captions(bank, labels, r, d, int(kind)), float(labels["weight"][r, d]),
+                       null)
+        for kind, r, d in zip(kinds, rows, draws)])
+    return TeacherInputs(x_t, text, t)
+
+
+def _captions(bank: CaptionBank, labels: dict, r: int, d: int, kind: int) -> tuple:
+    if kind not in (Kind.SWAP, Kind.MIX):
+        return None, None
+    sources, indices = labels["caption_from"][r, d], labels["caption_index"][r, d]
+    a = bank.get(int(sources[0]), int(indices[0]))
+    b = bank.get(int(sources[1]), int(indices[1])) if kind == Kind.MIX else None
+    return a, b

@@ -1,0 +1,618 @@
+"""The shapes world's toy Stable Diffusion teacher: SD 1.5's component classes, trained on a CPU.
+
+The teacher is built from exactly what SD 1.5 is built from (`AutoencoderKL`, `CLIPTextModel` with the
+real CLIP tokenizer, `UNet2DConditionModel`, SD 1.5's scheduler config, epsilon prediction), only small,
+and trained on the whole shapes world (held-out concepts included: the teacher knows everything). It is
+saved in the diffusers layout and loads with `sdit.teacher.load_teacher`, like SD 1.5 itself.
+
+Training runs as three stages, each a function of a frozen config, reporting through a callback and
+checkpointing atomically every `checkpoint_every` steps (a rerun with `resume` continues from there):
+
+    render_world(work, data)           -> images (N, 64, 64, 3) uint8 + captions, cached in `work`
+    train_vae(models, images, cfg)     reconstruction MSE + a small KL
+    encode_latents(vae, images)        posterior mean and std; sets `scaling_factor` to 1/std, as SD did
+    train_unet(models, data, cfg)      epsilon prediction on scaled latents, 10% empty captions (CFG);
+                                       the text encoder learns jointly (or stays frozen, `train_text`)
+    save_teacher(models, out)          model_index.json, vae/, text_encoder/, tokenizer/, unet/, scheduler/
+
+    python -m sdit.toy train OUT_DIR [--minutes M] [--resume] [--work-dir DIR]
+    python -m sdit.toy eval DIR [--per-prompt K] [--guidance W]
+
+Randomness: step k of a stage draws its batch, noise and timesteps from a generator seeded with
+(stage seed, k), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdit import evaluator, shapes
+from sdit.errors import SDiTError
+from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
+from sdit.tiny import save_configs
+
+TOKENS = 77  # CLIP's context; SD pads every caption to it, and so do we
+
+# --- sizes: named presets ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToySize:
+    """Component configs (keyword arguments of the diffusers / transformers classes)."""
+
+    vae: dict
+    text: dict
+    unet: dict
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+
+def _vae(channels: list[int], latent_channels: int = 4) -> dict:
+    n = len(channels)
+    return dict(block_out_channels=channels, layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels,
+                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                sample_size=shapes.DEFAULT_RESOLUTION, scaling_factor=1.0)
+
+
+def _text(width: int, layers: int, heads: int) -> dict:
+    # SD 1.5's CLIP ends captions with token 49407; eos_token_id=2 keeps transformers' legacy pooling
+    # (argmax of the ids), which finds that token, exactly as SD 1.5's own config does.
+    return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                max_position_embeddings=TOKENS, vocab_size=49408, projection_dim=width, hidden_act="quick_gelu",
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def _unet(channels: list[int], cross: int, sample: int, head_dim: int = 16) -> dict:
+    n = len(channels)
+    return dict(block_out_channels=channels, layers_per_block=1, cross_attention_dim=cross, attention_head_dim=head_dim,
+                norm_num_groups=16, sample_size=sample, in_channels=4, out_channels=4,
+                down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
+
+
+SIZES: dict[str, ToySize] = {
+    # SD's factor 8: 64 px -> 8x8x4 latents.
+    "f8": ToySize(_vae([8, 16, 32, 64]), _text(64, 2, 4), _unet([64, 128, 128], 64, 8)),
+    # Factor 4: 64 px -> 16x16x4 latents (four times the UNet's work per step).
+    "f4": ToySize(_vae([16, 32, 64]), _text(64, 2, 4), _unet([64, 128, 128], 64, 16)),
+    # For tests: seconds, not minutes.
+    "test": ToySize(_vae([8, 16]), _text(16, 1, 2), _unet([16, 32], 16, 16, head_dim=8)),
+}
+
+# --- configs -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    images: int = 20_000  # drawn from the whole world by `shapes.sample`
+    seed: int = 0
+    resolution: int = shapes.DEFAULT_RESOLUTION
+    check_images: int = 512  # a separate draw (seed + 1) for the VAE's reconstruction check
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    steps: int = 1600
+    batch_size: int = 16
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    checkpoint_every: int = 250
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995  # a window of about 200 steps: short runs keep moving fast
+    empty_caption_rate: float = 0.1  # captions dropped to "" so classifier-free guidance works
+    train_text: bool = True  # the UNet's loss trains the text encoder too; False keeps it random and frozen
+    # Random token embeddings already tell the world's words apart; a dense Adam update of all 49,408
+    # rows every step costs about 20% of a step, so by default only the transformer layers learn.
+    train_token_embedding: bool = False
+    offset_noise: float = 0.0  # per-channel noise offset (0 = plain SD); recorded in the teacher's README
+    checkpoint_every: int = 500
+    seed: int = 2
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    size: str = "f8"
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    threads: int = 2  # torch's CPU thread count; convolutions round differently with another one
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ToyConfig:
+        return cls(d["size"], DataConfig(**d["data"]), VAEConfig(**d["vae"]), UNetConfig(**d["unet"]), d["threads"])
+
+
+Progress = Callable[[str, int, int, dict], None]  # (stage, step done, steps in stage, metrics)
+
+
+def _quiet(stage: str, step: int, total: int, metrics: dict) -> None:
+    pass
+
+
+# --- components ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToyModels:
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    tokenizer: CLIPTokenizer
+
+
+def build_models(size: str, seed: int = 0) -> ToyModels:
+    if size not in SIZES:
+        raise SDiTError(f"unknown toy size {size!r}; choose one of {', '.join(SIZES)}")
+    s = SIZES[size]
+    torch.manual_seed(seed)  # the classes initialise from global state; fix it once, here
+    return ToyModels(AutoencoderKL(**s.vae), CLIPTextModel(CLIPTextConfig(**s.text)), UNet2DConditionModel(**s.unet),
+                     load_tokenizer(SD15_CONFIG_DIR))
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    captions: list[str]
+
+
+def render_world(n: int, seed: int, resolution: int, cache: Path | None = None) -> World:
+    """`n` records of the whole world as arrays, cached as `cache/world-{n}-{seed}-{resolution}.npz`."""
+    file = cache / f"world-{n}-{seed}-{resolution}.npz" if cache is not None else None
+    if file is not None and file.exists():
+        with np.load(file) as z:
+            return World(z["images"], [str(c) for c in z["captions"]])
+    records = list(shapes.sample(n, seed, resolution))
+    world = World(np.stack([np.asarray(r.image) for r in records]), [r.caption for r in records])
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp.npz")
+        np.savez(tmp, images=world.images, captions=np.array(world.captions))
+        os.replace(tmp, file)
+    return world
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """(N, 77) ids, padded and truncated exactly as StableDiffusionPipeline does."""
+    return tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Tensors, numbers and strings only (loads with weights_only=True); written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+# --- stage 1: the VAE -------------------------------------------------------------------------------------
+
+
+def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator,
+             kl_weight: float) -> tuple[torch.Tensor, dict]:
+    posterior = vae.encode(pixels).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    recon = vae.decode(z).sample
+    mse = F.mse_loss(recon, pixels)
+    kl = posterior.kl().mean() / pixels[0].numel()  # per pixel value, so the weight is size-free
+    return mse + kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEConfig, checkpoint: Path | None = None,
+              resume: bool = False, progress: Progress = _quiet, deadline: float | None = None) -> int:
+    """Train `vae` in place on `images` (N, H, W, 3) uint8. Returns the steps done."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = _resume(checkpoint, resume, {"vae": vae}, opt)
+    vae.train()
+    step = start
+    for step in range(start, cfg.steps):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        g = _generator(cfg.seed, step)
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=g).numpy()
+        loss, metrics = vae_loss(vae, to_pixels(images[idx]), g, cfg.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress("vae", step + 1, cfg.steps, metrics)
+        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint, {"step": step + 1, "vae": vae.state_dict(), "optimizer": opt.state_dict()})
+    else:
+        step = cfg.steps
+    if checkpoint is not None and step > start:
+        save_checkpoint(checkpoint, {"step": step, "vae": vae.state_dict(), "optimizer": opt.state_dict()})
+    vae.eval()
+    return step
+
+
+def _resume(checkpoint: Path | None, resume: bool, modules: dict[str, torch.nn.Module],
+            opt: torch.optim.Optimizer, ema: dict | None = None) -> int:
+    state = load_checkpoint(checkpoint) if (checkpoint is not None and resume) else None
+    if state is None:
+        return 0
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    opt.load_state_dict(state["optimizer"])
+    if ema is not None:
+        ema.update(state["ema"])
+    return int(state["step"])
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Decode the posterior mean of each image: (N, H, W, 3) uint8 -> (N, H, W, 3) uint8."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = vae.decode(vae.encode(to_pixels(images[i:i + batch_size])).latent_dist.mean).sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def check_vae(vae: AutoencoderKL, data: DataConfig) -> dict[str, float]:
+    """Attribute accuracy of reconstructions of a fresh draw of the world, beside the originals'."""
+    records = list(shapes.sample(data.check_images, data.seed + 1, data.resolution))
+    images = np.stack([np.asarray(r.image) for r in records])
+    asked = [r.attrs for r in records]
+    clean = evaluator.score(evaluator.evaluate_batch(list(images)), asked).accuracy
+    recon = reconstruct(vae, images)
+    mse = float(((recon.astype(np.float32) - images) / 127.5).__pow__(2).mean())
+    rec = evaluator.score(evaluator.evaluate_batch(list(recon)), asked).accuracy
+    return {"mse": mse} | {f"clean_{k}": v for k, v in clean.items()} | {f"recon_{k}": v for k, v in rec.items()}
+
+
+# --- latents -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Latents:
+    mean: torch.Tensor  # (N, 4, h, w) posterior mean, unscaled
+    std: torch.Tensor  # (N, 4, h, w)
+    ids: torch.Tensor  # (N, 77) caption token ids
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, tokenizer: CLIPTokenizer, world: World, batch_size: int = 256) -> Latents:
+    means, stds = [], []
+    for i in range(0, len(world.images), batch_size):
+        d = vae.encode(to_pixels(world.images[i:i + batch_size])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return Latents(torch.cat(means), torch.cat(stds), tokenize(tokenizer, world.captions))
+
+
+def latent_scale(latents: Latents, seed: int = 0) -> float:
+    """1 / std of posterior samples over the data set: SD's `scaling_factor` (0.18215), measured."""
+    g = torch.Generator().manual_seed(seed)
+    z = latents.mean + latents.std * torch.randn(latents.mean.shape, generator=g)
+    return float(1.0 / z.std())
+
+
+# --- stage 2+3: the UNet and the text encoder -------------------------------------------------------------
+
+
+def noise_scheduler() -> DDPMScheduler:
+    """SD 1.5's training noise: its scheduler config, as a DDPM scheduler (epsilon prediction)."""
+    return DDPMScheduler.from_config(load_scheduler_config(SD15_CONFIG_DIR))
+
+
+def diffusion_loss(models: ToyModels, latents: Latents, idx: torch.Tensor, scale: float, cfg: UNetConfig,
+                   scheduler: DDPMScheduler, empty: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    b = len(idx)
+    z = (latents.mean[idx] + latents.std[idx] * torch.randn(latents.mean[idx].shape, generator=g)) * scale
+    ids = latents.ids[idx].clone()  # (B, 77)
+    ids[torch.rand(b, generator=g) < cfg.empty_caption_rate] = empty
+    noise = torch.randn(z.shape, generator=g)  # (B, 4, h, w)
+    if cfg.offset_noise:
+        noise = noise + cfg.offset_noise * torch.randn(b, z.shape[1], 1, 1, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
+    noisy = scheduler.add_noise(z, noise, t)
+    with torch.set_grad_enabled(cfg.train_text and torch.is_grad_enabled()):
+        text = models.text_encoder(ids)[0]  # (B, 77, D)
+    eps = models.unet(noisy, t, text).sample
+    return F.mse_loss(eps, noise)
+
+
+def _trained(models: ToyModels, cfg: UNetConfig) -> dict[str, torch.nn.Module]:
+    return {"unet": models.unet} | ({"text_encoder": models.text_encoder} if cfg.train_text else {})
+
+
+def train_unet(models: ToyModels, latents: Latents, scale: float, cfg: UNetConfig, checkpoint: Path | None = None,
+               resume: bool = False, progress: Progress = _quiet, deadline: float | None = None) -> int:
+    """Train the UNet (and the text encoder, with `train_text`) in place; on return their weights are the
+    EMA weights. Returns the steps done."""
+    trained = _trained(models, cfg)
+    models.text_encoder.requires_grad_(cfg.train_text)
+    models.text_encoder.embeddings.token_embedding.requires_grad_(cfg.train_text and cfg.train_token_embedding)
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = {f"{n}.{k}": v.detach().clone() for n, m in trained.items() for k, v in m.state_dict().items()}
+    start = _resume(checkpoint, resume, trained, opt, ema)
+    for group in opt.param_groups:  # the warm-up's lr at step `start` (a fresh LambdaLR starts at step 0)
+        group["lr"] = cfg.lr * _warmup(cfg, start)
+    scheduler = noise_scheduler()
+    empty = tokenize(models.tokenizer, [""])[0]
+    for m in trained.values():
+        m.train()
+    step = start
+    for step in range(start, cfg.steps):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        g = _generator(cfg.seed, step)
+        idx = torch.randint(len(latents.ids), (cfg.batch_size,), generator=g)
+        loss = diffusion_loss(models, latents, idx, scale, cfg, scheduler, empty, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _warmup(cfg, step + 1)
+        _ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        progress("unet", step + 1, cfg.steps, {"loss": loss.item()})
+        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint, _unet_state(step + 1, trained, opt, ema))
+    else:
+        step = cfg.steps
+    if checkpoint is not None and step > start:
+        save_checkpoint(checkpoint, _unet_state(step, trained, opt, ema))
+    for name, m in trained.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")})
+        m.eval()
+    models.text_encoder.requires_grad_(False)
+    return step
+
+
+def _warmup(cfg: UNetConfig, step: int) -> float:
+    return min(1.0, (step + 1) / cfg.warmup)
+
+
+def _unet_state(step: int, trained: dict, opt: torch.optim.Optimizer, ema: dict) -> dict:
+    return {"step": step, **{n: m.state_dict() for n, m in trained.items()}, "optimizer": opt.state_dict(),
+            "ema": ema}
+
+
+@torch.no_grad()
+def _ema_update(ema: dict, trained: dict[str, torch.nn.Module], decay: float) -> None:
+    for name, m in trained.items():
+        for k, v in m.state_dict().items():
+            e = ema[f"{name}.{k}"]
+            if v.dtype.is_floating_point:
+                e.lerp_(v, 1 - decay)
+            else:
+                e.copy_(v)
+
+
+# --- the whole run -------------------------------------------------------------------------------------------
+
+
+def save_teacher(models: ToyModels, out: Path, readme: str | None = None) -> Path:
+    """The diffusers layout, weights as safetensors; written beside `out` and moved into place whole."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    parts = {"vae": models.vae, "text_encoder": models.text_encoder, "unet": models.unet}
+    save_configs(parts, tmp)
+    for name, model in parts.items():
+        model.save_pretrained(tmp / name, safe_serialization=True)
+    keep = out / "README.md"
+    if readme is not None:
+        (tmp / "README.md").write_text(readme)
+    elif keep.exists():
+        (tmp / "README.md").write_text(keep.read_text())
+    if out.exists():
+        import shutil
+
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | None = None, resume: bool = False,
+          minutes: float | None = None, progress: Progress = _quiet) -> dict:
+    """Every stage, then the teacher folder at `out`. Returns a summary (also `work/summary.json`).
+
+    `minutes` caps the wall time: the VAE gets a quarter of it, the UNet what is left; a stage cut short
+    saves its checkpoint, and the summary says how many steps it did."""
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_name(out.name + "-work")
+    work.mkdir(parents=True, exist_ok=True)
+    _check_config(work / "config.json", config, resume)
+    torch.set_num_threads(config.threads)
+    t0 = time.monotonic()
+    deadline = t0 + 60 * minutes if minutes is not None else None
+    progress("data", 0, 1, {})
+    world = render_world(config.data.images, config.data.seed, config.data.resolution, work)
+    progress("data", 1, 1, {"images": len(world.images), "s": time.monotonic() - t0})
+    models = build_models(config.size, config.data.seed)
+    vae_deadline = t0 + 15 * minutes if minutes is not None else None
+    vae_steps = train_vae(models.vae, world.images, config.vae, work / "vae.ckpt", resume, progress, vae_deadline)
+    t_vae = time.monotonic() - t0
+    vae_check = check_vae(models.vae, config.data)
+    latents = encode_latents(models.vae, models.tokenizer, world)
+    scale = latent_scale(latents)
+    models.vae.register_to_config(scaling_factor=scale)
+    progress("latents", 1, 1, {"scaling_factor": scale, **vae_check})
+    unet_steps = train_unet(models, latents, scale, config.unet, work / "unet.ckpt", resume, progress, deadline)
+    summary = {"config": config.to_json(), "vae_steps": vae_steps, "unet_steps": unet_steps,
+               "scaling_factor": scale, "vae_check": vae_check, "vae_seconds": t_vae,
+               "seconds": time.monotonic() - t0, "parameters": parameter_counts(models)}
+    save_teacher(models, out)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_config(file: Path, config: ToyConfig, resume: bool) -> None:
+    if resume and file.exists():
+        old = ToyConfig.from_json(json.loads(file.read_text()))
+        if old != config:
+            raise SDiTError(f"{file.parent} was trained with another config; resume with the same options "
+                            "or start again without --resume")
+    file.write_text(json.dumps(config.to_json(), indent=2))
+
+
+def parameter_counts(models: ToyModels) -> dict[str, int]:
+    return {n: sum(p.numel() for p in getattr(models, n).parameters()) for n in ("vae", "text_encoder", "unet")}
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_images(teacher_dir: str | Path, prompts: list[str], per_prompt: int = 4, guidance: float = 5.0,
+                  steps: int = 25, seed: int = 0, batch_prompts: int = 64) -> list[np.ndarray]:
+    """DDIM samples from the teacher through diffusers' StableDiffusionPipeline: (H, W, 3) floats in [0, 1],
+    `per_prompt` per prompt, prompt-major."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdit.teacher import load_teacher
+
+    t = load_teacher(teacher_dir)
+    pipe = StableDiffusionPipeline(vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=t.unet,
+                                   scheduler=DDIMScheduler.from_config(t.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    out: list[np.ndarray] = []
+    for i in range(0, len(prompts), batch_prompts):
+        images = pipe(prompts[i:i + batch_prompts], num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                      guidance_scale=guidance, generator=g, output_type="np").images
+        out += list(images)
+    return out
+
+
+def evaluate_teacher(teacher_dir: str | Path, per_prompt: int = 4, guidance: float = 5.0, steps: int = 25,
+                     seed: int = 0) -> dict[str, evaluator.Score]:
+    """Per-attribute accuracy of the teacher's samples for held-out and seen evaluation prompts."""
+    scores = {}
+    for name, prompts in (("heldout", shapes.heldout_prompts()), ("seen", shapes.seen_prompts())):
+        images = sample_images(teacher_dir, [p.text for p in prompts], per_prompt, guidance, steps, seed)
+        asked = [p for p in prompts for _ in range(per_prompt)]
+        scores[name] = evaluator.score(evaluator.evaluate_batch(images), asked)
+    return scores
+
+
+def format_scores(scores: dict[str, evaluator.Score]) -> str:
+    """A markdown table: accuracy per attribute (with its standard error) for each prompt set."""
+    lines = ["| prompts | images | " + " | ".join(shapes.ATTRIBUTE_NAMES) + " |",
+             "|---|---|" + "---|" * len(shapes.ATTRIBUTE_NAMES)]
+    for name, s in scores.items():
+        cells = [f"{a:.3f} ± {math.sqrt(a * (1 - a) / s.count):.3f}" for a in s.accuracy.values()]
+        lines.append(f"| {name} | {s.count} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(prog="python -m sdit.toy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the toy teacher; write it to OUT_DIR")
+    p.add_argument("out")
+    p.add_argument("--minutes", type=float, default=None, help="wall-time cap for the whole run")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--work-dir", default=None, help="renders and checkpoints (default: OUT_DIR-work)")
+    p.add_argument("--size", choices=list(SIZES), default="f8")
+    p.add_argument("--images", type=int, default=DataConfig.images)
+    p.add_argument("--vae-steps", type=int, default=VAEConfig.steps)
+    p.add_argument("--unet-steps", type=int, default=UNetConfig.steps)
+    p.add_argument("--frozen-text", action="store_true", help="keep the text encoder random and frozen")
+    p.add_argument("--offset-noise", type=float, default=0.0)
+    e = sub.add_parser("eval", help="sample the teacher for held-out and seen prompts; score the samples")
+    e.add_argument("dir")
+    e.add_argument("--per-prompt", type=int, default=4)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            config = ToyConfig(args.size, DataConfig(images=args.images), replace(VAEConfig(), steps=args.vae_steps),
+                               replace(UNetConfig(), steps=args.unet_steps, train_text=not args.frozen_text,
+                                       offset_noise=args.offset_noise))
+            bars: dict[str, tqdm] = {}
+
+            def progress(stage: str, step: int, total: int, metrics: dict) -> None:
+                bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, mininterval=5,
+                                                                     file=sys.stderr))
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
+                bar.update(step - bar.n)  # redraws at most every `mininterval` seconds
+                if stage == "latents":
+                    bar.write(json.dumps(metrics))
+
+            summary = train(args.out, config, args.work_dir, args.resume, args.minutes, progress)
+            for bar in bars.values():
+                bar.close()
+            print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+        else:
+            start = time.monotonic()
+            scores = evaluate_teacher(args.dir, args.per_prompt, args.guidance, args.steps, args.seed)
+            print(format_scores(scores))
+            print(f"({time.monotonic() - start:.0f} s; DDIM {args.steps} steps, guidance {args.guidance}, "
+                  f"{args.per_prompt} images per prompt)")
+            if args.json:
+                Path(args.json).write_text(json.dumps({k: asdict(v) for k, v in scores.items()}, indent=2))
+    except SDiTError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,152 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import SAMPLES
+from pipeline.encode import EncodeConfig, encode
+from pipeline.label import LabelConfig, ShardLabeler, label
+from sdit.diffusion import NoiseSchedule
+from sdit.errors import SDiTError
+from sdit.labels import CaptionBank, teacher_inputs
+from sdit.perturb import Kind, PerturbConfig
+from sdit.store import LABEL_COLUMNS, Store
+
+# Every kind, caption perturbations at every timestep, so a small store exercises them all.
+MIX = PerturbConfig(mix={"none": 0.2, "input": 0.2, "swap": 0.2, "mix": 0.2, "null": 0.2}, caption_min_t=0)
+DRAWN = [name for name in LABEL_COLUMNS if name not in ("eps_teacher", "valid")]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("label") / "store"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green star\n")
+    encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), resolution=64, shard_size=4,
+                        prompts=str(prompts)))
+    return out
+
+
+def _label(store, teacher, **options):
+    defaults = dict(store=str(store), teacher=str(teacher), perturb=MIX, batch_size=5)
+    return label(LabelConfig(**defaults | options))
+
+
+def _labels(store, name="default") -> dict:
+    root = zarr.open_group(str(store), mode="r")
+    return {f"{shard}/{col}": arr[:] for shard, group in sorted(root[f"labels/{name}"].groups())
+            for col, arr in group.arrays()}
+
+
+def test_inputs_rebuilt_from_the_store_equal_what_the_teacher_saw(store, tiny_teacher, monkeypatch):
+    seen = []
+    original = ShardLabeler.teacher_eps
+
+    def spy(self, inputs, guidance):
+        seen.append(inputs)
+        return original(self, inputs, guidance)
+
+    monkeypatch.setattr(ShardLabeler, "teacher_eps", spy)
+    counts = _label(store, tiny_teacher, name="rebuild", draws=3)
+    assert counts["draws"] == 11 * 3 and all(counts["kinds"][k.name.lower()] > 0 for k in Kind)
+    # Stage two's view: the store alone, no teacher.
+    s = Store(str(store))
+    schedule = NoiseSchedule.from_config(s.manifest().teacher["scheduler"])
+    bank, null = CaptionBank(s), s.root_group()["null_text_emb"][:]
+    meta = s.read_json("labels/rebuild/manifest.json")
+    x_t, text, t = [], [], []
+    for index, records in s.iter_shards("records"):
+        labels = {k: v[:] for k, v in s.shard_group("labels/rebuild", index).arrays()}
+        rows, draws = np.divmod(np.arange(records["latents"].shape[0] * 3), 3)
+        rebuilt = teacher_inputs(schedule, records["latents"][:], records["text_emb"][:], labels, rows, draws, bank,
+                                 null, meta["perturb"]["input_gamma"])
+        x_t.append(rebuilt.x_t), text.append(rebuilt.text), t.append(rebuilt.timesteps)
+    assert torch.equal(torch.cat(x_t), torch.cat([i.x_t for i in seen]))
+    assert torch.equal(torch.cat(text), torch.cat([i.text for i in seen]))
+    assert torch.equal(torch.cat(t), torch.cat([i.timesteps for i in seen]))
+
+
+def test_same_seed_same_labels_whatever_the_batch_size(store, tiny_teacher):
+    _label(store, tiny_teacher, name="b5", draws=2)
+    _label(store, tiny_teacher, name="b5again", draws=2)
+    _label(store, tiny_teacher, name="b1", draws=2, batch_size=1)
+    _label(store, tiny_teacher, name="seed1", draws=2, seed=1)
+    b5, again, b1, seed1 = (_labels(store, n) for n in ("b5", "b5again", "b1", "seed1"))
+    for key in b5:
+        assert np.array_equal(b5[key], again[key]), key  # same batch size and device: the same bytes
+        if key.endswith(tuple(DRAWN)):
+            assert np.array_equal(b5[key], b1[key]), key  # everything drawn: the same bytes
+    eps = [k for k in b5 if k.endswith("eps_teacher")]
+    assert all(np.allclose(b5[k], b1[k], atol=2e-3) for k in eps)  # batched kernels: within fp16 rounding
+    assert not np.array_equal(b5["00000/noise"], seed1["00000/noise"])
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(store, tiny_teacher):
+    _label(store, tiny_teacher, name="whole", draws=2)
+    _label(store, tiny_teacher, name="crash", draws=2)
+    (store / "_done" / "labels" / "crash" / "00001.json").unlink()
+    counts = _label(store, tiny_teacher, name="crash", draws=2)
+    assert counts["shards"] == 4
+    whole, crash = _labels(store, "whole"), _labels(store, "crash")
+    assert whole.keys() == crash.keys() and all(np.array_equal(whole[k], crash[k]) for k in whole)
+
+
+def test_caption_perturbations_respect_their_timestep_range(store, tiny_teacher):
+    _label(store, tiny_teacher, name="window", draws=4,
+           perturb=PerturbConfig(mix={"none": 0.5, "swap": 0.25, "mix": 0.25}, caption_min_t=500))
+    labels = _labels(store, "window")
+    for shard in ("00000", "00001", "00002"):
+        kinds, ts = labels[f"{shard}/kind"], labels[f"{shard}/timesteps"]
+        assert (ts[(kinds == Kind.SWAP) | (kinds == Kind.MIX)] >= 500).all()
+
+
+def test_guidance_targets(store, tiny_teacher):
+    counts = _label(store, tiny_teacher, name="guided", draws=2, guidance=(2.0, 6.0))
+    labels = _labels(store, "guided")
+    w = np.concatenate([labels[k].ravel() for k in labels if k.endswith("/guidance")])
+    assert ((w >= 2.0) & (w <= 6.0)).all() and counts["dropped"] == 0
+    meta = json.loads((store / "labels" / "guided" / "manifest.json").read_text())
+    assert meta["guidance"] == [2.0, 6.0] and meta["status"] == "complete"
+    assert set(meta["teacher"]["hashes"]) == {"vae", "text_encoder", "unet"}
+    assert meta["counts"]["bytes_per_draw"] > 2 * 2 * 4 * 8 * 8  # noise and ε_T in fp16, at least
+
+
+def test_non_finite_teacher_outputs_are_dropped_or_stop_the_run(store, tiny_teacher, monkeypatch):
+    original = ShardLabeler.teacher_eps
+
+    def poisoned(self, inputs, guidance):
+        eps = original(self, inputs, guidance).clone()
+        eps[0] = float("nan")
+        return eps
+
+    monkeypatch.setattr(ShardLabeler, "teacher_eps", poisoned)
+    counts = _label(store, tiny_teacher, name="nan", draws=2, batch_size=4, max_dropped=0.5)
+    labels = _labels(store, "nan")
+    batches = sum(-(-r["count"] * 2 // 4) for r in Store(str(store)).finished("records").values())
+    assert counts["dropped"] == batches and not labels["00000/valid"][0, 0]  # the first draw of every batch
+    assert all(np.isfinite(labels[k]).all() for k in labels if k.endswith("eps_teacher"))
+    with pytest.raises(SDiTError, match="NaN or inf"):
+        _label(store, tiny_teacher, name="nan2", draws=2, max_dropped=0.0)
+
+
+def test_a_store_from_another_teacher_is_refused(store, tmp_path):
+    from sdit.tiny import save_tiny_teacher
+
+    other = save_tiny_teacher(tmp_path / "other", seed=1)
+    with pytest.raises(SDiTError, match="another vae"):
+        _label(store, other, name="other")
+
+
+@pytest.mark.slow
+def test_ray_writes_the_same_labels(store, tiny_teacher):
+    import ray
+
+    _label(store, tiny_teacher, name="local", draws=2)
+    try:
+        _label(store, tiny_teacher, name="ray", draws=2, ray_address="local", num_workers=2)
+    finally:
+        ray.shutdown()
+    local, remote = _labels(store, "local"), _labels(store, "ray")
+    assert local.keys() == remote.keys() and all(np.array_equal(local[k], remote[k]) for k in local)
