@@ -30,10 +30,12 @@ demo: install
 	$(BIN)/python -m sdit.tiny $(DEMO)/teacher
 	$(BIN)/sdit encode data/samples --teacher $(DEMO)/teacher --out $(DEMO)/store --resolution 64 \
 		--prompts data/demo_prompts.txt
-	@echo "store: $(DEMO)/store (rejected inputs: $(DEMO)/store/rejects.jsonl)"
+	$(BIN)/sdit teacher-label $(DEMO)/store --teacher $(DEMO)/teacher --draws 4
+	@echo "store: $(DEMO)/store (rejected inputs: $(DEMO)/store/rejects.jsonl; labels: $(DEMO)/store/labels/default)"
 
 bench: install
 	$(BIN)/sdit bench encode --json runs/bench-encode.json
+	$(BIN)/sdit bench label --json runs/bench-label.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -182,5 +182,31 @@ def bench_encode(
         write_json(result, json_out)
 
 
+@bench_app.command("label")
+@command
+def bench_label(
+    store: Annotated[Optional[str], typer.Argument(help="An encoded store [default: generated images].")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher [default: a tiny random SD-shaped one].")] = None,
+    teacher_config: TeacherConfig = None,
+    images: Annotated[int, typer.Option(min=1, help="Generated images to label.")] = 256,
+    draws: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: BatchSize = 64,
+    project_images: Annotated[int, typer.Option(min=1, help="Images for the projected wall time.")] = 1_000_000,
+    project_draws: Annotated[int, typer.Option(min=1, help="Draws per image for the projected wall time.")] = 4,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    json_out: JsonOut = None,
+):
+    """Draws/s of `sdit teacher-label` against the bare UNet forward, bytes per draw, FLOP rate."""
+    from pipeline.bench import BenchLabelConfig, bench_label as run, format_label_table, write_json
+
+    result = run(BenchLabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, images=images,
+                                  draws=draws, batch_size=batch_size, project_images=project_images,
+                                  project_draws=project_draws, device=device, dtype=dtype))
+    typer.echo(format_label_table(result))
+    if json_out:
+        write_json(result, json_out)
+
+
 if __name__ == "__main__":
     app()

@@ -16,3 +16,15 @@ def test_bench_encode_reports_every_figure(tmp_path):
     saved = json.loads((tmp_path / "b.json").read_text())
     assert {"stage_records_per_s", "bare_records_per_s", "ratio", "peak_rss_mb"} <= saved.keys()
     assert "stage / bare" in format_table(result)
+
+
+@pytest.mark.slow
+def test_bench_label_reports_every_figure():
+    from pipeline.bench import BenchLabelConfig, bench_label, format_label_table
+
+    result = bench_label(BenchLabelConfig(images=8, draws=2, batch_size=8), repeats=1)
+    keys = {"stage_draws_per_s", "bare_draws_per_s", "ratio", "bytes_per_draw", "achieved_gflops", "matmul_gflops"}
+    assert keys <= result.keys() and all(result[k] > 0 for k in keys)
+    assert result["bytes_per_draw"] > 2 * 2 * 4 * 8 * 8  # noise + ε_T at 64 px, fp16
+    assert result["flops_per_draw"] > 1e6
+    assert "stage / bare" in format_label_table(result)

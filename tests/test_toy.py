@@ -40,7 +40,7 @@ def test_vae_loss_falls_on_a_fixed_batch(world):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.6 * losses[0]
 
 
 @pytest.mark.parametrize("train_text", [True, False])
