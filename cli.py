@@ -27,6 +27,7 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Records per model forward."
 RayAddress = Annotated[Optional[str], typer.Option(
     help="Run shards on Ray: 'local' starts one for this run; 'auto' or 'ray://host:port' joins a cluster.")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")]
+BenchTeacher = Annotated[Optional[str], typer.Option(help="Teacher [default: a tiny random SD-shaped one].")]
 
 
 def _quiet_libraries() -> None:
@@ -161,7 +162,7 @@ def teacher_label(
 @command
 def bench_encode(
     source: Annotated[Optional[str], typer.Argument(help="Data to encode [default: generated images].")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher [default: a tiny random SD-shaped one].")] = None,
+    teacher: BenchTeacher = None,
     teacher_config: TeacherConfig = None,
     images: Annotated[int, typer.Option(min=8, help="Generated images in the small run; the large run has twice as many.")] = 1024,
     resolution: Annotated[int, typer.Option(help="Image side.")] = 128,
@@ -186,10 +187,10 @@ def bench_encode(
 @command
 def bench_label(
     store: Annotated[Optional[str], typer.Argument(help="An encoded store [default: generated images].")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher [default: a tiny random SD-shaped one].")] = None,
+    teacher: BenchTeacher = None,
     teacher_config: TeacherConfig = None,
     images: Annotated[int, typer.Option(min=1, help="Generated images to label.")] = 256,
-    draws: Annotated[int, typer.Option(min=1)] = 4,
+    draws: Annotated[int, typer.Option(min=1, help="Labelled draws per record.")] = 4,
     batch_size: BatchSize = 64,
     project_images: Annotated[int, typer.Option(min=1, help="Images for the projected wall time.")] = 1_000_000,
     project_draws: Annotated[int, typer.Option(min=1, help="Draws per image for the projected wall time.")] = 4,

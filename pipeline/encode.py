@@ -18,7 +18,7 @@ import torch
 
 import sdit
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
-from sdit.devices import resolve_device, resolve_dtype
+from sdit.devices import setup_worker
 from sdit.errors import SDiTError
 from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, open_prompts, open_source
 from sdit.store import Manifest, Store, write_shard
@@ -207,10 +207,7 @@ class EncoderFactory:
     config: EncodeConfig
 
     def __call__(self) -> ShardEncoder:
-        device = resolve_device(self.config.device)
-        dtype = resolve_dtype(self.config.dtype, device)
-        if device.type == "cpu" and self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        device, dtype = setup_worker(self.config.device, self.config.dtype, self.config.threads)
         teacher = load_teacher(self.config.teacher, components=("vae", "text_encoder"),
                                config_dir=self.config.teacher_config, device=device, dtype=dtype)
         return ShardEncoder(self.config, teacher, device, dtype)

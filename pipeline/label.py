@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
-from sdit.devices import resolve_device, resolve_dtype
+from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
@@ -148,10 +148,7 @@ class LabelerFactory:
     config: LabelConfig
 
     def __call__(self) -> ShardLabeler:
-        device = resolve_device(self.config.device)
-        dtype = resolve_dtype(self.config.dtype, device)
-        if device.type == "cpu" and self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        device, dtype = setup_worker(self.config.device, self.config.dtype, self.config.threads)
         teacher = load_teacher(self.config.teacher, components=("unet",), config_dir=self.config.teacher_config,
                                device=device, dtype=dtype)
         return ShardLabeler(self.config, teacher, device, dtype)
@@ -187,17 +184,12 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
             gpu = resolve_device(config.device).type == "cuda"
             _run(RayExecutor(factory, num_workers=config.num_workers, gpus_per_worker=1.0 if gpu else 0.0),
                  todo, config, progress)
-    else:
-        device = resolve_device(config.device)
-        labeler = ShardLabeler(config, _to(teacher, device, resolve_dtype(config.dtype, device)), device,
-                               resolve_dtype(config.dtype, device))
+    else:  # the driver's teacher serves as the one worker
+        device, dtype = setup_worker(config.device, config.dtype, config.threads)
+        teacher.unet.to(device=device, dtype=dtype)
+        labeler = ShardLabeler(config, teacher, device, dtype)
         _run(LocalExecutor(lambda: labeler), todo, config, progress)
     return finish(store, config, meta, time.perf_counter() - started)
-
-
-def _to(teacher: Teacher, device, dtype) -> Teacher:
-    teacher.unet.to(device=device, dtype=dtype)
-    return teacher
 
 
 def _run(executor, shards: list[int], config: LabelConfig, progress) -> None:

@@ -26,3 +26,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise SDiTError(f"--dtype {name!r}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def setup_worker(device: str, dtype: str, threads: int | None) -> tuple[torch.device, torch.dtype]:
+    """A stage worker's device and dtype. On CPU it also pins torch's thread count: convolutions round
+    differently with another count, and every executor must write the same bytes."""
+    dev = resolve_device(device)
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    return dev, resolve_dtype(dtype, dev)
