@@ -118,7 +118,7 @@ def teacher_label(
     labels: Annotated[str, typer.Option(help="Name of this labelling: labels/NAME in the store.")] = "default",
     draws: Annotated[int, typer.Option(min=1, help="Labelled draws per record.")] = 4,
     timesteps: Annotated[str, typer.Option(help="uniform, or stratified: a record's draws spread across [0, T).")] = "uniform",
-    perturb: Annotated[Optional[str], typer.Option(help="Perturbation mix, e.g. none=0.6,input=0.1,swap=0.1,mix=0.1,null=0.1.")] = None,
+    perturb: Annotated[Optional[str], typer.Option(help="Perturbation mix, e.g. none=0.6,input=0.1,swap=0.1,mix=0.1,null=0.1, or a .json config file.")] = None,
     input_gamma: Annotated[float, typer.Option(min=0, help="γ of input perturbation: the input uses ε + γ·ξ.")] = 0.1,
     caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = 400,
     prompt_share: Annotated[float, typer.Option(min=0, max=1, help="Share of swap/mix captions from the prompt bank.")] = 0.5,
@@ -145,7 +145,12 @@ def teacher_label(
             raise SDiTError(f"--guidance {guidance!r}: give W_MIN:W_MAX, e.g. 2:8") from None
         window = (low, high)
     options = dict(input_gamma=input_gamma, caption_min_t=caption_min_t, prompt_share=prompt_share)
-    mix = PerturbConfig.parse(perturb, **options) if perturb else PerturbConfig(mix=dict(DEFAULT_MIX), **options)
+    if perturb and perturb.endswith(".json"):
+        mix = PerturbConfig.from_file(perturb)
+    elif perturb:
+        mix = PerturbConfig.parse(perturb, **options)
+    else:
+        mix = PerturbConfig(mix=dict(DEFAULT_MIX), **options)
     config = LabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, name=labels, draws=draws,
                          timesteps=timesteps, perturb=mix, guidance=window, seed=seed, batch_size=batch_size,
                          max_dropped=max_dropped, overwrite=overwrite, device=device, dtype=dtype,

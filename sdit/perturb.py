@@ -17,8 +17,10 @@ teacher's prediction for a mismatched caption follows the image, which teaches t
 captions (FINDINGS: held-out colour accuracy fell from 89% to 71% with swaps at every timestep).
 """
 
+import json
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +61,16 @@ class PerturbConfig:
             raise SDiTError("perturbation probabilities must be non-negative and not all zero")
         if not 0 <= self.prompt_share <= 1 or self.input_gamma < 0:
             raise SDiTError("prompt share must lie in [0, 1] and input gamma must not be negative")
+
+    @classmethod
+    def from_file(cls, path: str) -> "PerturbConfig":
+        """A JSON file: {"mix": {"none": 0.6, ...}, "input_gamma": 0.1, "caption_min_t": 400, "prompt_share": 0.5}."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as err:
+            raise SDiTError(f"--perturb {path}: not a perturbation config ({err}); keys: "
+                            f"{', '.join(cls.__dataclass_fields__)}") from None
 
     @classmethod
     def parse(cls, text: str, **options) -> "PerturbConfig":

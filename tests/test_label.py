@@ -150,3 +150,32 @@ def test_ray_writes_the_same_labels(store, tiny_teacher):
         ray.shutdown()
     local, remote = _labels(store, "local"), _labels(store, "ray")
     assert local.keys() == remote.keys() and all(np.array_equal(local[k], remote[k]) for k in local)
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.bench import generate_images
+
+    store = tmp_path / "store"
+    encode(EncodeConfig(source=str(generate_images(tmp_path / "images", 96, 64)), teacher=str(tiny_teacher),
+                        out=str(store), resolution=64, shard_size=4))
+    cli = [sys.executable, "-c", "from cli import app; app()", "teacher-label", str(store), "--teacher",
+           str(tiny_teacher), "--draws", "2", "--batch-size", "4"]
+    subprocess.run([*cli, "--labels", "whole"], check=True, capture_output=True)
+    proc = subprocess.Popen([*cli, "--labels", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = store / "_done" / "labels" / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not done.exists() or len(list(done.glob("*.json"))) < 3):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(list(done.glob("*.json"))) < 24, "the kill should land mid-run"
+    subprocess.run([*cli, "--labels", "killed"], check=True, capture_output=True)
+    whole, killed = _labels(store, "whole"), _labels(store, "killed")
+    assert whole.keys() == killed.keys() and all(np.array_equal(whole[k], killed[k]) for k in whole)

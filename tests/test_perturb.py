@@ -89,3 +89,13 @@ def test_parse():
     for bad in ("none", "none=x", "bogus=1", "none=0"):
         with pytest.raises(SDiTError):
             PerturbConfig.parse(bad)
+
+
+def test_config_file(tmp_path):
+    path = tmp_path / "mix.json"
+    path.write_text('{"mix": {"none": 0.5, "swap": 0.5}, "caption_min_t": 600, "prompt_share": 1.0}')
+    config = PerturbConfig.from_file(str(path))
+    assert config.caption_min_t == 600 and config.prompt_share == 1.0 and config.mix == {"none": 0.5, "swap": 0.5}
+    path.write_text('{"mixes": {}}')
+    with pytest.raises(SDiTError, match="not a perturbation config"):
+        PerturbConfig.from_file(str(path))
