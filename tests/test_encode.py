@@ -17,7 +17,7 @@ import zarr
 
 from conftest import SAMPLES
 from pipeline.bench import generate_images
-from pipeline.encode import EncodeConfig, encode
+from pipeline.encode import EncodeConfig, EncodeSummary, encode
 from sdit.errors import SDiTError
 
 # The bundled samples: what is accepted, and why the rest is rejected (data/samples/README.md).
@@ -26,7 +26,7 @@ EXPECTED_REJECTS = {"empty_caption": "empty_caption", "no_caption": "missing_cap
                     "zero_byte": "unreadable_image"}
 
 
-def _encode(source, teacher, out, **options) -> "EncodeSummary":  # noqa: F821
+def _encode(source, teacher, out, **options) -> EncodeSummary:
     return encode(EncodeConfig(source=str(source), teacher=str(teacher), out=str(out), resolution=64, **options))
 
 
