@@ -360,7 +360,9 @@ def prepare_store(store: Store, manifest: Manifest, overwrite: bool) -> Manifest
     """Check a rerun against the existing manifest (or wipe it with `overwrite`), create the groups,
     delete unfinished shards, and write the manifest with status "in_progress"."""
     if overwrite:
-        for name in ("records", "prompts", "_done", "null_text_emb", "rejects.jsonl", "manifest.json", "zarr.json"):
+        # Labels describe the old records: they go too.
+        for name in ("records", "prompts", "labels", "_done", "null_text_emb", "rejects.jsonl", "manifest.json",
+                     "zarr.json"):
             store.remove(name)
     elif store.exists("manifest.json"):
         old = store.manifest()

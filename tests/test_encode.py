@@ -196,7 +196,9 @@ def test_rerun_with_other_options_is_refused(folder_store, tiny_teacher):
 def test_overwrite_and_limit(tiny_teacher, tmp_path):
     out = tmp_path / "s"
     _encode(SAMPLES, tiny_teacher, out, shard_size=4)
+    (out / "labels" / "old").mkdir(parents=True)  # labels of the old records must not survive
     summary = _encode(SAMPLES, tiny_teacher, out, shard_size=4, limit=3, overwrite=True)
+    assert not (out / "labels" / "old").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert summary.records == manifest["counts"]["records"] <= 3
     assert max(int(p) for s in zarr.open_group(str(out), mode="r")["records"].groups()
