@@ -39,11 +39,7 @@ def bench_encode(config: BenchEncodeConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
         tmp = Path(tmp)
         source = config.source or str(generate_images(tmp / "images", 2 * config.images, config.resolution))
-        teacher = config.teacher
-        if teacher is None:
-            from sdit.tiny import save_tiny_teacher
-
-            teacher = str(save_tiny_teacher(tmp / "teacher"))
+        teacher = config.teacher or tiny_teacher(tmp)
         runs = [_child(config, source, teacher, limit, tmp / f"store-{limit}")
                 for limit in (config.images, 2 * config.images)]
     small, large = runs
@@ -56,6 +52,13 @@ def bench_encode(config: BenchEncodeConfig) -> dict:
         "rss_growth": large["peak_rss_mb"] / small["peak_rss_mb"] - 1,
         "config": asdict(config),
     }
+
+
+def tiny_teacher(folder: Path) -> str:
+    """The benchmarks' default teacher: a tiny random SD-shaped one, written to `folder`/teacher."""
+    from sdit.tiny import save_tiny_teacher
+
+    return str(save_tiny_teacher(folder / "teacher"))
 
 
 def format_table(result: dict) -> str:
@@ -172,11 +175,7 @@ def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
         tmp = Path(tmp)
-        teacher = config.teacher
-        if teacher is None:
-            from sdit.tiny import save_tiny_teacher
-
-            teacher = str(save_tiny_teacher(tmp / "teacher"))
+        teacher = config.teacher or tiny_teacher(tmp)
         store = config.store
         if store is None:
             store = str(tmp / "store")

@@ -143,7 +143,7 @@ class ShardEncoder:
             raise SDiTError(f"--strict: {describe_reject(rejects[0])}")
         text, counts, truncated = self._encode_captions([item.caption for item in kept])
         columns = {
-            "latents": np.concatenate(latents) if latents else np.zeros((0, *self._latent_shape()), np.float16),
+            "latents": np.concatenate(latents) if latents else np.zeros((0, *latent_shape(self.teacher, self.config.resolution)), np.float16),
             "text_emb": text, "token_count": counts,
             "ids": np.array([i.id for i in kept], dtype=str), "captions": np.array([i.caption for i in kept], dtype=str),
             "positions": np.array([i.position for i in kept], dtype=np.int64),
@@ -173,18 +173,12 @@ class ShardEncoder:
         return {"group": "prompts", "index": task.index, "count": len(task.items), **record}
 
     def _encode_captions(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        L, D = self._text_shape()
+        L, D = text_shape(self.teacher)
         parts = [self.encode_text(captions[i:i + self.config.batch_size])
                  for i in range(0, len(captions), self.config.batch_size)]
         if not parts:
             return np.zeros((0, L, D), np.float16), np.zeros((0,), np.int16), 0
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), sum(p[2] for p in parts)
-
-    def _latent_shape(self) -> tuple[int, int, int]:
-        return latent_shape(self.teacher, self.config.resolution)
-
-    def _text_shape(self) -> tuple[int, int]:
-        return text_shape(self.teacher)
 
 
 def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, np.ndarray]:

@@ -134,8 +134,9 @@ class ShardLabeler:
                                     self.config.perturb.input_gamma)
             eps = self.teacher_eps(inputs, labels["guidance"][r, d] if self.config.guidance else None)
             eps16 = eps.cpu().to(torch.float16).numpy()
-            labels["valid"][r, d] = np.isfinite(eps16).reshape(len(r), -1).all(axis=1)
-            labels["eps_teacher"][r, d] = np.where(np.isfinite(eps16), eps16, 0)
+            finite = np.isfinite(eps16)
+            labels["valid"][r, d] = finite.reshape(len(r), -1).all(axis=1)
+            labels["eps_teacher"][r, d] = np.where(finite, eps16, 0)
         kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
         record = {"draws": n * K, "dropped": int((~labels["valid"]).sum()), "kinds": kinds,
                   "bytes": int(sum(v.nbytes for v in labels.values()))}
