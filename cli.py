@@ -58,7 +58,8 @@ def command(fn):
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
+            typer.echo("interrupted: finished shards and checkpoints are kept; rerun the same command "
+                       "(`sdit train`: with --resume) to go on", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -162,6 +163,96 @@ def teacher_label(
                f"({kinds}; {counts['dropped']} dropped; {counts['bytes_per_draw']:.0f} bytes a draw)")
 
 
+# --- stage two ------------------------------------------------------------------------------------------
+@app.command()
+@command
+def init(
+    teacher: Teacher,
+    student: Annotated[str, typer.Option("--student", "-s", help="Student preset: SDiT-S/2, SDiT-B/2, SDiT-L/2, SDiT-XL/2 (patch 2, 4 or 8), SDiT-T/2, ...")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder to write.")],
+    teacher_config: TeacherConfig = None,
+    sample_size: Annotated[Optional[int], typer.Option(min=1, help="Latent side the student is built for [default: the teacher UNet's].")] = None,
+    guidance_embed: Annotated[bool, typer.Option(help="A guidance-distilled student: it takes the CFG scale w (for guided labels).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the student's initial weights.")] = 0,
+):
+    """Write an untrained run folder: a fresh student beside the teacher's VAE, text encoder, tokenizer and scheduler."""
+    from sdit.dit import count_parameters
+    from dataclasses import replace
+
+    from sdit.run import init_run, load_student, teacher_latent_space
+
+    space = teacher_latent_space(teacher, teacher_config)
+    run = init_run(out, teacher, student, teacher_config=teacher_config,
+                   space=replace(space, sample_size=sample_size or space.sample_size), guidance_embed=guidance_embed,
+                   seed=seed)
+    model = load_student(run)
+    params = count_parameters(model)["total"]
+    typer.echo(f"wrote {run}: {student}, {params / 1e6:.1f}M parameters, latents {model.config.in_channels}x"
+               f"{model.config.sample_size}x{model.config.sample_size}, text width {model.config.text_dim}")
+
+
+@app.command()
+@command
+def train(
+    store: Annotated[str, typer.Argument(help="A labelled store (from `sdit teacher-label`).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder: the student pipeline, checkpoints, metrics, samples.")],
+    init: Annotated[Optional[str], typer.Option(help="Start from this run folder (from `sdit init`).")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Or start a fresh student of this preset.")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="With --student: the teacher whose VAE and text encoder go into the run [default: the store's].")] = None,
+    teacher_config: TeacherConfig = None,
+    labels: Annotated[str, typer.Option(help="Which labels of the store: labels/NAME.")] = "default",
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in all (a resumed run may raise it).")] = 10_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Draws per step, over all workers.")] = 64,
+    lr: Annotated[float, typer.Option(min=0, help="AdamW learning rate after warm-up.")] = 1e-4,
+    warmup: Annotated[int, typer.Option(min=0, help="Steps of linear learning-rate warm-up.")] = 500,
+    weight_decay: Annotated[float, typer.Option(min=0)] = 0.0,
+    grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient's norm to this.")] = 1.0,
+    ema_decay: Annotated[float, typer.Option(min=0, max=1, help="EMA of the weights (what the run folder holds).")] = 0.9999,
+    task_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε|² on draws whose true noise is a target.")] = 1.0,
+    kd_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε_T|²; 0 trains without the teacher.")] = 1.0,
+    min_snr: Annotated[Optional[float], typer.Option(min=0, help="Min-SNR-γ timestep weighting (e.g. 5).")] = None,
+    holdout: Annotated[float, typer.Option(min=0, max=0.99, help="Fraction of records held out for `sdit eval`.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seeds the data order, the held-out split and a fresh student.")] = 0,
+    buffer_records: Annotated[int, typer.Option(min=1, help="Records in the shuffle window.")] = 1024,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 1000,
+    keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = 3,
+    sample_every: Annotated[int, typer.Option(min=0, help="Steps between sample grids (0: at the end only).")] = 0,
+    sample_prompts: Annotated[int, typer.Option(min=1, help="Captions in a sample grid (the store's first).")] = 8,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = "auto",
+    device: Device = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+):
+    """Train the student from the store alone (the teacher's UNet is never loaded). Data-parallel under torchrun."""
+    from pipeline.train import TrainConfig, train as run_train
+
+    config = TrainConfig(store=store, out=out, labels=labels, init=init, student=student, teacher=teacher,
+                         teacher_config=teacher_config, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
+                         task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr, holdout=holdout, seed=seed,
+                         buffer_records=buffer_records, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
+                         gradient_checkpointing=gradient_checkpointing, precision=precision, device=device,
+                         resume=resume)
+    main = int(os.environ.get("RANK", 0)) == 0
+    with progress_bar("train", "step") as bar:
+        bar.total, bar.disable = steps, bar.disable or not main
+
+        def on_step(m: dict) -> None:
+            bar.set_postfix_str(f"loss {m['loss']:.4f} task {_fmt(m['task_loss'])} kd {m['kd_loss']:.4f} "
+                                f"{m['samples_per_s']:.0f} draws/s", refresh=False)
+            bar.update(m["step"] - bar.n)
+
+        summary = run_train(config, on_step)
+    if main:
+        typer.echo(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s into {out} "
+                   f"(samples: {summary['samples']}; metrics: {out}/metrics.jsonl; loss curve: {out}/loss.png)")
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 # --- benchmarks -----------------------------------------------------------------------------------------
 @bench_app.command("encode")
 @command
@@ -210,6 +301,112 @@ def bench_label(
                                   draws=draws, batch_size=batch_size, project_images=project_images,
                                   project_draws=project_draws, device=device, dtype=dtype))
     typer.echo(format_label_table(result))
+    if json_out:
+        write_json(result, json_out)
+
+
+# --- sampling and evaluation ----------------------------------------------------------------------------
+Run = Annotated[str, typer.Argument(help="A run folder (from `sdit init` or `sdit train`).")]
+Steps = Annotated[int, typer.Option(min=1, help="Denoising steps.")]
+Guidance = Annotated[float, typer.Option(min=0, help="Classifier-free guidance scale w (1: no guidance).")]
+Scheduler = Annotated[str, typer.Option(help="Sampler: ddim, dpm++ (DPM-Solver++ multistep), euler, pndm or ddpm.")]
+
+
+@app.command()
+@command
+def sample(
+    run: Run,
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and grid.png.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Optional[str], typer.Option(help="A text file of prompts, one a line.")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="Replaces the empty caption of the guidance's unconditional branch.")] = None,
+    num_images: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = 1,
+    height: Annotated[Optional[int], typer.Option(help="Pixels, a multiple of VAE factor x patch size [default: the student's training size].")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Pixels, as --height.")] = None,
+    steps: Steps = 25,
+    guidance: Guidance = 7.5,
+    scheduler: Scheduler = "ddim",
+    seed: Annotated[int, typer.Option(help="Image i uses seed + i, whatever the batch size.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 8,
+    compare_teacher: Annotated[Optional[str], typer.Option(help="Also sample this SD teacher from the same prompts, seeds, noise, scheduler and steps; the grid shows a student row above a teacher row.")] = None,
+    teacher_config: TeacherConfig = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
+):
+    """Images from a run folder: one PNG each (prompt and settings in its text chunk) and a captioned grid."""
+    from pipeline.sample import SampleConfig, sample as run_sample
+
+    config = SampleConfig(run=run, out=out, prompts=tuple(prompt or ()), prompts_file=prompts_file,
+                          negative_prompt=negative_prompt, num_images=num_images, height=height, width=width,
+                          steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                          compare_teacher=compare_teacher, teacher_config=teacher_config, device=device, dtype=dtype)
+    with progress_bar("sample", "image") as bar:
+        summary = run_sample(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+    typer.echo(summary.line())
+
+
+@app.command("eval")
+@command
+def evaluate(
+    run: Run,
+    store: Annotated[str, typer.Argument(help="The labelled store the run was trained on.")],
+    labels: Annotated[Optional[str], typer.Option(help="Which labels of the store [default: the run's].")] = None,
+    holdout: Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Held-out fraction of records [default: the run's --holdout].")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out split [default: the run's].")] = None,
+    buckets: Annotated[int, typer.Option(min=1, help="Timestep buckets of equal width.")] = 10,
+    batch_size: BatchSize = 64,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many held-out draws.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: adds the CLIP score.")] = None,
+    references: Annotated[Optional[str], typer.Option(help="Images with captions (folder or parquet): captions to sample, images to score as a reference.")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Reference captions to sample for the CLIP score.")] = 64,
+    steps: Steps = 25,
+    guidance: Guidance = 7.5,
+    scheduler: Scheduler = "ddim",
+    seed: Annotated[int, typer.Option(help="Image i of the CLIP score uses seed + i.")] = 0,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option(help="The student's: fp32, fp16 or bf16.")] = "fp32",
+    json_out: JsonOut = None,
+):
+    """How close the student is to its teacher: ε MSE on held-out labelled draws, by timestep and perturbation."""
+    from pipeline.evaluate import EvalConfig, evaluate as run_eval, format_eval, write_json
+
+    config = EvalConfig(run=run, store=store, labels=labels, holdout=holdout, split_seed=split_seed, buckets=buckets,
+                        batch_size=batch_size, limit=limit, device=device, dtype=dtype, clip_model=clip_model,
+                        references=references, samples=samples, steps=steps, guidance=guidance, scheduler=scheduler,
+                        seed=seed)
+    with progress_bar("eval", "draw") as bar:
+        result = run_eval(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+    typer.echo(format_eval(result))
+    if json_out:
+        write_json(result, json_out)
+
+
+@bench_app.command("sample")
+@command
+def bench_sample(
+    run: Annotated[Optional[str], typer.Argument(help="A run folder [default: an untrained --student beside the teacher].")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher [default: the run's, or a tiny random SD-shaped one].")] = None,
+    teacher_config: TeacherConfig = None,
+    student: Annotated[str, typer.Option("--student", "-s", help="Preset of the default student.")] = "SDiT-T/2",
+    images: Annotated[int, typer.Option(min=1, help="Images per timed run, in one batch.")] = 8,
+    steps: Steps = 20,
+    scheduler: Scheduler = "ddim",
+    guidance: Guidance = 7.5,
+    resolution: Annotated[Optional[int], typer.Option(help="Image side in pixels [default: the student's].")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option("--preset", help="Presets of the FLOPs table (repeatable) [default: SDiT-S/2, B/2, L/2, XL/2].")] = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    json_out: JsonOut = None,
+):
+    """Images/s of the student against the teacher, and FLOPs per sampling step at SD 1.5's size for each preset."""
+    from pipeline.bench import write_json
+    from pipeline.bench_sample import BenchSampleConfig, bench_sample as run_bench, format_sample_table
+
+    options = {"presets": tuple(preset)} if preset else {}
+    result = run_bench(BenchSampleConfig(run=run, teacher=teacher, teacher_config=teacher_config, student=student,
+                                   images=images, steps=steps, scheduler=scheduler, guidance=guidance,
+                                   resolution=resolution, device=device, dtype=dtype, **options))
+    typer.echo(format_sample_table(result))
     if json_out:
         write_json(result, json_out)
 

@@ -3,4 +3,24 @@
 from sdit.errors import SDiTError
 
 __version__ = "0.1.0"
-__all__ = ["SDiTError", "__version__"]
+__all__ = ["SDiT", "SDiTError", "SDiTPipeline", "__version__"]
+
+
+def __getattr__(name: str):
+    # Run folders name their student class as ("sdit", "SDiT") in model_index.json, so diffusers finds it here;
+    # imported lazily so `import sdit` stays cheap for the CLI and library users that need no torch model.
+    if name == "SDiT":
+        from sdit.dit import SDiT
+
+        return SDiT
+    if name == "SDiTPipeline":
+        from sdit.pipeline_sdit import SDiTPipeline
+
+        return SDiTPipeline
+    if name == "ModelMixin":
+        # diffusers picks a component's loader by checking its class against `<library>.ModelMixin`, and the
+        # library of a run folder's transformer is "sdit": without this a run folder cannot load as a pipeline.
+        from diffusers import ModelMixin
+
+        return ModelMixin
+    raise AttributeError(f"module 'sdit' has no attribute {name!r}")

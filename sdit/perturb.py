@@ -43,6 +43,10 @@ class CaptionFrom(IntEnum):
 
 
 CAPTION_KINDS = (Kind.SWAP, Kind.MIX)
+# Draws whose true noise ε is still a target for the student's input: the real image with its own caption,
+# the empty caption (the unconditional model), or an input perturbation (the target stays ε). With another
+# caption the true noise belongs to an image that caption does not describe, so only ε_T teaches there.
+TRUE_NOISE_KINDS = (Kind.NONE, Kind.INPUT, Kind.NULL)
 DEFAULT_MIX = {"none": 0.6, "input": 0.1, "swap": 0.1, "mix": 0.1, "null": 0.1}
 
 

@@ -586,6 +586,7 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=UNetConfig.steps)
     p.add_argument("--frozen-text", action="store_true", help="keep the text encoder random and frozen")
     p.add_argument("--offset-noise", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=ToyConfig.threads, help="torch CPU threads (part of the config)")
     e = sub.add_parser("eval", help="sample the teacher for held-out and seen prompts; score the samples")
     e.add_argument("dir")
     e.add_argument("--per-prompt", type=int, default=4)
@@ -599,7 +600,7 @@ def _main(argv: list[str] | None = None) -> None:
             config = ToyConfig(args.size, DataConfig(images=args.images), replace(VAEConfig(), steps=args.vae_steps,
                                                                         object_weight=args.vae_object_weight),
                                replace(UNetConfig(), steps=args.unet_steps, train_text=not args.frozen_text,
-                                       offset_noise=args.offset_noise))
+                                       offset_noise=args.offset_noise), args.threads)
             bars: dict[str, tqdm] = {}
 
             def progress(stage: str, step: int, total: int, metrics: dict) -> None:

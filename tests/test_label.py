@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import SAMPLES
+from conftest import ALL_KINDS, SAMPLES
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from sdit.diffusion import NoiseSchedule
@@ -14,8 +14,7 @@ from sdit.labels import CaptionBank, teacher_inputs
 from sdit.perturb import Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store
 
-# Every kind, caption perturbations at every timestep, so a small store exercises them all.
-MIX = PerturbConfig(mix={"none": 0.2, "input": 0.2, "swap": 0.2, "mix": 0.2, "null": 0.2}, caption_min_t=0)
+MIX = PerturbConfig(mix=ALL_KINDS, caption_min_t=0)
 DRAWN = [name for name in LABEL_COLUMNS if name not in ("eps_teacher", "valid")]
 
 

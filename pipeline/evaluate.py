@@ -1,0 +1,347 @@
+"""`sdit eval RUN STORE`: how close the student is to its teacher, on draws it never trained on.
+
+Teacher agreement: the student's ε on the held-out split of the store's labelled draws (the records that
+`sdit train --holdout F` kept out, chosen per record from the split seed), against the stored teacher ε_T:
+MSE over the latent's elements, per draw, averaged overall, per timestep bucket and per perturbation kind.
+The inputs are rebuilt exactly as the teacher saw them (sdit.loader), so no teacher is loaded.
+
+With a CLIP model on local disk (`--clip-model`, a transformers CLIPModel folder) and reference captions
+(`--references`, a folder or parquet of images and captions), it also samples the student on the captions
+and reports the CLIP score (100 · max(cos(image, caption), 0), averaged; the convention of torchmetrics'
+CLIPScore) of its images and of the reference images.
+
+FID is not computed: see `FID_NOTE`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdit.devices import resolve_device, resolve_dtype
+from sdit.errors import SDiTError
+from sdit.loader import DrawStream, LabelledStore, Split
+from sdit.perturb import Kind
+from sdit.pipeline_sdit import DEFAULT_GUIDANCE
+from sdit.run import read_run
+from sdit.sampling import SCHEDULERS
+
+FID_NOTE = ("FID needs the TF-ported InceptionV3 that FID is defined on. torch-fidelity (the feature extractor "
+            "torchmetrics' FrechetInceptionDistance loads by default) requires torchvision, and so does every "
+            "other packaged port (pytorch-fid, torchvision's inception_v3); torchvision cannot be installed "
+            "beside this CPU torch build.")
+CLIP_FILES = ("config.json", "preprocessor_config.json")
+CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+CLIP_TOKENIZER = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: str
+    store: str
+    labels: str | None = None  # default: the labels the run trained on
+    holdout: float | None = None  # default: the run's --holdout
+    split_seed: int | None = None  # default: the run's split seed
+    buckets: int = 10  # timestep buckets of equal width over [0, T)
+    batch_size: int = 64
+    limit: int | None = None  # at most this many held-out draws
+    device: str = "auto"
+    dtype: str = "fp32"  # the student's; MSEs are accumulated in float64 whatever it is
+    # sample-based metrics
+    clip_model: str | None = None
+    references: str | None = None
+    samples: int = 64  # reference captions to sample (the first ones)
+    steps: int = 25
+    guidance: float = DEFAULT_GUIDANCE
+    scheduler: str = "ddim"
+    seed: int = 0
+    sample_batch_size: int = 8
+
+    def check(self) -> None:
+        if self.buckets < 1 or self.batch_size < 1 or self.samples < 1 or self.steps < 1:
+            raise SDiTError("--buckets, --batch-size, --samples and --steps must be at least 1")
+        if self.holdout is not None and not 0 < self.holdout < 1:
+            raise SDiTError(f"--holdout {self.holdout}: a fraction in (0, 1)")
+        if (self.clip_model is None) != (self.references is None):
+            raise SDiTError("the CLIP score needs both --clip-model (a local CLIPModel folder) and --references "
+                            "(images with captions)")
+        if self.scheduler not in SCHEDULERS:
+            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Which draws to evaluate on, and where that came from."""
+
+    labels: str
+    split: Split
+    source: str  # "run" (sdit_run.json) or "options"
+
+
+def held_out(config: EvalConfig, run: dict) -> HeldOut:
+    """The run's held-out split (or the one the options name); a one-line error where there is none."""
+    train = run.get("train") or {}
+    holdout = config.holdout if config.holdout is not None else train.get("holdout")
+    if holdout is None:
+        raise SDiTError(f"{config.run} was not trained with --holdout (sdit_run.json has no training record): "
+                        "retrain with --holdout F, or pass --holdout F --split-seed S to name held-out records")
+    if holdout <= 0:
+        raise SDiTError(f"{config.run} was trained on every record (--holdout 0): no draw is held out; retrain "
+                        "with --holdout F, or pass --holdout F to evaluate on records it may have seen")
+    if config.holdout is None and train.get("store") and not same_store(train["store"], config.store):
+        raise SDiTError(f"{config.run} was trained on {train['store']}, not {config.store}: its held-out split "
+                        "is only defined there (pass --holdout and --split-seed to evaluate on this store anyway)")
+    seed = config.split_seed if config.split_seed is not None else int(train.get("split_seed", 0))
+    labels = config.labels or train.get("labels") or "default"
+    return HeldOut(labels, Split(float(holdout), seed), "options" if config.holdout is not None else "run")
+
+
+def same_store(a: str, b: str) -> bool:
+    local = ("://" not in a) and ("://" not in b)
+    return Path(a).resolve() == Path(b).resolve() if local else a.rstrip("/") == b.rstrip("/")
+
+
+# --- teacher agreement -----------------------------------------------------------------------------------
+@dataclass
+class Agreement:
+    """Running sums of per-draw squared errors, by timestep bucket and by perturbation kind."""
+
+    buckets: int
+    timesteps: int  # T: the teacher's training steps
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_kinds = len(Kind)
+        self.sums = {"bucket": np.zeros(self.buckets), "bucket_n": np.zeros(self.buckets, np.int64),
+                     "kind": np.zeros(n_kinds), "kind_n": np.zeros(n_kinds, np.int64),
+                     "task": np.zeros(2), "task_n": np.zeros(1, np.int64)}
+
+    def add(self, mse: np.ndarray, timesteps: np.ndarray, kind: np.ndarray, task: np.ndarray | None = None,
+            task_teacher: np.ndarray | None = None) -> None:
+        """mse, timesteps, kind: (B,); task, task_teacher: the student's and the teacher's MSE to the true
+        noise on the draws where it is a target."""
+        s = self.sums
+        bucket = np.minimum(timesteps * self.buckets // self.timesteps, self.buckets - 1)
+        np.add.at(s["bucket"], bucket, mse)
+        np.add.at(s["bucket_n"], bucket, 1)
+        np.add.at(s["kind"], kind, mse)
+        np.add.at(s["kind_n"], kind, 1)
+        if task is not None and len(task):
+            s["task"] += [task.sum(), task_teacher.sum()]
+            s["task_n"] += len(task)
+
+    def result(self) -> dict:
+        s, width = self.sums, self.timesteps / self.buckets
+        draws = int(s["bucket_n"].sum())
+        by_t = [{"from": int(round(i * width)), "to": int(round((i + 1) * width)) - 1, "draws": int(n),
+                 "mse": float(v / n) if n else None} for i, (v, n) in enumerate(zip(s["bucket"], s["bucket_n"]))]
+        by_kind = {k.name.lower(): {"draws": int(s["kind_n"][k]), "mse": float(s["kind"][k] / s["kind_n"][k])}
+                   for k in Kind if s["kind_n"][k]}
+        n_task = int(s["task_n"][0])
+        task = {"draws": n_task, "student_mse": float(s["task"][0] / n_task) if n_task else None,
+                "teacher_mse": float(s["task"][1] / n_task) if n_task else None}
+        return {"draws": draws, "mse": float(s["bucket"].sum() / draws) if draws else None,
+                "by_timestep": by_t, "by_kind": by_kind, "true_noise": task}
+
+
+def check_fit(data: LabelledStore, student, run: dict) -> None:
+    """One-line refusals where the student's ε cannot be compared with these labels."""
+    cfg = student.config
+    c, _, _ = data.manifest.latent_shape
+    if c != cfg.in_channels or data.manifest.text_shape[1] != cfg.text_dim:
+        raise SDiTError(f"the store's latents ({c} channels) and text ({data.manifest.text_shape[1]} wide) do not "
+                        f"fit the student ({cfg.in_channels} channels, text {cfg.text_dim} wide)")
+    for part in ("vae", "text_encoder"):
+        if run["teacher"]["hashes"].get(part) != data.manifest.teacher["hashes"].get(part):
+            raise SDiTError(f"the run's {part.replace('_', ' ')} is not the one the store was encoded with "
+                            f"({data.manifest.teacher['path']}): the student was not trained on this store")
+    if (data.labels_meta["guidance"] is not None) != bool(cfg.guidance_embed):
+        raise SDiTError("guided labels need a guidance-distilled student, and only they do: this run and "
+                        f"labels {data.group.split('/')[-1]!r} do not belong together")
+
+
+@torch.no_grad()
+def teacher_agreement(config: EvalConfig, split: HeldOut, run: dict, device: torch.device, dtype: torch.dtype,
+                      progress: Callable[[int], None] | None = None,
+                      on_total: Callable[[int], None] | None = None) -> dict:
+    from sdit.losses import true_noise_mask
+    from sdit.run import load_student
+
+    data = LabelledStore(config.store, split.labels)
+    student = load_student(config.run).to(device, dtype).eval()
+    check_fit(data, student, run)
+    stream = DrawStream(data, config.batch_size, split=split.split, train=False, shuffle=False, repeat=False)
+    total = min(stream.total, config.limit) if config.limit else stream.total
+    if on_total:
+        on_total(total)
+    sums = Agreement(config.buckets, len(data.schedule.alphas_cumprod))
+    seen = 0
+    for batch in stream:
+        if seen >= total:
+            break
+        keep = min(len(batch), total - seen)
+        guidance = batch.guidance[:keep].to(device) if student.config.guidance_embed else None
+        eps = student(batch.x_t[:keep].to(device, dtype), batch.timesteps[:keep].to(device),
+                      batch.text[:keep].to(device, dtype), guidance=guidance).float().cpu()
+        eps_t, noise = batch.eps_teacher[:keep].float(), batch.noise[:keep].float()
+        mse = (eps - eps_t).pow(2).mean(dim=(1, 2, 3)).double().numpy()
+        mask = true_noise_mask(batch.kind[:keep], batch.guidance[:keep]).numpy()
+        task = (eps[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)).double().numpy()
+        task_teacher = (eps_t[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)).double().numpy()
+        sums.add(mse, batch.timesteps[:keep].numpy(), batch.kind[:keep].numpy(), task, task_teacher)
+        seen += keep
+        if progress:
+            progress(keep)
+    return sums.result()
+
+
+# --- CLIP score ------------------------------------------------------------------------------------------
+@dataclass
+class Clip:
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object
+    device: torch.device
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
+        """(N,) 100 · max(cos(image, caption), 0)."""
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        ids = self.tokenizer(captions, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt").to(self.device)
+        img = self.model.get_image_features(pixel_values=pixels)
+        txt = self.model.get_text_features(**ids)
+        img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))  # transformers 5 may return an output
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return (100 * cos.clamp(min=0)).cpu().double().numpy()
+
+
+def load_clip(folder: str | Path, device: torch.device) -> Clip:
+    """A transformers CLIPModel folder on local disk; a one-line error naming what is missing. Never downloads."""
+    import transformers
+    from transformers import AutoTokenizer, CLIPModel
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SDiTError(f"CLIP model folder not found: {folder} (a transformers CLIPModel saved with "
+                        "save_pretrained: config.json, model.safetensors, tokenizer files, preprocessor_config.json)")
+    missing = [name for name in CLIP_FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in CLIP_WEIGHTS):
+        missing.append(" or ".join(CLIP_WEIGHTS))
+    if not any(all((folder / n).is_file() for n in names) for names in CLIP_TOKENIZER):
+        missing.append("tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
+    if missing:
+        raise SDiTError(f"{folder} lacks {', '.join(missing)}: it must be a CLIPModel folder as save_pretrained "
+                        "writes it")
+    # transformers 5 names the PIL-only processor apart; its default one needs torchvision.
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        processor = processor_cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise SDiTError(f"cannot load the CLIP model in {folder}: {str(err).strip().splitlines()[0]}") from err
+    return Clip(model, tokenizer, processor, device)
+
+
+def reference_items(location: str, n: int) -> tuple[list[str], list[Image.Image]]:
+    """The first n records with a caption and a readable image."""
+    from sdit.sources import RejectedInput, open_source
+
+    captions, images = [], []
+    for item in open_source(location):
+        if len(captions) == n:
+            break
+        if not item.caption:
+            continue
+        try:
+            images.append(Image.open(io.BytesIO(item.read())).convert("RGB"))
+        except (RejectedInput, OSError):
+            continue
+        captions.append(item.caption)
+    if not captions:
+        raise SDiTError(f"{location} has no readable images with captions to take as references")
+    return captions, images
+
+
+def clip_scores(config: EvalConfig, clip: Clip, device: torch.device, dtype: torch.dtype,
+                progress: Callable[[int], None] | None = None) -> dict:
+    from pipeline.sample import load_pipeline
+
+    captions, references = reference_items(config.references, config.samples)
+    pipe = load_pipeline(config.run, device, dtype)
+    pipe.use_scheduler(config.scheduler)
+    student, reference = [], []
+    for start in range(0, len(captions), config.sample_batch_size):
+        batch = captions[start:start + config.sample_batch_size]
+        generators = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(batch))]
+        images = pipe(batch, generator=generators, num_inference_steps=config.steps,
+                      guidance_scale=config.guidance).images
+        student.append(clip.score(images, batch))
+        reference.append(clip.score(references[start:start + len(batch)], batch))
+        if progress:
+            progress(len(batch))
+    return {"images": len(captions), "student": float(np.concatenate(student).mean()),
+            "references": float(np.concatenate(reference).mean()), "model": str(Path(config.clip_model).resolve()),
+            "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler}
+
+
+# --- the stage ---------------------------------------------------------------------------------------------
+def evaluate(config: EvalConfig, progress: Callable[[int], None] | None = None,
+             on_total: Callable[[int], None] | None = None) -> dict:
+    """Teacher agreement on the held-out draws, then (with a CLIP model) the CLIP score."""
+    config.check()
+    if not Path(config.run).exists():
+        raise SDiTError(f"run folder not found: {config.run}")
+    run = read_run(config.run)
+    split = held_out(config, run)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    clip = load_clip(config.clip_model, device) if config.clip_model else None  # a missing file fails first
+    extra = config.samples if clip else 0  # the CLIP score's images, on the same progress count
+    result = {"run": str(config.run), "store": str(config.store), "labels": split.labels,
+              "split": {"holdout": split.split.holdout, "seed": split.split.seed, "from": split.source},
+              "teacher_agreement": teacher_agreement(config, split, run, device, dtype, progress,
+                                                     (lambda n: on_total(n + extra)) if on_total else None)}
+    if clip:
+        result["clip_score"] = clip_scores(config, clip, device, dtype, progress)
+    result["config"] = asdict(config)
+    return result
+
+
+def format_eval(result: dict) -> str:
+    a, s = result["teacher_agreement"], result["split"]
+    lines = [f"teacher agreement: MSE(student ε, teacher ε) on {a['draws']:,} held-out draws "
+             f"(holdout {s['holdout']:g}, split seed {s['seed']}, labels {result['labels']!r})",
+             f"  {'overall':<16}{a['draws']:>10,}  {_num(a['mse'])}",
+             f"  {'timesteps':<16}{'draws':>10}  {'MSE':>10}"]
+    for b in a["by_timestep"]:
+        span = f"{b['from']}-{b['to']}"
+        lines.append(f"  {span:<16}{b['draws']:>10,}  {_num(b['mse'])}")
+    lines.append(f"  {'perturbation':<16}{'draws':>10}  {'MSE':>10}")
+    lines += [f"  {kind:<16}{v['draws']:>10,}  {_num(v['mse'])}" for kind, v in a["by_kind"].items()]
+    t = a["true_noise"]
+    if t["draws"]:
+        lines.append(f"MSE to the true noise on {t['draws']:,} draws where it is a target: student "
+                     f"{_num(t['student_mse']).strip()}, teacher {_num(t['teacher_mse']).strip()}")
+    if "clip_score" in result:
+        c = result["clip_score"]
+        lines.append(f"CLIP score on {c['images']} reference captions ({c['steps']} {c['scheduler']} steps, "
+                     f"guidance {c['guidance']:g}): student {c['student']:.2f}, reference images "
+                     f"{c['references']:.2f}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return f"{value:>10.5f}" if value is not None else f"{'-':>10}"
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

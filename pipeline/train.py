@@ -1,0 +1,489 @@
+"""Stage two: train the SDiT student from a labelled store, without the teacher.
+
+    prepare (rank 0)   the run folder: `--init DIR` copied, or a fresh `--student PRESET` beside the teacher's
+                       VAE and text encoder (its UNet is never loaded); checked against the store
+    stream             shuffled batches of draws, inputs rebuilt exactly as the teacher saw them (sdit.loader)
+    step               AdamW on task_weight·|ε_s − ε|² + kd_weight·|ε_s − ε_T|² (sdit.losses); EMA of weights
+    every N steps      an atomic checkpoint (weights, EMA, optimiser, step, data position, RNG states) and the
+                       EMA weights into RUN/transformer; every M steps a grid of samples
+    finish             RUN/transformer (EMA), metrics.jsonl, loss.png, sdit_run.json "complete"
+
+Data-parallel: launched by torchrun (WORLD_SIZE > 1), each worker keeps its share of every global batch
+(gloo on CPU, NCCL on GPUs); rank 0 writes. `--resume` continues from the last checkpoint with the same
+loss curve as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdit.devices import setup_worker
+from sdit.dit import PRESETS, SDiT
+from sdit.errors import SDiTError
+from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
+from sdit.losses import distillation_loss, min_snr_weight, true_noise_mask
+from sdit.run import LatentSpace, init_run, load_student, read_run, save_student, update_run
+from sdit.sampling import decode, denoise, grid, initial_noise, make_scheduler
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str
+    out: str
+    labels: str = "default"
+    init: str | None = None  # a run folder from `sdit init`; else a fresh `student` preset
+    student: str | None = None
+    teacher: str | None = None  # VAE + text encoder for a fresh run (default: the store's teacher)
+    teacher_config: str | None = None
+    steps: int = 10_000
+    batch_size: int = 64  # global: split over data-parallel workers
+    lr: float = 1e-4
+    warmup: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    task_weight: float = 1.0
+    kd_weight: float = 1.0
+    min_snr: float | None = None  # γ of min-SNR timestep weighting; None: every timestep counts the same
+    holdout: float = 0.0  # fraction of records held out for `sdit eval`
+    seed: int = 0
+    buffer_records: int = 1024  # records in the shuffle window
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: int = 8
+    sample_steps: int = 25
+    sample_guidance: float = 4.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = False
+
+    def check(self) -> None:
+        if (self.init is None) == (self.student is None):
+            raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
+        if self.student is not None and self.student not in PRESETS:
+            raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
+        if min(self.steps, self.batch_size, self.checkpoint_every, self.keep_checkpoints) < 1:
+            raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
+        if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
+            raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
+        if not 0 <= self.holdout < 1:
+            raise SDiTError(f"--holdout {self.holdout}: a fraction in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise SDiTError(f"--ema-decay {self.ema_decay}: in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise SDiTError(f"--precision {self.precision!r}: auto, fp32 or bf16")
+
+
+# Options a resumed run may change; any other change would make it another run.
+RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
+             "sample_guidance", "device", "threads", "resume", "precision", "init", "teacher", "teacher_config"}
+
+
+# --- distribution ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workers:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Workers:
+        """torchrun's environment; one worker without it."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+        return values
+
+
+def _start_workers(workers: Workers, device: torch.device) -> None:
+    if workers.world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+# --- the run folder ----------------------------------------------------------------------------------------------
+
+
+def prepare_run(config: TrainConfig, data: LabelledStore) -> None:
+    """Rank 0: make (or check, when resuming) the run folder."""
+    out = Path(config.out)
+    if config.resume:
+        read_run(out)
+        old = read_run(out).get("train", {}).get("config")
+        if old is None:
+            raise SDiTError(f"{out} has no training to resume; drop --resume")
+        changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE and old.get(k) != v)
+        if changed:
+            raise SDiTError(f"{out} was trained with other {', '.join(changed)}; resume with the same options "
+                            "or train into a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SDiTError(f"{out} exists; pass --resume to continue its training, or choose a new --out")
+    if config.init:
+        read_run(config.init)
+        shutil.copytree(config.init, out, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(CHECKPOINTS, METRICS, SAMPLES, "loss.png"))
+    else:
+        teacher = config.teacher or data.manifest.teacher["path"]
+        if not Path(teacher).exists():
+            raise SDiTError(f"the store's teacher {teacher} is not on this machine; pass --teacher (its VAE and "
+                            "text encoder go into the run folder)")
+        c, h, _ = data.manifest.latent_shape
+        init_run(out, teacher, config.student, teacher_config=config.teacher_config,
+                 space=LatentSpace(h, c, data.manifest.text_shape[1]),
+                 guidance_embed=data.labels_meta["guidance"] is not None, seed=config.seed)
+    update_run(out, train={"config": dataclasses.asdict(config), "store": data.store.url, "labels": config.labels,
+                           "holdout": config.holdout, "split_seed": config.seed, "step": 0, "status": "started"})
+
+
+def check_fit(data: LabelledStore, student: SDiT, run: dict, config: TrainConfig) -> None:
+    """One-line refusals for a store the student cannot learn from."""
+    c, h, w = data.manifest.latent_shape
+    cfg = student.config
+    if c != cfg.in_channels or h != cfg.sample_size or w != cfg.sample_size:
+        raise SDiTError(f"the store's latents are {c}x{h}x{w}; the student takes {cfg.in_channels}x{cfg.sample_size}"
+                        f"x{cfg.sample_size} (make the run with `sdit init` for this teacher, or --student)")
+    if data.manifest.text_shape[1] != cfg.text_dim:
+        raise SDiTError(f"the store's text embeddings are {data.manifest.text_shape[1]} wide; the student takes "
+                        f"{cfg.text_dim}")
+    for part in ("vae", "text_encoder"):
+        mine, theirs = run["teacher"]["hashes"].get(part), data.manifest.teacher["hashes"].get(part)
+        if mine != theirs:
+            raise SDiTError(f"the run folder's {part.replace('_', ' ')} is not the one the store was encoded with "
+                            f"({data.manifest.teacher['path']}); init the run from that teacher")
+    guided = data.labels_meta["guidance"] is not None
+    if guided != cfg.guidance_embed:
+        raise SDiTError("guided labels need a guidance-distilled student (init with --guidance-embed), and only "
+                        "they do" if guided else "this student takes a guidance scale, but the labels are unguided")
+    if guided and config.task_weight > 0:
+        raise SDiTError(f"labels {config.labels!r} are guided (ε_T = ε_u + w·(ε_c − ε_u)), so the true noise is "
+                        "no target for them: pass --task-weight 0")
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    folder = out / CHECKPOINTS
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def save_checkpoint(out: Path, state: TrainState, keep: int) -> Path:
+    """Written under a temporary name and renamed whole; then the oldest beyond `keep` go."""
+    final = out / CHECKPOINTS / f"step-{state.step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_plain(state.model).state_dict(), tmp / "model.safetensors")
+    save_file(state.ema.state_dict(), tmp / "ema.safetensors")
+    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": state.step, "position": dataclasses.asdict(state.position)}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(folder: Path, state: TrainState) -> None:
+    _plain(state.model).load_state_dict(load_file(folder / "model.safetensors"))
+    state.ema.load_state_dict(load_file(folder / "ema.safetensors"))
+    extra = torch.load(folder / "optimizer.pt", weights_only=True)  # data only: a pickle with code is refused
+    state.optimizer.load_state_dict(extra["optimizer"])
+    state.scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"]:
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    meta = json.loads((folder / "state.json").read_text())
+    state.step, state.position = meta["step"], Position(**meta["position"])
+
+
+def _plain(model: torch.nn.Module) -> SDiT:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# --- the training state and step ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module  # SDiT, or DDP around it
+    ema: SDiT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    position: Position = dataclasses.field(default_factory=Position)
+
+
+def make_state(student: SDiT, config: TrainConfig, device: torch.device, workers: Workers) -> TrainState:
+    student.to(device).train()
+    if config.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    model = student
+    if workers.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(config.warmup, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return TrainState(model, ema, optimizer, scheduler)
+
+
+class Trainer:
+    """One training step at a time; `fit` runs the loop with checkpoints, metrics and samples."""
+
+    def __init__(self, config: TrainConfig, state: TrainState, data: LabelledStore, device: torch.device,
+                 workers: Workers = Workers()):
+        self.config, self.state, self.data, self.device, self.workers = config, state, data, device, workers
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.guided = data.labels_meta["guidance"] is not None
+
+    def step(self, batch: Batch) -> dict:
+        """Forward, backward, clip, AdamW, EMA. Returns this step's metrics (over all workers)."""
+        s, c, dev = self.state, self.config, self.device
+        x, text = batch.x_t.to(dev), batch.text.to(dev).float()
+        t = batch.timesteps.to(dev)
+        with self.autocast:
+            eps = s.model(x, t, text, guidance=batch.guidance.to(dev) if self.guided else None)
+        weight = min_snr_weight(self.data.schedule, batch.timesteps, c.min_snr).to(dev) if c.min_snr else None
+        mask = true_noise_mask(batch.kind, batch.guidance).to(dev)
+        losses = distillation_loss(eps, batch.noise.to(dev), batch.eps_teacher.to(dev), mask, c.task_weight,
+                                   c.kd_weight, weight)
+        totals = self.workers.sum(torch.stack([losses.loss.detach() * len(batch), losses.task_sum,
+                                               losses.task_count, losses.kd_sum,
+                                               torch.tensor(float(len(batch)), device=dev)]).float())
+        loss, task_sum, task_count, kd_sum, n = totals.tolist()
+        if not math.isfinite(loss):
+            raise NonFinite(s.step + 1, "loss")
+        s.optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise NonFinite(s.step + 1, "gradient norm")
+        lr = s.scheduler.get_last_lr()[0]
+        s.optimizer.step()
+        s.scheduler.step()
+        s.step += 1
+        s.position = batch.position
+        update_ema(s.ema, _plain(s.model), min(c.ema_decay, (1 + s.step) / (10 + s.step)))
+        return {"step": s.step, "loss": loss / n, "task_loss": task_sum / task_count if task_count else None,
+                "kd_loss": kd_sum / n, "lr": lr, "grad_norm": grad_norm}
+
+    def fit(self, batches: Iterable[Batch], on_step: Callable[[dict], None] | None = None) -> None:
+        c, s, out = self.config, self.state, Path(self.config.out)
+        last = time.perf_counter()
+        for batch in batches:
+            if s.step >= c.steps:
+                break
+            metrics = self.step(batch)
+            now = time.perf_counter()
+            metrics["samples_per_s"] = c.batch_size / (now - last)
+            last = now
+            if self.workers.main:
+                with open(out / METRICS, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if s.step % c.checkpoint_every == 0 or s.step == c.steps:
+                self.save()
+            if c.sample_every and s.step % c.sample_every == 0 and self.workers.main:
+                self.sample_grid()
+            if on_step:
+                on_step(metrics)
+            last = time.perf_counter()  # checkpoints and samples do not count against samples/s
+
+    def save(self) -> None:
+        if self.workers.main:
+            out = Path(self.config.out)
+            save_checkpoint(out, self.state, self.config.keep_checkpoints)
+            save_student(out, self.state.ema)  # the run folder always holds the latest EMA weights
+            update_run(out, train=read_run(out)["train"] | {"step": self.state.step})
+        self.workers.barrier()
+
+    def sample_grid(self) -> Path:
+        """The EMA student's samples for fixed captions of the store, as the seed's "student samples_gs-N"."""
+        c, out = self.config, Path(self.config.out)
+        text, null, captions = sample_captions(self.data, c.sample_prompts)
+        ema = self.state.ema
+        scheduler = make_scheduler("ddim", self.data.labels_meta["scheduler"])
+        generators = [torch.Generator().manual_seed(c.seed * 1_000_003 + i) for i in range(len(text))]
+        shape = tuple(self.data.manifest.latent_shape)
+        noise = initial_noise(shape, generators, self.device)
+        guidance = torch.full((len(text),), c.sample_guidance, device=self.device) if self.guided else None
+
+        def eps_model(x, t, context):
+            with self.autocast:
+                if guidance is not None:
+                    return ema(x, t, context, guidance=guidance).float()
+                return ema(x, t, context).float()
+
+        latents = denoise(eps_model, scheduler, noise, text.to(self.device), None if self.guided else
+                          null.to(self.device), c.sample_steps, 1.0 if self.guided else c.sample_guidance)
+        images = decode(self.vae(), latents)
+        folder = out / SAMPLES
+        folder.mkdir(exist_ok=True)
+        (folder / "prompts.txt").write_text("\n".join(captions) + "\n")
+        path = folder / f"student_samples_gs-{self.state.step:08d}.png"
+        grid(images, columns=min(8, len(images))).save(path)
+        return path
+
+    def vae(self):
+        if not hasattr(self, "_vae"):
+            from diffusers import AutoencoderKL
+
+            self._vae = AutoencoderKL.from_pretrained(Path(self.config.out) / "vae").to(self.device).eval()
+        return self._vae
+
+
+class NonFinite(SDiTError):
+    def __init__(self, step: int, what: str):
+        super().__init__(f"the {what} became NaN or inf at step {step}; stopped. The last checkpoint is intact: "
+                         "lower --lr, raise --warmup or use --precision fp32, then --resume")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def sample_captions(data: LabelledStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The first captions of the store: half from the records, half from the prompt bank when there is one.
+    Returns text (n, L, D) and null (n, L, D) embeddings as float32, and the captions."""
+    groups = ["records", "prompts"] if data.bank.size("prompts") else ["records"]
+    texts, captions = [], []
+    for k, group in enumerate(groups):
+        want = n - len(captions) if k == len(groups) - 1 else n // len(groups)
+        for _, shard in data.store.iter_shards(group):
+            if want <= 0:
+                break
+            take = min(want, shard["captions"].shape[0])
+            texts.append(shard["text_emb"][:take])
+            captions += [str(s) for s in shard["captions"][:take]]
+            want -= take
+    text = torch.as_tensor(np.concatenate(texts)).float()
+    null = torch.as_tensor(data.null).float().expand_as(text)
+    return text, null, captions
+
+
+# --- the whole stage ---------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) a student; returns a summary. Raises SDiTError for what a user can fix."""
+    config.check()
+    workers = Workers.from_env()
+    device, _ = setup_worker(config.device, "fp32", config.threads or (torch.get_num_threads()))
+    if device.type == "cuda":
+        device = torch.device("cuda", workers.local_rank)
+        torch.cuda.set_device(device)
+    _start_workers(workers, device)
+    data = LabelledStore(config.store, config.labels)
+    if workers.main:
+        prepare_run(config, data)
+    workers.barrier()
+    out = Path(config.out)
+    run = read_run(out)
+    student = load_student(out)
+    check_fit(data, student, run, config)
+    state = make_state(student, config, device, workers)
+    if config.resume:
+        resume(out, state)
+    stream = DrawStream(data, config.batch_size, split=Split(config.holdout, config.seed), seed=config.seed,
+                        buffer_records=config.buffer_records, rank=workers.rank, world=workers.world)
+    trainer = Trainer(config, state, data, device, workers)
+    started, first = time.perf_counter(), state.step
+    trainer.fit(stream.batches(state.position), on_step)
+    seconds = time.perf_counter() - started
+    summary = {"steps": state.step, "seconds": seconds,
+               "steps_per_s": (state.step - first) / seconds if seconds else None,
+               "draws": stream.total, "run": str(out)}
+    if workers.main:
+        summary["samples"] = str(trainer.sample_grid())
+        plot_losses(out / METRICS, out / "loss.png")
+        update_run(out, train=read_run(out)["train"] | {"step": state.step, "status": "complete"})
+    workers.barrier()
+    return summary
+
+
+def resume(out: Path, state: TrainState) -> None:
+    """Load the last checkpoint, and forget metrics logged after it (those steps will be run again)."""
+    checkpoints = checkpoint_dirs(out)
+    if not checkpoints:
+        return  # killed before its first checkpoint: start again from the initial weights
+    load_checkpoint(checkpoints[-1], state)
+    metrics = out / METRICS
+    if metrics.exists() and Workers.from_env().main:
+        lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+        metrics.write_text("".join(line + "\n" for line in lines))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in (("loss", "loss"), ("task_loss", "task: |ε_s − ε|²"), ("kd_loss", "distillation: |ε_s − ε_T|²")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            steps, values = map(np.asarray, zip(*points))
+            smooth = _smooth(values)
+            ax.plot(steps[len(steps) - len(smooth):], smooth, label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def _smooth(values: np.ndarray, window: int = 0) -> np.ndarray:
+    """A running mean over ~1% of the curve, so the trend shows through per-step noise."""
+    window = window or max(1, len(values) // 100)
+    return np.convolve(values, np.ones(window) / window, mode="valid") if len(values) > window else values

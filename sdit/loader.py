@@ -1,0 +1,225 @@
+"""Stage two's reader: labelled draws from a store, in shuffled batches, with the teacher's exact inputs.
+
+zarr-python pays about 0.4 ms per chunk read, so single-draw random reads would cap training near 1,000
+draws/s. The reader instead loads whole blocks (one Zarr chunk of CHUNK_RECORDS records and their K draws
+each), a window of `buffer_records` records at a time, and shuffles the draws inside the window:
+
+    epoch e:   blocks in an order drawn from (seed, e), cut into windows of `buffer_records` records
+    window w:  its blocks' arrays in memory; its draws in an order drawn from (seed, e, w)
+    batches:   cut from that stream; a batch may span two windows (or epochs)
+
+So the stream is a pure function of the seed: a `Position` (epoch, window, offset) says where it stands, and
+a resumed run reads on exactly where it stopped. Inputs are rebuilt with `sdit.labels.teacher_inputs`, the
+function stage one fed the teacher with (invariant 1).
+
+A `Split` holds some records out of training, chosen per record from (seed, shard, row), so a held-out
+evaluation sees images and draws the student never trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sdit.diffusion import NoiseSchedule
+from sdit.errors import SDiTError
+from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
+from sdit.store import CHUNK_RECORDS, Manifest, Store
+
+LABEL_ARRAYS = ("timesteps", "kind", "caption_from", "caption_index", "weight", "guidance", "noise", "xi_index",
+                "eps_teacher", "valid")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Records held out of training: each with probability `holdout`, drawn from (seed, shard)."""
+
+    holdout: float = 0.0
+    seed: int = 0
+
+    def held_out(self, shard: int, n: int) -> np.ndarray:
+        """(n,) bool for the records of one shard."""
+        if self.holdout <= 0:
+            return np.zeros(n, bool)
+        return np.random.default_rng([self.seed, shard, 0x5EED]).random(n) < self.holdout
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where the stream stands: the next draw is `offset` of window `window` of epoch `epoch`."""
+
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Block:
+    shard: int
+    start: int  # records [start, stop) of the shard
+    stop: int
+
+
+@dataclass
+class Batch:
+    """One batch of draws, everything on the CPU. B = draws in the batch (this worker's share of it)."""
+
+    x_t: torch.Tensor  # (B, C, h, w) float32: exactly the teacher's input
+    text: torch.Tensor  # (B, L, D) float16: exactly the teacher's text input
+    timesteps: torch.Tensor  # (B,) long
+    guidance: torch.Tensor  # (B,) float32: w of a guided target, 0 for unguided labels
+    kind: torch.Tensor  # (B,) long: sdit.perturb.Kind
+    noise: torch.Tensor  # (B, C, h, w) float16: the true noise ε
+    eps_teacher: torch.Tensor  # (B, C, h, w) float16: ε_T
+    position: Position = field(default_factory=Position)  # the stream's position after this batch
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @staticmethod
+    def cat(parts: list[Batch], position: Position) -> Batch:
+        names = ("x_t", "text", "timesteps", "guidance", "kind", "noise", "eps_teacher")
+        return Batch(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, position=position)
+
+
+class LabelledStore:
+    """A finished store and one finished set of its labels, checked, with what rebuilding inputs needs."""
+
+    def __init__(self, url: str, labels: str = "default"):
+        self.store = Store(url)
+        self.manifest: Manifest = self.store.manifest()
+        self.group = f"labels/{labels}"
+        if self.manifest.status != "complete":
+            raise SDiTError(f"{self.store.url} is not finished encoding; rerun `sdit encode` on it first")
+        if not self.store.exists(self.group, LABELS_MANIFEST):
+            raise SDiTError(f"{self.store.url} has no labels {labels!r}; run `sdit teacher-label` on it first")
+        self.labels_meta = self.store.read_json(self.group, LABELS_MANIFEST)
+        if self.labels_meta.get("status") != "complete":
+            raise SDiTError(f"labels {labels!r} of {self.store.url} are unfinished; rerun `sdit teacher-label` to "
+                            "finish them")
+        self.schedule = NoiseSchedule.from_config(self.labels_meta["scheduler"])
+        self.input_gamma = float(self.labels_meta["perturb"]["input_gamma"])
+        self.draws = int(self.labels_meta["draws"])
+        self.counts = {i: r["count"] for i, r in self.store.finished(self.group).items()}
+        self.bank = CaptionBank(self.store)
+        self.null = self.store.root_group()["null_text_emb"][:]
+
+    def blocks(self) -> list[Block]:
+        return [Block(shard, start, min(start + CHUNK_RECORDS, n))
+                for shard, n in self.counts.items() for start in range(0, n, CHUNK_RECORDS)]
+
+    def read(self, blocks: list[Block]) -> dict:
+        """The blocks' records and labels, concatenated as if they were one shard (each block's rows of the
+        `xi` side table are gathered and re-indexed)."""
+        parts = []
+        for b in blocks:
+            records = self.store.shard_group("records", b.shard)
+            labels = self.store.shard_group(self.group, b.shard)
+            part = {name: labels[name][b.start:b.stop] for name in LABEL_ARRAYS}
+            part["latents"] = records["latents"][b.start:b.stop]
+            part["text_emb"] = records["text_emb"][b.start:b.stop]
+            used = part["xi_index"] >= 0
+            part["xi"] = labels["xi"].get_orthogonal_selection(np.sort(part["xi_index"][used])) if used.any() \
+                else np.zeros((0, *self.manifest.latent_shape), np.float16)
+            xi_index = np.full_like(part["xi_index"], -1)
+            xi_index[used] = np.searchsorted(np.sort(part["xi_index"][used]), part["xi_index"][used])
+            part["xi_index"] = xi_index
+            parts.append(part)
+        out = {}
+        for name in parts[0]:
+            out[name] = np.concatenate([p[name] for p in parts])
+        offsets = np.cumsum([0] + [len(p["xi"]) for p in parts[:-1]])
+        out["xi_index"] = np.concatenate([np.where(p["xi_index"] >= 0, p["xi_index"] + o, -1)
+                                          for p, o in zip(parts, offsets)])
+        return out
+
+    def batch(self, data: dict, rows: np.ndarray, draws: np.ndarray) -> Batch:
+        """Rebuild the draws (rows[i], draws[i]) of data read by `read`."""
+        inputs = teacher_inputs(self.schedule, data["latents"], data["text_emb"], data, rows, draws, self.bank,
+                                self.null, self.input_gamma)
+        return Batch(inputs.x_t, inputs.text, inputs.timesteps,
+                     torch.as_tensor(data["guidance"][rows, draws]), torch.as_tensor(data["kind"][rows, draws]).long(),
+                     torch.as_tensor(data["noise"][rows, draws]), torch.as_tensor(data["eps_teacher"][rows, draws]))
+
+
+class DrawStream:
+    """Batches of `batch_size` draws of one split, shuffled through a window of `buffer_records` records.
+
+    With `world` > 1 every worker walks the same stream and keeps positions rank, rank + world, ... of each
+    batch: together the workers see exactly the batches one worker would. `repeat=False, shuffle=False`
+    reads the split once in store order (evaluation).
+    """
+
+    def __init__(self, data: LabelledStore, batch_size: int, *, split: Split = Split(), train: bool = True,
+                 seed: int = 0, buffer_records: int = 1024, shuffle: bool = True, repeat: bool = True,
+                 rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise SDiTError(f"batch size {batch_size} is not divisible by the {world} workers")
+        self.data, self.batch_size, self.split, self.train = data, batch_size, split, train
+        self.seed, self.shuffle, self.repeat, self.rank, self.world = seed, shuffle, repeat, rank, world
+        self.blocks_per_window = max(1, buffer_records // CHUNK_RECORDS)
+        self.blocks = data.blocks()
+        self.total = sum(len(self._selected(b)[0]) for b in self.blocks)
+        if self.total == 0:
+            which = "training" if train else "held-out"
+            raise SDiTError(f"no {which} draws in {data.store.url} (labels {data.group}); check --holdout")
+
+    def _selected(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, draws) of a block's draws in this split whose teacher output is finite."""
+        held = self.split.held_out(block.shard, self.data.counts[block.shard])[block.start:block.stop]
+        keep = held if not self.train else ~held
+        valid = self.data.store.shard_group(self.data.group, block.shard)["valid"][block.start:block.stop]
+        rows, draws = np.nonzero(valid & keep[:, None])
+        return rows, draws
+
+    def windows(self, epoch: int) -> list[list[Block]]:
+        order = np.arange(len(self.blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        w = self.blocks_per_window
+        return [[self.blocks[i] for i in order[k:k + w]] for k in range(0, len(order), w)]
+
+    def _window(self, epoch: int, index: int, blocks: list[Block]) -> tuple[dict, np.ndarray, np.ndarray]:
+        data = self.data.read(blocks)
+        rows, draws, base = [], [], 0
+        for b in blocks:
+            r, d = self._selected(b)
+            rows.append(r + base)
+            draws.append(d)
+            base += b.stop - b.start
+        rows, draws = np.concatenate(rows), np.concatenate(draws)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, index]).permutation(len(rows))
+            rows, draws = rows[order], draws[order]
+        return data, rows, draws
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches(Position())
+
+    def batches(self, start: Position) -> Iterator[Batch]:
+        parts, filled = [], 0  # filled: draws of the global batch taken so far (all workers)
+        epoch, window, offset = start.epoch, start.window, start.offset
+        while True:
+            windows = self.windows(epoch)
+            for index in range(window, len(windows)):
+                data, rows, draws = self._window(epoch, index, windows[index])
+                while offset < len(rows):
+                    take = min(self.batch_size - filled, len(rows) - offset)
+                    mine = np.arange(offset, offset + take)
+                    mine = mine[(filled + mine - offset) % self.world == self.rank]
+                    if len(mine):
+                        parts.append(self.data.batch(data, rows[mine], draws[mine]))
+                    filled, offset = filled + take, offset + take
+                    if filled == self.batch_size:
+                        yield Batch.cat(parts, Position(epoch, index, offset))
+                        parts, filled = [], 0
+                offset = 0
+            window = 0
+            epoch += 1
+            if not self.repeat:
+                if parts:
+                    yield Batch.cat(parts, Position(epoch, 0, 0))
+                return

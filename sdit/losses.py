@@ -1,0 +1,53 @@
+"""The student's loss: the diffusion loss on the true noise plus the distillation loss on the teacher's ε.
+
+    loss = task_weight · Σ_i m_i·s_i·|ε_s − ε|² / B  +  kd_weight · Σ_i s_i·|ε_s − ε_T|² / B
+
+m_i says whether the true noise is a target for draw i (its kind is in TRUE_NOISE_KINDS and its label is
+unguided); s_i is an optional min-SNR weight; |·|² is the mean over the latent's elements. Both sums are
+divided by the batch size B, not by the number of draws that count, so that data-parallel workers, whose
+gradients are averaged, add up to exactly the loss of one worker on the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdit.diffusion import NoiseSchedule
+from sdit.perturb import TRUE_NOISE_KINDS
+
+
+@dataclass
+class Losses:
+    loss: torch.Tensor  # () the objective
+    # Sums over the batch, for logging: per-draw means are sum / count, also across workers.
+    task_sum: torch.Tensor  # () Σ m_i·|ε_s − ε|² (unweighted by SNR)
+    task_count: torch.Tensor  # () Σ m_i
+    kd_sum: torch.Tensor  # () Σ |ε_s − ε_T|²
+
+
+def true_noise_mask(kind: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: draws whose true noise the student should predict."""
+    kinds = torch.tensor([int(k) for k in TRUE_NOISE_KINDS], device=kind.device)
+    return torch.isin(kind, kinds) & (guidance == 0)
+
+
+def min_snr_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) min(SNR_t, γ) / SNR_t for ε-prediction (Hang et al., 2023): high-SNR steps count less."""
+    a = schedule.alphas_cumprod[timesteps.cpu()]
+    snr = a / (1 - a)
+    return (snr.clamp(max=gamma) / snr).to(timesteps.device)
+
+
+def distillation_loss(eps: torch.Tensor, noise: torch.Tensor, eps_teacher: torch.Tensor, mask: torch.Tensor,
+                      task_weight: float, kd_weight: float, weight: torch.Tensor | None = None) -> Losses:
+    """eps, noise, eps_teacher: (B, C, h, w); mask: (B,) bool; weight: (B,) or None."""
+    eps = eps.float()
+    task = (eps - noise.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    kd = (eps - eps_teacher.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    task = torch.where(mask, task, torch.zeros_like(task))  # where, not a product: ignores a NaN ε of a masked draw
+    w = torch.ones_like(task) if weight is None else weight.float()
+    n = len(eps)
+    loss = task_weight * (w * task).sum() / n + kd_weight * (w * kd).sum() / n
+    return Losses(loss, task.detach().sum(), mask.sum().float(), kd.detach().sum())

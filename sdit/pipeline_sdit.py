@@ -1,0 +1,213 @@
+"""SDiTPipeline: prompt -> CLIP embedding -> student ε with classifier-free guidance -> scheduler -> VAE -> images.
+
+A run folder is a diffusers pipeline folder, so it loads like any other:
+
+    pipe = SDiTPipeline.from_pretrained("runs/my-run")      # offline: a local folder
+    pipe.use_scheduler("dpm++")                             # any name of sdit.sampling.SCHEDULERS
+    images = pipe(["a red circle"], num_images_per_prompt=4, generator=torch.Generator().manual_seed(0)).images
+
+`DiffusionPipeline.from_pretrained(run)` cannot find this class by itself: diffusers resolves a folder's
+`_class_name` only as an attribute of the `diffusers` package (or from a `.py` file inside the folder, which
+would make a checkpoint carry code). Name the class, or point diffusers at this file:
+
+    DiffusionPipeline.from_pretrained(run, custom_pipeline=sdit.pipeline_sdit.__file__)
+
+Randomness: each image draws its initial noise from its own generator (on the CPU), so image i is the same
+whatever the batch it is sampled in, and on whatever device the network runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from PIL import Image
+
+from sdit import sampling
+from sdit.errors import SDiTError
+from sdit.run import MODEL_INDEX, PIPELINE_CLASS, read_run
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default CFG scale
+SEED_RANGE = 2**62  # per-image seeds drawn from one generator lie in [0, SEED_RANGE)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """(N, L, D) float32 CLIP last hidden states, tokenized as SD's pipelines and `sdit encode` do (start
+    token, at most 75 tokens, end token, padding), and rounded to float16 as the store keeps them: the
+    student trained, and the teacher was labelled, on fp16-rounded text."""
+    emb = text_encoder(token_ids(tokenizer, prompts).to(device)).last_hidden_state  # (N, L, D)
+    return emb.to(torch.float16).float()
+
+
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(N, L) CLIP token ids, padded to the tokenizer's context."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def per_image_generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
+    """One CPU generator per image. A list is used as given; a single generator yields image i's seed as its
+    i-th draw (so image i does not depend on n); None draws fresh seeds."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise SDiTError(f"{len(generator)} generators for {n} images: pass one per image, or a single one")
+        return list(generator)
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    seeds = [int(torch.randint(SEED_RANGE, (1,), generator=generator)) for _ in range(n)]
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def expand(values: str | list[str] | None, n_prompts: int, per_prompt: int, what: str) -> list[str] | None:
+    """A prompt (or a list, one per prompt) repeated for each image of its prompt."""
+    if values is None:
+        return None
+    values = [values] * n_prompts if isinstance(values, str) else list(values)
+    if len(values) != n_prompts:
+        raise SDiTError(f"{len(values)} {what}s for {n_prompts} prompts: give one, or one per prompt")
+    return [v for v in values for _ in range(per_prompt)]
+
+
+class SDiTPipeline(DiffusionPipeline):
+    """Text-to-image with an SDiT student and the teacher's VAE, text encoder, tokenizer and scheduler."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, run: str | Path, **kwargs) -> SDiTPipeline:
+        """Load a run folder (or a folder this pipeline's save_pretrained wrote) from local disk, never from a
+        hub; a one-line SDiTError if it is neither."""
+        run = Path(run)
+        if not run.exists():
+            raise SDiTError(f"run folder not found: {run}")
+        if not (run / MODEL_INDEX).is_file():
+            read_run(run)  # raises: says what a run folder is
+        name = json.loads((run / MODEL_INDEX).read_text()).get("_class_name")
+        if name != PIPELINE_CLASS:
+            raise SDiTError(f"{run} holds a {name}, not an {PIPELINE_CLASS}: give a run folder from `sdit init` or "
+                            "`sdit train`")
+        kwargs.setdefault("local_files_only", True)
+        try:
+            return super().from_pretrained(run, **kwargs)
+        except (OSError, ValueError) as err:
+            raise SDiTError(f"cannot load run folder {run}: {str(err).strip().splitlines()[0]}") from err
+
+    # --- sizes -----------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return bool(self.transformer.config.guidance_embed)
+
+    def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(h, w) of the latents for an image of height x width pixels (default: the student's training size);
+        a one-line error where the student cannot take it."""
+        cfg, f = self.transformer.config, self.vae_scale_factor
+        step = f * cfg.patch_size
+        default = cfg.sample_size * f
+        height = default if height is None else height
+        width = default if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % step:
+                raise SDiTError(f"{name} {value} does not fit this student: use a positive multiple of {step} "
+                                f"(VAE factor {f} x patch size {cfg.patch_size}); it was trained at {default}")
+        return height // f, width // f
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap the sampler by name (sdit.sampling.SCHEDULERS), built from the run's noise schedule."""
+        self.scheduler = sampling.make_scheduler(name, dict(self.scheduler.config))
+
+    # --- the steps ---------------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        return encode_text(self.tokenizer, self.text_encoder, prompts, self._execution_device)
+
+    def eps_model(self, guidance_scale: float) -> sampling.EpsModel:
+        """ε(x, t, text) in float32 from the student in its own dtype; a guidance-distilled student takes w."""
+        model = self.transformer
+        dtype = model.dtype
+
+        def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            w = torch.full((len(x),), guidance_scale, device=x.device) if self.guidance_distilled else None
+            return model(x.to(dtype), t, text.to(dtype), guidance=w).float()
+
+        return eps
+
+    def initial_noise(self, n: int, latent_size: tuple[int, int], generator) -> torch.Tensor:
+        """(n, C, h, w) float32 on the CPU: image i from its own generator."""
+        shape = (self.transformer.config.in_channels, *latent_size)
+        return sampling.initial_noise(shape, per_image_generators(generator, n), torch.device("cpu"))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        latents: torch.Tensor | None = None,
+        return_dict: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Images for `prompt` (image i shows prompt i // num_images_per_prompt).
+
+        generator: one CPU generator per image, or one for all (image i's seed is its i-th draw). latents:
+        initial noise (N, C, h, w) of unit variance, instead of drawing it. guidance_scale: the CFG scale w;
+        1 runs one forward per step without guidance; a guidance-distilled student always runs one, taking w.
+        output_type: "pil" (a list of images), "np" ((N, H, W, 3) float32 in [0, 1]) or "latent" (N, C, h, w).
+        progress(step) is called after each denoising step.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise SDiTError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+        if num_inference_steps < 1 or num_images_per_prompt < 1:
+            raise SDiTError("num_inference_steps and num_images_per_prompt must be at least 1")
+        prompts = expand(prompt, 1 if isinstance(prompt, str) else len(prompt), num_images_per_prompt, "prompt")
+        if not prompts:
+            raise SDiTError("no prompts to sample")
+        n_prompts = len(prompts) // num_images_per_prompt
+        negatives = expand(negative_prompt, n_prompts, num_images_per_prompt, "negative prompt")
+        if negatives is not None and self.guidance_distilled:
+            raise SDiTError("this student is guidance-distilled (one forward per step, with w): it has no "
+                            "unconditional branch for a negative prompt to replace")
+        size = self.latent_size(height, width)
+        device = self._execution_device
+        if latents is None:
+            latents = self.initial_noise(len(prompts), size, generator)
+        elif tuple(latents.shape) != (len(prompts), self.transformer.config.in_channels, *size):
+            raise SDiTError(f"latents of shape {tuple(latents.shape)}; expected "
+                            f"{(len(prompts), self.transformer.config.in_channels, *size)}")
+        text = self.encode_prompt(prompts)
+        guided = not self.guidance_distilled and guidance_scale != 1.0
+        null = self.encode_prompt(negatives or [""] * len(prompts)) if guided else None
+        out = sampling.denoise(self.eps_model(guidance_scale), self.scheduler, latents.to(device, torch.float32),
+                               text, null, num_inference_steps, 1.0 if self.guidance_distilled else guidance_scale,
+                               progress)
+        images = out if output_type == "latent" else self.to_images(out, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def to_images(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray:
+        pixels = sampling.decode(self.vae, latents)  # (N, H, W, 3) uint8
+        if output_type == "np":
+            return pixels.astype(np.float32) / 255.0
+        return [Image.fromarray(p) for p in pixels]
+

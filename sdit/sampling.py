@@ -1,0 +1,81 @@
+"""Sampling from an ε-model with a diffusers scheduler and classifier-free guidance.
+
+The network is only ε(x_t, t, text, [w]); the sampler is a diffusers scheduler picked by name and built from
+the run's (the teacher's) scheduler config, so the student and the teacher can be sampled the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import diffusers
+import numpy as np
+import torch
+from PIL import Image
+
+from sdit.errors import SDiTError
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, text) -> ε
+
+
+def make_scheduler(name: str, config: dict):
+    if name not in SCHEDULERS:
+        raise SDiTError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """(N, C, h, w) standard normal, image i from generators[i] alone, so it does not depend on the batch."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def denoise(eps_model: EpsModel, scheduler, noise: torch.Tensor, text: torch.Tensor, null: torch.Tensor | None,
+            steps: int, guidance: float, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Latents (N, C, h, w) from initial `noise` (unit variance), conditioned on `text` (N, L, D).
+
+    With `null` (N, L, D) and guidance != 1, each step runs the model once on the doubled batch (text and
+    null) and returns ε_u + w·(ε_c − ε_u), as Stable Diffusion's pipeline does.
+    """
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    guided = null is not None and guidance != 1.0
+    context = torch.cat([text, null]) if guided else text
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        eps = eps_model(model_in, t.expand(len(model_in)), context)
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        x = scheduler.step(eps, t, x).prev_sample
+        if progress:
+            progress(i + 1)
+    return x
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """(N, H, W, 3) uint8 images from scaled latents."""
+    param = next(vae.parameters())
+    pixels = vae.decode(latents.to(param.device, param.dtype) / vae.config.scaling_factor).sample
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: list[np.ndarray] | np.ndarray, columns: int, pad: int = 2) -> Image.Image:
+    """Images (H, W, 3) uint8, row-major into a grid with a white border."""
+    images = list(images)
+    h, w = images[0].shape[:2]
+    rows = -(-len(images) // columns)
+    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for i, image in enumerate(images):
+        canvas.paste(Image.fromarray(image), (pad + (i % columns) * (w + pad), pad + (i // columns) * (h + pad)))
+    return canvas

@@ -1,0 +1,164 @@
+"""`sdit eval`: teacher agreement on the held-out draws, the CLIP score from a local model, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLES
+from pipeline.encode import EncodeConfig, encode
+from pipeline.evaluate import EvalConfig, evaluate, format_eval, load_clip
+from pipeline.label import LabelConfig, label
+from sdit.errors import SDiTError
+from sdit.loader import Split
+from sdit.perturb import Kind, PerturbConfig
+from sdit.run import init_run, update_run
+from sdit.store import Store
+from test_pipeline_sdit import make_run
+
+MIX = PerturbConfig(mix={"none": 0.2, "input": 0.2, "swap": 0.2, "mix": 0.2, "null": 0.2}, caption_min_t=0)
+HOLDOUT, SEED, DRAWS = 0.5, 3, 4
+
+
+@pytest.fixture(scope="module")
+def store(tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "store"
+    encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), resolution=64, shard_size=4))
+    label(LabelConfig(store=str(out), teacher=str(tiny_teacher), perturb=MIX, draws=DRAWS, batch_size=16))
+    return out
+
+
+def trained(run, store, **train):
+    update_run(run, train={"store": str(store), "labels": "default", "holdout": HOLDOUT, "split_seed": SEED} | train)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tiny_teacher, store, tmp_path_factory):
+    return trained(make_run(tmp_path_factory.mktemp("eval-run") / "run", tiny_teacher), store)
+
+
+def held_out_eps_teacher(store) -> tuple[np.ndarray, np.ndarray]:
+    """Straight from the store: ε_T and timesteps of the held-out records' valid draws."""
+    s = Store(str(store))
+    eps, t = [], []
+    for index, _ in s.iter_shards("records"):
+        labels = s.shard_group("labels/default", index)
+        held = Split(HOLDOUT, SEED).held_out(index, labels["valid"].shape[0])
+        keep = labels["valid"][:] & held[:, None]
+        eps.append(labels["eps_teacher"][:][keep].astype(np.float64))
+        t.append(labels["timesteps"][:][keep])
+    return np.concatenate(eps), np.concatenate(t)
+
+
+def test_an_untrained_student_scores_the_mean_square_of_the_teacher(tiny_teacher, store, tmp_path):
+    run = trained(init_run(tmp_path / "zero", tiny_teacher, "SDiT-Nano/2"), store)  # ε = 0 exactly
+    eps, t = held_out_eps_teacher(store)
+    assert 0 < len(eps) < 11 * DRAWS  # some records held out, not all
+    result = evaluate(EvalConfig(run=str(run), store=str(store), batch_size=5, buckets=4))
+    a = result["teacher_agreement"]
+    assert a["draws"] == len(eps)
+    np.testing.assert_allclose(a["mse"], (eps**2).mean(axis=(1, 2, 3)).mean(), rtol=1e-6)
+    for b in a["by_timestep"]:
+        in_bucket = (t >= b["from"]) & (t <= b["to"])
+        assert b["draws"] == in_bucket.sum()
+        if b["draws"]:
+            np.testing.assert_allclose(b["mse"], (eps[in_bucket] ** 2).mean(), rtol=1e-6)
+    assert [(b["from"], b["to"]) for b in a["by_timestep"]] == [(0, 249), (250, 499), (500, 749), (750, 999)]
+    assert sum(k["draws"] for k in a["by_kind"].values()) == len(eps)
+    assert set(a["by_kind"]) <= {k.name.lower() for k in Kind}
+    assert result["split"] == {"holdout": HOLDOUT, "seed": SEED, "from": "run"}
+
+
+def test_a_student_that_predicts_something_scores_otherwise(run, store):
+    result = evaluate(EvalConfig(run=str(run), store=str(store), limit=7))
+    a = result["teacher_agreement"]
+    assert a["draws"] == 7 and a["mse"] > 0 and a["true_noise"]["draws"] <= 7
+    table = format_eval(result)
+    assert "teacher agreement" in table and "0-99" in table and "900-999" in table
+
+
+def test_the_split_can_be_named_by_options(tiny_teacher, store, tmp_path):
+    run = init_run(tmp_path / "untrained", tiny_teacher, "SDiT-Nano/2")
+    with pytest.raises(SDiTError, match="not trained with --holdout"):
+        evaluate(EvalConfig(run=str(run), store=str(store)))
+    result = evaluate(EvalConfig(run=str(run), store=str(store), holdout=HOLDOUT, split_seed=SEED))
+    assert result["split"]["from"] == "options"
+    assert result["teacher_agreement"]["draws"] == len(held_out_eps_teacher(store)[0])
+
+
+def test_errors(run, tiny_teacher, store, tmp_path):
+    with pytest.raises(SDiTError, match="run folder not found"):
+        evaluate(EvalConfig(run=str(tmp_path / "nope"), store=str(store)))
+    with pytest.raises(SDiTError, match="not an SDiT run folder"):
+        evaluate(EvalConfig(run=str(tiny_teacher), store=str(store)))
+    everything = trained(init_run(tmp_path / "all", tiny_teacher, "SDiT-Nano/2"), store, holdout=0.0)
+    with pytest.raises(SDiTError, match="trained on every record"):
+        evaluate(EvalConfig(run=str(everything), store=str(store)))
+    elsewhere = trained(init_run(tmp_path / "else", tiny_teacher, "SDiT-Nano/2"), tmp_path / "other-store")
+    with pytest.raises(SDiTError, match="was trained on .*other-store"):
+        evaluate(EvalConfig(run=str(elsewhere), store=str(store)))
+    guided = trained(init_run(tmp_path / "g", tiny_teacher, "SDiT-Nano/2", guidance_embed=True), store)
+    with pytest.raises(SDiTError, match="guidance-distilled"):
+        evaluate(EvalConfig(run=str(guided), store=str(store)))
+    with pytest.raises(SDiTError, match="no labels 'other'"):
+        evaluate(EvalConfig(run=str(run), store=str(store), labels="other"))
+    with pytest.raises(SDiTError, match="needs both --clip-model"):
+        evaluate(EvalConfig(run=str(run), store=str(store), clip_model=str(tmp_path)))
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel folder, as save_pretrained writes one (tests never download one)."""
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from sdit.teacher import SD15_CONFIG_DIR
+
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=small | dict(max_position_embeddings=77, vocab_size=49408),
+                        vision_config=small | dict(image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(out)
+    CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer").save_pretrained(out)
+    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def test_clip_score_from_a_local_model(run, store, clip_folder):
+    result = evaluate(EvalConfig(run=str(run), store=str(store), limit=4, clip_model=str(clip_folder),
+                                 references=str(SAMPLES), samples=3, steps=2, sample_batch_size=2))
+    clip = result["clip_score"]
+    assert clip["images"] == 3 and 0 <= clip["student"] <= 100 and 0 <= clip["references"] <= 100
+    assert "CLIP score on 3 reference captions" in format_eval(result)
+
+
+def test_a_missing_clip_file_is_named(clip_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "clip"
+    shutil.copytree(clip_folder, broken)
+    (broken / "preprocessor_config.json").unlink()
+    with pytest.raises(SDiTError, match="lacks preprocessor_config.json"):
+        load_clip(broken, torch.device("cpu"))
+    with pytest.raises(SDiTError, match="CLIP model folder not found"):
+        load_clip(tmp_path / "nope", torch.device("cpu"))
+
+
+def test_the_command(run, store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(run), str(store), "--limit", "6", "--buckets", "5", "--json",
+                                      str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert "teacher agreement" in result.output and "800-999" in result.output
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    assert figures["teacher_agreement"]["draws"] == 6 and len(figures["teacher_agreement"]["by_timestep"]) == 5
+    result = CliRunner().invoke(app, ["eval", str(run), str(tmp_path / "no-store")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1, \
+        result.output

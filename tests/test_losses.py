@@ -1,0 +1,40 @@
+import torch
+
+from sdit.diffusion import NoiseSchedule
+from sdit.losses import distillation_loss, min_snr_weight, true_noise_mask
+from sdit.perturb import Kind
+from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config
+
+
+def test_true_noise_is_a_target_for_real_pairs_only():
+    kinds = torch.tensor([int(k) for k in Kind])
+    assert true_noise_mask(kinds, torch.zeros(5)).tolist() == [True, True, False, False, True]
+    assert not true_noise_mask(kinds, torch.full((5,), 3.0)).any()  # guided targets are not the true noise
+
+
+def test_losses_are_the_weighted_mses_and_split_across_workers_exactly():
+    g = torch.Generator().manual_seed(0)
+    eps, noise, teacher = (torch.randn(6, 4, 2, 2, generator=g) for _ in range(3))
+    mask = torch.tensor([True, False, True, True, False, True])
+    out = distillation_loss(eps, noise, teacher, mask, task_weight=2.0, kd_weight=0.5)
+    task = ((eps - noise) ** 2).mean((1, 2, 3))
+    kd = ((eps - teacher) ** 2).mean((1, 2, 3))
+    assert torch.allclose(out.loss, (2.0 * task[mask].sum() + 0.5 * kd.sum()) / 6)
+    assert torch.allclose(out.task_sum / out.task_count, task[mask].mean())
+    # Two workers, each the mean over its half: their average is the whole batch's loss.
+    halves = [distillation_loss(eps[s], noise[s], teacher[s], mask[s], 2.0, 0.5).loss for s in (slice(0, 3),
+                                                                                                slice(3, 6))]
+    assert torch.allclose((halves[0] + halves[1]) / 2, out.loss)
+
+
+def test_a_non_finite_prediction_on_a_masked_draw_does_not_leak_into_the_task_loss():
+    eps = torch.zeros(2, 1, 1, 1)
+    noise = torch.tensor([0.0, float("nan")]).view(2, 1, 1, 1)
+    out = distillation_loss(eps, noise, torch.zeros_like(eps), torch.tensor([True, False]), 1.0, 0.0)
+    assert torch.isfinite(out.loss)
+
+
+def test_min_snr_weights_only_the_low_noise_steps():
+    schedule = NoiseSchedule.from_config(load_scheduler_config(SD15_CONFIG_DIR))
+    w = min_snr_weight(schedule, torch.tensor([0, 100, 500, 999]), gamma=5.0)
+    assert w[0] < w[1] < 1 and w[2] == 1 and w[3] == 1

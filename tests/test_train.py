@@ -1,0 +1,178 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.train import TrainConfig, read_metrics, train
+from sdit.dit import SDiT, build_student
+from sdit.errors import SDiTError
+from sdit.run import init_run, load_student, read_run
+from sdit.tiny import save_tiny_teacher
+
+FAST = dict(student="SDiT-Nano/2", batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, sample_steps=4, sample_prompts=4)
+
+
+def _train(store, out, **options) -> dict:
+    return train(TrainConfig(store=str(store), out=str(out), **FAST | options))
+
+
+def _losses(run) -> list[tuple]:
+    return [(m["step"], m["loss"], m["task_loss"], m["kd_loss"], m["grad_norm"]) for m in read_metrics(run / "metrics.jsonl")]
+
+
+def test_a_run_trains_from_the_store_alone(labelled_store, tiny_teacher, tmp_path, monkeypatch):
+    no_unet = tmp_path / "teacher"  # the teacher without its UNet: the run cannot have loaded it
+    shutil.copytree(tiny_teacher, no_unet, ignore=shutil.ignore_patterns("unet"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("stage two built or loaded a UNet")
+
+    monkeypatch.setattr(UNet2DConditionModel, "__init__", refuse)
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", refuse)
+    run = tmp_path / "run"
+    summary = _train(labelled_store, run, teacher=str(no_unet), steps=6, checkpoint_every=2, keep_checkpoints=2,
+                     holdout=0.25, sample_every=3)
+    assert summary["steps"] == 6
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert set(metrics[0]) == {"step", "loss", "task_loss", "kd_loss", "lr", "grad_norm", "samples_per_s"}
+    assert metrics[0]["lr"] == pytest.approx(5e-4) and metrics[-1]["lr"] == pytest.approx(1e-3)  # warm-up
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    # The run folder holds the EMA weights of the last checkpoint, as a pipeline folder.
+    ema = load_file(run / "checkpoints/step-00000006/ema.safetensors")
+    assert all(torch.equal(ema[k], v) for k, v in load_student(run).state_dict().items() if k in ema)
+    assert not (run / "unet").exists() and (run / "model_index.json").exists()
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["student_samples_gs-00000003.png", "student_samples_gs-00000006.png"]
+    assert Image.open(run / "samples" / grids[0]).size == (4 * 66 + 2, 68)  # 4 samples of 64 px, 2 px borders
+    assert Image.open(run / "loss.png").size[0] > 0
+    meta = read_run(run)["train"]
+    assert (meta["status"], meta["step"], meta["holdout"], meta["labels"]) == ("complete", 6, 0.25, "default")
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one(labelled_store, tmp_path):
+    whole = tmp_path / "whole"
+    _train(labelled_store, whole, steps=7, checkpoint_every=2, buffer_records=4)
+    part = tmp_path / "part"
+    _train(labelled_store, part, steps=3, checkpoint_every=2, buffer_records=4)
+    _train(labelled_store, part, steps=7, checkpoint_every=2, buffer_records=4, resume=True)
+    assert _losses(part) == _losses(whole)
+    a, b = load_student(whole).state_dict(), load_student(part).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(labelled_store, tmp_path, monkeypatch):
+    forward, calls = SDiT.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        return out * float("nan") if len(calls) == 5 and torch.is_grad_enabled() else out
+
+    monkeypatch.setattr(SDiT, "forward", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(SDiTError, match="NaN or inf at step 5; stopped. The last checkpoint is intact"):
+        _train(labelled_store, run, steps=10, checkpoint_every=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step-00000004"
+    assert all(torch.isfinite(v).all() for v in load_student(run).state_dict().values())
+    monkeypatch.setattr(SDiT, "forward", forward)
+    _train(labelled_store, run, steps=6, checkpoint_every=2, resume=True)
+    assert read_run(run)["train"]["step"] == 6
+
+
+def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, tmp_path):
+    run = tmp_path / "run"
+    _train(labelled_store, run, steps=1)
+    with pytest.raises(SDiTError, match="exists; pass --resume"):
+        _train(labelled_store, run, steps=2)
+    with pytest.raises(SDiTError, match="other lr"):
+        _train(labelled_store, run, steps=2, lr=0.5, resume=True)
+    with pytest.raises(SDiTError, match="either --init"):
+        train(TrainConfig(store=str(labelled_store), out=str(tmp_path / "x")))
+    wide = save_tiny_teacher(tmp_path / "wide", seed=1)  # same shapes, another VAE and text encoder
+    other = init_run(tmp_path / "other", wide, "SDiT-Nano/2")
+    with pytest.raises(SDiTError, match="not the one the store was encoded with"):
+        _train(labelled_store, tmp_path / "y", init=str(other), student=None)
+    good = init_run(tmp_path / "good", tiny_teacher, "SDiT-Nano/2")
+    build_student("SDiT-Nano/2", sample_size=8, in_channels=4, text_dim=48).save_pretrained(good / "transformer")
+    with pytest.raises(SDiTError, match="text embeddings are 32 wide; the student takes 48"):
+        _train(labelled_store, tmp_path / "z", init=str(good), student=None)
+    build_student("SDiT-Nano/2", sample_size=16, in_channels=4, text_dim=32).save_pretrained(good / "transformer")
+    with pytest.raises(SDiTError, match="latents are 4x8x8; the student takes 4x16x16"):
+        _train(labelled_store, tmp_path / "w", init=str(good), student=None)
+
+
+def test_the_student_learns_the_teachers_targets(labelled_store, tmp_path):
+    _train(labelled_store, tmp_path / "run", steps=60, lr=3e-3, batch_size=16, checkpoint_every=60, task_weight=0)
+    kd = [m["kd_loss"] for m in read_metrics(tmp_path / "run/metrics.jsonl")]
+    assert np.mean(kd[-10:]) < 0.7 * np.mean(kd[:10])  # the tiny random teacher: ε_T is small and rough
+
+
+def test_cli_init_then_train_from_it(labelled_store, tiny_teacher, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["init", "--teacher", str(tiny_teacher), "--student", "SDiT-Nano/2", "--out",
+                                 str(tmp_path / "init"), "--seed", "7"])
+    assert result.exit_code == 0, result.output
+    assert "SDiT-Nano/2" in result.output and "latents 4x8x8, text width 32" in result.output
+    result = runner.invoke(app, ["train", str(labelled_store), "--out", str(tmp_path / "run"), "--init",
+                                 str(tmp_path / "init"), "--steps", "2", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output
+    assert read_run(tmp_path / "run")["student"] == {"preset": "SDiT-Nano/2", "seed": 7}
+    result = runner.invoke(app, ["train", str(labelled_store), "--out", str(tmp_path / "run"), "--student",
+                                 "SDiT-Nano/2"])
+    assert result.exit_code == 2 and "exists; pass --resume" in result.output and "Traceback" not in result.output
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-c", "from cli import app; app()", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_loss_curve(labelled_store, tmp_path):
+    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+               "--checkpoint-every", "3", "--buffer-records", "4"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli("train", str(labelled_store), "--out", str(tmp_path / "whole"), "--steps", "12", *options),
+                   check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "400", *options),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(read_metrics(metrics) if metrics.exists() else []) < 5:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints").exists()
+    subprocess.run(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "12", "--resume", *options),
+                   check=True, env=env, capture_output=True)
+    assert _losses(killed) == _losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store, tmp_path):
+    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--steps", "6"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli("train", str(labelled_store), "--out", str(tmp_path / "one"), *options), check=True,
+                   env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "cli", "train", str(labelled_store), "--out", str(tmp_path / "two"),
+                           *options], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [r[0] for r in two] == list(range(1, 7))
+    np.testing.assert_allclose(np.array(two, dtype=float)[:, 1:], np.array(one, dtype=float)[:, 1:], rtol=1e-4)
