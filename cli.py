@@ -312,6 +312,30 @@ Guidance = Annotated[float, typer.Option(min=0, help="Classifier-free guidance s
 Scheduler = Annotated[str, typer.Option(help="Sampler: ddim, dpm++ (DPM-Solver++ multistep), euler, pndm or ddpm.")]
 
 
+@bench_app.command("train")
+@command
+def bench_train(
+    store: Annotated[Optional[str], typer.Argument(help="A labelled store [default: generated images, encoded and labelled].")] = None,
+    teacher: BenchTeacher = None,
+    teacher_config: TeacherConfig = None,
+    student: Annotated[str, typer.Option("--student", "-s", help="Student preset to time.")] = "SDiT-T/2",
+    images: Annotated[int, typer.Option(min=8, help="Generated images in the default store.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Draws per step.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement.")] = 20,
+    device: Device = "auto",
+    json_out: JsonOut = None,
+):
+    """Steps/s from the store vs from memory, offline vs online distillation, and FLOPs per step of each preset."""
+    from pipeline.bench import write_json
+    from pipeline.bench_train import BenchTrainConfig, bench_train as run, format_train_table
+
+    result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
+                                  images=images, batch_size=batch_size, steps=steps, device=device))
+    typer.echo(format_train_table(result))
+    if json_out:
+        write_json(result, json_out)
+
+
 @app.command()
 @command
 def sample(

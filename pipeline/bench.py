@@ -224,11 +224,11 @@ def _label_batches(labeler, lc, teacher_inputs):
 
 
 def _unet_flops(labeler, inputs) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+    from sdit.flops import forward_flops
 
-    with FlopCounterMode(display=False) as counter:
-        labeler.teacher_eps(inputs, None)
-    return float(counter.get_total_flops())
+    x = inputs.x_t.to(labeler.device, labeler.dtype)
+    text = inputs.text.to(labeler.device, labeler.dtype)
+    return float(forward_flops(labeler.unet, x, inputs.timesteps.to(labeler.device), encoder_hidden_states=text))
 
 
 def matmul_gflops(device, n: int = 2048, repeats: int = 5) -> float:

@@ -1,0 +1,123 @@
+"""`sdit bench train`: what stage two's loader costs, what the cached labels save, and FLOPs per step.
+
+Three ways to run the same training steps on the same batches, alternated, best of `repeats` each:
+
+    store     the real thing: read blocks, shuffle, rebuild inputs (sdit.loader), then the student's step
+    memory    the same batches built beforehand: the student's step alone; store / memory is the loader's cost
+    online    the store's batches, plus the teacher UNet's forward on each to make ε_T: online distillation,
+              what the two-stage design saves
+
+FLOPs per forward at SD 1.5's 64x64 latents come from `sdit.flops` (meta device, nothing allocated).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.bench import generate_images, tiny_teacher
+from pipeline.train import TrainConfig, Trainer, Workers, make_state
+from sdit.devices import setup_worker
+from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS, flops_table
+from sdit.loader import DrawStream, LabelledStore, Position
+from sdit.run import LatentSpace, init_run, load_student
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    store: str | None = None  # a labelled store; default: generated images, encoded and labelled
+    teacher: str | None = None  # default: a tiny random SD-shaped teacher (the online step runs its UNet)
+    teacher_config: str | None = None
+    student: str = "SDiT-T/2"  # the demo's student
+    images: int = 512
+    draws: int = 4
+    batch_size: int = 64
+    steps: int = 20  # timed steps per measurement, after `warmup` untimed ones
+    warmup: int = 3
+    device: str = "auto"
+
+
+def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
+    from pipeline.encode import EncodeConfig, encode
+    from pipeline.label import LabelConfig, label
+    from sdit.teacher import load_teacher
+
+    device, _ = setup_worker(config.device, "fp32", None)
+    with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
+        tmp = Path(tmp)
+        teacher = config.teacher or tiny_teacher(tmp)
+        store = config.store
+        if store is None:
+            store = str(tmp / "store")
+            encode(EncodeConfig(source=str(generate_images(tmp / "images", config.images, 64)), teacher=teacher,
+                                out=store, teacher_config=config.teacher_config, resolution=64))
+            label(LabelConfig(store=store, teacher=teacher, teacher_config=config.teacher_config,
+                              draws=config.draws))
+        data = LabelledStore(store)
+        c, h, _ = data.manifest.latent_shape
+        run = init_run(tmp / "run", teacher, config.student, teacher_config=config.teacher_config,
+                       space=LatentSpace(h, c, data.manifest.text_shape[1]))
+        train_config = TrainConfig(store=store, out=str(run), student=config.student, batch_size=config.batch_size)
+        trainer = Trainer(train_config, make_state(load_student(run), train_config, device, Workers()), data, device)
+        unet = load_teacher(teacher, components=("unet",), config_dir=config.teacher_config, device=device).unet
+        stream = DrawStream(data, config.batch_size, seed=0)
+        n = config.warmup + config.steps
+        memory = list(itertools.islice(stream.batches(Position()), n))
+
+        def online(batch):
+            with torch.no_grad():
+                batch.eps_teacher = unet(batch.x_t.to(device), batch.timesteps.to(device),
+                                         encoder_hidden_states=batch.text.to(device).float()).sample.cpu()
+            return batch
+
+        rates = {"store": [], "memory": [], "online": []}
+        for _ in range(repeats):
+            rates["store"].append(_steps_per_s(trainer, stream.batches(Position()), config, device))
+            rates["memory"].append(_steps_per_s(trainer, iter(memory), config, device))
+            rates["online"].append(_steps_per_s(trainer, map(online, stream.batches(Position())), config,
+                                                device))
+    flops = flops_table(DEFAULT_PRESETS, sample_size=64)
+    store_rate, memory_rate, online_rate = (max(rates[k]) for k in ("store", "memory", "online"))
+    return {
+        "store_steps_per_s": store_rate, "memory_steps_per_s": memory_rate, "loader_ratio": store_rate / memory_rate,
+        "offline_steps_per_s": store_rate, "online_steps_per_s": online_rate,
+        "online_ratio": online_rate / store_rate, "flops": flops,
+        "train_step_flops": {p: TRAIN_STEP_FORWARDS * f for p, f in flops.items() if p != "sd15_unet"},
+        "online_step_flops": {p: TRAIN_STEP_FORWARDS * f + flops["sd15_unet"] for p, f in flops.items()
+                              if p != "sd15_unet"},
+        "device": str(device), "config": asdict(config),
+    }
+
+
+def _steps_per_s(trainer: Trainer, batches, config: BenchTrainConfig, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(config.warmup):
+        trainer.step(next(batches))
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(config.steps):
+        trainer.step(next(batches))
+    sync()
+    return config.steps / (time.perf_counter() - t0)
+
+
+def format_train_table(result: dict) -> str:
+    flops = result["flops"]
+    lines = [
+        f"{'from the store (read, rebuild, step)':<44}{result['store_steps_per_s']:>10.2f} steps/s",
+        f"{'from memory (step only)':<44}{result['memory_steps_per_s']:>10.2f} steps/s",
+        f"{'store / memory':<44}{result['loader_ratio']:>10.3f}",
+        f"{'online (+ teacher UNet forward)':<44}{result['online_steps_per_s']:>10.2f} steps/s",
+        f"{'online / offline':<44}{result['online_ratio']:>10.3f}",
+        "",
+        f"{'GFLOPs per forward at 64x64 latents':<44}{'forward':>10}{'train step':>12}{'online step':>13}",
+    ]
+    for name, value in flops.items():
+        train = result["train_step_flops"].get(name)
+        online = result["online_step_flops"].get(name)
+        lines.append(f"{name:<44}{value / 1e9:>10.1f}" + (f"{train / 1e9:>12.1f}{online / 1e9:>13.1f}" if train else ""))
+    return "\n".join(lines)
