@@ -336,6 +336,63 @@ def bench_train(
         write_json(result, json_out)
 
 
+@bench_app.command("distill")
+@command
+def bench_distill(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = "runs/distill",
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Teacher [default: the toy teacher in data/toy-sd].")] = None,
+    runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb.")] = "no_teacher,kd,kd_perturb",
+    records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = 1000,
+    draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = 8,
+    student: Annotated[str, typer.Option("--student", "-s", help="Student preset of every run.")] = "SDiT-T/2",
+    steps: Annotated[int, typer.Option(min=1, help="Training steps of every run.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = 2,
+    sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = 25,
+    guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of every sample.")] = 5.0,
+    perturb: Annotated[Optional[str], typer.Option(help="The kd_perturb run's mix, e.g. none=0.6,input=0.1,swap=0.1,mix=0.1,null=0.1.")] = None,
+    caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = 400,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: JsonOut = None,
+):
+    """The shapes world: students with and without the teacher on limited data, scored on held-out concepts."""
+    from pipeline.bench import write_json
+    from pipeline.distill import TOY_TEACHER, DistillConfig, distill
+    from sdit.perturb import PerturbConfig
+
+    mix = PerturbConfig.parse(perturb, caption_min_t=caption_min_t) if perturb else PerturbConfig(
+        caption_min_t=caption_min_t)
+    config = DistillConfig(out=out, teacher=teacher or str(TOY_TEACHER), runs=tuple(runs.split(",")), records=records,
+                           draws=draws, student=student, steps=steps, batch_size=batch_size, lr=lr,
+                           per_prompt=per_prompt, sample_steps=sample_steps, guidance=guidance, seed=seed,
+                           perturb=mix)
+    bar = None
+
+    def stage(name: str) -> None:
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+        typer.echo(name, err=True)
+        bar = progress_bar(name, "step") if name.startswith("train") else None
+        if bar is not None:
+            bar.total = steps
+
+    def on_step(m: dict) -> None:
+        bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
+        bar.update(m["step"] - bar.n)
+
+    report = distill(config, stage, on_step)
+    if bar is not None:
+        bar.close()
+    from pipeline.distill import format_report
+
+    typer.echo(format_report(report))
+    typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md")
+    if json_out:
+        write_json({"runs": report["runs"], "teacher": report["teacher"]}, json_out)
+
+
 @app.command()
 @command
 def sample(

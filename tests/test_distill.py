@@ -1,0 +1,36 @@
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from sdit.loader import LabelledStore
+from sdit.perturb import Kind
+from sdit.run import read_run
+
+
+def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
+    """The demo path end to end on the tiny teacher: split, encode, label, train three students, sample, score."""
+    out, figures = tmp_path / "distill", tmp_path / "distill.json"
+    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
+                                      "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
+                                      "--per-prompt", "1", "--sample-steps", "2", "--json", str(figures)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(figures.read_text())
+    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb"}
+    for name, run in report["runs"].items():
+        assert {"heldout_acc", "seen_acc", "teacher_mse"} <= set(run)
+        assert 0 <= run["heldout_acc"] <= 1 and run["teacher_mse"] > 0
+        trained = read_run(out / name)["train"]
+        assert (trained["status"], trained["step"]) == ("complete", 2)
+    assert {"heldout_acc", "seen_acc"} <= set(report["teacher"])
+    assert read_run(out / "no_teacher")["train"]["config"]["kd_weight"] == 0
+    assert read_run(out / "kd_perturb")["train"]["labels"] == "perturbed"
+    # Plain labels: real pairs and the empty caption only; perturbed ones also ask about other captions.
+    plain = LabelledStore(str(out / "store"), "plain").labels_meta["counts"]["kinds"]
+    assert plain["swap"] == plain["mix"] == plain["input"] == 0 and plain["none"] > 0
+    perturbed = LabelledStore(str(out / "store"), "perturbed").labels_meta["counts"]["kinds"]
+    assert perturbed[Kind.SWAP.name.lower()] > 0
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and three student rows
+    assert "| kd_perturb |" in (out / "report.md").read_text()
