@@ -65,6 +65,15 @@ def command(fn):
     return wrapper
 
 
+def _report(table: str, result: dict, json_out: Optional[Path]) -> None:
+    """A benchmark's table on the terminal, and its figures as JSON when asked."""
+    typer.echo(table)
+    if json_out:
+        from pipeline.bench import write_json
+
+        write_json(result, json_out)
+
+
 def progress_bar(desc: str, unit: str):
     from tqdm import tqdm
 
@@ -269,14 +278,12 @@ def bench_encode(
     json_out: JsonOut = None,
 ):
     """Records/s of `sdit encode` against the bare VAE + text-encoder forward, and peak RSS at two sizes."""
-    from pipeline.bench import BenchEncodeConfig, bench_encode as run, format_table, write_json
+    from pipeline.bench import BenchEncodeConfig, bench_encode as run, format_table
 
     result = run(BenchEncodeConfig(source=source, teacher=teacher, teacher_config=teacher_config, images=images,
                                    resolution=resolution, batch_size=batch_size, shard_size=shard_size,
                                    device=device, dtype=dtype))
-    typer.echo(format_table(result))
-    if json_out:
-        write_json(result, json_out)
+    _report(format_table(result), result, json_out)
 
 
 @bench_app.command("label")
@@ -295,14 +302,12 @@ def bench_label(
     json_out: JsonOut = None,
 ):
     """Draws/s of `sdit teacher-label` against the bare UNet forward, bytes per draw, FLOP rate."""
-    from pipeline.bench import BenchLabelConfig, bench_label as run, format_label_table, write_json
+    from pipeline.bench import BenchLabelConfig, bench_label as run, format_label_table
 
     result = run(BenchLabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, images=images,
                                   draws=draws, batch_size=batch_size, project_images=project_images,
                                   project_draws=project_draws, device=device, dtype=dtype))
-    typer.echo(format_label_table(result))
-    if json_out:
-        write_json(result, json_out)
+    _report(format_label_table(result), result, json_out)
 
 
 # --- sampling and evaluation ----------------------------------------------------------------------------
@@ -326,14 +331,11 @@ def bench_train(
     json_out: JsonOut = None,
 ):
     """Steps/s from the store vs from memory, offline vs online distillation, and FLOPs per step of each preset."""
-    from pipeline.bench import write_json
     from pipeline.bench_train import BenchTrainConfig, bench_train as run, format_train_table
 
     result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
                                   images=images, batch_size=batch_size, steps=steps, device=device))
-    typer.echo(format_train_table(result))
-    if json_out:
-        write_json(result, json_out)
+    _report(format_train_table(result), result, json_out)
 
 
 @bench_app.command("distill")
@@ -357,8 +359,7 @@ def bench_distill(
     json_out: JsonOut = None,
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts."""
-    from pipeline.bench import write_json
-    from pipeline.distill import TOY_TEACHER, DistillConfig, distill
+    from pipeline.distill import TOY_TEACHER, DistillConfig, distill, format_report
     from sdit.perturb import PerturbConfig
 
     mix = PerturbConfig.parse(perturb, caption_min_t=caption_min_t) if perturb else PerturbConfig(
@@ -385,12 +386,8 @@ def bench_distill(
     report = distill(config, stage, on_step)
     if bar is not None:
         bar.close()
-    from pipeline.distill import format_report
-
-    typer.echo(format_report(report))
+    _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
     typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md")
-    if json_out:
-        write_json({"runs": report["runs"], "teacher": report["teacher"]}, json_out)
 
 
 @app.command()
@@ -449,7 +446,7 @@ def evaluate(
     json_out: JsonOut = None,
 ):
     """How close the student is to its teacher: ε MSE on held-out labelled draws, by timestep and perturbation."""
-    from pipeline.evaluate import EvalConfig, evaluate as run_eval, format_eval, write_json
+    from pipeline.evaluate import EvalConfig, evaluate as run_eval, format_eval
 
     config = EvalConfig(run=run, store=store, labels=labels, holdout=holdout, split_seed=split_seed, buckets=buckets,
                         batch_size=batch_size, limit=limit, device=device, dtype=dtype, clip_model=clip_model,
@@ -457,9 +454,7 @@ def evaluate(
                         seed=seed)
     with progress_bar("eval", "draw") as bar:
         result = run_eval(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
-    typer.echo(format_eval(result))
-    if json_out:
-        write_json(result, json_out)
+    _report(format_eval(result), result, json_out)
 
 
 @bench_app.command("sample")
@@ -480,16 +475,13 @@ def bench_sample(
     json_out: JsonOut = None,
 ):
     """Images/s of the student against the teacher, and FLOPs per sampling step at SD 1.5's size for each preset."""
-    from pipeline.bench import write_json
     from pipeline.bench_sample import BenchSampleConfig, bench_sample as run_bench, format_sample_table
 
     options = {"presets": tuple(preset)} if preset else {}
     result = run_bench(BenchSampleConfig(run=run, teacher=teacher, teacher_config=teacher_config, student=student,
                                    images=images, steps=steps, scheduler=scheduler, guidance=guidance,
                                    resolution=resolution, device=device, dtype=dtype, **options))
-    typer.echo(format_sample_table(result))
-    if json_out:
-        write_json(result, json_out)
+    _report(format_sample_table(result), result, json_out)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ def tiny_teacher(folder: Path) -> str:
     return str(save_tiny_teacher(folder / "teacher"))
 
 
+def encoded_store(folder: Path, teacher: str, images: int, resolution: int, teacher_config: str | None = None,
+                  device: str = "auto", dtype: str = "auto") -> str:
+    """The benchmarks' default store: `images` generated images encoded with `teacher` into `folder`/store."""
+    from pipeline.encode import EncodeConfig, encode
+
+    store = str(folder / "store")
+    encode(EncodeConfig(source=str(generate_images(folder / "images", images, resolution)), teacher=teacher, out=store,
+                        teacher_config=teacher_config, resolution=resolution, device=device, dtype=dtype))
+    return store
+
+
 def format_table(result: dict) -> str:
     n_small, n_large = result["records"]
     rss_small, rss_large = result["peak_rss_mb"]
@@ -169,19 +180,14 @@ def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
     `repeats`, alternating), bytes per draw, the projected wall time, and FLOP rates."""
     import torch
 
-    from pipeline.encode import EncodeConfig, encode
     from pipeline.label import LabelConfig, label, LabelerFactory
     from sdit.labels import teacher_inputs
 
     with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
         tmp = Path(tmp)
         teacher = config.teacher or tiny_teacher(tmp)
-        store = config.store
-        if store is None:
-            store = str(tmp / "store")
-            encode(EncodeConfig(source=str(generate_images(tmp / "images", config.images, config.resolution)),
-                                teacher=teacher, out=store, teacher_config=config.teacher_config,
-                                resolution=config.resolution, device=config.device, dtype=config.dtype))
+        store = config.store or encoded_store(tmp, teacher, config.images, config.resolution, config.teacher_config,
+                                              config.device, config.dtype)
         lc = LabelConfig(store=store, teacher=teacher, teacher_config=config.teacher_config, name="bench",
                          draws=config.draws, batch_size=config.batch_size, device=config.device, dtype=config.dtype,
                          overwrite=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import generate_images, tiny_teacher
+from pipeline.bench import encoded_store, tiny_teacher
 from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS, flops_table
@@ -42,7 +42,6 @@ class BenchTrainConfig:
 
 
 def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
-    from pipeline.encode import EncodeConfig, encode
     from pipeline.label import LabelConfig, label
     from sdit.teacher import load_teacher
 
@@ -52,9 +51,7 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         teacher = config.teacher or tiny_teacher(tmp)
         store = config.store
         if store is None:
-            store = str(tmp / "store")
-            encode(EncodeConfig(source=str(generate_images(tmp / "images", config.images, 64)), teacher=teacher,
-                                out=store, teacher_config=config.teacher_config, resolution=64))
+            store = encoded_store(tmp, teacher, config.images, 64, config.teacher_config)
             label(LabelConfig(store=store, teacher=teacher, teacher_config=config.teacher_config,
                               draws=config.draws))
         data = LabelledStore(store)
