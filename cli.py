@@ -137,15 +137,22 @@ def teacher_label(
     batch_size: BatchSize = 64,
     max_dropped: Annotated[float, typer.Option(min=0, max=1, help="Stop when more draws than this get a NaN/inf teacher output.")] = 0.01,
     overwrite: Annotated[bool, typer.Option(help="Delete labels of the same name and start again.")] = False,
+    synthesize: Annotated[int, typer.Option(min=0, help="First sample the teacher N times per prompt of the store's prompt bank (synthetic records, store/synthetic), then label those too; 0: real records only.")] = 0,
+    synth_steps: Annotated[int, typer.Option(min=1, help="Sampling steps of each synthetic record.")] = 25,
+    synth_guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of each synthetic record (1: none).")] = 7.5,
+    synth_seed: Annotated[int, typer.Option(help="Seeds each synthetic record's initial noise from (seed, prompt, sample).")] = 0,
+    synth_scheduler: Annotated[Optional[str], typer.Option(help="Sampler of the synthetic records: ddim, dpm++, euler or pndm [default: the teacher's own].")] = None,
     device: Device = "auto",
     dtype: DType = "auto",
     ray_address: RayAddress = None,
     num_workers: Annotated[Optional[int], typer.Option(min=1, help="Ray actors [default: one per GPU, else per CPU].")] = None,
 ):
-    """Run the teacher's UNet once over a store: K draws per record (timestep, noise, perturbation) and ε_T."""
+    """Run the teacher's UNet once over a store: K draws per record (timestep, noise, perturbation) and ε_T.
+    With --synthesize N it first samples the prompt bank into synthetic records and labels them as well."""
     from pipeline.label import LabelConfig, label
     from sdit.errors import SDiTError
     from sdit.perturb import DEFAULT_MIX, PerturbConfig
+    from sdit.synthesize import SynthesisConfig
 
     window = None
     if guidance:
@@ -164,12 +171,25 @@ def teacher_label(
     config = LabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, name=labels, draws=draws,
                          timesteps=timesteps, perturb=mix, guidance=window, seed=seed, batch_size=batch_size,
                          max_dropped=max_dropped, overwrite=overwrite, device=device, dtype=dtype,
-                         ray_address=ray_address, num_workers=num_workers)
+                         ray_address=ray_address, num_workers=num_workers,
+                         synthesis=SynthesisConfig(samples=synthesize, steps=synth_steps, guidance=synth_guidance,
+                                                   seed=synth_seed, scheduler=synth_scheduler) if synthesize else None)
     with progress_bar("teacher-label", "draw") as bar:
-        counts = label(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+
+        def on_stage(name: str, total: int) -> None:
+            bar.reset(total)
+            bar.set_description(name)
+            bar.unit = "sample" if name == "synthesize" else "draw"
+
+        counts = label(config, progress=bar.update, on_stage=on_stage)
     kinds = ", ".join(f"{k} {v}" for k, v in counts["kinds"].items())
     typer.echo(f"labelled {counts['draws']} draws in {counts['shards']} shards into {store}/labels/{labels} "
                f"({kinds}; {counts['dropped']} dropped; {counts['bytes_per_draw']:.0f} bytes a draw)")
+    if "synthetic" in counts:
+        s = counts["synthetic"]
+        typer.echo(f"and {s['draws']} draws of {s['records']} synthetic records ({s['samples_dropped']} samples "
+                   f"dropped; {s['dropped']} draws dropped); teacher forwards in all: "
+                   f"{counts['teacher_forwards']['total']} ({counts['teacher_forwards']['synthesis']} to sample)")
 
 
 # --- stage two ------------------------------------------------------------------------------------------
@@ -220,6 +240,7 @@ def train(
     task_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε|² on draws whose true noise is a target.")] = 1.0,
     kd_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε_T|²; 0 trains without the teacher.")] = 1.0,
     min_snr: Annotated[Optional[float], typer.Option(min=0, help="Min-SNR-γ timestep weighting (e.g. 5).")] = None,
+    synthetic_weight: Annotated[float, typer.Option(min=0, help="Scales the loss (task and KD) of synthetic records' draws (labels made with --synthesize).")] = 1.0,
     holdout: Annotated[float, typer.Option(min=0, max=0.99, help="Fraction of records held out for `sdit eval`.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seeds the data order, the held-out split and a fresh student.")] = 0,
     buffer_records: Annotated[int, typer.Option(min=1, help="Records in the shuffle window.")] = 1024,
@@ -238,7 +259,8 @@ def train(
     config = TrainConfig(store=store, out=out, labels=labels, init=init, student=student, teacher=teacher,
                          teacher_config=teacher_config, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                          weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
-                         task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr, holdout=holdout, seed=seed,
+                         task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr,
+                         synthetic_weight=synthetic_weight, holdout=holdout, seed=seed,
                          buffer_records=buffer_records, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
                          gradient_checkpointing=gradient_checkpointing, precision=precision, device=device,
@@ -421,6 +443,28 @@ def sample(
     with progress_bar("sample", "image") as bar:
         summary = run_sample(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
     typer.echo(summary.line())
+
+
+@app.command("inspect")
+@command
+def inspect_store(
+    store: Annotated[str, typer.Argument(help="A store (from `sdit encode`, with `sdit teacher-label --synthesize`).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and grid.png.")],
+    synthetic: Annotated[bool, typer.Option(help="The teacher's samples (synthetic records) rather than the encoded images.")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="Decode the first N records of the group.")] = 32,
+    vae: Annotated[Optional[str], typer.Option(help="A teacher or run folder whose VAE decodes [default: the store's teacher].")] = None,
+    teacher_config: TeacherConfig = None,
+    columns: Annotated[int, typer.Option(min=1, help="Images per row of the grid.")] = 8,
+    device: Device = "auto",
+):
+    """Decode a store's latents to images: what the student will learn from."""
+    from pipeline.synthesize import InspectConfig, inspect_store as run_inspect
+
+    config = InspectConfig(store=store, out=out, synthetic=synthetic, limit=limit, vae=vae,
+                           teacher_config=teacher_config, columns=columns, device=device)
+    with progress_bar("inspect", "image") as bar:
+        summary = run_inspect(config, progress=bar.update)
+    typer.echo(f"wrote {summary['images']} images to {summary['out']} (grid: {summary['grid']})")
 
 
 @app.command("eval")

@@ -1,29 +1,35 @@
 """Stage one, part 2: K labelled draws per record, and the teacher UNet's ε for each.
 
     check (driver)          the store's VAE/text encoder are the teacher's; shapes fit the UNet
+    synthesize (worker)     with `synthesis`: the teacher's samples for the prompt bank, as synthetic records
+                            (pipeline.synthesize), first, on the same workers
     label_shard (worker)    draws from (seed, shard, record, draw) generators, rebuild inputs, run the
                             UNet in batches, drop non-finite outputs, write the label shard whole
-    finish (driver)         counts per kind, dropped draws, bytes per draw, manifest "complete"
+    finish (driver)         counts per kind, dropped draws, bytes per draw, teacher forwards, manifest "complete"
 
-Labels go to `labels/<name>/NNNNN` beside the records shard NNNNN they describe, with their own manifest
+Labels go to `labels/<name>/NNNNN` beside the records shard NNNNN they describe (and to
+`labels/<name>/synthetic/NNNNN` beside synthetic shard NNNNN), with their own manifest
 `labels/<name>/manifest.json`; another teacher or seed goes into another name.
 """
 
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from pipeline.synthesize import ShardSynthesizer, finish_synthesis, plan_synthesis, prepare_synthesis
 from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
 from sdit.perturb import Kind, PerturbConfig, draw_generator, sample_draw
 from sdit.store import LABEL_COLUMNS, Store, write_shard
+from sdit.synthesize import SYNTHETIC, SYNTHETIC_MANIFEST, SynthesisConfig, synthetic_draw_generator
 from sdit.teacher import Teacher, load_teacher
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
@@ -48,6 +54,7 @@ class LabelConfig:
     threads: int | None = None
     ray_address: str | None = None
     num_workers: int | None = None
+    synthesis: SynthesisConfig | None = None  # also make and label the teacher's samples for the prompt bank
 
     def check(self) -> None:
         if self.draws < 1 or self.batch_size < 1:
@@ -58,14 +65,30 @@ class LabelConfig:
             raise SDiTError(f"--guidance {self.guidance}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
         if not self.name or "/" in self.name:
             raise SDiTError(f"--labels {self.name!r}: a plain name, no '/'")
+        if self.synthesis is not None:
+            self.synthesis.check()
 
     @property
     def group(self) -> str:
         return f"labels/{self.name}"
 
+    def label_group(self, group: str) -> str:
+        """Where the labels of a records ("records") or synthetic ("synthetic") shard go."""
+        return self.group if group == "records" else f"{self.group}/{group}"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One shard of a teacher worker's work: label shard `index` of `group`, or make synthetic shard `index`."""
+
+    group: str  # "records" or "synthetic"
+    index: int
+    synthesize: bool = False
+
 
 class ShardLabeler:
-    """Holds the teacher's UNet; turns one records shard into one label shard."""
+    """Holds the teacher's UNet; turns one records (or synthetic) shard into one label shard, and with
+    `config.synthesis` makes synthetic shards too."""
 
     def __init__(self, config: LabelConfig, teacher: Teacher, device: torch.device, dtype: torch.dtype):
         self.config, self.unet, self.device, self.dtype = config, teacher.unet, device, dtype
@@ -74,10 +97,14 @@ class ShardLabeler:
         self.manifest = self.store.manifest()
         self.bank = CaptionBank(self.store)
         self.null = self.store.root_group()["null_text_emb"][:]
+        self.synthesizer = ShardSynthesizer(self.store, config.synthesis, teacher, device, dtype, config.batch_size) \
+            if config.synthesis else None
 
-    def draw_labels(self, shard: int, n: int) -> dict:
-        """Every random choice of the shard's draws; nothing here depends on batching or workers."""
+    def draw_labels(self, shard: int, n: int, synthetic: bool = False) -> dict:
+        """Every random choice of the shard's draws; nothing here depends on batching or workers. A synthetic
+        shard's draws come from generators of their own, apart from those of the records shard of its number."""
         c, K = self.config, self.config.draws
+        generator = synthetic_draw_generator if synthetic else draw_generator
         shape = tuple(self.manifest.latent_shape)
         labels = {name: np.zeros((n, K, *self._tail(name, shape)), dtype=col.dtype)
                   for name, col in LABEL_COLUMNS.items() if col.per_record}
@@ -85,7 +112,7 @@ class ShardLabeler:
         xi = []
         for r in range(n):
             for d in range(K):
-                gen = draw_generator(c.seed, shard, r, d)
+                gen = generator(c.seed, shard, r, d)
                 draw = sample_draw(c.perturb, gen, latent_shape=shape, num_timesteps=self.schedule.num_timesteps,
                                    num_records=self.bank.size("records"), num_prompts=self.bank.size("prompts"),
                                    stratum=(d, K) if c.timesteps == "stratified" else None)
@@ -122,11 +149,14 @@ class ShardLabeler:
         w = torch.as_tensor(guidance, dtype=torch.float32, device=self.device).view(-1, 1, 1, 1)
         return eps_u + w * (eps_c - eps_u)
 
-    def __call__(self, shard: int) -> dict:
-        records = self.store.shard_group("records", shard)
+    def __call__(self, task: Task) -> dict:
+        if task.synthesize:
+            return self.synthesizer(task.index)
+        shard = task.index
+        records = self.store.shard_group(task.group, shard)
         latents, text_emb = records["latents"][:], records["text_emb"][:]
         n, K = len(latents), self.config.draws
-        labels = self.draw_labels(shard, n)
+        labels = self.draw_labels(shard, n, synthetic=task.group == SYNTHETIC)
         rows, draws = np.divmod(np.arange(n * K), K)
         for start in range(0, n * K, self.config.batch_size):
             r, d = rows[start:start + self.config.batch_size], draws[start:start + self.config.batch_size]
@@ -140,8 +170,8 @@ class ShardLabeler:
         kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
         record = {"draws": n * K, "dropped": int((~labels["valid"]).sum()), "kinds": kinds,
                   "bytes": int(sum(v.nbytes for v in labels.values()))}
-        write_shard(self.store, self.config.group, shard, labels, record)
-        return {"index": shard, "count": n, **record}
+        write_shard(self.store, self.config.label_group(task.group), shard, labels, record)
+        return {"group": task.group, "index": shard, "count": n, **record}
 
 
 @dataclass(frozen=True)
@@ -156,8 +186,11 @@ class LabelerFactory:
 
 
 def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
-          on_total: Callable[[int], None] | None = None) -> dict:
-    """Run stage one, part 2 over a finished store; resumes an unfinished labelling of the same config."""
+          on_total: Callable[[int], None] | None = None,
+          on_stage: Callable[[str, int], None] | None = None) -> dict:
+    """Run stage one, part 2 (and with `config.synthesis` part 3 first) over a finished store; resumes an
+    unfinished run of the same config. `on_stage(name, total)` opens each stage ("synthesize": samples,
+    "label": draws), `progress(n)` counts that stage's units; `on_total` hears the label stage's total."""
     config.check()
     config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
     store = Store(config.store)
@@ -166,42 +199,69 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
         raise SDiTError(f"{store.url} is not finished encoding; rerun `sdit encode` on it first")
     teacher = load_teacher(config.teacher, config_dir=config.teacher_config)  # all parts: hashes and shapes
     check_teacher(manifest, teacher)
-    meta = prepare_labels(store, config, teacher)
-    records = store.finished("records")
-    done = store.finished(config.group)
-    if on_total:
-        on_total(sum(r["count"] for r in records.values()) * config.draws)
-    todo = []
-    for index, record in records.items():
-        if index in done:
-            if progress:
-                progress(record["count"] * config.draws)
-        else:
-            todo.append(index)
+    synthetic = plan_synthesis(store, config.synthesis, teacher) if config.synthesis else None  # refusals first
+    meta = prepare_labels(store, config, teacher, synthetic)
+    to_synthesize = prepare_synthesis(store, synthetic) if synthetic else []
     started = time.perf_counter()
-    factory = LabelerFactory(config)
-    if config.ray_address:
-        with ray_session(config.ray_address, config.store):
-            gpu = resolve_device(config.device).type == "cuda"
-            _run(RayExecutor(factory, num_workers=config.num_workers, gpus_per_worker=1.0 if gpu else 0.0),
-                 todo, config, progress)
-    else:  # the driver's teacher serves as the one worker
-        device, dtype = setup_worker(config.device, config.dtype, config.threads)
-        teacher.unet.to(device=device, dtype=dtype)
-        labeler = ShardLabeler(config, teacher, device, dtype)
-        _run(LocalExecutor(lambda: labeler), todo, config, progress)
+    with _executor(config, teacher) as executor:
+        if synthetic:  # first, so that the synthetic records exist when their labelling starts
+            if on_stage:
+                on_stage("synthesize", synthetic["prompts"] * config.synthesis.samples)
+            if progress:
+                progress(sum(r["samples"] for r in store.finished(SYNTHETIC).values()))
+            _run(executor, [Task(SYNTHETIC, k, synthesize=True) for k in to_synthesize], config, progress, "samples")
+            finish_synthesis(store, synthetic)
+        todo = _label_tasks(store, config, progress, on_total, on_stage)
+        _run(executor, todo, config, progress, "draws")
     return finish(store, config, meta, time.perf_counter() - started)
 
 
-def _run(executor, shards: list[int], config: LabelConfig, progress) -> None:
-    draws = dropped = 0
-    for result in executor.map(shards):
-        draws, dropped = draws + result["draws"], dropped + result["dropped"]
-        if dropped > config.max_dropped * max(draws, 1) and dropped > 0:
-            raise SDiTError(f"the teacher's output was NaN or inf for {dropped} of {draws} draws (over "
+def _label_tasks(store: Store, config: LabelConfig, progress, on_total, on_stage) -> list[Task]:
+    """The shards still to label (records, then synthetic ones); finished ones count as progress."""
+    groups = ["records", SYNTHETIC] if config.synthesis else ["records"]
+    shards = {group: store.finished(group) for group in groups}
+    total = sum(r["count"] for done in shards.values() for r in done.values()) * config.draws
+    if on_stage:
+        on_stage("label", total)
+    if on_total:
+        on_total(total)
+    todo = []
+    for group, done in shards.items():
+        labelled = store.finished(config.label_group(group))
+        for index, record in done.items():
+            if index not in labelled:
+                todo.append(Task(group, index))
+            elif progress:
+                progress(record["count"] * config.draws)
+    return todo
+
+
+@contextmanager
+def _executor(config: LabelConfig, teacher: Teacher):
+    """Workers that each hold the teacher's UNet: Ray actors, or the driver's teacher as the one worker."""
+    if config.ray_address:
+        with ray_session(config.ray_address, config.store):
+            gpu = resolve_device(config.device).type == "cuda"
+            yield RayExecutor(LabelerFactory(config), num_workers=config.num_workers,
+                              gpus_per_worker=1.0 if gpu else 0.0)
+        return
+    device, dtype = setup_worker(config.device, config.dtype, config.threads)
+    teacher.unet.to(device=device, dtype=dtype)
+    labeler = ShardLabeler(config, teacher, device, dtype)
+    yield LocalExecutor(lambda: labeler)
+
+
+def _run(executor, tasks: list[Task], config: LabelConfig, progress, unit: str) -> None:
+    """Run the tasks; stop once more than --max-dropped of the `unit`s (draws or samples) were not finite."""
+    total = dropped = 0
+    for result in executor.map(tasks):
+        total, dropped = total + result[unit], dropped + result["dropped"]
+        if dropped > config.max_dropped * max(total, 1) and dropped > 0:
+            what = "output" if unit == "draws" else "sample"
+            raise SDiTError(f"the teacher's {what} was NaN or inf for {dropped} of {total} {unit} (over "
                             f"{config.max_dropped:.0%}); try --dtype fp32 or bf16. Finished shards are kept")
         if progress:
-            progress(result["draws"])
+            progress(result[unit])
 
 
 def check_teacher(manifest, teacher: Teacher) -> None:
@@ -217,21 +277,24 @@ def check_teacher(manifest, teacher: Teacher) -> None:
                         f"do not fit the UNet ({unet.in_channels} channels, text width {unet.cross_attention_dim})")
 
 
-def _meta(config: LabelConfig, teacher: Teacher) -> dict:
+def _meta(config: LabelConfig, teacher: Teacher, synthetic: dict | None) -> dict:
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     return {"schema_version": 1, "name": config.name, "teacher": teacher.identity.to_json(),
             "scheduler": teacher.scheduler_config, "prediction_type": schedule.prediction_type,
             "seed": config.seed, "draws": config.draws, "timesteps": config.timesteps,
             "perturb": dataclasses.asdict(config.perturb),
-            "guidance": list(config.guidance) if config.guidance else None, "status": "in_progress"}
+            "guidance": list(config.guidance) if config.guidance else None,
+            "synthesis": dataclasses.asdict(config.synthesis) if config.synthesis else None,
+            "synthetic_set": synthetic["set_id"] if synthetic else None, "status": "in_progress"}
 
 
-# What must match for a rerun to resume a labelling rather than refuse it.
-_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance")
+# What must match for a rerun to resume a labelling rather than refuse it. (Manifests written before synthesis
+# existed have no "synthesis" or "synthetic_set": None, as a labelling without synthesis has.)
+_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "synthesis", "synthetic_set")
 
 
-def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher) -> dict:
-    meta = _meta(config, teacher)
+def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher, synthetic: dict | None = None) -> dict:
+    meta = _meta(config, teacher, synthetic)
     path = (config.group, LABELS_MANIFEST)
     if config.overwrite:
         store.remove(config.group)
@@ -240,22 +303,40 @@ def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher) -> dict:
         old = store.read_json(*path)
         for key in _RESUME_KEYS:
             if old.get(key) != meta[key]:
-                raise SDiTError(f"labels {config.name!r} were made with another {key}; pass --labels NAME for a "
+                what = "set of synthetic records" if key == "synthetic_set" else key
+                raise SDiTError(f"labels {config.name!r} were made with another {what}; pass --labels NAME for a "
                                 "new set, or --overwrite")
-    store.root_group(mode="a").require_group(config.group)
-    store.remove_unfinished(config.group)
+    root = store.root_group(mode="a")
+    for group in ["records", SYNTHETIC] if config.synthesis else ["records"]:
+        root.require_group(config.label_group(group))
+        store.remove_unfinished(config.label_group(group))
     store.write_json(meta, *path)
     return meta
 
 
-def finish(store: Store, config: LabelConfig, meta: dict, seconds: float) -> dict:
-    done = store.finished(config.group)
+def _tally(done: dict[int, dict]) -> dict:
     kinds: dict[str, int] = {}
     for record in done.values():
         for kind, count in record["kinds"].items():
             kinds[kind] = kinds.get(kind, 0) + count
-    draws = sum(r["draws"] for r in done.values())
-    counts = {"draws": draws, "dropped": sum(r["dropped"] for r in done.values()), "kinds": kinds,
-              "shards": len(done), "bytes_per_draw": sum(r["bytes"] for r in done.values()) / max(draws, 1)}
+    return {"draws": sum(r["draws"] for r in done.values()), "dropped": sum(r["dropped"] for r in done.values()),
+            "kinds": kinds, "shards": len(done), "bytes": sum(r["bytes"] for r in done.values())}
+
+
+def finish(store: Store, config: LabelConfig, meta: dict, seconds: float) -> dict:
+    """Counts of the records' draws (and, apart, the synthetic records'), and the teacher forwards the labels
+    cost in all: one a draw (two with guidance), plus the synthesis of the synthetic records they label."""
+    records = _tally(store.finished(config.group))
+    counts = {k: v for k, v in records.items() if k != "bytes"}
+    counts["bytes_per_draw"] = records["bytes"] / max(records["draws"], 1)
+    per_draw = 2 if config.guidance else 1
+    forwards = {"records": records["draws"] * per_draw}
+    if config.synthesis:
+        synthetic = _tally(store.finished(config.label_group(SYNTHETIC)))
+        made = store.read_json(SYNTHETIC, SYNTHETIC_MANIFEST)["counts"]
+        counts["synthetic"] = {k: v for k, v in synthetic.items() if k != "bytes"} | {
+            "records": made["samples"], "samples_dropped": made["dropped"]}
+        forwards |= {"synthetic": synthetic["draws"] * per_draw, "synthesis": made["teacher_forwards"]}
+    counts["teacher_forwards"] = forwards | {"total": sum(forwards.values())}
     store.write_json(meta | {"counts": counts, "status": "complete"}, config.group, LABELS_MANIFEST)
     return counts | {"seconds": seconds}

@@ -35,7 +35,7 @@ from sdit.devices import setup_worker
 from sdit.dit import PRESETS, SDiT
 from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
-from sdit.losses import distillation_loss, min_snr_weight, true_noise_mask
+from sdit.losses import distillation_loss, draw_weight, min_snr_weight, true_noise_mask
 from sdit.run import LatentSpace, init_run, load_student, read_run, save_student, update_run
 from sdit.sampling import decode, denoise, grid, initial_noise, make_scheduler
 
@@ -63,6 +63,7 @@ class TrainConfig:
     task_weight: float = 1.0
     kd_weight: float = 1.0
     min_snr: float | None = None  # γ of min-SNR timestep weighting; None: every timestep counts the same
+    synthetic_weight: float = 1.0  # scales the loss (task and KD) of synthetic records' draws
     holdout: float = 0.0  # fraction of records held out for `sdit eval`
     seed: int = 0
     buffer_records: int = 1024  # records in the shuffle window
@@ -87,6 +88,8 @@ class TrainConfig:
             raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
         if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
             raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
+        if self.synthetic_weight < 0:
+            raise SDiTError(f"--synthetic-weight {self.synthetic_weight}: must be >= 0")
         if not 0 <= self.holdout < 1:
             raise SDiTError(f"--holdout {self.holdout}: a fraction in [0, 1)")
         if not 0 <= self.ema_decay < 1:
@@ -145,7 +148,9 @@ def prepare_run(config: TrainConfig, data: LabelledStore) -> None:
         old = read_run(out).get("train", {}).get("config")
         if old is None:
             raise SDiTError(f"{out} has no training to resume; drop --resume")
-        changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE and old.get(k) != v)
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # options newer than the run
+        changed = sorted(k for k, v in dataclasses.asdict(config).items()
+                         if k not in RESUMABLE and old.get(k, defaults[k]) != v)
         if changed:
             raise SDiTError(f"{out} was trained with other {', '.join(changed)}; resume with the same options "
                             "or train into a new --out")
@@ -286,6 +291,7 @@ class Trainer:
         with self.autocast:
             eps = s.model(x, t, text, guidance=batch.guidance.to(dev) if self.guided else None)
         weight = min_snr_weight(self.data.schedule, batch.timesteps, c.min_snr).to(dev) if c.min_snr else None
+        weight = draw_weight(batch.synthetic.to(dev), c.synthetic_weight, weight)
         mask = true_noise_mask(batch.kind, batch.guidance).to(dev)
         losses = distillation_loss(eps, batch.noise.to(dev), batch.eps_teacher.to(dev), mask, c.task_weight,
                                    c.kd_weight, weight)
@@ -417,6 +423,9 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
         torch.cuda.set_device(device)
     _start_workers(workers, device)
     data = LabelledStore(config.store, config.labels)
+    if config.synthetic_weight != 1.0 and not data.synthetic_counts:
+        raise SDiTError(f"--synthetic-weight: labels {config.labels!r} have no synthetic records (label them with "
+                        "`sdit teacher-label --synthesize N`)")
     if workers.main:
         prepare_run(config, data)
     workers.barrier()

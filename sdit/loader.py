@@ -14,6 +14,11 @@ function stage one fed the teacher with (invariant 1).
 
 A `Split` holds some records out of training, chosen per record from (seed, shard, row), so a held-out
 evaluation sees images and draws the student never trained on.
+
+Labels made with `--synthesize` also describe synthetic records (the teacher's samples for the prompt bank,
+`synthetic/NNNNN`, labelled in `labels/<name>/synthetic/NNNNN`): their blocks join the records' blocks in the
+same stream, each batch says which draws are synthetic, and they are never held out (the held-out split
+measures real images the student never saw).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
 from sdit.store import CHUNK_RECORDS, Manifest, Store
+from sdit.synthesize import SYNTHETIC, SYNTHETIC_MANIFEST
 
 LABEL_ARRAYS = ("timesteps", "kind", "caption_from", "caption_index", "weight", "guidance", "noise", "xi_index",
                 "eps_teacher", "valid")
@@ -61,6 +67,7 @@ class Block:
     shard: int
     start: int  # records [start, stop) of the shard
     stop: int
+    synthetic: bool = False  # a block of synthetic shard `shard`, not of records shard `shard`
 
 
 @dataclass
@@ -74,6 +81,7 @@ class Batch:
     kind: torch.Tensor  # (B,) long: sdit.perturb.Kind
     noise: torch.Tensor  # (B, C, h, w) float16: the true noise ε
     eps_teacher: torch.Tensor  # (B, C, h, w) float16: ε_T
+    synthetic: torch.Tensor  # (B,) bool: the draw is of a synthetic record (a teacher sample)
     position: Position = field(default_factory=Position)  # the stream's position after this batch
 
     def __len__(self) -> int:
@@ -81,7 +89,7 @@ class Batch:
 
     @staticmethod
     def cat(parts: list[Batch], position: Position) -> Batch:
-        names = ("x_t", "text", "timesteps", "guidance", "kind", "noise", "eps_teacher")
+        names = ("x_t", "text", "timesteps", "guidance", "kind", "noise", "eps_teacher", "synthetic")
         return Batch(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, position=position)
 
 
@@ -104,23 +112,44 @@ class LabelledStore:
         self.input_gamma = float(self.labels_meta["perturb"]["input_gamma"])
         self.draws = int(self.labels_meta["draws"])
         self.counts = {i: r["count"] for i, r in self.store.finished(self.group).items()}
+        self.synthetic_counts = self._synthetic_counts(labels)
         self.bank = CaptionBank(self.store)
         self.null = self.store.root_group()["null_text_emb"][:]
 
+    def _synthetic_counts(self, labels: str) -> dict[int, int]:
+        """Synthetic records per labelled synthetic shard; refuses labels of a synthetic set since replaced."""
+        if not self.labels_meta.get("synthesis"):
+            return {}
+        path = (SYNTHETIC, SYNTHETIC_MANIFEST)
+        made = self.store.read_json(*path) if self.store.exists(*path) else {}
+        if made.get("set_id") != self.labels_meta.get("synthetic_set"):
+            raise SDiTError(f"labels {labels!r} of {self.store.url} describe synthetic records the store no longer "
+                            "holds; relabel with `sdit teacher-label --synthesize ... --overwrite`")
+        return {i: r["count"] for i, r in self.store.finished(f"{self.group}/{SYNTHETIC}").items()}
+
     def blocks(self) -> list[Block]:
-        return [Block(shard, start, min(start + CHUNK_RECORDS, n))
-                for shard, n in self.counts.items() for start in range(0, n, CHUNK_RECORDS)]
+        """Every block of the records' labels, then of the synthetic records' labels."""
+        return [Block(shard, start, min(start + CHUNK_RECORDS, n), synthetic)
+                for synthetic, counts in ((False, self.counts), (True, self.synthetic_counts))
+                for shard, n in counts.items() for start in range(0, n, CHUNK_RECORDS)]
+
+    def records_group(self, block: Block) -> str:
+        return SYNTHETIC if block.synthetic else "records"
+
+    def labels_group(self, block: Block) -> str:
+        return f"{self.group}/{SYNTHETIC}" if block.synthetic else self.group
 
     def read(self, blocks: list[Block]) -> dict:
         """The blocks' records and labels, concatenated as if they were one shard (each block's rows of the
         `xi` side table are gathered and re-indexed)."""
         parts = []
         for b in blocks:
-            records = self.store.shard_group("records", b.shard)
-            labels = self.store.shard_group(self.group, b.shard)
+            records = self.store.shard_group(self.records_group(b), b.shard)
+            labels = self.store.shard_group(self.labels_group(b), b.shard)
             part = {name: labels[name][b.start:b.stop] for name in LABEL_ARRAYS}
             part["latents"] = records["latents"][b.start:b.stop]
             part["text_emb"] = records["text_emb"][b.start:b.stop]
+            part["synthetic"] = np.full(b.stop - b.start, b.synthetic)
             used = part["xi_index"] >= 0
             part["xi"] = labels["xi"].get_orthogonal_selection(np.sort(part["xi_index"][used])) if used.any() \
                 else np.zeros((0, *self.manifest.latent_shape), np.float16)
@@ -142,7 +171,8 @@ class LabelledStore:
                                 self.null, self.input_gamma)
         return Batch(inputs.x_t, inputs.text, inputs.timesteps,
                      torch.as_tensor(data["guidance"][rows, draws]), torch.as_tensor(data["kind"][rows, draws]).long(),
-                     torch.as_tensor(data["noise"][rows, draws]), torch.as_tensor(data["eps_teacher"][rows, draws]))
+                     torch.as_tensor(data["noise"][rows, draws]), torch.as_tensor(data["eps_teacher"][rows, draws]),
+                     torch.as_tensor(data["synthetic"][rows]))
 
 
 class DrawStream:
@@ -168,10 +198,14 @@ class DrawStream:
             raise SDiTError(f"no {which} draws in {data.store.url} (labels {data.group}); check --holdout")
 
     def _selected(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, draws) of a block's draws in this split whose teacher output is finite."""
-        held = self.split.held_out(block.shard, self.data.counts[block.shard])[block.start:block.stop]
-        keep = held if not self.train else ~held
-        valid = self.data.store.shard_group(self.data.group, block.shard)["valid"][block.start:block.stop]
+        """(rows, draws) of a block's draws in this split whose teacher output is finite. Synthetic records are
+        never held out."""
+        if block.synthetic:
+            keep = np.full(block.stop - block.start, self.train)
+        else:
+            keep = self.split.held_out(block.shard, self.data.counts[block.shard])[block.start:block.stop]
+            keep = keep if not self.train else ~keep
+        valid = self.data.store.shard_group(self.data.labels_group(block), block.shard)["valid"][block.start:block.stop]
         rows, draws = np.nonzero(valid & keep[:, None])
         return rows, draws
 

@@ -3,7 +3,9 @@
     loss = task_weight · Σ_i m_i·s_i·|ε_s − ε|² / B  +  kd_weight · Σ_i s_i·|ε_s − ε_T|² / B
 
 m_i says whether the true noise is a target for draw i (its kind is in TRUE_NOISE_KINDS and its label is
-unguided); s_i is an optional min-SNR weight; |·|² is the mean over the latent's elements. Both sums are
+unguided; a synthetic record's latent is a teacher sample for its caption, so its true noise counts too); s_i is
+a per-draw weight: an optional min-SNR weight times `--synthetic-weight` on synthetic records' draws (see
+`draw_weight`); |·|² is the mean over the latent's elements. Both sums are
 divided by the batch size B, not by the number of draws that count, so that data-parallel workers, whose
 gradients are averaged, add up to exactly the loss of one worker on the whole batch.
 """
@@ -38,6 +40,16 @@ def min_snr_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: floa
     a = schedule.alphas_cumprod[timesteps.cpu()]
     snr = a / (1 - a)
     return (snr.clamp(max=gamma) / snr).to(timesteps.device)
+
+
+def draw_weight(synthetic: torch.Tensor, synthetic_weight: float, snr_weight: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+    """(B,) s_i: `snr_weight` (or 1) times `synthetic_weight` where `synthetic` (B,) bool; `snr_weight` itself
+    when `synthetic_weight` is 1 (None: every weight is 1)."""
+    if synthetic_weight == 1.0:
+        return snr_weight
+    scale = torch.where(synthetic, synthetic_weight, 1.0).to(torch.float32)
+    return scale if snr_weight is None else snr_weight.float() * scale.to(snr_weight.device)
 
 
 def distillation_loss(eps: torch.Tensor, noise: torch.Tensor, eps_teacher: torch.Tensor, mask: torch.Tensor,

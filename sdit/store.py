@@ -12,7 +12,9 @@ Layout (a local folder or an fsspec URL):
         ids, captions (n,) str
         positions   (n,) int64         each record's position in the source stream
     prompts/NNNNN/                  text-only prompt bank shards: text_emb, token_count, captions, positions
-    _done/{records,prompts}/NNNNN.json   completion records: a shard is finished iff its record exists
+    synthetic/NNNNN/                the teacher's samples for the prompt bank (sdit.synthesize): the records'
+                                    columns plus prompt_index and sample; synthetic/manifest.json: provenance
+    _done/{records,prompts,synthetic}/NNNNN.json   completion records: a shard is finished iff its record exists
     rejects.jsonl                   one line per skipped input: id, position, reason, detail
 
 Every shard is written whole by one writer (arrays first, completion record last), so a crash leaves at
@@ -56,7 +58,11 @@ RECORD_COLUMNS = {
     "positions": Column("int64", ()),
 }
 PROMPT_COLUMNS = {name: RECORD_COLUMNS[name] for name in ("text_emb", "token_count", "captions", "positions")}
-# Teacher labels: K draws per record, in `labels/<name>/NNNNN`, one label shard per records shard.
+# Synthetic records: a teacher sample (latents) for a prompt of the bank (text_emb, token_count, captions); positions
+# number them prompt_index * samples + sample.
+SYNTHETIC_COLUMNS = RECORD_COLUMNS | {"prompt_index": Column("int64", ()), "sample": Column("int32", ())}
+# Teacher labels: K draws per record, in `labels/<name>/NNNNN`, one label shard per records shard (and in
+# `labels/<name>/synthetic/NNNNN`, one per synthetic shard).
 LABEL_COLUMNS = {
     "timesteps": Column("int32", ("K",)),
     "kind": Column("uint8", ("K",)),  # sdit.perturb.Kind
@@ -70,7 +76,7 @@ LABEL_COLUMNS = {
     "eps_teacher": Column("float16", ("K", "C", "h", "w")),
     "valid": Column("bool", ("K",)),  # False: the teacher's output was not finite; the draw is dropped
 }
-GROUP_COLUMNS = {"records": RECORD_COLUMNS, "prompts": PROMPT_COLUMNS}
+GROUP_COLUMNS = {"records": RECORD_COLUMNS, "prompts": PROMPT_COLUMNS, "synthetic": SYNTHETIC_COLUMNS}
 
 
 def columns_of(group: str) -> dict[str, Column]:

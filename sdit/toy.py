@@ -504,11 +504,14 @@ def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | N
 
 
 def _check_config(file: Path, config: ToyConfig, resume: bool) -> None:
+    """A resume must repeat the run's config, except for more UNet steps or another thread count (which changes
+    the rounding of later steps, not what is trained)."""
     if resume and file.exists():
         old = ToyConfig.from_json(json.loads(file.read_text()))
-        if old != config:
+        extended = replace(config, threads=old.threads, unet=replace(config.unet, steps=old.unet.steps))
+        if old != extended or config.unet.steps < old.unet.steps:
             raise SDiTError(f"{file.parent} was trained with another config; resume with the same options "
-                            "or start again without --resume")
+                            "(only --unet-steps may grow, and --threads change) or start again without --resume")
     file.write_text(json.dumps(config.to_json(), indent=2))
 
 

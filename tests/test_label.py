@@ -110,6 +110,17 @@ def test_guidance_targets(store, tiny_teacher):
     assert meta["guidance"] == [2.0, 6.0] and meta["status"] == "complete"
     assert set(meta["teacher"]["hashes"]) == {"vae", "text_encoder", "unet"}
     assert meta["counts"]["bytes_per_draw"] > 2 * 2 * 4 * 8 * 8  # noise and ε_T in fp16, at least
+    assert meta["counts"]["teacher_forwards"] == {"records": 11 * 2 * 2, "total": 11 * 2 * 2}  # two a guided draw
+
+
+def test_labels_made_before_synthesis_existed_still_resume(store, tiny_teacher):
+    _label(store, tiny_teacher, name="older", draws=2)
+    path = store / "labels" / "older" / "manifest.json"
+    meta = json.loads(path.read_text())
+    assert meta["synthesis"] is None and meta["synthetic_set"] is None
+    path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("synthesis", "synthetic_set")}))
+    (store / "_done" / "labels" / "older" / "00001.json").unlink()
+    assert _label(store, tiny_teacher, name="older", draws=2)["shards"] == 4
 
 
 def test_non_finite_teacher_outputs_are_dropped_or_stop_the_run(store, tiny_teacher, monkeypatch):

@@ -1,15 +1,33 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import ALL_KINDS
 from sdit.errors import SDiTError
 from sdit.labels import teacher_inputs
-from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
+from sdit.loader import Batch, Block, DrawStream, LabelledStore, Position, Split
 
 
 @pytest.fixture(scope="module")
 def data(labelled_store) -> LabelledStore:
     return LabelledStore(str(labelled_store))
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(labelled_store, tiny_teacher, tmp_path_factory) -> LabelledStore:
+    """A copy of `labelled_store` also labelled with synthetic records: 3 prompts x 2 teacher samples, 4 draws
+    each of every kind."""
+    from pipeline.label import LabelConfig, label
+    from sdit.perturb import PerturbConfig
+    from sdit.synthesize import SynthesisConfig
+
+    store = shutil.copytree(labelled_store, tmp_path_factory.mktemp("synthetic") / "store")
+    label(LabelConfig(store=str(store), teacher=str(tiny_teacher), name="synth", draws=4,
+                      perturb=PerturbConfig(mix=ALL_KINDS, caption_min_t=0),
+                      synthesis=SynthesisConfig(samples=2, steps=3)))
+    return LabelledStore(str(store), "synth")
 
 
 def _ids(batch: Batch) -> list[bytes]:
@@ -25,25 +43,46 @@ def _take(stream, n: int, start: Position = Position()) -> list[Batch]:
             return out
 
 
-def test_inputs_equal_the_teachers_rebuilt_from_whole_shards(data):
-    """Blocks re-index the `xi` side table; what comes out must still be exactly the teacher's input."""
-    stream = DrawStream(data, 7, shuffle=False, repeat=False)
-    got = Batch.cat(list(stream), Position())
-    x_t, text, noise, eps = [], [], [], []
-    for shard in data.counts:
-        records = data.store.shard_group("records", shard)
-        labels = {k: v[:] for k, v in data.store.shard_group(data.group, shard).arrays()}
+def _rebuilt_from_whole_shards(data: LabelledStore) -> dict[str, torch.Tensor]:
+    """Every valid draw's teacher input and targets, rebuilt shard by shard (records, then synthetic)."""
+    out = {"x_t": [], "text": [], "noise": [], "eps_teacher": [], "synthetic": []}
+    shards = [Block(shard, 0, n, False) for shard, n in data.counts.items()] + \
+        [Block(shard, 0, n, True) for shard, n in data.synthetic_counts.items()]
+    for block in shards:
+        records = data.store.shard_group(data.records_group(block), block.shard)
+        labels = {k: v[:] for k, v in data.store.shard_group(data.labels_group(block), block.shard).arrays()}
         rows, draws = np.nonzero(labels["valid"])
         inputs = teacher_inputs(data.schedule, records["latents"][:], records["text_emb"][:], labels, rows, draws,
                                 data.bank, data.null, data.input_gamma)
-        x_t.append(inputs.x_t)
-        text.append(inputs.text)
-        noise.append(torch.as_tensor(labels["noise"][rows, draws]))
-        eps.append(torch.as_tensor(labels["eps_teacher"][rows, draws]))
-    assert len(got) == stream.total == 44
-    assert torch.equal(got.x_t, torch.cat(x_t)) and torch.equal(got.text, torch.cat(text))
-    assert torch.equal(got.noise, torch.cat(noise)) and torch.equal(got.eps_teacher, torch.cat(eps))
-    assert set(got.kind.tolist()) == {0, 1, 2, 3, 4}
+        out["x_t"].append(inputs.x_t)
+        out["text"].append(inputs.text)
+        out["noise"].append(torch.as_tensor(labels["noise"][rows, draws]))
+        out["eps_teacher"].append(torch.as_tensor(labels["eps_teacher"][rows, draws]))
+        out["synthetic"].append(torch.full((len(rows),), block.synthetic))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def test_inputs_equal_the_teachers_rebuilt_from_whole_shards(data, synthetic_data):
+    """Blocks re-index the `xi` side table; what comes out must still be exactly the teacher's input, for real
+    records and for synthetic ones."""
+    for labelled, total in ((data, 44), (synthetic_data, 44 + 6 * 4)):
+        stream = DrawStream(labelled, 7, shuffle=False, repeat=False)
+        got = Batch.cat(list(stream), Position())
+        want = _rebuilt_from_whole_shards(labelled)
+        assert len(got) == stream.total == total
+        for name, values in want.items():
+            assert torch.equal(getattr(got, name), values), name
+        assert set(got.kind.tolist()) == {0, 1, 2, 3, 4}
+    assert set(got.kind[got.synthetic].tolist()) == {0, 1, 2, 3, 4}  # every kind on synthetic records too
+    assert got.synthetic.sum() == 24
+
+
+def test_synthetic_records_are_never_held_out(synthetic_data):
+    split = Split(holdout=0.5, seed=0)
+    held = list(DrawStream(synthetic_data, 4, split=split, train=False, shuffle=False, repeat=False))
+    train = list(DrawStream(synthetic_data, 4, split=split, shuffle=False, repeat=False))
+    assert not any(b.synthetic.any() for b in held)
+    assert sum(int(b.synthetic.sum()) for b in train) == 24
 
 
 def test_an_epoch_sees_every_draw_once_in_a_seeded_order(data):

@@ -99,6 +99,10 @@ def test_resume_refuses_another_config(tmp_path):
     toy._check_config(tmp_path / "config.json", CONFIG, resume=False)
     with pytest.raises(toy.SDiTError, match="another config"):
         toy._check_config(tmp_path / "config.json", replace(CONFIG, size="f8"), resume=True)
+    longer = replace(CONFIG, threads=1, unet=replace(CONFIG.unet, steps=CONFIG.unet.steps + 100))
+    toy._check_config(tmp_path / "config.json", longer, resume=True)  # more UNet steps, other threads: fine
+    with pytest.raises(toy.SDiTError, match="another config"):
+        toy._check_config(tmp_path / "config.json", replace(longer, unet=replace(longer.unet, steps=1)), resume=True)
 
 
 def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):

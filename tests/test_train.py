@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -70,6 +71,16 @@ def test_a_resumed_run_repeats_the_uninterrupted_one(labelled_store, tmp_path):
     assert _losses(part) == _losses(whole)
     a, b = load_student(whole).state_dict(), load_student(part).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_started_before_an_option_existed_resumes_with_its_default(labelled_store, tmp_path):
+    run = tmp_path / "run"
+    _train(labelled_store, run, steps=1)
+    meta = read_run(run)
+    del meta["train"]["config"]["synthetic_weight"]  # as a run folder written before --synthetic-weight
+    (run / "sdit_run.json").write_text(json.dumps(meta))
+    _train(labelled_store, run, steps=2, resume=True)
+    assert read_run(run)["train"]["step"] == 2
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(labelled_store, tmp_path, monkeypatch):
