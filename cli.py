@@ -365,7 +365,8 @@ def bench_train(
 def bench_distill(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = "runs/distill",
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Teacher [default: the toy teacher in data/toy-sd].")] = None,
-    runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb.")] = "no_teacher,kd,kd_perturb",
+    runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth.")] = "no_teacher,kd,kd_perturb,kd_synth",
+    synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = 1,
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = 1000,
     draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = 8,
     student: Annotated[str, typer.Option("--student", "-s", help="Student preset of every run.")] = "SDiT-T/2",
@@ -389,7 +390,7 @@ def bench_distill(
     config = DistillConfig(out=out, teacher=teacher or str(TOY_TEACHER), runs=tuple(runs.split(",")), records=records,
                            draws=draws, student=student, steps=steps, batch_size=batch_size, lr=lr,
                            per_prompt=per_prompt, sample_steps=sample_steps, guidance=guidance, seed=seed,
-                           perturb=mix)
+                           perturb=mix, synth_samples=synth_samples)
     bar = None
 
     def stage(name: str) -> None:

@@ -6,6 +6,7 @@ limited data for each run; only what the student learns from differs:
     no_teacher   real pairs only (--kd-weight 0), the baseline
     kd           the teacher's ε on the real pairs, no perturbations
     kd_perturb   the teacher's ε with perturbations, including caption swaps from the text-only prompt bank
+    kd_synth     as kd_perturb, plus the teacher's own samples for every prompt of the bank as extra records
 
 Steps, each a stage of its own: write the limited split (held-out concepts never drawn) and the prompt bank
 of the whole world -> `encode` -> `teacher-label` (one labelling per perturbation mix) -> `train` each run
@@ -33,6 +34,7 @@ from sdit import evaluator, sampling, shapes
 from sdit.errors import SDiTError
 from sdit.perturb import PerturbConfig
 from sdit.pipeline_sdit import SDiTPipeline
+from sdit.synthesize import SynthesisConfig
 from sdit.teacher import DATA_DIR, load_teacher
 
 TOY_TEACHER = DATA_DIR / "toy-sd"
@@ -52,8 +54,8 @@ RECIPES = {
     "no_teacher": Recipe("plain", 0.0),
     "kd": Recipe("plain", 1.0),
     "kd_perturb": Recipe("perturbed", 1.0),
+    "kd_synth": Recipe("synthetic", 1.0),
 }
-LABELLINGS = {"plain": PLAIN, "perturbed": PERTURBED}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class DistillConfig:
     out: str = "runs/distill"
     teacher: str = str(TOY_TEACHER)
     runs: tuple[str, ...] = tuple(RECIPES)
+    synth_samples: int = 1  # teacher samples per prompt for kd_synth
     records: int = 1000  # the limited split
     draws: int = 8
     student: str = "SDiT-T/2"
@@ -124,9 +127,11 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))
     for name in sorted({RECIPES[r].labels for r in config.runs}):
         progress(f"teacher-label {name}")
-        mix = config.perturb if name == "perturbed" else LABELLINGS[name]
-        label(LabelConfig(store=str(store), teacher=config.teacher, name=name, draws=config.draws, perturb=mix,
-                          seed=config.seed))
+        # The teacher samples with the sampler whose accuracy the report's teacher row measures.
+        synthesis = SynthesisConfig(samples=config.synth_samples, steps=config.sample_steps, guidance=config.guidance,
+                                    seed=config.seed, scheduler="ddim") if name == "synthetic" else None
+        label(LabelConfig(store=str(store), teacher=config.teacher, name=name, draws=config.draws,
+                          perturb=PLAIN if name == "plain" else config.perturb, seed=config.seed, synthesis=synthesis))
     return store
 
 
@@ -150,8 +155,17 @@ def score_all(config: DistillConfig, out: Path, store: Path) -> dict[str, dict]:
         if name != "teacher":
             agreement = evaluate(EvalConfig(run=str(out / name), store=str(store), labels="plain"))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
+            results[name]["teacher_forwards"] = teacher_forwards(store, RECIPES[name])
     write_grid(out / "grid.png", images, prompts, config.per_prompt)
     return results
+
+
+def teacher_forwards(store: Path, recipe: Recipe) -> int:
+    """What a run's labels cost in teacher UNet forwards (0 without the teacher: its ε_T goes unused)."""
+    if recipe.kd_weight == 0:
+        return 0
+    counts = json.loads((store / "labels" / recipe.labels / "manifest.json").read_text())["counts"]
+    return int(counts["teacher_forwards"]["total"])
 
 
 def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str], batch: int = 64) -> list:
@@ -199,11 +213,12 @@ def write_grid(path: Path, images: dict, prompts: dict, per_prompt: int, columns
 
 
 def format_report(report: dict) -> str:
-    lines = ["| run | held-out shape+colour | seen shape+colour | teacher MSE (held-out draws) |",
-             "|---|---|---|---|"]
+    lines = ["| run | held-out shape+colour | seen shape+colour | teacher MSE (held-out draws) | teacher forwards |",
+             "|---|---|---|---|---|"]
     for name, r in {**report["runs"], "teacher": report["teacher"]}.items():
         mse = f"{r['teacher_mse']:.4f}" if "teacher_mse" in r else "-"
-        lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['seen_acc']:.3f} | {mse} |")
+        forwards = f"{r['teacher_forwards']:,}" if "teacher_forwards" in r else "-"
+        lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['seen_acc']:.3f} | {mse} | {forwards} |")
     c = report["config"]
     lines.append("")
     lines.append(f"{c['student']}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "

@@ -10,14 +10,14 @@ from sdit.run import read_run
 
 
 def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
-    """The demo path end to end on the tiny teacher: split, encode, label, train three students, sample, score."""
+    """The demo path end to end on the tiny teacher: split, encode, label, train four students, sample, score."""
     out, figures = tmp_path / "distill", tmp_path / "distill.json"
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
                                       "--per-prompt", "1", "--sample-steps", "2", "--json", str(figures)])
     assert result.exit_code == 0, result.output
     report = json.loads(figures.read_text())
-    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb"}
+    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth"}
     for name, run in report["runs"].items():
         assert {"heldout_acc", "seen_acc", "teacher_mse"} <= set(run)
         assert 0 <= run["heldout_acc"] <= 1 and run["teacher_mse"] > 0
@@ -26,11 +26,14 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert {"heldout_acc", "seen_acc"} <= set(report["teacher"])
     assert read_run(out / "no_teacher")["train"]["config"]["kd_weight"] == 0
     assert read_run(out / "kd_perturb")["train"]["labels"] == "perturbed"
+    forwards = {name: run["teacher_forwards"] for name, run in report["runs"].items()}
+    assert forwards["no_teacher"] == 0 and forwards["kd"] == forwards["kd_perturb"] < forwards["kd_synth"]
+    assert LabelledStore(str(out / "store"), "synthetic").synthetic_counts
     # Plain labels: real pairs and the empty caption only; perturbed ones also ask about other captions.
     plain = LabelledStore(str(out / "store"), "plain").labels_meta["counts"]["kinds"]
     assert plain["swap"] == plain["mix"] == plain["input"] == 0 and plain["none"] > 0
     perturbed = LabelledStore(str(out / "store"), "perturbed").labels_meta["counts"]["kinds"]
     assert perturbed[Kind.SWAP.name.lower()] > 0
     grid = Image.open(out / "grid.png")
-    assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and three student rows
+    assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and four student rows
     assert "| kd_perturb |" in (out / "report.md").read_text()
