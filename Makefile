@@ -25,17 +25,19 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 DEMO := runs/demo
+# The shapes world with the toy teacher in data/toy-sd: write the limited split and the prompt bank, then
+# encode -> teacher-label -> train (a student with the teacher, and one without) -> sample and score.
 demo: install
 	rm -rf $(DEMO)
-	$(BIN)/python -m sdit.tiny $(DEMO)/teacher
-	$(BIN)/sdit encode data/samples --teacher $(DEMO)/teacher --out $(DEMO)/store --resolution 64 \
-		--prompts data/demo_prompts.txt
-	$(BIN)/sdit teacher-label $(DEMO)/store --teacher $(DEMO)/teacher --draws 4
-	@echo "store: $(DEMO)/store (rejected inputs: $(DEMO)/store/rejects.jsonl; labels: $(DEMO)/store/labels/default)"
+	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_perturb --records 1000 --draws 8 \
+		--steps 400 --per-prompt 1 --sample-steps 20 --json $(DEMO)/figures.json
 
 bench: install
 	$(BIN)/sdit bench encode --json runs/bench-encode.json
 	$(BIN)/sdit bench label --json runs/bench-label.json
+	$(BIN)/sdit bench train --json runs/bench-train.json
+	$(BIN)/sdit bench sample --json runs/bench-sample.json
+	$(BIN)/sdit bench distill --json runs/bench-distill.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
