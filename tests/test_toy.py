@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdit import toy
+from sdit import evaluator, toy
 from sdit.convert import to_original_layout
-from sdit.teacher import load_teacher
+from sdit.teacher import DATA_DIR, load_teacher
 
 DATA = toy.DataConfig(images=32, resolution=32, check_images=8)
 VAE = toy.VAEConfig(steps=4, batch_size=4, checkpoint_every=2)
@@ -124,3 +124,17 @@ def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     images = toy.sample_images(out, ["a red circle on a white background"], per_prompt=2, steps=2)
     assert len(images) == 2 and images[0].shape == (32, 32, 3)
     assert np.all((images[0] >= 0) & (images[0] <= 1))
+
+
+def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
+    """data/toy-sd, as the stages load it: SD 1.5's classes and 8x8x4 latents at 64 px, in either layout."""
+    folder = load_teacher(DATA_DIR / "toy-sd")
+    assert folder.unet.config.sample_size == 8 and folder.unet.config.cross_attention_dim == 64
+    assert next(folder.unet.parameters()).dtype == torch.float32  # fp16 on disk, fp32 in the stages
+    file = tmp_path / "toy-sd.safetensors"
+    save_file(to_original_layout(folder.unet, folder.vae, folder.text_encoder), file)
+    assert load_teacher(file, config_dir=DATA_DIR / "toy-sd").identity.hashes == folder.identity.hashes
+    images = toy.sample_images(DATA_DIR / "toy-sd", ["a large red square in the center on a white background"],
+                               per_prompt=2, steps=20, guidance=5.0)
+    readings = evaluator.evaluate_batch([(i * 255).round().astype(np.uint8) for i in images])
+    assert [(r.shape, r.colour, r.background) for r in readings] == [("square", "red", "white")] * 2
