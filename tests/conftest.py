@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,18 +34,26 @@ ALL_KINDS = {"none": 0.2, "input": 0.2, "swap": 0.2, "mix": 0.2, "null": 0.2}
 
 
 @pytest.fixture(scope="session")
-def labelled_store(tiny_teacher, tmp_path_factory) -> Path:
-    """The bundled samples (11 good records in 3 shards of 4 items, 3 text-only prompts), labelled with 4
-    draws of every kind by the tiny teacher: what stage two reads."""
+def encoded_store(tiny_teacher, tmp_path_factory) -> Path:
+    """The bundled samples (11 good records in 3 shards of 4 items) and a 3-prompt bank, encoded once by the
+    tiny teacher. Shared: tests that write to a store take a copy (`shutil.copytree`)."""
     from pipeline.encode import EncodeConfig, encode
-    from pipeline.label import LabelConfig, label
-    from sdit.perturb import PerturbConfig
 
-    out = tmp_path_factory.mktemp("labelled") / "store"
+    out = tmp_path_factory.mktemp("encoded") / "store"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green star\n")
     encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), resolution=64, shard_size=4,
                         prompts=str(prompts)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def labelled_store(encoded_store, tiny_teacher, tmp_path_factory) -> Path:
+    """`encoded_store`, labelled with 4 draws of every kind by the tiny teacher: what stage two reads."""
+    from pipeline.label import LabelConfig, label
+    from sdit.perturb import PerturbConfig
+
+    out = shutil.copytree(encoded_store, tmp_path_factory.mktemp("labelled") / "store")
     label(LabelConfig(store=str(out), teacher=str(tiny_teacher), draws=4,
                       perturb=PerturbConfig(mix=ALL_KINDS, caption_min_t=0)))
     return out

@@ -1,11 +1,12 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from conftest import ALL_KINDS, SAMPLES
+from conftest import ALL_KINDS
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from sdit.diffusion import NoiseSchedule
@@ -19,13 +20,8 @@ DRAWN = [name for name in LABEL_COLUMNS if name not in ("eps_teacher", "valid")]
 
 
 @pytest.fixture(scope="module")
-def store(tiny_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("label") / "store"
-    prompts = out.parent / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\na green star\n")
-    encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), resolution=64, shard_size=4,
-                        prompts=str(prompts)))
-    return out
+def store(encoded_store, tmp_path_factory):
+    return shutil.copytree(encoded_store, tmp_path_factory.mktemp("label") / "store")
 
 
 def _label(store, teacher, **options):

@@ -28,14 +28,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_teacher, tmp_path_factory):
-    """The bundled samples (11 records in 3 shards) and a 3-prompt bank, encoded once; tests label copies."""
-    out = tmp_path_factory.mktemp("synth") / "store"
-    prompts = out.parent / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\na green star\n")
-    encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), resolution=64, shard_size=4,
-                        prompts=str(prompts)))
-    return out
+def encoded(encoded_store):
+    """The bundled samples (11 records in 3 shards) and a 3-prompt bank; tests label copies."""
+    return encoded_store
 
 
 @pytest.fixture
