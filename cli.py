@@ -240,6 +240,7 @@ def train(
     task_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε|² on draws whose true noise is a target.")] = 1.0,
     kd_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε_T|²; 0 trains without the teacher.")] = 1.0,
     min_snr: Annotated[Optional[float], typer.Option(min=0, help="Min-SNR-γ timestep weighting (e.g. 5).")] = None,
+    high_noise_weight: Annotated[Optional[float], typer.Option(min=1, help="Weight draws by min(1/ᾱ_t, γ): counts high-noise draws, where the caption decides the image, up to γ times more (e.g. 5).")] = None,
     synthetic_weight: Annotated[float, typer.Option(min=0, help="Scales the loss (task and KD) of synthetic records' draws (labels made with --synthesize).")] = 1.0,
     holdout: Annotated[float, typer.Option(min=0, max=0.99, help="Fraction of records held out for `sdit eval`.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seeds the data order, the held-out split and a fresh student.")] = 0,
@@ -260,8 +261,8 @@ def train(
                          teacher_config=teacher_config, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                          weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
                          task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr,
-                         synthetic_weight=synthetic_weight, holdout=holdout, seed=seed,
-                         buffer_records=buffer_records, checkpoint_every=checkpoint_every,
+                         high_noise_weight=high_noise_weight, synthetic_weight=synthetic_weight, holdout=holdout,
+                         seed=seed, buffer_records=buffer_records, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
                          gradient_checkpointing=gradient_checkpointing, precision=precision, device=device,
                          resume=resume)
@@ -373,9 +374,10 @@ def bench_distill(
     steps: Annotated[int, typer.Option(min=1, help="Training steps of every run.")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    high_noise_weight: Annotated[float, typer.Option(min=0, help="Every run's `train --high-noise-weight` (0: off).")] = 5.0,
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = 2,
     sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = 25,
-    guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of every sample.")] = 5.0,
+    guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of every sample.")] = 3.0,
     perturb: Annotated[Optional[str], typer.Option(help="The kd_perturb run's mix, e.g. none=0.6,input=0.1,swap=0.1,mix=0.1,null=0.1.")] = None,
     caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = 400,
     seed: Annotated[int, typer.Option()] = 0,
@@ -390,6 +392,7 @@ def bench_distill(
     config = DistillConfig(out=out, teacher=teacher or str(TOY_TEACHER), runs=tuple(runs.split(",")), records=records,
                            draws=draws, student=student, steps=steps, batch_size=batch_size, lr=lr,
                            per_prompt=per_prompt, sample_steps=sample_steps, guidance=guidance, seed=seed,
+                           high_noise_weight=high_noise_weight or None,
                            perturb=mix, synth_samples=synth_samples)
     bar = None
 

@@ -35,7 +35,7 @@ from sdit.devices import setup_worker
 from sdit.dit import PRESETS, SDiT
 from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
-from sdit.losses import distillation_loss, draw_weight, min_snr_weight, true_noise_mask
+from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import LatentSpace, init_run, load_student, read_run, save_student, update_run
 from sdit.sampling import decode, denoise, grid, initial_noise, make_scheduler
 
@@ -63,6 +63,7 @@ class TrainConfig:
     task_weight: float = 1.0
     kd_weight: float = 1.0
     min_snr: float | None = None  # γ of min-SNR timestep weighting; None: every timestep counts the same
+    high_noise_weight: float | None = None  # γ: weight draws by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight)
     synthetic_weight: float = 1.0  # scales the loss (task and KD) of synthetic records' draws
     holdout: float = 0.0  # fraction of records held out for `sdit eval`
     seed: int = 0
@@ -290,7 +291,8 @@ class Trainer:
         t = batch.timesteps.to(dev)
         with self.autocast:
             eps = s.model(x, t, text, guidance=batch.guidance.to(dev) if self.guided else None)
-        weight = min_snr_weight(self.data.schedule, batch.timesteps, c.min_snr).to(dev) if c.min_snr else None
+        weight = timestep_weight(self.data.schedule, batch.timesteps, c.min_snr, c.high_noise_weight)
+        weight = weight.to(dev) if weight is not None else None
         weight = draw_weight(batch.synthetic.to(dev), c.synthetic_weight, weight)
         mask = true_noise_mask(batch.kind, batch.guidance).to(dev)
         losses = distillation_loss(eps, batch.noise.to(dev), batch.eps_teacher.to(dev), mask, c.task_weight,

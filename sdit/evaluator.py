@@ -590,6 +590,14 @@ def score(
     return Score(len(results), accuracy, rejected, {c.name: _concept_score(c, results, wanted) for c in concepts})
 
 
+def concept_accuracy(results: Sequence[Reading], asked: Sequence[shapes.Prompt]) -> float:
+    """The share of readings showing every held-out concept their prompt names ("cross", "yellow", "red
+    circle"), over the prompts that name one: what a student can only have learnt from its teacher."""
+    named = {c.name: c for c in shapes.HELDOUT}
+    hits = [all(named[n].matches(r) for n in a.concepts) for r, a in zip(results, asked, strict=True) if a.concepts]
+    return _mean(hits)
+
+
 def _concept_score(
     concept: shapes.Concept, results: Sequence[Reading], wanted: Sequence[shapes.Attributes]
 ) -> ConceptScore:

@@ -4,7 +4,7 @@
 
 m_i says whether the true noise is a target for draw i (its kind is in TRUE_NOISE_KINDS and its label is
 unguided; a synthetic record's latent is a teacher sample for its caption, so its true noise counts too); s_i is
-a per-draw weight: an optional min-SNR weight times `--synthetic-weight` on synthetic records' draws (see
+a per-draw weight: optional timestep weights (min-SNR, high-noise) times `--synthetic-weight` on synthetic records' draws (see
 `draw_weight`); |·|² is the mean over the latent's elements. Both sums are
 divided by the batch size B, not by the number of draws that count, so that data-parallel workers, whose
 gradients are averaged, add up to exactly the loss of one worker on the whole batch.
@@ -40,6 +40,24 @@ def min_snr_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: floa
     a = schedule.alphas_cumprod[timesteps.cpu()]
     snr = a / (1 - a)
     return (snr.clamp(max=gamma) / snr).to(timesteps.device)
+
+
+def high_noise_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) min(1/ᾱ_t, γ) = min(1 + 1/SNR_t, γ): v-prediction's weighting of the ε loss, capped at γ.
+
+    At high noise the caption decides what the image becomes, but its effect on ε is small (the x_0 it
+    implies is scaled by √SNR_t), so an unweighted ε loss barely hears what the teacher says about
+    captions there; this counts those draws up to γ times more. Low-noise draws keep weight 1.
+    """
+    a = schedule.alphas_cumprod[timesteps.cpu()]
+    return (1 / a).clamp(max=gamma).to(timesteps.device)
+
+
+def timestep_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr: float | None,
+                    high_noise: float | None) -> torch.Tensor | None:
+    """(B,) the product of the weightings asked for (None: neither)."""
+    weights = [f(schedule, timesteps, g) for f, g in ((min_snr_weight, min_snr), (high_noise_weight, high_noise)) if g]
+    return weights[0] * weights[1] if len(weights) == 2 else (weights[0] if weights else None)
 
 
 def draw_weight(synthetic: torch.Tensor, synthetic_weight: float, snr_weight: torch.Tensor | None = None

@@ -4,6 +4,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from sdit import shapes
 from sdit.loader import LabelledStore
 from sdit.perturb import Kind
 from sdit.run import read_run
@@ -21,10 +22,12 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     for name, run in report["runs"].items():
         assert {"heldout_acc", "seen_acc", "teacher_mse"} <= set(run)
         assert 0 <= run["heldout_acc"] <= 1 and run["teacher_mse"] > 0
+        assert set(run["heldout_concepts"]) == {c.name for c in shapes.HELDOUT}
         trained = read_run(out / name)["train"]
         assert (trained["status"], trained["step"]) == ("complete", 2)
     assert {"heldout_acc", "seen_acc"} <= set(report["teacher"])
     assert read_run(out / "no_teacher")["train"]["config"]["kd_weight"] == 0
+    assert {read_run(out / name)["train"]["config"]["high_noise_weight"] for name in report["runs"]} == {5.0}
     assert read_run(out / "kd_perturb")["train"]["labels"] == "perturbed"
     forwards = {name: run["teacher_forwards"] for name, run in report["runs"].items()}
     assert forwards["no_teacher"] == 0 and forwards["kd"] == forwards["kd_perturb"] < forwards["kd_synth"]

@@ -132,6 +132,24 @@ def test_score_by_hand():
     assert (rc.hit, rc.false_positive, rc.fair) == (1 / 2, 0.0, 1 / 2)
 
 
+def test_concept_accuracy_asks_only_for_the_heldout_concepts_a_prompt_names():
+    def prompt(shape, colour):
+        return shapes._prompt(Attributes(shape, colour, "white", "center", "small"))
+
+    asked = [prompt("cross", "red"), prompt("circle", "yellow"), prompt("cross", "yellow"), prompt("circle", "red"),
+             prompt("square", "blue")]  # cross; yellow; both; the held-out pair "red circle"; seen: not counted
+    assert [a.concepts for a in asked] == [("cross",), ("yellow",), ("cross", "yellow"), ("red circle",), ()]
+    results = [
+        Reading("cross", "blue", None, None, None),  # the cross was asked, its colour does not count
+        Reading("circle", "orange", "white", "center", "small"),  # not yellow
+        Reading("cross", "yellow", None, None, None),
+        Reading("circle", "red", None, None, None),
+        Reading(None, None, None, None, None),
+    ]
+    assert evaluator.concept_accuracy(results, asked) == 3 / 4
+    assert math.isnan(evaluator.concept_accuracy(results[4:], asked[4:]))
+
+
 def test_score_counts_accuracy_only_where_the_prompt_says_it():
     attrs = Attributes("star", "green", "grey", "left", "small")
     quiet = shapes.Prompt("a green star on a grey background", attrs, ("shape", "colour", "background"))

@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from sdit.diffusion import NoiseSchedule
-from sdit.losses import distillation_loss, min_snr_weight, true_noise_mask
+from sdit.losses import distillation_loss, high_noise_weight, min_snr_weight, timestep_weight, true_noise_mask
 from sdit.perturb import Kind
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config
 
@@ -38,3 +39,16 @@ def test_min_snr_weights_only_the_low_noise_steps():
     schedule = NoiseSchedule.from_config(load_scheduler_config(SD15_CONFIG_DIR))
     w = min_snr_weight(schedule, torch.tensor([0, 100, 500, 999]), gamma=5.0)
     assert w[0] < w[1] < 1 and w[2] == 1 and w[3] == 1
+
+
+def test_high_noise_weight_counts_only_the_high_noise_steps_more_up_to_its_cap():
+    schedule = NoiseSchedule.from_config(load_scheduler_config(SD15_CONFIG_DIR))
+    t = torch.tensor([0, 100, 500, 800, 999])
+    w = high_noise_weight(schedule, t, gamma=5.0)
+    a = schedule.alphas_cumprod[t]
+    assert torch.allclose(w[:3], 1 / a[:3]) and w[0] == pytest.approx(1, abs=1e-3)  # ~1 where little noise
+    assert w[2] < w[3] == w[4] == 5.0  # SD 1.5: 1/ᾱ passes 5 before t = 800
+    both = timestep_weight(schedule, t, min_snr=5.0, high_noise=5.0)
+    assert torch.allclose(both, min_snr_weight(schedule, t, 5.0) * w)
+    assert timestep_weight(schedule, t, None, None) is None
+    assert torch.equal(timestep_weight(schedule, t, None, 5.0), w)
