@@ -233,11 +233,17 @@ def format_report(report: dict) -> str:
         forwards = f"{r['teacher_forwards']:,}" if "teacher_forwards" in r else "-"
         lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['heldout_pair_acc']:.3f} | {r['seen_acc']:.3f} | "
                      f"{r['heldout_attr_acc']:.3f} / {r['seen_attr_acc']:.3f} | {mse} | {forwards} |")
+    rows = {**report["runs"], "teacher": report["teacher"]}
+    concepts = list(report["teacher"]["heldout_concepts"])
+    lines += ["", "Held-out concepts, each: the share of samples asked for it that show it.", "",
+              "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['heldout_concepts'][k]:.2f}" for k in concepts) + " |")
     c = report["config"]
     lines.append("")
     lines.append(f"{c['student']}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "
                  f"{c['draws']} draws, {c['per_prompt']} samples per prompt (DDIM {c['sample_steps']}, guidance "
-                 f"{c['guidance']}); {report['seconds']:.0f} s in all.")
+                 f"{c['guidance']}), high-noise weight {c['high_noise_weight']}; {report['seconds']:.0f} s in all.")
     return "\n".join(lines)
 
 

@@ -44,7 +44,8 @@ def test_caption_perturbations_stay_at_high_noise():
 
 
 def test_the_mix_is_respected():
-    config = PerturbConfig(caption_min_t=0)
+    config = PerturbConfig(mix={"none": 0.6, "input": 0.1, "swap": 0.1, "mix": 0.1, "null": 0.1}, caption_min_t=0,
+                           prompt_share=0.5)
     kinds = np.array([_draw(config, record=r).kind for r in range(4000)])
     for kind, p in [(Kind.NONE, 0.6), (Kind.NULL, 0.1), (Kind.SWAP, 0.1)]:
         assert abs((kinds == kind).mean() - p) < 0.03
@@ -53,6 +54,8 @@ def test_the_mix_is_respected():
     assert 0.4 < np.mean([s == CaptionFrom.PROMPT for s in sources]) < 0.6
     assert all(0 <= d.caption_index[0] < (20 if d.caption_from[0] == CaptionFrom.PROMPT else 50)
                for d in swaps if d.kind == Kind.SWAP)
+    by_default = [_draw(PerturbConfig(caption_min_t=0), record=r) for r in range(400)]
+    assert {d.caption_from[0] for d in by_default if d.kind in (Kind.SWAP, Kind.MIX)} == {CaptionFrom.PROMPT}
 
 
 def test_stratified_timesteps_cover_each_slice():
