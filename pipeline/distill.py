@@ -106,18 +106,14 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
     each stage's name, `on_step` each training step's metrics."""
     config.check()
     out = Path(config.out)
+    runs = train_configs(config, out / "store")
+    for run in runs.values():  # refuse bad training options before any work
+        run.check()
     started = time.perf_counter()
     store = prepare_store(config, out, progress)
-    results = {}
-    for name in config.runs:
+    for name, run in runs.items():
         progress(f"train {name}")
-        recipe = RECIPES[name]
-        train(TrainConfig(store=str(store), out=str(out / name), labels=recipe.labels, student=config.student,
-                          teacher=config.teacher, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                          warmup=config.warmup, ema_decay=config.ema_decay, kd_weight=recipe.kd_weight,
-                          high_noise_weight=config.high_noise_weight,
-                          holdout=config.holdout, seed=config.seed, checkpoint_every=config.steps,
-                          sample_every=0), on_step)
+        train(run, on_step)
     progress("sample and evaluate")
     results = score_all(config, out, store)
     report = {"runs": {n: results[n] for n in config.runs}, "teacher": results["teacher"],
@@ -125,6 +121,17 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report) + "\n")
     return report
+
+
+def train_configs(config: DistillConfig, store: Path) -> dict[str, TrainConfig]:
+    """Each run's training options: the same for every run but its labels and KD weight."""
+    return {name: TrainConfig(store=str(store), out=str(Path(config.out) / name), labels=RECIPES[name].labels,
+                              student=config.student, teacher=config.teacher, steps=config.steps,
+                              batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
+                              ema_decay=config.ema_decay, kd_weight=RECIPES[name].kd_weight,
+                              high_noise_weight=config.high_noise_weight, holdout=config.holdout, seed=config.seed,
+                              checkpoint_every=config.steps, sample_every=0)
+            for name in config.runs}
 
 
 def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
@@ -228,12 +235,12 @@ def write_grid(path: Path, images: dict, prompts: dict, per_prompt: int, columns
 def format_report(report: dict) -> str:
     lines = ["| run | held-out concepts | held-out shape+colour | seen shape+colour | attributes: held-out / seen | "
              "teacher MSE (held-out draws) | teacher forwards |", "|---|---|---|---|---|---|---|"]
-    for name, r in {**report["runs"], "teacher": report["teacher"]}.items():
+    rows = {**report["runs"], "teacher": report["teacher"]}
+    for name, r in rows.items():
         mse = f"{r['teacher_mse']:.4f}" if "teacher_mse" in r else "-"
         forwards = f"{r['teacher_forwards']:,}" if "teacher_forwards" in r else "-"
         lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['heldout_pair_acc']:.3f} | {r['seen_acc']:.3f} | "
                      f"{r['heldout_attr_acc']:.3f} / {r['seen_attr_acc']:.3f} | {mse} | {forwards} |")
-    rows = {**report["runs"], "teacher": report["teacher"]}
     concepts = list(report["teacher"]["heldout_concepts"])
     lines += ["", "Held-out concepts, each: the share of samples asked for it that show it.", "",
               "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]

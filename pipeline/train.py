@@ -89,6 +89,8 @@ class TrainConfig:
             raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
         if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
             raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
+        if self.high_noise_weight is not None and self.high_noise_weight < 1:
+            raise SDiTError(f"--high-noise-weight {self.high_noise_weight}: a cap of at least 1 (e.g. 5)")
         if self.synthetic_weight < 0:
             raise SDiTError(f"--synthetic-weight {self.synthetic_weight}: must be >= 0")
         if not 0 <= self.holdout < 1:

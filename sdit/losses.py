@@ -4,8 +4,8 @@
 
 m_i says whether the true noise is a target for draw i (its kind is in TRUE_NOISE_KINDS and its label is
 unguided; a synthetic record's latent is a teacher sample for its caption, so its true noise counts too); s_i is
-a per-draw weight: optional timestep weights (min-SNR, high-noise) times `--synthetic-weight` on synthetic records' draws (see
-`draw_weight`); |·|² is the mean over the latent's elements. Both sums are
+a per-draw weight: optional timestep weights (min-SNR, high-noise; `timestep_weight`) times `--synthetic-weight`
+on synthetic records' draws (see `draw_weight`); |·|² is the mean over the latent's elements. Both sums are
 divided by the batch size B, not by the number of draws that count, so that data-parallel workers, whose
 gradients are averaged, add up to exactly the loss of one worker on the whole batch.
 """
@@ -56,8 +56,12 @@ def high_noise_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: f
 def timestep_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr: float | None,
                     high_noise: float | None) -> torch.Tensor | None:
     """(B,) the product of the weightings asked for (None: neither)."""
-    weights = [f(schedule, timesteps, g) for f, g in ((min_snr_weight, min_snr), (high_noise_weight, high_noise)) if g]
-    return weights[0] * weights[1] if len(weights) == 2 else (weights[0] if weights else None)
+    weight = None
+    for weighting, gamma in ((min_snr_weight, min_snr), (high_noise_weight, high_noise)):
+        if gamma:
+            w = weighting(schedule, timesteps, gamma)
+            weight = w if weight is None else weight * w
+    return weight
 
 
 def draw_weight(synthetic: torch.Tensor, synthetic_weight: float, snr_weight: torch.Tensor | None = None

@@ -40,3 +40,11 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     grid = Image.open(out / "grid.png")
     assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and four student rows
     assert "| kd_perturb |" in (out / "report.md").read_text()
+
+
+def test_bad_training_options_are_refused_before_any_work(tiny_teacher, tmp_path):
+    out = tmp_path / "distill"
+    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
+                                      "--high-noise-weight", "0.5"])
+    assert result.exit_code != 0 and "--high-noise-weight 0.5: a cap of at least 1" in result.output
+    assert not out.exists()
