@@ -301,7 +301,7 @@ def bench_encode(
     json_out: JsonOut = None,
 ):
     """Records/s of `sdit encode` against the bare VAE + text-encoder forward, and peak RSS at two sizes."""
-    from pipeline.bench import BenchEncodeConfig, bench_encode as run, format_table
+    from pipeline.bench.encode import BenchEncodeConfig, bench_encode as run, format_table
 
     result = run(BenchEncodeConfig(source=source, teacher=teacher, teacher_config=teacher_config, images=images,
                                    resolution=resolution, batch_size=batch_size, shard_size=shard_size,
@@ -325,7 +325,7 @@ def bench_label(
     json_out: JsonOut = None,
 ):
     """Draws/s of `sdit teacher-label` against the bare UNet forward, bytes per draw, FLOP rate."""
-    from pipeline.bench import BenchLabelConfig, bench_label as run, format_label_table
+    from pipeline.bench.label import BenchLabelConfig, bench_label as run, format_label_table
 
     result = run(BenchLabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, images=images,
                                   draws=draws, batch_size=batch_size, project_images=project_images,
@@ -354,7 +354,7 @@ def bench_train(
     json_out: JsonOut = None,
 ):
     """Steps/s from the store vs from memory, offline vs online distillation, and FLOPs per step of each preset."""
-    from pipeline.bench_train import BenchTrainConfig, bench_train as run, format_train_table
+    from pipeline.bench.train import BenchTrainConfig, bench_train as run, format_train_table
 
     result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
                                   images=images, batch_size=batch_size, steps=steps, device=device))
@@ -384,7 +384,7 @@ def bench_distill(
     json_out: JsonOut = None,
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts."""
-    from pipeline.distill import TOY_TEACHER, DistillConfig, distill, format_report
+    from pipeline.bench.distill import TOY_TEACHER, DistillConfig, distill, format_report
     from sdit.perturb import PerturbConfig
 
     mix = PerturbConfig.parse(perturb, caption_min_t=caption_min_t) if perturb else PerturbConfig(
@@ -523,7 +523,7 @@ def bench_sample(
     json_out: JsonOut = None,
 ):
     """Images/s of the student against the teacher, and FLOPs per sampling step at SD 1.5's size for each preset."""
-    from pipeline.bench_sample import BenchSampleConfig, bench_sample as run_bench, format_sample_table
+    from pipeline.bench.sample import BenchSampleConfig, bench_sample as run_bench, format_sample_table
 
     options = {"presets": tuple(preset)} if preset else {}
     result = run_bench(BenchSampleConfig(run=run, teacher=teacher, teacher_config=teacher_config, student=student,

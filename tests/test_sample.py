@@ -106,7 +106,7 @@ def test_errors(run, tiny_teacher, tmp_path, options, message):
 
 
 def test_bench_sample_reports_speed_and_flops(tiny_teacher):
-    from pipeline.bench_sample import BenchSampleConfig, bench_sample, format_sample_table
+    from pipeline.bench.sample import BenchSampleConfig, bench_sample, format_sample_table
 
     result = bench_sample(BenchSampleConfig(teacher=str(tiny_teacher), student="SDiT-Nano/2", images=2, steps=2,
                                             repeats=1, presets=("SDiT-S/2",)))

@@ -4,7 +4,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from sdit import shapes
+from sdit.shapes import world
 from sdit.loader import LabelledStore
 from sdit.perturb import Kind
 from sdit.run import read_run
@@ -22,7 +22,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     for name, run in report["runs"].items():
         assert {"heldout_acc", "seen_acc", "teacher_mse"} <= set(run)
         assert 0 <= run["heldout_acc"] <= 1 and run["teacher_mse"] > 0
-        assert set(run["heldout_concepts"]) == {c.name for c in shapes.HELDOUT}
+        assert set(run["heldout_concepts"]) == {c.name for c in world.HELDOUT}
         trained = read_run(out / name)["train"]
         assert (trained["status"], trained["step"]) == ("complete", 2)
     assert {"heldout_acc", "seen_acc"} <= set(report["teacher"])

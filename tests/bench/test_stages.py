@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from pipeline.bench import BenchEncodeConfig, bench_encode, format_table, write_json
+from pipeline.bench import write_json
+from pipeline.bench.encode import BenchEncodeConfig, bench_encode, format_table
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_bench_encode_reports_every_figure(tmp_path):
 
 @pytest.mark.slow
 def test_bench_label_reports_every_figure():
-    from pipeline.bench import BenchLabelConfig, bench_label, format_label_table
+    from pipeline.bench.label import BenchLabelConfig, bench_label, format_label_table
 
     result = bench_label(BenchLabelConfig(images=8, draws=2, batch_size=8), repeats=1)
     keys = {"stage_draws_per_s", "bare_draws_per_s", "ratio", "bytes_per_draw", "achieved_gflops", "matmul_gflops"}

@@ -21,7 +21,7 @@ The evaluator is analytic and built only on the world's own drawing code (no tra
 4. Coverage: each pixel's position along the background-to-colour axis. Renders are exact mixes,
    so this recovers the drawing's anti-aliased mask; for a model's image it is a soft mask.
 5. Shape: the mask is centred on its centroid, scaled by sqrt(area), its x/y spread evened out,
-   and sampled on a 24x24 grid; soft IoU against templates drawn by `shapes.shape_alpha` (turned
+   and sampled on a 24x24 grid; soft IoU against templates drawn by `world.shape_alpha` (turned
    by up to 12 degrees and blurred a little, best variant). The best must reach `MIN_IOU` and beat
    the runner-up by `MIN_MARGIN`, and the aspect ratio must be within 20% of the shape's, so
    ragged blobs and in-between drawings (a rounded square) are "none".
@@ -29,7 +29,7 @@ The evaluator is analytic and built only on the world's own drawing code (no tra
    box the best-matching shape would fill with the mask's coverage (blur and noise move edges,
    not coverage), small or large, with a reject band between.
 
-Measured with `python -m sdit.evaluator` (3,000 jittered 64 px renders of seed 12345, 2 shared
+Measured with `sdit bench evaluator` (3,000 jittered 64 px renders of seed 12345, 2 shared
 CPU cores; the blank, noise and two-shape rows are 300 images each):
 
     condition           shape   colour  background  position  size
@@ -52,17 +52,16 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from sdit import shapes
 from sdit.errors import SDiTError
+from sdit.shapes import world
 
 FLOAT_SLACK = 0.1  # float images may overshoot [0, 1] this much (a raw VAE decode) and are clipped
 
@@ -153,7 +152,7 @@ def _templates() -> tuple[torch.Tensor, torch.Tensor]:
     blurred to half a grid cell and further by each of `TEMPLATE_BLURS` (units of sqrt(area)),
     and normalised like an object: V = rotations x blurs variants.
     """
-    masks = torch.from_numpy(np.stack([shapes.shape_alpha(s, (80.0, 80.0), 96.0, 160) for s in shapes.SHAPES]))
+    masks = torch.from_numpy(np.stack([world.shape_alpha(s, (80.0, 80.0), 96.0, 160) for s in world.SHAPES]))
     scale = masks.sum((1, 2)).sqrt()  # (K,) px per unit
     half_cell = EXTENT / GRID  # units of sqrt(area)
     variants = []
@@ -194,14 +193,14 @@ def _gaussian(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _fill_fractions() -> torch.Tensor:
     """(K,) the fraction of its square box each shape covers."""
-    masks = [shapes.shape_alpha(s, (64.0, 64.0), 96.0, 128) for s in shapes.SHAPES]
+    masks = [world.shape_alpha(s, (64.0, 64.0), 96.0, 128) for s in world.SHAPES]
     return torch.tensor([float(m.sum()) / 96**2 for m in masks])
 
 
 @functools.cache
 def _palette_hues() -> tuple[np.ndarray, np.ndarray]:
     """Palette hues (K,) in degrees, and each colour's accepted half-width toward each neighbour."""
-    hues = np.array([_hsv(np.array(rgb) / 255.0)[0] for rgb in shapes.COLOURS.values()])
+    hues = np.array([_hsv(np.array(rgb) / 255.0)[0] for rgb in world.COLOURS.values()])
     gaps = (hues[:, None] - hues[None, :] + 180) % 360 - 180  # signed, (K, K)
     np.fill_diagonal(gaps, np.nan)
     below = np.nanmin(np.where(gaps > 0, gaps, np.nan), axis=1)  # nearest neighbour at lower hue
@@ -485,7 +484,7 @@ def _name_shapes(ious: torch.Tensor, aspect_error: torch.Tensor) -> list[str | N
     best = top.indices[:, 0]
     ok = (top.values[:, 0] >= MIN_IOU) & (top.values[:, 0] - top.values[:, 1] >= MIN_MARGIN)
     ok &= aspect_error.gather(1, best[:, None])[:, 0] <= MAX_ASPECT
-    return [shapes.SHAPES[int(k)] if bool(good) else None for k, good in zip(best, ok)]
+    return [world.SHAPES[int(k)] if bool(good) else None for k, good in zip(best, ok)]
 
 
 def _name_colours(rgb: np.ndarray, contrast: np.ndarray) -> list[str | None]:
@@ -500,7 +499,7 @@ def _name_colours(rgb: np.ndarray, contrast: np.ndarray) -> list[str | None]:
     offset = signed[np.arange(len(rgb)), nearest]
     limit = np.where(offset < 0, half[nearest, 0], half[nearest, 1])
     ok = (chroma >= MIN_CHROMA) & (chroma >= MIN_CHROMA_SHARE * contrast) & (np.abs(offset) <= limit)
-    names = tuple(shapes.COLOURS)
+    names = tuple(world.COLOURS)
     return [names[k] if good else None for k, good in zip(nearest, ok)]
 
 
@@ -514,16 +513,21 @@ def _name_backgrounds(rgb: np.ndarray) -> list[str | None]:
 
 
 def _position_name(centre: torch.Tensor) -> str:
-    col, row = (int(np.abs(np.array(shapes.GRID_CENTRES) - float(c)).argmin()) for c in centre)
-    return next(name for name, cell in shapes.POSITIONS.items() if cell == (col, row))
+    col, row = (int(np.abs(np.array(world.GRID_CENTRES) - float(c)).argmin()) for c in centre)
+    return next(name for name, cell in world.POSITIONS.items() if cell == (col, row))
 
 
 def _size_name(extent: float) -> str | None:
-    small, large = shapes.SIZES["small"], shapes.SIZES["large"]
+    small, large = world.SIZES["small"], world.SIZES["large"]
     ratio = math.log(extent / math.sqrt(small * large)) if extent > 0 else -math.inf
     if abs(ratio) < SIZE_REJECT:
         return None
     return "large" if ratio > 0 else "small"
+
+
+def prepare() -> None:
+    """Build the templates and the palette now (each process builds them once, on first use)."""
+    _templates(), _fill_fractions(), _palette_hues()
 
 
 def evaluate(image: Image.Image | np.ndarray) -> Reading:
@@ -573,33 +577,33 @@ class Score:
 
 def score(
     results: Sequence[Reading],
-    asked: Sequence[shapes.Attributes | shapes.Prompt],
-    concepts: Sequence[shapes.Concept] = shapes.HELDOUT,
+    asked: Sequence[world.Attributes | world.Prompt],
+    concepts: Sequence[world.Concept] = world.HELDOUT,
 ) -> Score:
     """Compare readings with what was asked for (Attributes, or Prompts, whose `said` limits which
     attributes count toward accuracy), and score each concept fairly against false positives."""
     if len(results) != len(asked):
         raise SDiTError(f"{len(results)} readings for {len(asked)} prompts; pass one reading per prompt")
-    wanted = [a.attrs if isinstance(a, shapes.Prompt) else a for a in asked]
-    said = [a.said if isinstance(a, shapes.Prompt) else shapes.ATTRIBUTE_NAMES for a in asked]
+    wanted = [a.attrs if isinstance(a, world.Prompt) else a for a in asked]
+    said = [a.said if isinstance(a, world.Prompt) else world.ATTRIBUTE_NAMES for a in asked]
     accuracy, rejected = {}, {}
-    for name in shapes.ATTRIBUTE_NAMES:
+    for name in world.ATTRIBUTE_NAMES:
         pairs = [(getattr(r, name), getattr(w, name)) for r, w, s in zip(results, wanted, said) if name in s]
         accuracy[name] = _mean([read == want for read, want in pairs])
         rejected[name] = _mean([getattr(r, name) is None for r in results])
     return Score(len(results), accuracy, rejected, {c.name: _concept_score(c, results, wanted) for c in concepts})
 
 
-def concept_accuracy(results: Sequence[Reading], asked: Sequence[shapes.Prompt]) -> float:
+def concept_accuracy(results: Sequence[Reading], asked: Sequence[world.Prompt]) -> float:
     """The share of readings showing every held-out concept their prompt names ("cross", "yellow", "red
     circle"), over the prompts that name one: what a student can only have learnt from its teacher."""
-    named = {c.name: c for c in shapes.HELDOUT}
+    named = {c.name: c for c in world.HELDOUT}
     hits = [all(named[n].matches(r) for n in a.concepts) for r, a in zip(results, asked, strict=True) if a.concepts]
     return _mean(hits)
 
 
 def _concept_score(
-    concept: shapes.Concept, results: Sequence[Reading], wanted: Sequence[shapes.Attributes]
+    concept: world.Concept, results: Sequence[Reading], wanted: Sequence[world.Attributes]
 ) -> ConceptScore:
     asked = [concept.matches(w) for w in wanted]
     read = [concept.matches(r) for r in results]
@@ -610,93 +614,3 @@ def _concept_score(
 
 def _mean(values: Sequence[bool]) -> float:
     return sum(values) / len(values) if values else math.nan
-
-
-# --- robustness checks: the measurements quoted in the module docstring -------------------------------
-
-
-def with_noise(image: Image.Image, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """The image plus Gaussian noise of `sigma` (in [0, 1] units), clipped: H x W x 3 float32."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return np.clip(a + rng.normal(0.0, sigma, a.shape), 0, 1).astype(np.float32)
-
-
-def with_blur(image: Image.Image, radius: float) -> Image.Image:
-    """The image under a Gaussian blur of `radius` px (Pillow's radius is the sd)."""
-    return image.filter(ImageFilter.GaussianBlur(radius))
-
-
-def noise_image(rng: np.random.Generator, resolution: int = shapes.DEFAULT_RESOLUTION) -> np.ndarray:
-    """Uniform RGB noise: nothing to read."""
-    return rng.random((resolution, resolution, 3), dtype=np.float32)
-
-
-def blank_image(
-    background: str, rng: np.random.Generator, sigma: float = 0.0, resolution: int = shapes.DEFAULT_RESOLUTION
-) -> np.ndarray:
-    """A plain background with Gaussian noise of `sigma`: a background and no shape."""
-    level = np.array(shapes.BACKGROUNDS[background], dtype=np.float32) / 255.0
-    return np.clip(level + rng.normal(0.0, sigma, (resolution, resolution, 3)), 0, 1).astype(np.float32)
-
-
-def two_shapes_image(rng: np.random.Generator, resolution: int = shapes.DEFAULT_RESOLUTION) -> Image.Image:
-    """Two random shapes in two different grid cells (they may touch) on one background."""
-    cells = rng.choice(len(shapes.POSITIONS), size=2, replace=False)
-    background = str(rng.choice(list(shapes.BACKGROUNDS)))
-    pixels = None
-    for cell in cells:
-        attrs = shapes.Attributes(
-            str(rng.choice(shapes.SHAPES)),
-            str(rng.choice(list(shapes.COLOURS))),
-            background,
-            list(shapes.POSITIONS)[int(cell)],
-            str(rng.choice(list(shapes.SIZES))),
-        )
-        lay = shapes.layout(attrs, resolution, rng)
-        if pixels is None:
-            pixels = np.zeros((resolution, resolution, 3)) + np.array(lay.background)
-        alpha = shapes.shape_alpha(attrs.shape, lay.centre, lay.side, resolution)[..., None]
-        pixels = alpha * np.array(lay.colour) + (1 - alpha) * pixels
-    return Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
-
-
-def benchmark(
-    n: int = 3000, seed: int = 12345, resolution: int = shapes.DEFAULT_RESOLUTION
-) -> dict[str, dict[str, float]]:
-    """Per-attribute accuracy on `n` jittered renders, clean and perturbed; the reading speed; and
-    the share of "none" shapes on images that hold no single shape (n / 10 of each kind)."""
-    rng = np.random.default_rng(seed)
-    records = list(shapes.sample(n, seed, resolution))
-    asked = [r.attrs for r in records]
-    _templates(), _fill_fractions(), _palette_hues()  # built once per process; not part of the speed
-    start = time.perf_counter()
-    report = {"clean": score(evaluate_batch([r.image for r in records]), asked).accuracy}
-    report["speed"] = {"images/s": n / (time.perf_counter() - start)}  # from PIL images, all steps
-    for sigma in (0.05, 0.1):
-        noisy = [with_noise(r.image, sigma, rng) for r in records]
-        report[f"noise sd {sigma}"] = score(evaluate_batch(noisy), asked).accuracy
-    for radius in (0.5, 1.0):
-        blurred = [with_blur(r.image, radius) for r in records]
-        report[f"blur sd {radius} px"] = score(evaluate_batch(blurred), asked).accuracy
-    m = max(n // 10, 1)
-    backgrounds = list(shapes.BACKGROUNDS)
-    negatives = {
-        "noise images": [noise_image(rng, resolution) for _ in range(m)],
-        "blank images": [blank_image(backgrounds[i % 3], rng, 0.05 * (i % 2), resolution) for i in range(m)],
-        "two-shape images": [two_shapes_image(rng, resolution) for _ in range(m)],
-    }
-    for name, images in negatives.items():
-        report[name] = {"shape none": _mean([r.shape is None for r in evaluate_batch(images)])}
-    return report
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Measure the evaluator on fresh shapes-world renders.")
-    parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=12345)
-    parser.add_argument("--resolution", type=int, default=shapes.DEFAULT_RESOLUTION)
-    args = parser.parse_args()
-    for condition, numbers in benchmark(args.n, args.seed, args.resolution).items():
-        print(f"{condition:18s}", "  ".join(f"{key} {value:.4g}" for key, value in numbers.items()))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdit import evaluator, toy
+from sdit.shapes import evaluator, toy
 from sdit.convert import to_original_layout
 from sdit.teacher import DATA_DIR, load_teacher
 

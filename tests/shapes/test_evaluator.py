@@ -6,54 +6,55 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sdit import evaluator, shapes
+from pipeline.bench import evaluator as robustness
 from sdit.errors import SDiTError
-from sdit.evaluator import Reading
-from sdit.shapes import Attributes
+from sdit.shapes import evaluator, world
+from sdit.shapes.evaluator import Reading
+from sdit.shapes.world import Attributes
 
 FRESH_SEED = 31337  # never used while the evaluator's thresholds were chosen
 
 
 @pytest.fixture(scope="module")
 def fresh():
-    records = list(shapes.sample(400, FRESH_SEED))
+    records = list(world.sample(400, FRESH_SEED))
     return records, [r.attrs for r in records]
 
 
 def test_reads_fresh_clean_renders(fresh):
     records, asked = fresh
     result = evaluator.score(evaluator.evaluate_batch([r.image for r in records]), asked)
-    assert all(result.accuracy[name] >= 0.98 for name in shapes.ATTRIBUTE_NAMES), result.accuracy
+    assert all(result.accuracy[name] >= 0.98 for name in world.ATTRIBUTE_NAMES), result.accuracy
 
 
 def test_reads_noisy_and_blurred_renders(fresh):
     records, asked = fresh
     rng = np.random.default_rng(FRESH_SEED)
     for images in (
-        [evaluator.with_noise(r.image, 0.05, rng) for r in records],
-        [evaluator.with_blur(r.image, 0.7) for r in records],
+        [robustness.with_noise(r.image, 0.05, rng) for r in records],
+        [robustness.with_blur(r.image, 0.7) for r in records],
     ):
         accuracy = evaluator.score(evaluator.evaluate_batch(images), asked).accuracy
-        assert all(accuracy[name] >= 0.97 for name in shapes.ATTRIBUTE_NAMES), accuracy
+        assert all(accuracy[name] >= 0.97 for name in world.ATTRIBUTE_NAMES), accuracy
 
 
 def test_nothing_to_read_in_noise():
     rng = np.random.default_rng(1)
-    for reading in evaluator.evaluate_batch([evaluator.noise_image(rng) for _ in range(20)]):
+    for reading in evaluator.evaluate_batch([robustness.noise_image(rng) for _ in range(20)]):
         assert reading == Reading(None, None, None, None, None)
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.05])
 def test_a_blank_image_has_a_background_and_no_shape(sigma):
     rng = np.random.default_rng(2)
-    for background in shapes.BACKGROUNDS:
-        reading = evaluator.evaluate(evaluator.blank_image(background, rng, sigma))
+    for background in world.BACKGROUNDS:
+        reading = evaluator.evaluate(robustness.blank_image(background, rng, sigma))
         assert reading == Reading(None, None, background, None, None)
 
 
 def test_two_shapes_are_no_shape():
     rng = np.random.default_rng(3)
-    readings = evaluator.evaluate_batch([evaluator.two_shapes_image(rng) for _ in range(60)])
+    readings = evaluator.evaluate_batch([robustness.two_shapes_image(rng) for _ in range(60)])
     assert all(r.shape is None for r in readings)
     # Apart, they are two objects: no position or size either. Touching in one colour, they are
     # one blob of no shape, which still has a place and a size.
@@ -80,7 +81,7 @@ def test_ragged_blobs_are_mostly_no_shape():
 
 def test_colours_are_read_relative_to_the_image():
     attrs = Attributes("cross", "cyan", "white", "left", "large")
-    image = np.asarray(shapes.render(attrs), dtype=np.float32) / 255
+    image = np.asarray(world.render(attrs), dtype=np.float32) / 255
     tinted = np.clip(image + np.array([0.06, -0.03, -0.03], dtype=np.float32), 0, 1)  # the whole image drifts pink
     washed = image[0, 0] + 0.4 * (image - image[0, 0])  # the shape at 40% strength
     for drawn in (tinted, washed):
@@ -89,16 +90,16 @@ def test_colours_are_read_relative_to_the_image():
 
 def test_a_two_coloured_or_grey_object_has_no_colour():
     attrs = Attributes("square", "red", "black", "center", "large")
-    image = np.asarray(shapes.render(attrs)).copy()
-    image[:, 32:][image[:, 32:, 0] > 100] = shapes.COLOURS["blue"]
+    image = np.asarray(world.render(attrs)).copy()
+    image[:, 32:][image[:, 32:, 0] > 100] = world.COLOURS["blue"]
     assert evaluator.evaluate(image).colour is None
-    grey = np.asarray(shapes.render(attrs)).copy()
+    grey = np.asarray(world.render(attrs)).copy()
     grey[grey[..., 0] > 100] = (128, 128, 128)
     assert evaluator.evaluate(grey).colour is None
 
 
 def test_arrays_and_images_read_alike():
-    image = shapes.render(Attributes("ring", "yellow", "grey", "top right", "small"), np.random.default_rng(0))
+    image = world.render(Attributes("ring", "yellow", "grey", "top right", "small"), np.random.default_rng(0))
     as_uint8 = np.asarray(image)
     as_float = as_uint8.astype(np.float32) / 255
     assert evaluator.evaluate(image) == evaluator.evaluate(as_uint8) == evaluator.evaluate(as_float)
@@ -120,7 +121,7 @@ def test_score_by_hand():
         Reading("circle", "blue", "black", "top", "small"),
         Reading("circle", None, "black", "top", "large"),
     ]
-    concepts = [shapes.Concept("cross", shape="cross"), shapes.Concept("red cross", shape="cross", colour="red")]
+    concepts = [world.Concept("cross", shape="cross"), world.Concept("red cross", shape="cross", colour="red")]
     result = evaluator.score(results, asked, concepts)
     assert result.count == 6
     assert result.accuracy == {"shape": 4 / 6, "colour": 5 / 6, "background": 1.0, "position": 5 / 6, "size": 4 / 6}
@@ -134,7 +135,7 @@ def test_score_by_hand():
 
 def test_concept_accuracy_asks_only_for_the_heldout_concepts_a_prompt_names():
     def prompt(shape, colour):
-        return shapes._prompt(Attributes(shape, colour, "white", "center", "small"))
+        return world._prompt(Attributes(shape, colour, "white", "center", "small"))
 
     asked = [prompt("cross", "red"), prompt("circle", "yellow"), prompt("cross", "yellow"), prompt("circle", "red"),
              prompt("square", "blue")]  # cross; yellow; both; the held-out pair "red circle"; seen: not counted
@@ -152,13 +153,13 @@ def test_concept_accuracy_asks_only_for_the_heldout_concepts_a_prompt_names():
 
 def test_score_counts_accuracy_only_where_the_prompt_says_it():
     attrs = Attributes("star", "green", "grey", "left", "small")
-    quiet = shapes.Prompt("a green star on a grey background", attrs, ("shape", "colour", "background"))
-    loud = shapes.Prompt(shapes.caption(attrs), attrs)
+    quiet = world.Prompt("a green star on a grey background", attrs, ("shape", "colour", "background"))
+    loud = world.Prompt(world.caption(attrs), attrs)
     wrong_size = Reading("star", "green", "grey", "right", "large")
     result = evaluator.score([wrong_size, wrong_size], [quiet, loud], concepts=[])
     assert result.accuracy["size"] == 0.0 and result.accuracy["position"] == 0.0  # only `loud` counts
     assert result.accuracy["shape"] == 1.0
-    only_quiet = evaluator.score([wrong_size], [quiet], concepts=[shapes.Concept("cross", shape="cross")])
+    only_quiet = evaluator.score([wrong_size], [quiet], concepts=[world.Concept("cross", shape="cross")])
     assert math.isnan(only_quiet.accuracy["size"]) and math.isnan(only_quiet.concepts["cross"].hit)
     with pytest.raises(SDiTError, match="one reading per prompt"):
         evaluator.score([wrong_size], [quiet, loud])

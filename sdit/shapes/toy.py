@@ -15,8 +15,8 @@ checkpointing atomically every `checkpoint_every` steps (a rerun with `resume` c
                                        the text encoder learns jointly (or stays frozen, `train_text`)
     save_teacher(models, out)          model_index.json, vae/, text_encoder/, tokenizer/, unet/, scheduler/
 
-    python -m sdit.toy train OUT_DIR [--minutes M] [--resume] [--work-dir DIR]
-    python -m sdit.toy eval DIR [--per-prompt K] [--guidance W]
+    sdit toy train OUT_DIR [--minutes M] [--resume] [--work-dir DIR]
+    sdit toy eval DIR [--per-prompt K] [--guidance W]
 
 Randomness: step k of a stage draws its batch, noise and timesteps from a generator seeded with
 (stage seed, k), so a resumed run repeats an uninterrupted one exactly.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdit import evaluator, shapes
+from sdit.shapes import evaluator, world
 from sdit.errors import SDiTError
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
 from sdit.tiny import save_configs
@@ -66,7 +66,7 @@ def _vae(channels: list[int], latent_channels: int = 4) -> dict:
     n = len(channels)
     return dict(block_out_channels=channels, layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels,
                 down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                sample_size=shapes.DEFAULT_RESOLUTION, scaling_factor=1.0)
+                sample_size=world.DEFAULT_RESOLUTION, scaling_factor=1.0)
 
 
 def _text(width: int, layers: int, heads: int) -> dict:
@@ -103,9 +103,9 @@ SIZES: dict[str, ToySize] = {
 
 @dataclass(frozen=True)
 class DataConfig:
-    images: int = 20_000  # drawn from the whole world by `shapes.sample`
+    images: int = 20_000  # drawn from the whole world by `world.sample`
     seed: int = 0
-    resolution: int = shapes.DEFAULT_RESOLUTION
+    resolution: int = world.DEFAULT_RESOLUTION
     check_images: int = 512  # a separate draw (seed + 1) for the VAE's reconstruction check
 
 
@@ -202,14 +202,14 @@ def render_world(n: int, seed: int, resolution: int, cache: Path | None = None) 
     if file is not None and file.exists():
         with np.load(file) as z:
             return World(z["images"], [str(c) for c in z["captions"]])
-    records = list(shapes.sample(n, seed, resolution))
-    world = World(np.stack([np.asarray(r.image) for r in records]), [r.caption for r in records])
+    records = list(world.sample(n, seed, resolution))
+    renders = World(np.stack([np.asarray(r.image) for r in records]), [r.caption for r in records])
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".tmp.npz")
-        np.savez(tmp, images=world.images, captions=np.array(world.captions))
+        np.savez(tmp, images=renders.images, captions=np.array(renders.captions))
         os.replace(tmp, file)
-    return world
+    return renders
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -309,7 +309,7 @@ def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) ->
 
 def check_vae(vae: AutoencoderKL, data: DataConfig) -> dict[str, float]:
     """Attribute accuracy of reconstructions of a fresh draw of the world, beside the originals'."""
-    records = list(shapes.sample(data.check_images, data.seed + 1, data.resolution))
+    records = list(world.sample(data.check_images, data.seed + 1, data.resolution))
     images = np.stack([np.asarray(r.image) for r in records])
     asked = [r.attrs for r in records]
     clean = evaluator.score(evaluator.evaluate_batch(list(images)), asked).accuracy
@@ -330,13 +330,13 @@ class Latents:
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, tokenizer: CLIPTokenizer, world: World, batch_size: int = 256) -> Latents:
+def encode_latents(vae: AutoencoderKL, tokenizer: CLIPTokenizer, renders: World, batch_size: int = 256) -> Latents:
     means, stds = [], []
-    for i in range(0, len(world.images), batch_size):
-        d = vae.encode(to_pixels(world.images[i:i + batch_size])).latent_dist
+    for i in range(0, len(renders.images), batch_size):
+        d = vae.encode(to_pixels(renders.images[i:i + batch_size])).latent_dist
         means.append(d.mean)
         stds.append(d.std)
-    return Latents(torch.cat(means), torch.cat(stds), tokenize(tokenizer, world.captions))
+    return Latents(torch.cat(means), torch.cat(stds), tokenize(tokenizer, renders.captions))
 
 
 def latent_scale(latents: Latents, seed: int = 0) -> float:
@@ -483,14 +483,14 @@ def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | N
     t0 = time.monotonic()
     deadline = t0 + 60 * minutes if minutes is not None else None
     progress("data", 0, 1, {})
-    world = render_world(config.data.images, config.data.seed, config.data.resolution, work)
-    progress("data", 1, 1, {"images": len(world.images), "s": time.monotonic() - t0})
+    renders = render_world(config.data.images, config.data.seed, config.data.resolution, work)
+    progress("data", 1, 1, {"images": len(renders.images), "s": time.monotonic() - t0})
     models = build_models(config.size, config.data.seed)
     vae_deadline = t0 + 15 * minutes if minutes is not None else None
-    vae_steps = train_vae(models.vae, world.images, config.vae, work / "vae.ckpt", resume, progress, vae_deadline)
+    vae_steps = train_vae(models.vae, renders.images, config.vae, work / "vae.ckpt", resume, progress, vae_deadline)
     t_vae = time.monotonic() - t0
     vae_check = check_vae(models.vae, config.data)
-    latents = encode_latents(models.vae, models.tokenizer, world)
+    latents = encode_latents(models.vae, models.tokenizer, renders)
     scale = latent_scale(latents)
     models.vae.register_to_config(scaling_factor=scale)
     progress("latents", 1, 1, {"scaling_factor": scale, **vae_check})
@@ -549,7 +549,7 @@ def evaluate_teacher(teacher_dir: str | Path, per_prompt: int = 4, guidance: flo
                      seed: int = 0) -> dict[str, evaluator.Score]:
     """Per-attribute accuracy of the teacher's samples for held-out and seen evaluation prompts."""
     scores = {}
-    for name, prompts in (("heldout", shapes.heldout_prompts()), ("seen", shapes.seen_prompts())):
+    for name, prompts in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts())):
         images = sample_images(teacher_dir, [p.text for p in prompts], per_prompt, guidance, steps, seed)
         asked = [p for p in prompts for _ in range(per_prompt)]
         scores[name] = evaluator.score(evaluator.evaluate_batch(images), asked)
@@ -558,77 +558,9 @@ def evaluate_teacher(teacher_dir: str | Path, per_prompt: int = 4, guidance: flo
 
 def format_scores(scores: dict[str, evaluator.Score]) -> str:
     """A markdown table: accuracy per attribute (with its standard error) for each prompt set."""
-    lines = ["| prompts | images | " + " | ".join(shapes.ATTRIBUTE_NAMES) + " |",
-             "|---|---|" + "---|" * len(shapes.ATTRIBUTE_NAMES)]
+    lines = ["| prompts | images | " + " | ".join(world.ATTRIBUTE_NAMES) + " |",
+             "|---|---|" + "---|" * len(world.ATTRIBUTE_NAMES)]
     for name, s in scores.items():
         cells = [f"{a:.3f} ± {math.sqrt(a * (1 - a) / s.count):.3f}" for a in s.accuracy.values()]
         lines.append(f"| {name} | {s.count} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# --- command line ----------------------------------------------------------------------------------------------
-
-
-def _main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
-
-    from tqdm import tqdm
-
-    parser = argparse.ArgumentParser(prog="python -m sdit.toy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train the toy teacher; write it to OUT_DIR")
-    p.add_argument("out")
-    p.add_argument("--minutes", type=float, default=None, help="wall-time cap for the whole run")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--work-dir", default=None, help="renders and checkpoints (default: OUT_DIR-work)")
-    p.add_argument("--size", choices=list(SIZES), default="f8")
-    p.add_argument("--images", type=int, default=DataConfig.images)
-    p.add_argument("--vae-steps", type=int, default=VAEConfig.steps)
-    p.add_argument("--vae-object-weight", type=float, default=VAEConfig.object_weight)
-    p.add_argument("--unet-steps", type=int, default=UNetConfig.steps)
-    p.add_argument("--frozen-text", action="store_true", help="keep the text encoder random and frozen")
-    p.add_argument("--offset-noise", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=ToyConfig.threads, help="torch CPU threads (part of the config)")
-    e = sub.add_parser("eval", help="sample the teacher for held-out and seen prompts; score the samples")
-    e.add_argument("dir")
-    e.add_argument("--per-prompt", type=int, default=4)
-    e.add_argument("--guidance", type=float, default=5.0)
-    e.add_argument("--steps", type=int, default=25)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            config = ToyConfig(args.size, DataConfig(images=args.images), replace(VAEConfig(), steps=args.vae_steps,
-                                                                        object_weight=args.vae_object_weight),
-                               replace(UNetConfig(), steps=args.unet_steps, train_text=not args.frozen_text,
-                                       offset_noise=args.offset_noise), args.threads)
-            bars: dict[str, tqdm] = {}
-
-            def progress(stage: str, step: int, total: int, metrics: dict) -> None:
-                bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, mininterval=5,
-                                                                     file=sys.stderr))
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
-                bar.update(step - bar.n)  # redraws at most every `mininterval` seconds
-                if stage == "latents":
-                    bar.write(json.dumps(metrics))
-
-            summary = train(args.out, config, args.work_dir, args.resume, args.minutes, progress)
-            for bar in bars.values():
-                bar.close()
-            print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
-        else:
-            start = time.monotonic()
-            scores = evaluate_teacher(args.dir, args.per_prompt, args.guidance, args.steps, args.seed)
-            print(format_scores(scores))
-            print(f"({time.monotonic() - start:.0f} s; DDIM {args.steps} steps, guidance {args.guidance}, "
-                  f"{args.per_prompt} images per prompt)")
-            if args.json:
-                Path(args.json).write_text(json.dumps({k: asdict(v) for k, v in scores.items()}, indent=2))
-    except SDiTError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-if __name__ == "__main__":
-    _main()

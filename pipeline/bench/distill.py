@@ -40,7 +40,8 @@ from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.label import LabelConfig, label
 from pipeline.sample import captioned_grid, teacher_images
 from pipeline.train import TrainConfig, train
-from sdit import evaluator, sampling, shapes
+from sdit import sampling
+from sdit.shapes import evaluator, world
 from sdit.errors import SDiTError
 from sdit.perturb import PerturbConfig
 from sdit.pipeline_sdit import SDiTPipeline
@@ -139,8 +140,8 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
     data, store = out / "data", out / "store"
     if not (data / "images").exists():
         progress("write the limited split and the prompt bank")
-        shapes.write_split(shapes.limited_split(config.records, config.seed), data / "images")
-        shapes.write_prompts(shapes.prompt_bank(config.seed), data / "prompts.txt")
+        world.write_split(world.limited_split(config.records, config.seed), data / "images")
+        world.write_prompts(world.prompt_bank(config.seed), data / "prompts.txt")
     progress("encode")
     encode(EncodeConfig(source=str(data / "images"), teacher=config.teacher, out=str(store), resolution=64,
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))
@@ -158,7 +159,7 @@ def score_all(config: DistillConfig, out: Path, store: Path) -> dict[str, dict]:
     """Samples of the teacher and every student from the same noise; attribute accuracy on held-out and seen
     prompts; teacher agreement on held-out draws."""
     teacher = load_teacher(config.teacher)
-    prompts = {"heldout": shapes.heldout_prompts(), "seen": shapes.seen_prompts()}
+    prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
     models = ["teacher", *config.runs]
     images: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in models}
     for split, plist in prompts.items():
@@ -217,7 +218,7 @@ def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str]
     return made
 
 
-def pair_accuracy(readings: list[evaluator.Reading], asked: list[shapes.Prompt]) -> float:
+def pair_accuracy(readings: list[evaluator.Reading], asked: list[world.Prompt]) -> float:
     """Share of samples whose shape and colour are both the ones asked for."""
     return float(np.mean([r.shape == a.attrs.shape and r.colour == a.attrs.colour for r, a in zip(readings, asked)]))
 

@@ -1,0 +1,80 @@
+"""`sdit bench`: what each stage costs on this machine, and the shapes-world experiment.
+
+    encode.py     `sdit bench encode`
+    label.py      `sdit bench label`
+    train.py      `sdit bench train`
+    sample.py     `sdit bench sample`
+    distill.py    `sdit bench distill` (the shapes world: students with and without the teacher)
+    evaluator.py  `sdit bench evaluator` (the shapes world's attribute evaluator)
+
+What they share lives here: the default tiny teacher and generated store, the matmul ceiling, JSON output.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_teacher(folder: Path) -> str:
+    """The benchmarks' default teacher: a tiny random SD-shaped one, written to `folder`/teacher."""
+    from sdit.tiny import save_tiny_teacher
+
+    return str(save_tiny_teacher(folder / "teacher"))
+
+
+def encoded_store(folder: Path, teacher: str, images: int, resolution: int, teacher_config: str | None = None,
+                  device: str = "auto", dtype: str = "auto") -> str:
+    """The benchmarks' default store: `images` generated images encoded with `teacher` into `folder`/store."""
+    from pipeline.encode import EncodeConfig, encode
+
+    store = str(folder / "store")
+    encode(EncodeConfig(source=str(generate_images(folder / "images", images, resolution)), teacher=teacher, out=store,
+                        teacher_config=teacher_config, resolution=resolution, device=device, dtype=dtype))
+    return store
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def generate_images(folder: Path, n: int, resolution: int, seed: int = 0) -> Path:
+    """n PNG images of coloured ellipses and boxes with captions: cheap to decode, like real thumbnails."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+    names = list(colours)
+    for i in range(n):
+        colour = names[rng.integers(len(names))]
+        shape = ("circle", "square")[rng.integers(2)]
+        img = Image.new("RGB", (resolution, resolution), (245, 245, 245))
+        x0, y0 = rng.integers(0, resolution // 2, size=2)
+        box = (int(x0), int(y0), int(x0) + resolution // 3, int(y0) + resolution // 3)
+        draw = ImageDraw.Draw(img)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colours[colour])
+        img.save(folder / f"{i:06d}.png")
+        (folder / f"{i:06d}.txt").write_text(f"a {colour} {shape} on a white background")
+    return folder
+
+
+def matmul_gflops(device, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's practical ceiling: a large fp32 matmul (TF32 off on GPU), best of `repeats`."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+

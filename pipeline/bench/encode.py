@@ -1,0 +1,119 @@
+"""`sdit bench encode`: what the encode stage costs beyond the models it runs, and whether its memory
+stays flat as the dataset grows.
+
+Each dataset size runs in a child process (so its peak RSS is its own). The child times the whole stage
+from the moment its work starts (teacher loaded, store created) to the finished manifest, then times the
+bare VAE + text-encoder forward on the same records in the same batches, decoded beforehand; three
+times over, alternately, keeping the best of each.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bench import generate_images, tiny_teacher
+from sdit.errors import SDiTError
+
+
+@dataclass(frozen=True)
+class BenchEncodeConfig:
+    source: str | None = None  # default: `images * 2` generated images
+    teacher: str | None = None  # default: a tiny random SD-shaped teacher
+    teacher_config: str | None = None
+    images: int = 1024  # the small run; the large run encodes twice as many
+    resolution: int = 128  # at 64 px the tiny VAE's forward costs less than decoding a PNG
+    batch_size: int = 32
+    shard_size: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def bench_encode(config: BenchEncodeConfig) -> dict:
+    with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
+        tmp = Path(tmp)
+        source = config.source or str(generate_images(tmp / "images", 2 * config.images, config.resolution))
+        teacher = config.teacher or tiny_teacher(tmp)
+        runs = [_child(config, source, teacher, limit, tmp / f"store-{limit}")
+                for limit in (config.images, 2 * config.images)]
+    small, large = runs
+    return {
+        "stage_records_per_s": large["stage_records_per_s"],
+        "bare_records_per_s": large["bare_records_per_s"],
+        "ratio": large["stage_records_per_s"] / large["bare_records_per_s"],
+        "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
+        "records": [small["records"], large["records"]],
+        "rss_growth": large["peak_rss_mb"] / small["peak_rss_mb"] - 1,
+        "config": asdict(config),
+    }
+
+
+def format_table(result: dict) -> str:
+    n_small, n_large = result["records"]
+    rss_small, rss_large = result["peak_rss_mb"]
+    return "\n".join([
+        f"{'stage (read, decode, encode, write)':<40}{result['stage_records_per_s']:>10.1f} records/s",
+        f"{'bare VAE + text encoder forward':<40}{result['bare_records_per_s']:>10.1f} records/s",
+        f"{'stage / bare':<40}{result['ratio']:>10.3f}",
+        f"{'peak RSS, ' + str(n_small) + ' records':<40}{rss_small:>10.0f} MB",
+        f"{'peak RSS, ' + str(n_large) + ' records':<40}{rss_large:>10.0f} MB  ({result['rss_growth']:+.1%})",
+    ])
+
+
+def _child(config: BenchEncodeConfig, source: str, teacher: str, limit: int, out: Path) -> dict:
+    args = json.dumps({"config": asdict(config), "source": source, "teacher": teacher, "limit": limit,
+                       "out": str(out)})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.bench.encode", args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise SDiTError(f"benchmark run failed: {stderr.strip().splitlines()[-1] if stderr.strip() else proc.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _measure(args: dict, repeats: int = 3) -> dict:
+    """In the child: the stage, then the bare forward on the same records and batches, alternately
+    `repeats` times; the best of each, since other processes only ever slow a run down."""
+    from pipeline.encode import EncodeConfig, EncoderFactory, encode
+    from sdit.sources import load_image, open_source
+
+    c = BenchEncodeConfig(**args["config"])
+    enc = EncodeConfig(source=args["source"], teacher=args["teacher"], out=args["out"],
+                       teacher_config=c.teacher_config, resolution=c.resolution, batch_size=c.batch_size,
+                       shard_size=c.shard_size, limit=args["limit"], device=c.device, dtype=c.dtype, overwrite=True)
+    encoder = None
+    stage, bare = [], []
+    for _ in range(repeats):
+        started = []
+        summary = encode(enc, on_total=lambda _: started.append(time.perf_counter()))
+        stage.append(summary.records / (time.perf_counter() - started[0]))
+        if encoder is None:  # after the first stage run, so peak RSS is the stage's own
+            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            encoder = EncoderFactory(enc)()
+            items = [item for item, _ in zip(open_source(args["source"]), range(args["limit"]))]
+            pixels = np.stack([load_image(item.read(), c.resolution) for item in items])
+            captions = [item.caption for item in items]
+        t0 = time.perf_counter()
+        for shard_start in range(0, len(items), c.shard_size):  # the stage batches within shards; so do we
+            shard_end = min(shard_start + c.shard_size, len(items))
+            for i in range(shard_start, shard_end, c.batch_size):
+                j = min(i + c.batch_size, shard_end)
+                encoder.encode_images(pixels[i:j])
+                encoder.encode_text(captions[i:j])
+        bare.append(len(items) / (time.perf_counter() - t0))
+    return {"records": summary.records, "stage_records_per_s": max(stage), "bare_records_per_s": max(bare),
+            "peak_rss_mb": peak_rss_mb}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(_measure(json.loads(sys.argv[1]))))
+
+

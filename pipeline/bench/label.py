@@ -1,0 +1,102 @@
+"""`sdit bench label`: draws/s of `sdit teacher-label` against the bare UNet forward on the same prebuilt
+batches (best of three, alternating), bytes per draw on disk, and the UNet's FLOP rate against a matmul."""
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bench import encoded_store, matmul_gflops, tiny_teacher
+
+
+@dataclass(frozen=True)
+class BenchLabelConfig:
+    store: str | None = None  # default: generated images encoded with the teacher
+    teacher: str | None = None  # default: a tiny random SD-shaped teacher
+    teacher_config: str | None = None
+    images: int = 256
+    resolution: int = 64
+    draws: int = 4
+    batch_size: int = 64
+    project_images: int = 1_000_000  # for the projected wall time
+    project_draws: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
+    """Draws/s of `sdit teacher-label` against the bare UNet forward on the same batches (best of
+    `repeats`, alternating), bytes per draw, the projected wall time, and FLOP rates."""
+    import torch
+
+    from pipeline.label import LabelConfig, label, LabelerFactory
+    from sdit.labels import teacher_inputs
+
+    with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
+        tmp = Path(tmp)
+        teacher = config.teacher or tiny_teacher(tmp)
+        store = config.store or encoded_store(tmp, teacher, config.images, config.resolution, config.teacher_config,
+                                              config.device, config.dtype)
+        lc = LabelConfig(store=store, teacher=teacher, teacher_config=config.teacher_config, name="bench",
+                         draws=config.draws, batch_size=config.batch_size, device=config.device, dtype=config.dtype,
+                         overwrite=True)
+        labeler = None
+        stage, bare = [], []
+        for _ in range(repeats):
+            started = []
+            counts = label(lc, on_total=lambda _: started.append(time.perf_counter()))
+            stage.append(counts["draws"] / (time.perf_counter() - started[0]))
+            if labeler is None:
+                labeler = LabelerFactory(lc)()
+                batches = list(_label_batches(labeler, lc, teacher_inputs))
+            sync = torch.cuda.synchronize if labeler.device.type == "cuda" else (lambda: None)
+            t0 = time.perf_counter()
+            for inputs in batches:
+                labeler.teacher_eps(inputs, None)
+            sync()
+            bare.append(sum(len(b.timesteps) for b in batches) / (time.perf_counter() - t0))
+        flops_per_draw = _unet_flops(labeler, batches[0]) / len(batches[0].timesteps)
+    stage_rate, bare_rate = max(stage), max(bare)
+    matmul = matmul_gflops(labeler.device)
+    return {
+        "stage_draws_per_s": stage_rate, "bare_draws_per_s": bare_rate, "ratio": stage_rate / bare_rate,
+        "bytes_per_draw": counts["bytes_per_draw"],
+        "projected_hours": config.project_images * config.project_draws / stage_rate / 3600,
+        "achieved_gflops": flops_per_draw * bare_rate / 1e9, "matmul_gflops": matmul,
+        "flops_per_draw": flops_per_draw, "device": str(labeler.device), "config": asdict(config),
+    }
+
+
+def _label_batches(labeler, lc, teacher_inputs):
+    """The stage's own batches, inputs prebuilt, for the bare forward."""
+    for index, records in labeler.store.iter_shards("records"):
+        labels = {k: v[:] for k, v in labeler.store.shard_group(lc.group, index).arrays()}
+        latents, text = records["latents"][:], records["text_emb"][:]
+        rows, draws = np.divmod(np.arange(len(latents) * lc.draws), lc.draws)
+        for s in range(0, len(rows), lc.batch_size):
+            yield teacher_inputs(labeler.schedule, latents, text, labels, rows[s:s + lc.batch_size],
+                                 draws[s:s + lc.batch_size], labeler.bank, labeler.null, lc.perturb.input_gamma)
+
+
+def _unet_flops(labeler, inputs) -> float:
+    from sdit.flops import forward_flops
+
+    x = inputs.x_t.to(labeler.device, labeler.dtype)
+    text = inputs.text.to(labeler.device, labeler.dtype)
+    return float(forward_flops(labeler.unet, x, inputs.timesteps.to(labeler.device), encoder_hidden_states=text))
+
+
+def format_label_table(result: dict) -> str:
+    c = result["config"]
+    return "\n".join([
+        f"{'stage (draw, rebuild, UNet, write)':<40}{result['stage_draws_per_s']:>10.1f} draws/s",
+        f"{'bare UNet forward':<40}{result['bare_draws_per_s']:>10.1f} draws/s",
+        f"{'stage / bare':<40}{result['ratio']:>10.3f}",
+        f"{'bytes per draw on disk':<40}{result['bytes_per_draw']:>10.0f}",
+        f"{'UNet compute, achieved':<40}{result['achieved_gflops']:>10.2f} GFLOP/s",
+        f"{'fp32 matmul ceiling':<40}{result['matmul_gflops']:>10.2f} GFLOP/s",
+        f"{'projected: ' + format(c['project_images'], ',') + ' images x ' + str(c['project_draws']):<40}"
+        f"{result['projected_hours']:>10.2f} hours",
+    ])
