@@ -2,7 +2,9 @@
 
 `evaluate(image)` -> `Reading(shape, colour, background, position, size)`, None where rejected;
 `evaluate_batch(images)` does the same for many, batched in torch; `score(readings, asked)` gives
-per-attribute accuracy and, per concept, P(x | asked x) - P(x | asked other).
+per-attribute accuracy and, per concept, P(x | asked x) - P(x | asked other); `fair_concepts` scores
+each held-out concept as shown only by a recognisable object, against prompts that ask for a rival
+value, and `mean_fair` averages it into one headline.
 
 The evaluator is analytic and built only on the world's own drawing code (no training):
 
@@ -11,41 +13,59 @@ The evaluator is analytic and built only on the world's own drawing code (no tra
    3x3 before segmenting, and a very noisy one (a noise image, a texture) is not read at all.
 2. Object: pixels along the colour axis from the background to the peak-contrast pixels, or
    far from the background in any colour; 8-connected components, the largest is the object.
-   A second component, or a patch of the object that is no mix of its colour and the background
-   (another colour touching it), means two things were drawn: no shape, position or size.
+   A second component, or a solid patch of the object (3x3 px or more) that is no mix of its colour
+   and the background (another colour touching it), means two things were drawn: no shape, position
+   or size. Thinner off-mix seams are JPEG's halved chroma and ringing, and do not count.
 3. Colour: the mean of the object's solid interior, less the background's tint (a teacher whose
    whole image drifts pink still draws a red red). Named by hue against the palette's own hues,
    with a reject band between neighbours; rejected when the object differs from the background
    mostly in lightness (grey) or is not one flat colour. Hue survives fading toward the
    background, so a washed-out shape keeps its name.
-4. Coverage: each pixel's position along the background-to-colour axis. Renders are exact mixes,
-   so this recovers the drawing's anti-aliased mask; for a model's image it is a soft mask.
+4. Coverage: each pixel's position along the background-to-colour axis, least squares with luma
+   weighed 9x over chroma (JPEG keeps luma at full resolution, chroma at half: a small green ring
+   on grey loses its hole in chroma, not in luma). Renders are exact mixes, so this recovers the
+   drawing's anti-aliased mask whatever the weights; for a model's image it is a soft mask.
 5. Shape: the mask is centred on its centroid, scaled by sqrt(area), its x/y spread evened out,
    and sampled on a 24x24 grid; soft IoU against templates drawn by `world.shape_alpha` (turned
-   by up to 12 degrees and blurred a little, best variant). The best must reach `MIN_IOU` and beat
-   the runner-up by `MIN_MARGIN`, and the aspect ratio must be within 20% of the shape's, so
+   by up to 12 degrees and blurred a little, best variant). The best must reach `MIN_IOU`, less
+   `ALIAS_IOU` x its outline length over its area in px (an 11 to 14 px star or ring drawn with
+   whole-pixel edges needs 0.05 to 0.07 less than an anti-aliased one; a large circle 0.02), and
+   beat the runner-up by `MIN_MARGIN`, and the aspect ratio must be within 20% of the shape's, so
    ragged blobs and in-between drawings (a rounded square) are "none".
 6. Position: the mask's bounding-box centre, to the nearest grid centre. Size: the side of the
    box the best-matching shape would fill with the mask's coverage (blur and noise move edges,
    not coverage), small or large, with a reject band between.
 
 Measured with `sdit bench evaluator` (3,000 jittered 64 px renders of seed 12345, 2 shared
-CPU cores; the blank, noise and two-shape rows are 300 images each):
+CPU cores; the blank, noise, two-shape, blob, polygon and scribble rows are 300 images each):
 
     condition           shape   colour  background  position  size
     clean               1.000   1.000   1.000       1.000     1.000
     noise sd 0.05       1.000   1.000   1.000       1.000     1.000
-    noise sd 0.1        0.999   1.000   1.000       1.000     1.000
+    noise sd 0.1        0.997   1.000   1.000       1.000     1.000
     blur sd 0.5 px      1.000   1.000   1.000       1.000     1.000
-    blur sd 1.0 px      0.998   1.000   1.000       1.000     1.000
+    blur sd 1.0 px      1.000   1.000   1.000       1.000     1.000
+    JPEG 75             0.991   0.998   1.000       1.000     1.000
+    independent         0.985   0.998   1.000       1.000     0.961
     noise / blank / two-shape images: shape "none" 300 of 300 each
+    smooth blobs 0.950 "none", jagged polygons 0.977, scribbles 0.993 (JPEG 75, like "independent")
     speed: about 1,800 images/s from PIL images (batches of 256); about 200/s one at a time
+    (measured before the JPEG changes; with the cores loaded 3x over this run read 340/s, and old
+    and new code timed side by side on that load did not differ beyond its noise)
 
-Beyond the world's own variation (1,500 renders each): turned 10 degrees, shape 0.998; squashed
-10% on one axis, 0.94; whole-image tint or the shape at 40% contrast, 1.000. Of smooth random
-blobs, about 12% are read as "circle" (the roundest); of jagged random polygons, about 2%.
-At 32 px (`--resolution 32`), clean accuracy is still 0.995 or better, but shape falls to 0.81
-under noise sd 0.05 and 0.76 under blur sd 1 px: a 7 px star is hard to read through either.
+"independent" is 3,000 images drawn without the world's rasteriser (`pipeline.bench.evaluator.
+independent_image`): whole-pixel ImageDraw outlines straight at 64 px, scaled 0.8 to 1.25x, turned
+up to 10 degrees, saved as JPEG 75. Its misses are "none", almost never another shape, and are small
+(11 to 17 px) rings and stars, mostly on grey, where JPEG's half-resolution chroma fills a ring's
+5 to 8 px hole. Size falls because a scale of 0.8 to 1.25 carries some shapes into the reject band
+between small and large (0.27 to 0.30 of the side), read as "none". Before the foreign-patch rule
+(2), the luma weight (4) and the IoU allowance for whole-pixel edges (5), 1,500 of the same images
+read shape 0.64 and position 0.77 (JPEG's edge seams counted as a second colour).
+
+Measured before those changes and not since: turned 10 degrees, shape 0.998; squashed 10% on one
+axis, 0.94; whole-image tint or the shape at 40% contrast, 1.000 (1,500 renders each). At 32 px
+(`--resolution 32`), clean accuracy was 0.995 or better, but shape fell to 0.81 under noise sd 0.05
+and 0.76 under blur sd 1 px: a 7 px star is hard to read through either.
 """
 
 from __future__ import annotations
@@ -85,6 +105,7 @@ TEMPLATE_BLURS = (0.0, 0.075, 0.15)  # a drawing may be sharp or soft; each shap
 TEMPLATE_ROTATIONS = (-12.0, -6.0, 0.0, 6.0, 12.0)  # degrees; the world never turns a shape, a teacher might
 MAX_ASPECT = 0.2  # |log aspect ratio| off the template's: a 20% squash or stretch is still the shape
 MIN_IOU = 0.85  # best template soft IoU; clean renders score 0.91 to 0.99
+ALIAS_IOU = 0.09  # MIN_IOU is lowered by this x outline length / area, in px: what whole-pixel edges cost
 MIN_MARGIN = 0.05  # over the second best; circle and square templates overlap at 0.84
 
 MIN_CHROMA = 0.1  # max - min channel of the object's colour: below it, hue is noise
@@ -92,6 +113,7 @@ MIN_CHROMA_SHARE = 0.3  # chroma / contrast: an object that differs from the bac
 HUE_REJECT = 3.0  # degrees either side of the midpoint between two palette hues
 MAX_HUE_DISTANCE = 35.0  # degrees from the nearest palette hue
 MAX_SPREAD = 0.3  # rms colour spread of the interior, as a fraction of the object's contrast
+LUMA_WEIGHT = 9.0  # coverage weighs luma 9x (3x in amplitude) over chroma, which JPEG halves in resolution
 
 BACKGROUND_BANDS = {"black": (0.0, 0.25), "grey": (0.3, 0.7), "white": (0.75, 1.0)}  # mean level
 MAX_BACKGROUND_CHROMA = 0.15  # max - min channel
@@ -191,6 +213,21 @@ def _gaussian(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _luma_metric() -> torch.Tensor:
+    """(3, 3) RGB metric that weighs JPEG's luma `LUMA_WEIGHT` times its two chroma channels."""
+    ycc = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+    return ycc.T @ torch.diag(torch.tensor([LUMA_WEIGHT, 1.0, 1.0])) @ ycc
+
+
+@functools.cache
+def _outlines() -> torch.Tensor:
+    """(K,) each shape's outline length over the square root of its area (a circle's is 2 sqrt(pi))."""
+    masks = torch.from_numpy(np.stack([world.shape_alpha(s, (64.0, 64.0), 96.0, 128) for s in world.SHAPES]))
+    gy, gx = torch.gradient(masks, dim=(1, 2))
+    return (gx**2 + gy**2).sqrt().sum((1, 2)) / masks.sum((1, 2)).sqrt()  # |gradient| sums to the outline's length
+
+
+@functools.cache
 def _fill_fractions() -> torch.Tensor:
     """(K,) the fraction of its square box each shape covers."""
     masks = [world.shape_alpha(s, (64.0, 64.0), 96.0, 128) for s in world.SHAPES]
@@ -275,10 +312,14 @@ def _mean_over(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return (x * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1)
 
 
-def _project(x: torch.Tensor, background: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
-    """Each pixel's position along background -> background + axis: (N, 3, H, W) -> (N, H, W)."""
-    along = ((x - background[..., None, None]) * axis[..., None, None]).sum(1)
-    return along / (axis * axis).sum(1).clamp_min(1e-12)[:, None, None]
+def _project(
+    x: torch.Tensor, background: torch.Tensor, axis: torch.Tensor, metric: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each pixel's position along background -> background + axis: (N, 3, H, W) -> (N, H, W), least
+    squares in the (3, 3) `metric` (None: plain RGB distance)."""
+    weighted = axis if metric is None else axis @ metric  # (N, 3): M axis (M is symmetric)
+    along = ((x - background[..., None, None]) * weighted[..., None, None]).sum(1)
+    return along / (axis * weighted).sum(1).clamp_min(1e-12)[:, None, None]
 
 
 def _max3(x: torch.Tensor) -> torch.Tensor:
@@ -313,11 +354,12 @@ class Measurements:
     peak: torch.Tensor  # (N,) largest distance from the background
     area: torch.Tensor  # (N,) the largest component, fraction of the image
     second: torch.Tensor  # (N,) the second largest component
-    foreign: torch.Tensor  # (N,) pixels of the object off its colour's mixing line, fraction of the image
+    foreign: torch.Tensor  # (N,) solid 3x3 patches of the object off its colour's mixing line, fraction of the image
     colour: torch.Tensor  # (N, 3) mean of the object's interior
     spread: torch.Tensor  # (N,) rms colour spread of the interior / the object's contrast
     ious: torch.Tensor  # (N, K) soft IoU with each shape's template, best variant
     aspect_error: torch.Tensor  # (N, K) |log aspect ratio - the template's|
+    min_iou: torch.Tensor  # (N, K) the IoU each shape's template must reach, lower for small objects
     centre: torch.Tensor  # (N, 2) bounding-box centre (x, y), fractions of the side
     extent: torch.Tensor  # (N,) side of the box the best-matching shape would fill, fraction of the image side
 
@@ -386,15 +428,17 @@ def _measure(x: torch.Tensor) -> Measurements:
     # Coverage: the position along the background-to-colour axis, near the object only. Renders
     # are exact mixes, so this is the drawing's anti-aliased mask.
     axis = colour - background  # (N, 3)
-    along = _project(x, background, axis).clamp(0, 1)  # (N, H, W)
+    along = _project(x, background, axis, _luma_metric()).clamp(0, 1)  # (N, H, W)
     support = _max3(main.to(torch.uint8)).to(x.dtype)  # the object dilated by 1 px
     alpha = along * support
 
     # Pixels of the object that are no mix of its colour and the background: a second object of
-    # another colour touching the first.
+    # another colour touching the first. Only those whose whole 3x3 neighbourhood is foreign count:
+    # JPEG's halved chroma and ringing leave 1 to 2 px seams of off-mix pixels along every edge.
     off_axis = _norm(x - background[..., None, None] - along[:, None] * axis[..., None, None])
     limit = (NOISE_K * noise_s).clamp_min(FOREIGN)[:, None, None]
-    foreign = ((off_axis > limit) & (support > 0)).flatten(1).float().mean(1)
+    off_mix = (off_axis > limit) & (support > 0)  # (N, H, W)
+    foreign = (off_mix & ~_max3((~off_mix).to(torch.uint8)).bool()).flatten(1).float().mean(1)
 
     samples, aspect = _normalised_samples(alpha)
     templates, template_aspect = _templates()
@@ -412,6 +456,7 @@ def _measure(x: torch.Tensor) -> Measurements:
         spread=spread,
         ious=ious,
         aspect_error=(aspect[:, None] - template_aspect[None]).abs(),
+        min_iou=MIN_IOU - ALIAS_IOU * _outlines()[None] / alpha.sum((1, 2)).clamp_min(1).sqrt()[:, None],
         centre=_box_centre(alpha > 0.5),
         extent=_box_side(alpha, ious) / max(h, w),
     )
@@ -429,7 +474,7 @@ def _name(m: Measurements) -> list[Reading]:
     tint = m.background - m.background.mean(1, keepdim=True)  # (N, 3) the background's drift from grey
     colours = _name_colours((m.colour - tint).clamp(0, 1).numpy(), _norm(m.colour - m.background).numpy())
     backgrounds = _name_backgrounds(m.background.numpy())
-    shape_names = _name_shapes(m.ious, m.aspect_error)
+    shape_names = _name_shapes(m.ious, m.aspect_error, m.min_iou)
     out = []
     for i in range(len(m.peak)):
         one = bool(single[i])
@@ -479,10 +524,11 @@ def _box_side(alpha: torch.Tensor, ious: torch.Tensor) -> torch.Tensor:
     return (alpha.sum((1, 2)) / fill).sqrt()
 
 
-def _name_shapes(ious: torch.Tensor, aspect_error: torch.Tensor) -> list[str | None]:
+def _name_shapes(ious: torch.Tensor, aspect_error: torch.Tensor, min_iou: torch.Tensor) -> list[str | None]:
     top = ious.topk(2, dim=1)
     best = top.indices[:, 0]
-    ok = (top.values[:, 0] >= MIN_IOU) & (top.values[:, 0] - top.values[:, 1] >= MIN_MARGIN)
+    ok = top.values[:, 0] >= min_iou.gather(1, best[:, None])[:, 0]
+    ok &= top.values[:, 0] - top.values[:, 1] >= MIN_MARGIN
     ok &= aspect_error.gather(1, best[:, None])[:, 0] <= MAX_ASPECT
     return [world.SHAPES[int(k)] if bool(good) else None for k, good in zip(best, ok)]
 
@@ -558,6 +604,8 @@ class ConceptScore:
 
     `fair` = hit - false_positive: an evaluator or model that sees the concept everywhere scores 0,
     not 1 (FINDINGS: a student "drew" a held-out cross for 97.5% of cross prompts and 93% of others).
+    `score` reads x attribute by attribute against every prompt that did not ask for x;
+    `fair_concepts` counts x only on a recognisable object, against prompts that asked for a rival value.
     """
 
     hit: float  # P(read x | asked x); nan when nothing asked for x
@@ -602,6 +650,45 @@ def concept_accuracy(results: Sequence[Reading], asked: Sequence[world.Prompt]) 
     return _mean(hits)
 
 
+def fair_concepts(
+    results: Sequence[Reading],
+    asked: Sequence[world.Attributes | world.Prompt],
+    concepts: Sequence[world.Concept] = world.HELDOUT,
+) -> dict[str, ConceptScore]:
+    """Per concept, how often a sample SHOWS it where asked, less how often where a rival was asked.
+
+    A sample shows a concept when the evaluator saw one recognisable object (shape not None) that
+    carries the concept's value(s): a blob in yellow shows no "yellow". `hit` = P(shown | the prompt
+    asks for the concept); `false_positive` = P(shown | the prompt asks for another value of the same
+    attribute: another shape for a shape concept, another colour for a colour concept, another
+    shape-colour pair for a pair). A prompt whose wording does not state the attribute (`Prompt.said`)
+    counts on neither side; Attributes count as stating everything. `fair` = hit - false_positive:
+    1 for a student that shows the concept exactly when asked, 0 for one that shows it always or
+    never, nan where either side has no prompts (`asked` and `others` give the counts).
+    """
+    if len(results) != len(asked):
+        raise SDiTError(f"{len(results)} readings for {len(asked)} prompts; pass one reading per prompt")
+    out = {}
+    for concept in concepts:
+        named = tuple(name for name in ("shape", "colour") if getattr(concept, name) is not None)
+        hits, false_positives = [], []
+        for reading, prompt in zip(results, asked):
+            attrs, said = (prompt.attrs, prompt.said) if isinstance(prompt, world.Prompt) else (prompt, named)
+            if not all(name in said for name in named):
+                continue
+            shown = reading.shape is not None and concept.matches(reading)
+            (hits if concept.matches(attrs) else false_positives).append(shown)
+        hit, false_positive = _mean(hits), _mean(false_positives)
+        out[concept.name] = ConceptScore(hit, false_positive, hit - false_positive, len(hits), len(false_positives))
+    return out
+
+
+def mean_fair(scores: dict[str, ConceptScore]) -> float:
+    """The headline: the mean `fair` over concepts, leaving out those with a nan `fair` (a concept no
+    prompt asked for, or one every prompt asked for); nan when none is left."""
+    return _mean([c.fair for c in scores.values() if not math.isnan(c.fair)])
+
+
 def _concept_score(
     concept: world.Concept, results: Sequence[Reading], wanted: Sequence[world.Attributes]
 ) -> ConceptScore:
@@ -612,5 +699,5 @@ def _concept_score(
     return ConceptScore(hit, false_positive, hit - false_positive, sum(asked), len(asked) - sum(asked))
 
 
-def _mean(values: Sequence[bool]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan

@@ -38,6 +38,38 @@ def test_reads_noisy_and_blurred_renders(fresh):
         assert all(accuracy[name] >= 0.97 for name in world.ATTRIBUTE_NAMES), accuracy
 
 
+@pytest.fixture(scope="module")
+def independent():
+    """Drawn without the world's rasteriser: aliased, scaled 0.8-1.25x, turned +-10 degrees, JPEG 75."""
+    images, asked = robustness.independent_set(360, np.random.default_rng(FRESH_SEED))
+    return evaluator.evaluate_batch(images), asked
+
+
+def test_reads_independently_drawn_images(independent):
+    readings, asked = independent
+    accuracy = evaluator.score(readings, asked).accuracy
+    assert all(accuracy[name] >= 0.95 for name in ("shape", "colour", "background")), accuracy
+    wrong = [(a.shape, r.shape) for r, a in zip(readings, asked) if r.shape not in (a.shape, None)]
+    assert len(wrong) <= 2, wrong  # where it fails, it mostly says "none", not another shape
+
+
+def test_independent_drawings_are_what_they_say():
+    """The independent path draws each shape at its stated size: the drawn pixels cover the shape's
+    true area (not ImageDraw's one pixel more), and a square stays square after JPEG."""
+    attrs = Attributes("square", "red", "black", "center", "large")
+    mask = np.asarray(robustness.draw_shape(attrs, quality=None))[..., 0] > 100
+    assert mask.sum() == round(world.SIZES["large"] * 64) ** 2
+    assert evaluator.evaluate(robustness.draw_shape(attrs, scale=1.25, turn=10.0)) == Reading(*vars(attrs).values())
+
+
+@pytest.mark.parametrize("draw", [robustness.smooth_blob, robustness.jagged_polygon, robustness.scribble])
+def test_blobs_and_scribbles_are_no_shape(draw):
+    rng = np.random.default_rng(FRESH_SEED)
+    readings = evaluator.evaluate_batch([draw(rng) for _ in range(120)])
+    assert sum(r.shape is None for r in readings) >= 0.9 * 120
+    assert sum(r.colour is not None for r in readings) >= 0.9 * 120  # the colour is still plain to see
+
+
 def test_nothing_to_read_in_noise():
     rng = np.random.default_rng(1)
     for reading in evaluator.evaluate_batch([robustness.noise_image(rng) for _ in range(20)]):
@@ -163,3 +195,62 @@ def test_score_counts_accuracy_only_where_the_prompt_says_it():
     assert math.isnan(only_quiet.accuracy["size"]) and math.isnan(only_quiet.concepts["cross"].hit)
     with pytest.raises(SDiTError, match="one reading per prompt"):
         evaluator.score([wrong_size], [quiet, loud])
+
+
+# --- fair concept scores on hand-built readings ---------------------------------------------------------
+
+
+def _asked_everything() -> list[world.Prompt]:
+    """Every shape-colour pair once, on white, in the canonical wording (which states every attribute)."""
+    return [world._prompt(Attributes(s, c, "white", "center", "small")) for s in world.SHAPES for c in world.COLOURS]
+
+
+def _drawn(shape, colour):
+    return Reading(shape, colour, "white", "center", "small")
+
+
+def test_a_student_that_draws_what_is_asked_scores_one_on_every_concept():
+    asked = _asked_everything()
+    scores = evaluator.fair_concepts([_drawn(p.attrs.shape, p.attrs.colour) for p in asked], asked)
+    assert set(scores) == {c.name for c in world.HELDOUT}
+    assert all((c.hit, c.false_positive, c.fair) == (1.0, 0.0, 1.0) for c in scores.values())
+    assert (scores["cross"].asked, scores["cross"].others) == (6, 30)  # rivals: the 5 other shapes x 6 colours
+    assert (scores["red circle"].asked, scores["red circle"].others) == (1, 35)
+    assert evaluator.mean_fair(scores) == 1.0
+
+
+def test_a_student_that_shows_a_concept_everywhere_scores_zero_on_it():
+    asked = _asked_everything()
+    always_cross = evaluator.fair_concepts([_drawn("cross", p.attrs.colour) for p in asked], asked)
+    assert (always_cross["cross"].hit, always_cross["cross"].false_positive, always_cross["cross"].fair) == (1, 1, 0)
+    assert always_cross["yellow"].fair == 1.0  # the colours are still right
+    always_red_circle = evaluator.fair_concepts([_drawn("circle", "red") for _ in asked], asked)
+    assert always_red_circle["red circle"].fair == 0.0
+    # The old score counts a concept read anywhere as a false positive: the same student scores 0 there too.
+    assert evaluator.score([_drawn("cross", p.attrs.colour) for p in asked], asked).concepts["cross"].fair == 0.0
+
+
+def test_a_blob_never_shows_a_concept_even_in_the_right_colour():
+    asked = _asked_everything()
+    blobs = evaluator.fair_concepts([_drawn(None, p.attrs.colour) for p in asked], asked)
+    assert (blobs["yellow"].hit, blobs["yellow"].false_positive, blobs["yellow"].fair) == (0.0, 0.0, 0.0)
+    assert all(c.hit == 0.0 for c in blobs.values())
+    # score() still credits the colour: it reads attributes one at a time.
+    assert evaluator.score([_drawn(None, p.attrs.colour) for p in asked], asked).concepts["yellow"].hit == 1.0
+
+
+def test_only_prompts_that_state_the_attribute_count():
+    cross = Attributes("cross", "red", "white", "center", "small")
+    circle = Attributes("circle", "red", "white", "center", "small")
+    colour_only = world.Prompt("something red on white", cross, ("colour", "background"))
+    asked = [world._prompt(cross), world._prompt(circle), colour_only]
+    readings = [_drawn("cross", "red")] * 3  # a cross every time
+    scores = evaluator.fair_concepts(readings, asked, [world.Concept("cross", shape="cross"),
+                                                        world.Concept("red", colour="red")])
+    c = scores["cross"]
+    assert (c.hit, c.false_positive, c.asked, c.others) == (1.0, 1.0, 1, 1)  # the colour-only prompt is left out
+    assert (scores["red"].asked, scores["red"].others) == (3, 0) and math.isnan(scores["red"].fair)
+    assert evaluator.mean_fair(scores) == 0.0  # red, which no prompt asked against, is left out
+    assert math.isnan(evaluator.mean_fair({"red": scores["red"]}))
+    with pytest.raises(SDiTError, match="one reading per prompt"):
+        evaluator.fair_concepts(readings[:2], asked)
