@@ -20,9 +20,11 @@ import sdit
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
+from sdit.latents import to_latent_space
 from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, open_prompts, open_source
 from sdit.store import Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
+from sdit.text import tokenize
 
 Progress = Callable[[int], None]  # called with the number of source items just finished
 
@@ -100,8 +102,6 @@ class ShardEncoder:
     def __init__(self, config: EncodeConfig, teacher: Teacher, device: torch.device, dtype: torch.dtype):
         self.config, self.teacher, self.device, self.dtype = config, teacher, device, dtype
         self.store = Store(config.out)
-        vae = teacher.vae.config
-        self.scale, self.shift = vae.scaling_factor, getattr(vae, "shift_factor", None) or 0.0
 
     @torch.inference_mode()
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -120,7 +120,7 @@ class ShardEncoder:
         and SD's posterior std is small next to the diffusion noise that stage one adds anyway."""
         x = torch.from_numpy(pixels).to(self.device, self.dtype)
         mean = self.teacher.vae.encode(x).latent_dist.mean
-        return ((mean.float() - self.shift) * self.scale).cpu().numpy().astype(np.float16)
+        return to_latent_space(self.teacher.vae, mean.float()).cpu().numpy().astype(np.float16)
 
     def __call__(self, task: ShardTask) -> dict:
         if task.group == "prompts":
@@ -179,19 +179,6 @@ class ShardEncoder:
         if not parts:
             return np.zeros((0, L, D), np.float16), np.zeros((0,), np.int16), 0
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), sum(p[2] for p in parts)
-
-
-def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, 77) token ids as SD's pipelines make them (truncated to start + 75 tokens + end, padded with the
-    pad token), and each caption's untruncated token count: one tokenizer pass for both."""
-    limit = tokenizer.model_max_length
-    full = tokenizer(captions, truncation=False).input_ids
-    ids = torch.full((len(full), limit), tokenizer.pad_token_id, dtype=torch.long)
-    for row, tokens in enumerate(full):
-        if len(tokens) > limit:
-            tokens = tokens[:limit - 1] + [tokenizer.eos_token_id]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-    return ids, np.array([len(t) for t in full])
 
 
 @dataclass(frozen=True)
@@ -340,7 +327,8 @@ def new_manifest(config: EncodeConfig, encoder: ShardEncoder, source_format: str
               "caption_key": config.caption_key, "limit": config.limit, "min_size": config.min_short_side}
     return Manifest(
         source=source, teacher=teacher.identity.to_json() | {"scheduler": teacher.scheduler_config},
-        resolution=config.resolution, latent_scale=encoder.scale, latent_shape=latent_shape(teacher, config.resolution),
+        resolution=config.resolution, latent_scale=teacher.vae.config.scaling_factor,
+        latent_shape=latent_shape(teacher, config.resolution),
         text_shape=text_shape(teacher), shard_size=config.shard_size,
         prompts={"location": config.prompts, "column": config.prompt_column} if config.prompts else None,
         sdit_version=sdit.__version__)

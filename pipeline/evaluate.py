@@ -162,7 +162,7 @@ def check_fit(data: LabelledStore, student, run: dict) -> None:
         if run["teacher"]["hashes"].get(part) != data.manifest.teacher["hashes"].get(part):
             raise SDiTError(f"the run's {part.replace('_', ' ')} is not the one the store was encoded with "
                             f"({data.manifest.teacher['path']}): the student was not trained on this store")
-    if (data.labels_meta["guidance"] is not None) != bool(cfg.guidance_embed):
+    if data.labels.guided != bool(cfg.guidance_embed):
         raise SDiTError("guided labels need a guidance-distilled student, and only they do: this run and "
                         f"labels {data.group.split('/')[-1]!r} do not belong together")
 
@@ -273,7 +273,7 @@ def reference_items(location: str, n: int) -> tuple[list[str], list[Image.Image]
 
 def clip_scores(config: EvalConfig, clip: Clip, device: torch.device, dtype: torch.dtype,
                 progress: Callable[[int], None] | None = None) -> dict:
-    from pipeline.sample import load_pipeline
+    from sdit.pipeline_sdit import load_pipeline
 
     captions, references = reference_items(config.references, config.samples)
     pipe = load_pipeline(config.run, device, dtype)
@@ -341,7 +341,3 @@ def format_eval(result: dict) -> str:
 
 def _num(value: float | None) -> str:
     return f"{value:>10.5f}" if value is not None else f"{'-':>10}"
-
-
-def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")

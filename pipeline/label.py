@@ -26,10 +26,11 @@ from pipeline.synthesize import ShardSynthesizer, finish_synthesis, plan_synthes
 from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
-from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
+from sdit.labels import CaptionBank, LabelsManifest, labels_group, read_labels, teacher_inputs, write_labels
 from sdit.perturb import Kind, PerturbConfig, draw_generator, sample_draw
 from sdit.store import LABEL_COLUMNS, Store, write_shard
-from sdit.synthesize import SYNTHETIC, SYNTHETIC_MANIFEST, SynthesisConfig, synthetic_draw_generator
+from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, read_synthetic,
+                             synthetic_draw_generator)
 from sdit.teacher import Teacher, load_teacher
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
@@ -70,7 +71,18 @@ class LabelConfig:
 
     @property
     def group(self) -> str:
-        return f"labels/{self.name}"
+        return labels_group(self.name)
+
+    @staticmethod
+    def parse_guidance(text: str | None) -> tuple[float, float] | None:
+        """`--guidance W_MIN:W_MAX` as a (w_min, w_max) window; None for unguided targets."""
+        if not text:
+            return None
+        try:
+            low, high = (float(x) for x in text.split(":"))
+        except ValueError:
+            raise SDiTError(f"--guidance {text!r}: give W_MIN:W_MAX, e.g. 2:8") from None
+        return low, high
 
     def label_group(self, group: str) -> str:
         """Where the labels of a records ("records") or synthetic ("synthetic") shard go."""
@@ -206,7 +218,7 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
     with _executor(config, teacher) as executor:
         if synthetic:  # first, so that the synthetic records exist when their labelling starts
             if on_stage:
-                on_stage("synthesize", synthetic["prompts"] * config.synthesis.samples)
+                on_stage("synthesize", synthetic.prompts * config.synthesis.samples)
             if progress:
                 progress(sum(r["samples"] for r in store.finished(SYNTHETIC).values()))
             _run(executor, [Task(SYNTHETIC, k, synthesize=True) for k in to_synthesize], config, progress, "samples")
@@ -277,32 +289,29 @@ def check_teacher(manifest, teacher: Teacher) -> None:
                         f"do not fit the UNet ({unet.in_channels} channels, text width {unet.cross_attention_dim})")
 
 
-def _meta(config: LabelConfig, teacher: Teacher, synthetic: dict | None) -> dict:
+def _manifest(config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifest | None) -> LabelsManifest:
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
-    return {"schema_version": 1, "name": config.name, "teacher": teacher.identity.to_json(),
-            "scheduler": teacher.scheduler_config, "prediction_type": schedule.prediction_type,
-            "seed": config.seed, "draws": config.draws, "timesteps": config.timesteps,
-            "perturb": dataclasses.asdict(config.perturb),
-            "guidance": list(config.guidance) if config.guidance else None,
-            "synthesis": dataclasses.asdict(config.synthesis) if config.synthesis else None,
-            "synthetic_set": synthetic["set_id"] if synthetic else None, "status": "in_progress"}
+    return LabelsManifest(
+        name=config.name, teacher=teacher.identity.to_json(), scheduler=teacher.scheduler_config,
+        prediction_type=schedule.prediction_type, seed=config.seed, draws=config.draws, timesteps=config.timesteps,
+        perturb=dataclasses.asdict(config.perturb), guidance=list(config.guidance) if config.guidance else None,
+        synthesis=dataclasses.asdict(config.synthesis) if config.synthesis else None,
+        synthetic_set=synthetic.set_id if synthetic else None)
 
 
-# What must match for a rerun to resume a labelling rather than refuse it. (Manifests written before synthesis
-# existed have no "synthesis" or "synthetic_set": None, as a labelling without synthesis has.)
+# What must match for a rerun to resume a labelling rather than refuse it.
 _RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "synthesis", "synthetic_set")
 
 
-def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher, synthetic: dict | None = None) -> dict:
-    meta = _meta(config, teacher, synthetic)
-    path = (config.group, LABELS_MANIFEST)
+def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher,
+                   synthetic: SyntheticManifest | None = None) -> LabelsManifest:
+    meta = _manifest(config, teacher, synthetic)
     if config.overwrite:
         store.remove(config.group)
         store.remove("_done", config.group)
-    elif store.exists(*path):
-        old = store.read_json(*path)
+    elif (old := read_labels(store, config.name)) is not None:
         for key in _RESUME_KEYS:
-            if old.get(key) != meta[key]:
+            if getattr(old, key) != getattr(meta, key):
                 what = "set of synthetic records" if key == "synthetic_set" else key
                 raise SDiTError(f"labels {config.name!r} were made with another {what}; pass --labels NAME for a "
                                 "new set, or --overwrite")
@@ -310,7 +319,7 @@ def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher, syntheti
     for group in ["records", SYNTHETIC] if config.synthesis else ["records"]:
         root.require_group(config.label_group(group))
         store.remove_unfinished(config.label_group(group))
-    store.write_json(meta, *path)
+    write_labels(store, meta)
     return meta
 
 
@@ -323,7 +332,7 @@ def _tally(done: dict[int, dict]) -> dict:
             "kinds": kinds, "shards": len(done), "bytes": sum(r["bytes"] for r in done.values())}
 
 
-def finish(store: Store, config: LabelConfig, meta: dict, seconds: float) -> dict:
+def finish(store: Store, config: LabelConfig, meta: LabelsManifest, seconds: float) -> dict:
     """Counts of the records' draws (and, apart, the synthetic records'), and the teacher forwards the labels
     cost in all: one a draw (two with guidance), plus the synthesis of the synthetic records they label."""
     records = _tally(store.finished(config.group))
@@ -333,10 +342,10 @@ def finish(store: Store, config: LabelConfig, meta: dict, seconds: float) -> dic
     forwards = {"records": records["draws"] * per_draw}
     if config.synthesis:
         synthetic = _tally(store.finished(config.label_group(SYNTHETIC)))
-        made = store.read_json(SYNTHETIC, SYNTHETIC_MANIFEST)["counts"]
+        made = read_synthetic(store).counts
         counts["synthetic"] = {k: v for k, v in synthetic.items() if k != "bytes"} | {
             "records": made["samples"], "samples_dropped": made["dropped"]}
         forwards |= {"synthetic": synthetic["draws"] * per_draw, "synthesis": made["teacher_forwards"]}
     counts["teacher_forwards"] = forwards | {"total": sum(forwards.values())}
-    store.write_json(meta | {"counts": counts, "status": "complete"}, config.group, LABELS_MANIFEST)
+    write_labels(store, dataclasses.replace(meta, counts=counts, status="complete"))
     return counts | {"seconds": seconds}

@@ -11,21 +11,19 @@ Image i depends on its seed alone, not on the batch it was sampled in (one gener
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
 
 import sdit
 from sdit import sampling
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
-from sdit.pipeline_sdit import DEFAULT_GUIDANCE, SDiTPipeline, encode_text
+from sdit.images import captioned_grid, save_png
+from sdit.pipeline_sdit import DEFAULT_GUIDANCE, SDiTPipeline, load_pipeline
 from sdit.teacher import Teacher, load_teacher
 
 MODELS = ("student", "teacher")
@@ -148,34 +146,11 @@ def sample_batch(config: SampleConfig, pipe: SDiTPipeline, teacher: Teacher | No
         progress(len(batch))
     if teacher:
         scheduler = sampling.make_scheduler(config.scheduler, dict(pipe.scheduler.config))  # fresh: no state
-        made["teacher"] = list(teacher_images(teacher, prompts, negatives, noise, scheduler, config.steps,
+        made["teacher"] = list(sampling.teacher_images(teacher, prompts, negatives, noise, scheduler, config.steps,
                                               config.guidance, device))
         if progress:
             progress(len(batch))
     return made
-
-
-def load_pipeline(run: str | Path, device: torch.device, dtype: torch.dtype) -> SDiTPipeline:
-    pipe = SDiTPipeline.from_pretrained(run)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
-
-
-@torch.no_grad()
-def teacher_images(teacher: Teacher, prompts: list[str], negatives: list[str] | None, noise: torch.Tensor,
-                   scheduler, steps: int, guidance: float, device: torch.device) -> np.ndarray:
-    """(N, H, W, 3) uint8 from the teacher's UNet with classifier-free guidance, from the given initial noise
-    (N, C, h, w) and scheduler: the sampling loop the student runs, with the teacher's ε."""
-    unet = teacher.unet
-    text = encode_text(teacher.tokenizer, teacher.text_encoder, prompts, device)
-    null = encode_text(teacher.tokenizer, teacher.text_encoder, negatives or [""] * len(prompts), device) \
-        if guidance != 1.0 else None
-
-    def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype)).sample.float()
-
-    latents = sampling.denoise(eps, scheduler, noise.to(device, torch.float32), text, null, steps, guidance)
-    return sampling.decode(teacher.vae, latents)
 
 
 # --- files ------------------------------------------------------------------------------------------------
@@ -192,57 +167,3 @@ def settings(config: SampleConfig, job: Job, model: str, image: np.ndarray) -> d
     return {key: str(value) for key, value in values.items()}
 
 
-def save_png(image: np.ndarray, path: Path, text: dict[str, str]) -> None:
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
-
-
-# --- the grid ---------------------------------------------------------------------------------------------
-PAD = 4
-FONT_SIZE = 10
-LINE_HEIGHT = 12
-CAPTION_LINES = 3
-MIN_CELL = 96  # px: room for a readable caption under small (64 px) images
-
-
-def captioned_grid(rows: dict[str, list[np.ndarray]], captions: list[str], columns: int) -> Image.Image:
-    """Images (H, W, 3) uint8 in bands of `columns`: in each band one row per model (labelled at the left
-    when there are several), then each column's caption."""
-    font = ImageFont.load_default(size=FONT_SIZE)
-    models = list(rows)
-    n, (h, w) = len(captions), rows[models[0]][0].shape[:2]
-    columns = min(columns, n)
-    cell = max(w, MIN_CELL)
-    label = max(int(font.getlength(m)) for m in models) + 2 * PAD if len(models) > 1 else 0
-    caption_h = CAPTION_LINES * LINE_HEIGHT + PAD
-    band_h = len(models) * (h + PAD) + caption_h
-    bands = -(-n // columns)
-    canvas = Image.new("RGB", (label + columns * (cell + PAD) + PAD, bands * band_h + PAD), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, caption in enumerate(captions):
-        band, col = divmod(i, columns)
-        x = label + PAD + col * (cell + PAD)
-        y = PAD + band * band_h
-        for r, model in enumerate(models):
-            canvas.paste(Image.fromarray(rows[model][i]), (x + (cell - w) // 2, y + r * (h + PAD)))
-            if col == 0 and label:
-                draw.text((PAD, y + r * (h + PAD) + h // 2 - FONT_SIZE // 2), model, fill="black", font=font)
-        for k, line in enumerate(wrap(caption, font, cell)):
-            draw.text((x + (cell - font.getlength(line)) // 2, y + len(models) * (h + PAD) + k * LINE_HEIGHT), line,
-                      fill="black", font=font)
-    return canvas
-
-
-def wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """At most CAPTION_LINES lines that fit `width` px; an ellipsis where the text is cut."""
-    chars = max(4, int(width / max(font.getlength("n"), 1)))
-    lines = textwrap.wrap(text, chars, break_long_words=True) or [""]
-    while any(font.getlength(line) > width for line in lines) and chars > 4:
-        chars -= 1
-        lines = textwrap.wrap(text, chars, break_long_words=True)
-    if len(lines) > CAPTION_LINES:
-        lines = lines[:CAPTION_LINES]
-        lines[-1] = lines[-1][:max(0, len(lines[-1]) - 1)] + "…"
-    return lines

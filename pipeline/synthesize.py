@@ -28,8 +28,8 @@ import sdit
 from sdit import sampling
 from sdit.errors import SDiTError
 from sdit.store import Manifest, Store, write_shard
-from sdit.synthesize import (SYNTHETIC, SYNTHETIC_MANIFEST, SynthesisConfig, forwards_per_sample, initial_noise,
-                             make_sampler, prompts_per_shard, read_prompts)
+from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, forwards_per_sample, initial_noise,
+                             make_sampler, prompts_per_shard, read_prompts, read_synthetic, write_synthetic)
 from sdit.teacher import Teacher
 
 
@@ -100,7 +100,7 @@ class ShardSynthesizer:
 _RESUME_KEYS = ("teacher", "config", "scheduler", "prompts", "prompts_per_shard")
 
 
-def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> dict:
+def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> SyntheticManifest:
     """The synthetic set's manifest for `config`: the store's own when it was made with the same options (a
     resume), else a new one. Refuses, in one line and before any work, a store without a prompt bank, a
     stochastic scheduler, or a set made with other options. Writes nothing."""
@@ -112,50 +112,46 @@ def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> d
                         "with `sdit encode ... --prompts FILE`")
     sampler = make_sampler(teacher.scheduler_config, config.scheduler)
     per_shard = prompts_per_shard(manifest.shard_size, config.samples)
-    meta = {
-        "schema_version": 1, "set_id": secrets.token_hex(8),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "store_created": manifest.created,
-        "teacher": teacher.identity.to_json(), "config": dataclasses.asdict(config),
-        "scheduler": {"class": type(sampler).__name__, "config": teacher.scheduler_config},
-        "prompts": prompts, "prompts_per_shard": per_shard, "shards": -(-prompts // per_shard),
-        "forwards_per_sample": forwards_per_sample(sampler, config.steps, config.guided),
-        "latent_scale": manifest.latent_scale, "status": "in_progress", "sdit_version": sdit.__version__,
-    }
-    if not store.exists(SYNTHETIC, SYNTHETIC_MANIFEST):
-        return meta
-    old = store.read_json(SYNTHETIC, SYNTHETIC_MANIFEST)
-    if old.get("store_created") != manifest.created:
-        return meta  # made for an earlier encoding of this store (re-encoded with --overwrite): replaced
+    meta = SyntheticManifest(
+        set_id=secrets.token_hex(8), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        store_created=manifest.created, teacher=teacher.identity.to_json(), config=dataclasses.asdict(config),
+        scheduler={"class": type(sampler).__name__, "config": teacher.scheduler_config}, prompts=prompts,
+        prompts_per_shard=per_shard, shards=-(-prompts // per_shard),
+        forwards_per_sample=forwards_per_sample(sampler, config.steps, config.guided),
+        latent_scale=manifest.latent_scale, sdit_version=sdit.__version__)
+    old = read_synthetic(store)
+    if old is None or old.store_created != manifest.created:
+        return meta  # none yet, or made for an earlier encoding of this store (re-encoded with --overwrite)
     for key in _RESUME_KEYS:
-        if old.get(key) != meta[key]:
-            differs = _difference(key, old.get(key), meta[key])
+        if getattr(old, key) != getattr(meta, key):
+            differs = _difference(key, getattr(old, key), getattr(meta, key))
             raise SDiTError(f"the store's synthetic records were made with {differs}; pass the same --synthesize/"
                             f"--synth-* options, or delete {store.url}/{SYNTHETIC} and {store.url}/_done/{SYNTHETIC} "
                             "to make new ones (then relabel what used them)")
     return old
 
 
-def prepare_synthesis(store: Store, meta: dict) -> list[int]:
+def prepare_synthesis(store: Store, meta: SyntheticManifest) -> list[int]:
     """Replace another set, delete unfinished shards, write the manifest; the shards still to make."""
-    if store.exists(SYNTHETIC, SYNTHETIC_MANIFEST) and \
-            store.read_json(SYNTHETIC, SYNTHETIC_MANIFEST).get("set_id") != meta["set_id"]:
+    old = read_synthetic(store)
+    if old is not None and old.set_id != meta.set_id:
         store.remove(SYNTHETIC)
         store.remove("_done", SYNTHETIC)
     store.root_group(mode="a").require_group(SYNTHETIC)
     store.remove_unfinished(SYNTHETIC)
-    store.write_json(meta, SYNTHETIC, SYNTHETIC_MANIFEST)
+    write_synthetic(store, meta)
     done = store.finished(SYNTHETIC)
-    return [k for k in range(meta["shards"]) if k not in done]
+    return [k for k in range(meta.shards) if k not in done]
 
 
-def finish_synthesis(store: Store, meta: dict) -> dict:
+def finish_synthesis(store: Store, meta: SyntheticManifest) -> SyntheticManifest:
     """Counts over the finished shards; status "complete" once every shard is. Returns the manifest."""
     done = store.finished(SYNTHETIC)
     counts = {"samples": sum(r["count"] for r in done.values()), "dropped": sum(r["dropped"] for r in done.values()),
-              "planned": meta["prompts"] * meta["config"]["samples"], "shards": len(done),
+              "planned": meta.prompts * meta.config["samples"], "shards": len(done),
               "teacher_forwards": sum(r["teacher_forwards"] for r in done.values())}
-    meta = meta | {"counts": counts, "status": "complete" if len(done) == meta["shards"] else "in_progress"}
-    store.write_json(meta, SYNTHETIC, SYNTHETIC_MANIFEST)
+    meta = dataclasses.replace(meta, counts=counts, status="complete" if len(done) == meta.shards else "in_progress")
+    write_synthetic(store, meta)
     return meta
 
 
@@ -195,8 +191,8 @@ class InspectConfig:
 def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None = None) -> dict:
     """Decode the first `limit` records (or synthetic records) of a store: OUT/NNNN.png, each with its caption and
     provenance in the PNG text chunk, and OUT/grid.png with captions. Returns {"images", "out", "grid"}."""
-    from pipeline.sample import captioned_grid, save_png
     from sdit.devices import resolve_device
+    from sdit.images import captioned_grid, save_png
 
     config.check()
     store = Store(config.store)
@@ -208,7 +204,7 @@ def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None 
         raise SDiTError(f"{store.url} has no finished {group} shards; make them with {make}")
     device = resolve_device(config.device)
     vae = load_vae(config, manifest).to(device)
-    provenance = store.read_json(SYNTHETIC, SYNTHETIC_MANIFEST) if config.synthetic else None
+    provenance = read_synthetic(store) if config.synthetic else None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     images, captions = [], []
@@ -260,12 +256,12 @@ def load_vae(config: InspectConfig, manifest: Manifest):
     return vae.eval().requires_grad_(False)
 
 
-def _png_text(config: InspectConfig, rows: dict, i: int, provenance: dict | None) -> dict[str, str]:
+def _png_text(config: InspectConfig, rows: dict, i: int, provenance: SyntheticManifest | None) -> dict[str, str]:
     text = {"caption": str(rows["captions"][i]), "id": str(rows["ids"][i]), "store": str(config.store),
             "group": SYNTHETIC if config.synthetic else "records", "software": f"sdit {sdit.__version__}"}
     if provenance is not None:
-        c = provenance["config"]
+        c = provenance.config
         text |= {"prompt_index": str(rows["prompt_index"][i]), "sample": str(rows["sample"][i]),
                  "seed": str(c["seed"]), "steps": str(c["steps"]), "guidance": str(c["guidance"]),
-                 "scheduler": provenance["scheduler"]["class"], "teacher": provenance["teacher"]["path"]}
+                 "scheduler": provenance.scheduler["class"], "teacher": provenance.teacher["path"]}
     return text

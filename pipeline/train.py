@@ -1,12 +1,14 @@
 """Stage two: train the SDiT student from a labelled store, without the teacher.
 
-    prepare (rank 0)   the run folder: `--init DIR` copied, or a fresh `--student PRESET` beside the teacher's
-                       VAE and text encoder (its UNet is never loaded); checked against the store
+    prepare (rank 0)   the run folder: `--init DIR` copied, or made by the caller's `make_run` (the CLI's
+                       `--student PRESET` runs the init stage, pipeline/init.py); checked against the store
     stream             shuffled batches of draws, inputs rebuilt exactly as the teacher saw them (sdit.loader)
     step               AdamW on task_weight·|ε_s − ε|² + kd_weight·|ε_s − ε_T|² (sdit.losses); EMA of weights
     every N steps      an atomic checkpoint (weights, EMA, optimiser, step, data position, RNG states) and the
                        EMA weights into RUN/transformer; every M steps a grid of samples
     finish             RUN/transformer (EMA), metrics.jsonl, loss.png, sdit_run.json "complete"
+
+Nothing imported here can load a teacher (invariant 9): the store holds everything training needs.
 
 Data-parallel: launched by torchrun (WORLD_SIZE > 1), each worker keeps its share of every global batch
 (gloo on CPU, NCCL on GPUs); rank 0 writes. `--resume` continues from the last checkpoint with the same
@@ -29,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from sdit.devices import setup_worker
-from sdit.dit import PRESETS, SDiT
+from sdit.dit import SDiT
 from sdit.errors import SDiTError
+from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
-from sdit.run import LatentSpace, init_run, load_student, read_run, save_student, update_run
-from sdit.sampling import decode, denoise, grid, initial_noise, make_scheduler
+from sdit.run import load_student, read_run, save_student, update_run
+from sdit.sampling import decode, denoise, initial_noise, make_scheduler
+from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -49,10 +52,7 @@ class TrainConfig:
     store: str
     out: str
     labels: str = "default"
-    init: str | None = None  # a run folder from `sdit init`; else a fresh `student` preset
-    student: str | None = None
-    teacher: str | None = None  # VAE + text encoder for a fresh run (default: the store's teacher)
-    teacher_config: str | None = None
+    init: str | None = None  # a run folder from `sdit init`, copied into `out`; None: `train`'s make_run makes it
     steps: int = 10_000
     batch_size: int = 64  # global: split over data-parallel workers
     lr: float = 1e-4
@@ -62,8 +62,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     task_weight: float = 1.0
     kd_weight: float = 1.0
-    min_snr: float | None = None  # γ of min-SNR timestep weighting; None: every timestep counts the same
-    high_noise_weight: float | None = None  # γ: weight draws by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight)
+    min_snr: float = 0.0  # γ of min-SNR timestep weighting; 0: off, every timestep counts the same
+    high_noise_weight: float = 0.0  # γ: weight draws by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight); 0: off
     synthetic_weight: float = 1.0  # scales the loss (task and KD) of synthetic records' draws
     holdout: float = 0.0  # fraction of records held out for `sdit eval`
     seed: int = 0
@@ -81,16 +81,14 @@ class TrainConfig:
     resume: bool = False
 
     def check(self) -> None:
-        if (self.init is None) == (self.student is None):
-            raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
-        if self.student is not None and self.student not in PRESETS:
-            raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
         if min(self.steps, self.batch_size, self.checkpoint_every, self.keep_checkpoints) < 1:
             raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
         if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
             raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
-        if self.high_noise_weight is not None and self.high_noise_weight < 1:
-            raise SDiTError(f"--high-noise-weight {self.high_noise_weight}: a cap of at least 1 (e.g. 5)")
+        if self.high_noise_weight and self.high_noise_weight < 1:
+            raise SDiTError(f"--high-noise-weight {self.high_noise_weight}: a cap of at least 1 (e.g. 5), or 0 (off)")
+        if self.min_snr < 0:
+            raise SDiTError(f"--min-snr {self.min_snr}: a γ above 0 (e.g. 5), or 0 (off)")
         if self.synthetic_weight < 0:
             raise SDiTError(f"--synthetic-weight {self.synthetic_weight}: must be >= 0")
         if not 0 <= self.holdout < 1:
@@ -103,7 +101,7 @@ class TrainConfig:
 
 # Options a resumed run may change; any other change would make it another run.
 RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
-             "sample_guidance", "device", "threads", "resume", "precision", "init", "teacher", "teacher_config"}
+             "sample_guidance", "device", "threads", "resume", "precision", "init"}
 
 
 # --- distribution ----------------------------------------------------------------------------------------------
@@ -143,11 +141,10 @@ def _start_workers(workers: Workers, device: torch.device) -> None:
 # --- the run folder ----------------------------------------------------------------------------------------------
 
 
-def prepare_run(config: TrainConfig, data: LabelledStore) -> None:
+def prepare_run(config: TrainConfig, make_run: Callable[[], object] | None) -> None:
     """Rank 0: make (or check, when resuming) the run folder."""
     out = Path(config.out)
     if config.resume:
-        read_run(out)
         old = read_run(out).get("train", {}).get("config")
         if old is None:
             raise SDiTError(f"{out} has no training to resume; drop --resume")
@@ -164,17 +161,13 @@ def prepare_run(config: TrainConfig, data: LabelledStore) -> None:
         read_run(config.init)
         shutil.copytree(config.init, out, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(CHECKPOINTS, METRICS, SAMPLES, "loss.png"))
+    elif make_run is not None:
+        make_run()
     else:
-        teacher = config.teacher or data.manifest.teacher["path"]
-        if not Path(teacher).exists():
-            raise SDiTError(f"the store's teacher {teacher} is not on this machine; pass --teacher (its VAE and "
-                            "text encoder go into the run folder)")
-        c, h, _ = data.manifest.latent_shape
-        init_run(out, teacher, config.student, teacher_config=config.teacher_config,
-                 space=LatentSpace(h, c, data.manifest.text_shape[1]),
-                 guidance_embed=data.labels_meta["guidance"] is not None, seed=config.seed)
-    update_run(out, train={"config": dataclasses.asdict(config), "store": data.store.url, "labels": config.labels,
-                           "holdout": config.holdout, "split_seed": config.seed, "step": 0, "status": "started"})
+        raise SDiTError("give --init RUN_FOLDER (from `sdit init`) or --student PRESET")
+    update_run(out, train={"config": dataclasses.asdict(config), "store": str(config.store),
+                           "labels": config.labels, "holdout": config.holdout, "split_seed": config.seed, "step": 0,
+                           "status": "started"})
 
 
 def check_fit(data: LabelledStore, student: SDiT, run: dict, config: TrainConfig) -> None:
@@ -192,7 +185,7 @@ def check_fit(data: LabelledStore, student: SDiT, run: dict, config: TrainConfig
         if mine != theirs:
             raise SDiTError(f"the run folder's {part.replace('_', ' ')} is not the one the store was encoded with "
                             f"({data.manifest.teacher['path']}); init the run from that teacher")
-    guided = data.labels_meta["guidance"] is not None
+    guided = data.labels.guided
     if guided != cfg.guidance_embed:
         raise SDiTError("guided labels need a guidance-distilled student (init with --guidance-embed), and only "
                         "they do" if guided else "this student takes a guidance scale, but the labels are unguided")
@@ -211,36 +204,20 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
 
 
-def save_checkpoint(out: Path, state: TrainState, keep: int) -> Path:
-    """Written under a temporary name and renamed whole; then the oldest beyond `keep` go."""
-    final = out / CHECKPOINTS / f"step-{state.step:08d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_plain(state.model).state_dict(), tmp / "model.safetensors")
-    save_file(state.ema.state_dict(), tmp / "ema.safetensors")
-    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": state.step, "position": dataclasses.asdict(state.position)}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+def save_state(out: Path, state: TrainState, keep: int) -> Path:
+    """A checkpoint folder `checkpoints/step-N` (sdit.training); then the oldest beyond `keep` go."""
+    final = save_checkpoint(out / CHECKPOINTS / f"step-{state.step:08d}", {"model": _plain(state.model),
+                                                                          "ema": state.ema},
+                            state.optimizer, {"step": state.step, "position": dataclasses.asdict(state.position)},
+                            state.scheduler)
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
-def load_checkpoint(folder: Path, state: TrainState) -> None:
-    _plain(state.model).load_state_dict(load_file(folder / "model.safetensors"))
-    state.ema.load_state_dict(load_file(folder / "ema.safetensors"))
-    extra = torch.load(folder / "optimizer.pt", weights_only=True)  # data only: a pickle with code is refused
-    state.optimizer.load_state_dict(extra["optimizer"])
-    state.scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    if extra["cuda_rng"]:
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    meta = json.loads((folder / "state.json").read_text())
+def load_state(folder: Path, state: TrainState) -> None:
+    meta = load_checkpoint(folder, {"model": _plain(state.model), "ema": state.ema}, state.optimizer,
+                           state.scheduler)
     state.step, state.position = meta["step"], Position(**meta["position"])
 
 
@@ -271,8 +248,7 @@ def make_state(student: SDiT, config: TrainConfig, device: torch.device, workers
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(config.warmup, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, config.warmup))
     return TrainState(model, ema, optimizer, scheduler)
 
 
@@ -284,7 +260,7 @@ class Trainer:
         self.config, self.state, self.data, self.device, self.workers = config, state, data, device, workers
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        self.guided = data.labels_meta["guidance"] is not None
+        self.guided = data.labels.guided
 
     def step(self, batch: Batch) -> dict:
         """Forward, backward, clip, AdamW, EMA. Returns this step's metrics (over all workers)."""
@@ -315,7 +291,7 @@ class Trainer:
         s.scheduler.step()
         s.step += 1
         s.position = batch.position
-        update_ema(s.ema, _plain(s.model), min(c.ema_decay, (1 + s.step) / (10 + s.step)))
+        update_ema(s.ema, _plain(s.model), ema_decay(s.step, c.ema_decay))
         return {"step": s.step, "loss": loss / n, "task_loss": task_sum / task_count if task_count else None,
                 "kd_loss": kd_sum / n, "lr": lr, "grad_norm": grad_norm}
 
@@ -343,7 +319,7 @@ class Trainer:
     def save(self) -> None:
         if self.workers.main:
             out = Path(self.config.out)
-            save_checkpoint(out, self.state, self.config.keep_checkpoints)
+            save_state(out, self.state, self.config.keep_checkpoints)
             save_student(out, self.state.ema)  # the run folder always holds the latest EMA weights
             update_run(out, train=read_run(out)["train"] | {"step": self.state.step})
         self.workers.barrier()
@@ -353,7 +329,7 @@ class Trainer:
         c, out = self.config, Path(self.config.out)
         text, null, captions = sample_captions(self.data, c.sample_prompts)
         ema = self.state.ema
-        scheduler = make_scheduler("ddim", self.data.labels_meta["scheduler"])
+        scheduler = make_scheduler("ddim", self.data.labels.scheduler)
         generators = [torch.Generator().manual_seed(c.seed * 1_000_003 + i) for i in range(len(text))]
         shape = tuple(self.data.manifest.latent_shape)
         noise = initial_noise(shape, generators, self.device)
@@ -389,12 +365,6 @@ class NonFinite(SDiTError):
                          "lower --lr, raise --warmup or use --precision fp32, then --resume")
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-
-
 def sample_captions(data: LabelledStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first captions of the store: half from the records, half from the prompt bank when there is one.
     Returns text (n, L, D) and null (n, L, D) embeddings as float32, and the captions."""
@@ -417,8 +387,12 @@ def sample_captions(data: LabelledStore, n: int) -> tuple[torch.Tensor, torch.Te
 # --- the whole stage ---------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume) a student; returns a summary. Raises SDiTError for what a user can fix."""
+def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
+          make_run: Callable[[], object] | None = None) -> dict:
+    """Train (or resume) a student; returns a summary. Raises SDiTError for what a user can fix.
+
+    Without `config.init`, `make_run()` writes the untrained run folder at `config.out` (rank 0, and only for a
+    new run): the CLI passes the init stage here, so this module never imports a teacher loader."""
     config.check()
     workers = Workers.from_env()
     device, _ = setup_worker(config.device, "fp32", config.threads or (torch.get_num_threads()))
@@ -431,7 +405,7 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
         raise SDiTError(f"--synthetic-weight: labels {config.labels!r} have no synthetic records (label them with "
                         "`sdit teacher-label --synthesize N`)")
     if workers.main:
-        prepare_run(config, data)
+        prepare_run(config, make_run)
     workers.barrier()
     out = Path(config.out)
     run = read_run(out)
@@ -458,15 +432,17 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None) ->
 
 
 def resume(out: Path, state: TrainState) -> None:
-    """Load the last checkpoint, and forget metrics logged after it (those steps will be run again)."""
+    """Load the last checkpoint (none: killed before the first, so start again from the initial weights), and
+    forget metrics logged after it: those steps will be run again, and each step is logged once."""
     checkpoints = checkpoint_dirs(out)
-    if not checkpoints:
-        return  # killed before its first checkpoint: start again from the initial weights
-    load_checkpoint(checkpoints[-1], state)
+    if checkpoints:
+        load_state(checkpoints[-1], state)
     metrics = out / METRICS
     if metrics.exists() and Workers.from_env().main:
         lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state.step]
-        metrics.write_text("".join(line + "\n" for line in lines))
+        tmp = metrics.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, metrics)
 
 
 def read_metrics(path: Path) -> list[dict]:

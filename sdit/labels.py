@@ -1,21 +1,76 @@
-"""Rebuilding the teacher's inputs from a store: the one path stage one and stage two share.
+"""Teacher labels in a store: their manifest, and rebuilding the teacher's inputs (the one path stage one and
+stage two share).
 
-`teacher_inputs` turns a records shard's latents and embeddings plus its label arrays into the noisy latents,
-text embeddings and timesteps the teacher saw. Stage one calls it right before the teacher's forward; stage
-two calls it before the student's, so the student sees exactly what the teacher saw (invariant 1).
+`LabelsManifest` is `labels/<name>/manifest.json`: what made the labels (teacher, scheduler, seed, draws,
+perturbations, guidance, synthesis) and what they hold; `read_labels` is its one reader, and refuses another
+schema version in one line. `teacher_inputs` turns a records shard's latents and embeddings plus its label
+arrays into the noisy latents, text embeddings and timesteps the teacher saw. Stage one calls it right before
+the teacher's forward; stage two calls it before the student's, so the student sees exactly what the teacher
+saw (invariant 1).
 """
 
+from __future__ import annotations
+
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
-from sdit.store import CHUNK_RECORDS, Store
+from sdit.store import CHUNK_RECORDS, Store, from_versioned
 
 LABELS_MANIFEST = "manifest.json"
+LABELS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LabelsManifest:
+    """labels/<name>/manifest.json."""
+
+    name: str
+    teacher: dict  # TeacherIdentity.to_json(), with the UNet's hash
+    scheduler: dict  # the teacher's scheduler config: the noise schedule of every draw
+    prediction_type: str
+    seed: int
+    draws: int  # K per record
+    timesteps: str  # "uniform" | "stratified"
+    perturb: dict  # PerturbConfig as a dict
+    guidance: list[float] | None = None  # [w_min, w_max] of guided targets; None: unguided
+    synthesis: dict | None = None  # SynthesisConfig as a dict, when synthetic records are labelled too
+    synthetic_set: str | None = None  # set_id of the synthetic records they label
+    status: str = "in_progress"  # "complete" once every shard is labelled
+    counts: dict = field(default_factory=dict)  # draws, kinds, dropped, teacher_forwards, ...
+    schema_version: int = LABELS_VERSION
+
+    @property
+    def guided(self) -> bool:
+        """Targets are ε_u + w(ε_c − ε_u): the true noise is no target, and the student takes w."""
+        return self.guidance is not None
+
+    @property
+    def group(self) -> str:
+        return labels_group(self.name)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def labels_group(name: str) -> str:
+    return f"labels/{name}"
+
+
+def read_labels(store: Store, name: str) -> LabelsManifest | None:
+    """The manifest of labels `name`, or None when the store has none of that name."""
+    if not store.exists(labels_group(name), LABELS_MANIFEST):
+        return None
+    data = store.read_json(labels_group(name), LABELS_MANIFEST)
+    return from_versioned(LabelsManifest, data, LABELS_VERSION, f"labels {name!r} of {store.url}: labels manifest")
+
+
+def write_labels(store: Store, manifest: LabelsManifest) -> None:
+    store.write_json(manifest.to_json(), manifest.group, LABELS_MANIFEST)
 
 
 class CaptionBank:

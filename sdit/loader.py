@@ -31,9 +31,9 @@ import torch
 
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
-from sdit.labels import LABELS_MANIFEST, CaptionBank, teacher_inputs
+from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs
 from sdit.store import CHUNK_RECORDS, Manifest, Store
-from sdit.synthesize import SYNTHETIC, SYNTHETIC_MANIFEST
+from sdit.synthesize import SYNTHETIC, read_synthetic
 
 LABEL_ARRAYS = ("timesteps", "kind", "caption_from", "caption_index", "weight", "guidance", "noise", "xi_index",
                 "eps_teacher", "valid")
@@ -99,18 +99,19 @@ class LabelledStore:
     def __init__(self, url: str, labels: str = "default"):
         self.store = Store(url)
         self.manifest: Manifest = self.store.manifest()
-        self.group = f"labels/{labels}"
         if self.manifest.status != "complete":
             raise SDiTError(f"{self.store.url} is not finished encoding; rerun `sdit encode` on it first")
-        if not self.store.exists(self.group, LABELS_MANIFEST):
+        meta = read_labels(self.store, labels)
+        if meta is None:
             raise SDiTError(f"{self.store.url} has no labels {labels!r}; run `sdit teacher-label` on it first")
-        self.labels_meta = self.store.read_json(self.group, LABELS_MANIFEST)
-        if self.labels_meta.get("status") != "complete":
+        if meta.status != "complete":
             raise SDiTError(f"labels {labels!r} of {self.store.url} are unfinished; rerun `sdit teacher-label` to "
                             "finish them")
-        self.schedule = NoiseSchedule.from_config(self.labels_meta["scheduler"])
-        self.input_gamma = float(self.labels_meta["perturb"]["input_gamma"])
-        self.draws = int(self.labels_meta["draws"])
+        self.labels: LabelsManifest = meta
+        self.group = meta.group
+        self.schedule = NoiseSchedule.from_config(meta.scheduler)
+        self.input_gamma = float(meta.perturb["input_gamma"])
+        self.draws = meta.draws
         self.counts = {i: r["count"] for i, r in self.store.finished(self.group).items()}
         self.synthetic_counts = self._synthetic_counts(labels)
         self.bank = CaptionBank(self.store)
@@ -118,11 +119,10 @@ class LabelledStore:
 
     def _synthetic_counts(self, labels: str) -> dict[int, int]:
         """Synthetic records per labelled synthetic shard; refuses labels of a synthetic set since replaced."""
-        if not self.labels_meta.get("synthesis"):
+        if not self.labels.synthesis:
             return {}
-        path = (SYNTHETIC, SYNTHETIC_MANIFEST)
-        made = self.store.read_json(*path) if self.store.exists(*path) else {}
-        if made.get("set_id") != self.labels_meta.get("synthetic_set"):
+        made = read_synthetic(self.store)
+        if made is None or made.set_id != self.labels.synthetic_set:
             raise SDiTError(f"labels {labels!r} of {self.store.url} describe synthetic records the store no longer "
                             "holds; relabel with `sdit teacher-label --synthesize ... --overwrite`")
         return {i: r["count"] for i, r in self.store.finished(f"{self.group}/{SYNTHETIC}").items()}

@@ -53,9 +53,9 @@ def high_noise_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: f
     return (1 / a).clamp(max=gamma).to(timesteps.device)
 
 
-def timestep_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr: float | None,
-                    high_noise: float | None) -> torch.Tensor | None:
-    """(B,) the product of the weightings asked for (None: neither)."""
+def timestep_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr: float,
+                    high_noise: float) -> torch.Tensor | None:
+    """(B,) the product of the weightings asked for; a γ of 0 is off (None: both off)."""
     weight = None
     for weighting, gamma in ((min_snr_weight, min_snr), (high_noise_weight, high_noise)):
         if gamma:
@@ -64,14 +64,14 @@ def timestep_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr: f
     return weight
 
 
-def draw_weight(synthetic: torch.Tensor, synthetic_weight: float, snr_weight: torch.Tensor | None = None
+def draw_weight(synthetic: torch.Tensor, synthetic_weight: float, weight: torch.Tensor | None = None
                 ) -> torch.Tensor | None:
-    """(B,) s_i: `snr_weight` (or 1) times `synthetic_weight` where `synthetic` (B,) bool; `snr_weight` itself
-    when `synthetic_weight` is 1 (None: every weight is 1)."""
+    """(B,) s_i: `weight` (a timestep weight, or 1) times `synthetic_weight` where `synthetic` (B,) bool;
+    `weight` itself when `synthetic_weight` is 1 (None: every weight is 1)."""
     if synthetic_weight == 1.0:
-        return snr_weight
+        return weight
     scale = torch.where(synthetic, synthetic_weight, 1.0).to(torch.float32)
-    return scale if snr_weight is None else snr_weight.float() * scale.to(snr_weight.device)
+    return scale if weight is None else weight.float() * scale.to(weight.device)
 
 
 def distillation_loss(eps: torch.Tensor, noise: torch.Tensor, eps_teacher: torch.Tensor, mask: torch.Tensor,

@@ -92,6 +92,16 @@ class PerturbConfig:
                 raise SDiTError(f"--perturb {text!r}: write name=probability pairs, e.g. none=0.8,null=0.2")
         return cls(mix=mix, **options)
 
+    @classmethod
+    def from_option(cls, perturb: str | None, **options) -> "PerturbConfig":
+        """What `--perturb` says: a `.json` config file, a `name=p,...` mix (with `options` for the rest), or
+        nothing (the default mix with `options`)."""
+        if perturb and perturb.endswith(".json"):
+            return cls.from_file(perturb)
+        if perturb:
+            return cls.parse(perturb, **options)
+        return cls(**options)
+
     def probabilities(self, caption_kinds_allowed: bool) -> np.ndarray:
         """(len(Kind),) probabilities, renormalised over the kinds allowed at this timestep."""
         p = np.array([self.mix.get(k.name.lower(), 0.0) for k in Kind], dtype=np.float64)

@@ -31,25 +31,11 @@ from PIL import Image
 from sdit import sampling
 from sdit.errors import SDiTError
 from sdit.run import MODEL_INDEX, PIPELINE_CLASS, read_run
+from sdit.text import encode_text
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default CFG scale
 SEED_RANGE = 2**62  # per-image seeds drawn from one generator lie in [0, SEED_RANGE)
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """(N, L, D) float32 CLIP last hidden states, tokenized as SD's pipelines and `sdit encode` do (start
-    token, at most 75 tokens, end token, padding), and rounded to float16 as the store keeps them: the
-    student trained, and the teacher was labelled, on fp16-rounded text."""
-    emb = text_encoder(token_ids(tokenizer, prompts).to(device)).last_hidden_state  # (N, L, D)
-    return emb.to(torch.float16).float()
-
-
-def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(N, L) CLIP token ids, padded to the tokenizer's context."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
 
 
 def per_image_generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
@@ -211,3 +197,9 @@ class SDiTPipeline(DiffusionPipeline):
             return pixels.astype(np.float32) / 255.0
         return [Image.fromarray(p) for p in pixels]
 
+
+def load_pipeline(run: str | Path, device: torch.device, dtype: torch.dtype) -> SDiTPipeline:
+    """A run folder's pipeline on `device` in `dtype`, quiet (no progress bar)."""
+    pipe = SDiTPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)

@@ -8,7 +8,8 @@
                             and progress (what `sdit train` writes is in pipeline/train.py)
 
 It is the counterpart of the seed's `sdit.ckpt` (an SD checkpoint with a DiT attached): sampling needs
-nothing else. `init_run` writes an untrained one (`sdit init`).
+nothing else. `write_run` writes one from its parts; the init stage (pipeline/init.py, `sdit init`) makes the
+parts. Nothing here loads a teacher: stage two imports this module.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import diffusers
-import torch
 
-from sdit.dit import SDiT, build_student
+from sdit.dit import SDiT
 from sdit.errors import SDiTError
-from sdit.teacher import SD15_CONFIG_DIR, Teacher, load_teacher
+
+if TYPE_CHECKING:  # for annotations only: importing the teacher loader here would put it into stage two
+    from sdit.teacher import Teacher
 
 RUN_FILE = "sdit_run.json"
+RUN_VERSION = 1
 MODEL_INDEX = "model_index.json"
 TRANSFORMER = "transformer"
 PIPELINE_CLASS = "SDiTPipeline"
@@ -42,35 +46,9 @@ class LatentSpace:
     text_dim: int
 
 
-def teacher_latent_space(teacher: str | Path, config_dir: str | Path | None = None) -> LatentSpace:
-    """Read from the teacher's configs alone (no weights)."""
-    path = Path(teacher)
-    cfg = path if path.is_dir() else Path(config_dir) if config_dir else SD15_CONFIG_DIR
-    try:
-        unet = json.loads((cfg / "unet" / "config.json").read_text())
-        text = json.loads((cfg / "text_encoder" / "config.json").read_text())
-    except FileNotFoundError as err:
-        raise SDiTError(f"{cfg} lacks {Path(err.filename).relative_to(cfg)}: cannot tell the teacher's latent "
-                        "size and text width") from None
-    return LatentSpace(int(unet["sample_size"]), int(unet["in_channels"]), int(text["hidden_size"]))
-
-
-def init_run(out: str | Path, teacher: str | Path, preset: str, *, teacher_config: str | Path | None = None,
-             space: LatentSpace | None = None, guidance_embed: bool = False, seed: int = 0) -> Path:
-    """Write an untrained run folder: a fresh `preset` student (seeded) beside the teacher's VAE, text
-    encoder, tokenizer and scheduler, sized for `space` (default: the teacher's, from its configs)."""
-    space = space or teacher_latent_space(teacher, teacher_config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        student = build_student(preset, sample_size=space.sample_size, in_channels=space.in_channels,
-                                text_dim=space.text_dim, guidance_embed=guidance_embed)
-    parts = load_teacher(teacher, components=("vae", "text_encoder"), config_dir=teacher_config)
-    provenance = {"student": {"preset": preset, "seed": seed}}
-    return write_run(out, student, parts, provenance)
-
-
 def write_run(out: str | Path, student: SDiT, teacher: Teacher, provenance: dict) -> Path:
-    """Every part of a run folder, written beside `out` and moved into place whole."""
+    """Every part of a run folder, written beside `out` and moved into place whole: the student, and the
+    teacher's VAE, text encoder, tokenizer and scheduler (`teacher` needs no UNet)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SDiTError(f"{out} exists and is not empty; choose another folder or remove it")
@@ -94,8 +72,8 @@ def write_run(out: str | Path, student: SDiT, teacher: Teacher, provenance: dict
         "scheduler": ["diffusers", scheduler_class],
     }
     (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    run = {"teacher": teacher.identity.to_json(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           **provenance}
+    run = {"schema_version": RUN_VERSION, "teacher": teacher.identity.to_json(),
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance}
     (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     if out.exists():
         out.rmdir()
@@ -109,7 +87,11 @@ def read_run(run: str | Path) -> dict:
     if not (run / MODEL_INDEX).exists() or not (run / RUN_FILE).exists():
         raise SDiTError(f"{run} is not an SDiT run folder (no {MODEL_INDEX} / {RUN_FILE}); make one with "
                         "`sdit init` or `sdit train`")
-    return json.loads((run / RUN_FILE).read_text())
+    data = json.loads((run / RUN_FILE).read_text())
+    if data.get("schema_version") != RUN_VERSION:
+        raise SDiTError(f"{run}: run folder version {data.get('schema_version')}, this SDiT reads version "
+                        f"{RUN_VERSION}")
+    return data
 
 
 def update_run(run: str | Path, **fields) -> None:

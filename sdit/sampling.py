@@ -11,9 +11,10 @@ from collections.abc import Callable
 import diffusers
 import numpy as np
 import torch
-from PIL import Image
 
 from sdit.errors import SDiTError
+from sdit.latents import from_latent_space
+from sdit.text import encode_text
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -66,16 +67,23 @@ def denoise(eps_model: EpsModel, scheduler, noise: torch.Tensor, text: torch.Ten
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """(N, H, W, 3) uint8 images from scaled latents."""
     param = next(vae.parameters())
-    pixels = vae.decode(latents.to(param.device, param.dtype) / vae.config.scaling_factor).sample
+    pixels = vae.decode(from_latent_space(vae, latents.to(param.device, param.dtype))).sample
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid(images: list[np.ndarray] | np.ndarray, columns: int, pad: int = 2) -> Image.Image:
-    """Images (H, W, 3) uint8, row-major into a grid with a white border."""
-    images = list(images)
-    h, w = images[0].shape[:2]
-    rows = -(-len(images) // columns)
-    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    for i, image in enumerate(images):
-        canvas.paste(Image.fromarray(image), (pad + (i % columns) * (w + pad), pad + (i // columns) * (h + pad)))
-    return canvas
+@torch.no_grad()
+def teacher_images(teacher, prompts: list[str], negatives: list[str] | None, noise: torch.Tensor, scheduler,
+                   steps: int, guidance: float, device: torch.device) -> np.ndarray:
+    """(N, H, W, 3) uint8 from a teacher's UNet (an sdit.teacher.Teacher with unet, vae, text encoder) with
+    classifier-free guidance, from the given initial noise (N, C, h, w) and scheduler: the sampling loop the
+    student runs, with the teacher's ε."""
+    unet = teacher.unet
+    text = encode_text(teacher.tokenizer, teacher.text_encoder, prompts, device)
+    null = encode_text(teacher.tokenizer, teacher.text_encoder, negatives or [""] * len(prompts), device) \
+        if guidance != 1.0 else None
+
+    def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype)).sample.float()
+
+    latents = denoise(eps, scheduler, noise.to(device, torch.float32), text, null, steps, guidance)
+    return decode(teacher.vae, latents)

@@ -25,7 +25,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import PurePath, PurePosixPath
 
 import fsspec
@@ -109,14 +109,18 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "") -> "Manifest":
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SDiTError(f"{where}: store schema version {version}, this SDiT reads version {SCHEMA_VERSION}")
-        known = {f for f in cls.__dataclass_fields__}
-        data = {k: v for k, v in data.items() if k in known}
-        data["latent_shape"] = tuple(data["latent_shape"])
-        data["text_shape"] = tuple(data["text_shape"])
-        return cls(**data)
+        manifest = from_versioned(cls, data, SCHEMA_VERSION, f"{where}: store schema")
+        return replace(manifest, latent_shape=tuple(manifest.latent_shape), text_shape=tuple(manifest.text_shape))
+
+
+def from_versioned(cls, data: dict, version: int, what: str):
+    """A stage-owned JSON record as the frozen dataclass `cls`, refused in one line when it was written with
+    another `schema_version` than this SDiT reads (`what` names it: "STORE: store schema")."""
+    found = data.get("schema_version")
+    if found != version:
+        raise SDiTError(f"{what} version {found}, this SDiT reads version {version}")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def shard_name(index: int) -> str:
@@ -240,10 +244,6 @@ def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndar
         if rows:
             arr[:] = values
     store.write_json({**record, "count": n, "index": index}, "_done", group, f"{shard_name(index)}.json")
-
-
-def read_columns(shard: zarr.Group, names: list[str], start: int = 0, stop: int | None = None) -> dict:
-    return {name: shard[name][start:stop] for name in names}
 
 
 def _json_default(obj):

@@ -17,7 +17,7 @@ about as large as a records shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import diffusers
 import numpy as np
@@ -25,10 +25,11 @@ import torch
 
 from sdit import sampling
 from sdit.errors import SDiTError
-from sdit.store import Store
+from sdit.store import Store, from_versioned
 
 SYNTHETIC = "synthetic"  # the store group of synthetic records
 SYNTHETIC_MANIFEST = "manifest.json"  # synthetic/manifest.json: the set's provenance and counts
+SYNTHETIC_VERSION = 1
 NOISE_STREAM = 0x53594E54  # "SYNT": initial noise of the teacher's samples
 SYNTHETIC_STREAM = 0x53594E44  # "SYND": label draws of synthetic shards, apart from the records' draws
 # Schedulers whose step draws fresh noise from global state: a sample would depend on its batch and on
@@ -57,6 +58,42 @@ class SynthesisConfig:
     @property
     def guided(self) -> bool:
         return self.guidance != 1.0
+
+
+@dataclass(frozen=True)
+class SyntheticManifest:
+    """synthetic/manifest.json: one set of synthetic records, its provenance and counts."""
+
+    set_id: str  # labels record the set they label; a new set gets a new id
+    created: str
+    store_created: str  # the encoding it was made for: a re-encoded store drops the set
+    teacher: dict  # TeacherIdentity.to_json(), with the UNet's hash
+    config: dict  # SynthesisConfig as a dict
+    scheduler: dict  # {"class": the sampler's class name, "config": the teacher's scheduler config}
+    prompts: int  # in the bank
+    prompts_per_shard: int
+    shards: int
+    forwards_per_sample: int  # teacher UNet forwards a sample costs
+    latent_scale: float
+    status: str = "in_progress"  # "complete" once every shard is
+    sdit_version: str = ""
+    counts: dict = field(default_factory=dict)  # samples, dropped, planned, shards, teacher_forwards
+    schema_version: int = SYNTHETIC_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_synthetic(store: Store) -> SyntheticManifest | None:
+    """The store's synthetic set, or None when it has none."""
+    if not store.exists(SYNTHETIC, SYNTHETIC_MANIFEST):
+        return None
+    return from_versioned(SyntheticManifest, store.read_json(SYNTHETIC, SYNTHETIC_MANIFEST), SYNTHETIC_VERSION,
+                          f"{store.url}: synthetic records manifest")
+
+
+def write_synthetic(store: Store, manifest: SyntheticManifest) -> None:
+    store.write_json(manifest.to_json(), SYNTHETIC, SYNTHETIC_MANIFEST)
 
 
 def prompts_per_shard(shard_size: int, samples: int) -> int:

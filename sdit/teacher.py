@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdit.convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -28,6 +29,9 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SD15_CONFIG_DIR = DATA_DIR / "sd15"
 COMPONENTS = ("vae", "text_encoder", "unet")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+OLD_TEXT_PREFIX = "cond_stage_model.transformer."  # older files lack the `text_model.` level
+EMA_PREFIX = "model_ema."  # the UNet's EMA weights in files that hold both (v1-5-pruned.ckpt)
+PREFIXES = {"vae": (VAE_PREFIX,), "text_encoder": (TEXT_PREFIX, OLD_TEXT_PREFIX), "unet": (UNET_PREFIX, EMA_PREFIX)}
 
 
 @dataclass(frozen=True)
@@ -137,53 +141,62 @@ def _load_diffusers_folder(path: Path, components: tuple[str, ...]) -> dict[str,
     return models
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a single-file checkpoint. Pickles load with weights_only=True: no code runs."""
+def read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a single-file checkpoint whose keys start with one of `prefixes` (every tensor when None).
+
+    A `.safetensors` file is read tensor by tensor, so the others are never read from disk (a student's init
+    reads the VAE and text encoder of an SD file without its UNet). Pickles load with weights_only=True (no
+    code runs), memory-mapped when they are zip files.
+    """
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise SDiTError(f"{path}: not a checkpoint (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
+    wanted = (lambda key: True) if prefixes is None else (lambda key: key.startswith(prefixes))
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            state = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                check_sd1_layout(path, shapes)
+                return {k: f.get_tensor(k) for k in shapes if wanted(k)}
+        except SDiTError:
+            raise
         except Exception as err:  # safetensors raises its own SafetensorError and OSError variants
             raise SDiTError(f"{path}: not a readable safetensors file ({_first_line(err)})") from err
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as err:
-            if "Unsupported global" in str(err):  # the pickle names a callable: it would run code
-                raise SDiTError(f"{path}: refused: the pickle would run code or build objects other than "
-                                "tensors; convert it to .safetensors from a trusted environment") from err
-            raise SDiTError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
-        except (RuntimeError, EOFError, ValueError, OSError) as err:
-            raise SDiTError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # the pickle names a callable: it would run code
+            raise SDiTError(f"{path}: refused: the pickle would run code or build objects other than "
+                            "tensors; convert it to .safetensors from a trusted environment") from err
+        raise SDiTError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise SDiTError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SDiTError(f"{path}: not a state dict of tensors")
-    return state
+    check_sd1_layout(path, {k: tuple(v.shape) for k, v in state.items()})
+    return {k: v for k, v in state.items() if wanted(k)}
 
 
-def check_sd1_layout(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """One-line refusals for files that are not Stable Diffusion 1.x in the original layout."""
-    if any(k.startswith("conditioner.embedders.") for k in state):
+def check_sd1_layout(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """One-line refusals for files that are not Stable Diffusion 1.x in the original layout (from the
+    tensors' names and shapes alone)."""
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
         raise SDiTError(f"{path}: an SDXL checkpoint; not supported yet (SDiT distils SD 1.x)")
-    if any(k.startswith("cond_stage_model.model.") for k in state):
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
         raise SDiTError(f"{path}: an SD 2.x checkpoint (OpenCLIP text encoder); single-file SD 2.x is not "
                         "supported yet: convert it to a diffusers folder and pass that")
-    if not any(k.startswith(UNET_PREFIX) for k in state):
+    if not any(k.startswith(UNET_PREFIX) for k in shapes):
         raise SDiTError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights)")
-    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.shape[1] != 4:
-        raise SDiTError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an inpainting or "
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in[1] != 4:
+        raise SDiTError(f"{path}: the UNet takes {conv_in[1]} input channels (an inpainting or "
                         "depth model?); only text-to-image models with 4 latent channels are supported")
 
 
 def _load_single_file(path: Path, cfg: Path, components: tuple[str, ...],
                       use_ema: bool) -> dict[str, torch.nn.Module]:
-    state = read_state_dict(path)
-    check_sd1_layout(path, state)
+    state = read_state_dict(path, tuple(p for name in components for p in PREFIXES[name]))
     models = {}
     for name in components:
         if name == "text_encoder":
@@ -205,13 +218,12 @@ def _load_single_file(path: Path, cfg: Path, components: tuple[str, ...],
 
 
 def _text_encoder_from_state(path: Path, cfg: Path, state: dict[str, torch.Tensor]) -> CLIPTextModel:
-    # Older files have `cond_stage_model.transformer.<key>` without the `text_model.` level; accept both.
     weights = {}
     for key, value in state.items():
         if key.startswith(TEXT_PREFIX):
             weights[key[len(TEXT_PREFIX):]] = value
-        elif key.startswith("cond_stage_model.transformer."):
-            weights[key.removeprefix("cond_stage_model.transformer.")] = value
+        elif key.startswith(OLD_TEXT_PREFIX):
+            weights[key.removeprefix(OLD_TEXT_PREFIX)] = value
     if not weights:
         raise SDiTError(f"{path}: no text encoder weights ({TEXT_PREFIX}*) in this file")
     model = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder", local_files_only=True))

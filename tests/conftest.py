@@ -57,3 +57,11 @@ def labelled_store(encoded_store, tiny_teacher, tmp_path_factory) -> Path:
     label(LabelConfig(store=str(out), teacher=str(tiny_teacher), draws=4,
                       perturb=PerturbConfig(mix=ALL_KINDS, caption_min_t=0)))
     return out
+
+
+def new_run(out, teacher, student: str = "SDiT-Nano/2", *, space=None, **options) -> Path:
+    """An untrained run folder (`sdit init`): `student` beside `teacher`'s VAE and text encoder."""
+    from pipeline.init import InitConfig, init
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return init(InitConfig(teacher=str(teacher), student=student, out=str(out), **options), space).run

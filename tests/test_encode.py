@@ -257,18 +257,6 @@ def test_ray_writes_the_same_bytes(folder_store, tiny_teacher, tmp_path):
     _assert_same(_arrays(folder_store), _arrays(tmp_path / "s"))
 
 
-def test_tokenize_matches_the_tokenizers_own_truncation():
-    from pipeline.encode import tokenize
-    from sdit.teacher import SD15_CONFIG_DIR, load_tokenizer
-
-    tok = load_tokenizer(SD15_CONFIG_DIR)
-    captions = ["a photo of a cat", "", " ".join(["word"] * 75), " ".join(["word"] * 76), " ".join(["long"] * 200)]
-    ids, lengths = tokenize(tok, captions)
-    expected = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    assert torch.equal(ids, expected)
-    assert list(lengths) == [7, 2, 77, 78, 202]
-
-
 def test_duplicate_ids_are_rejected_after_the_first(tiny_teacher, tmp_path):
     rows = _accepted_samples()[:3]
     table = pa.table({"image": [{"bytes": b, "path": s} for s, b, _ in rows] * 2,

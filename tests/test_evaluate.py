@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLES
+from conftest import SAMPLES, new_run
 from pipeline.encode import EncodeConfig, encode
 from pipeline.evaluate import EvalConfig, evaluate, format_eval, load_clip
 from pipeline.label import LabelConfig, label
 from sdit.errors import SDiTError
 from sdit.loader import Split
 from sdit.perturb import Kind, PerturbConfig
-from sdit.run import init_run, update_run
+from sdit.run import update_run
 from sdit.store import Store
 from test_pipeline_sdit import make_run
 
@@ -51,7 +51,7 @@ def held_out_eps_teacher(store) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_an_untrained_student_scores_the_mean_square_of_the_teacher(tiny_teacher, store, tmp_path):
-    run = trained(init_run(tmp_path / "zero", tiny_teacher, "SDiT-Nano/2"), store)  # ε = 0 exactly
+    run = trained(new_run(tmp_path / "zero", tiny_teacher, "SDiT-Nano/2"), store)  # ε = 0 exactly
     eps, t = held_out_eps_teacher(store)
     assert 0 < len(eps) < 11 * DRAWS  # some records held out, not all
     result = evaluate(EvalConfig(run=str(run), store=str(store), batch_size=5, buckets=4))
@@ -78,7 +78,7 @@ def test_a_student_that_predicts_something_scores_otherwise(run, store):
 
 
 def test_the_split_can_be_named_by_options(tiny_teacher, store, tmp_path):
-    run = init_run(tmp_path / "untrained", tiny_teacher, "SDiT-Nano/2")
+    run = new_run(tmp_path / "untrained", tiny_teacher, "SDiT-Nano/2")
     with pytest.raises(SDiTError, match="not trained with --holdout"):
         evaluate(EvalConfig(run=str(run), store=str(store)))
     result = evaluate(EvalConfig(run=str(run), store=str(store), holdout=HOLDOUT, split_seed=SEED))
@@ -91,13 +91,13 @@ def test_errors(run, tiny_teacher, store, tmp_path):
         evaluate(EvalConfig(run=str(tmp_path / "nope"), store=str(store)))
     with pytest.raises(SDiTError, match="not an SDiT run folder"):
         evaluate(EvalConfig(run=str(tiny_teacher), store=str(store)))
-    everything = trained(init_run(tmp_path / "all", tiny_teacher, "SDiT-Nano/2"), store, holdout=0.0)
+    everything = trained(new_run(tmp_path / "all", tiny_teacher, "SDiT-Nano/2"), store, holdout=0.0)
     with pytest.raises(SDiTError, match="trained on every record"):
         evaluate(EvalConfig(run=str(everything), store=str(store)))
-    elsewhere = trained(init_run(tmp_path / "else", tiny_teacher, "SDiT-Nano/2"), tmp_path / "other-store")
+    elsewhere = trained(new_run(tmp_path / "else", tiny_teacher, "SDiT-Nano/2"), tmp_path / "other-store")
     with pytest.raises(SDiTError, match="was trained on .*other-store"):
         evaluate(EvalConfig(run=str(elsewhere), store=str(store)))
-    guided = trained(init_run(tmp_path / "g", tiny_teacher, "SDiT-Nano/2", guidance_embed=True), store)
+    guided = trained(new_run(tmp_path / "g", tiny_teacher, "SDiT-Nano/2", guidance_embed=True), store)
     with pytest.raises(SDiTError, match="guidance-distilled"):
         evaluate(EvalConfig(run=str(guided), store=str(store)))
     with pytest.raises(SDiTError, match="no labels 'other'"):

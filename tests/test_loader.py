@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -128,3 +129,15 @@ def test_stores_without_finished_labels_are_refused(labelled_store, tmp_path):
         LabelledStore(str(labelled_store), "other")
     with pytest.raises(SDiTError, match="not an SDiT store"):
         LabelledStore(str(tmp_path))
+
+
+def test_labels_of_another_manifest_version_are_refused_in_one_line(labelled_store, tmp_path):
+    store = shutil.copytree(labelled_store, tmp_path / "store")
+    manifest = store / "labels" / "default" / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    assert meta["schema_version"] == 1
+    manifest.write_text(json.dumps(meta | {"schema_version": 2}))
+    with pytest.raises(SDiTError) as err:
+        LabelledStore(str(store))
+    message = str(err.value)
+    assert "\n" not in message and "labels manifest version 2, this SDiT reads version 1" in message

@@ -50,5 +50,5 @@ def test_high_noise_weight_counts_only_the_high_noise_steps_more_up_to_its_cap()
     assert w[2] < w[3] == w[4] == 5.0  # SD 1.5: 1/ᾱ passes 5 before t = 800
     both = timestep_weight(schedule, t, min_snr=5.0, high_noise=5.0)
     assert torch.allclose(both, min_snr_weight(schedule, t, 5.0) * w)
-    assert timestep_weight(schedule, t, None, None) is None
-    assert torch.equal(timestep_weight(schedule, t, None, 5.0), w)
+    assert timestep_weight(schedule, t, 0.0, 0.0) is None
+    assert torch.equal(timestep_weight(schedule, t, 0.0, 5.0), w)

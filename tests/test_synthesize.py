@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import SAMPLES
+from conftest import SAMPLES, new_run
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from pipeline.synthesize import InspectConfig, ShardSynthesizer, inspect_store
@@ -226,8 +226,8 @@ def test_the_synthetic_weight_scales_synthetic_draws_in_both_losses():
 
 def test_training_on_synthetic_records(store, tiny_teacher, tmp_path):
     _label(store, tiny_teacher)
-    fast = dict(store=str(store), student="SDiT-Nano/2", batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9,
-                sample_steps=2, sample_prompts=2, steps=2, checkpoint_every=2)
+    fast = dict(store=str(store), init=str(new_run(tmp_path / "init", tiny_teacher)), batch_size=8, lr=1e-3, warmup=2,
+                ema_decay=0.9, sample_steps=2, sample_prompts=2, steps=2, checkpoint_every=2)
     train(TrainConfig(out=str(tmp_path / "run"), labels="synth", synthetic_weight=0.5, **fast))
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     _label(store, tiny_teacher, name="real", synthesis=None)

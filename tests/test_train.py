@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import shutil
@@ -15,17 +16,23 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics, train
 from sdit.dit import SDiT, build_student
+from conftest import new_run
 from sdit.errors import SDiTError
-from sdit.run import init_run, load_student, read_run
+from sdit.run import load_student, read_run
 from sdit.tiny import save_tiny_teacher
 
-FAST = dict(student="SDiT-Nano/2", batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, sample_steps=4, sample_prompts=4)
+FAST = dict(batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, sample_steps=4, sample_prompts=4)
 
 
-def _train(store, out, **options) -> dict:
-    return train(TrainConfig(store=str(store), out=str(out), **FAST | options))
+def _train(store, out, student: str | None = "SDiT-Nano/2", teacher: str | None = None, **options) -> dict:
+    """Train as `sdit train` does: a fresh `student` (the init stage) unless `init` or `resume` is given."""
+    config = TrainConfig(store=str(store), out=str(out), **FAST | options)
+    make_run = None if student is None else functools.partial(
+        init_for_store, str(store), config.labels, str(out), student, teacher=teacher, seed=config.seed)
+    return train(config, make_run=make_run)
 
 
 def _losses(run) -> list[tuple]:
@@ -109,15 +116,15 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
         _train(labelled_store, run, steps=2)
     with pytest.raises(SDiTError, match="other lr"):
         _train(labelled_store, run, steps=2, lr=0.5, resume=True)
-    with pytest.raises(SDiTError, match="either --init"):
+    with pytest.raises(SDiTError, match="give --init RUN_FOLDER"):
         train(TrainConfig(store=str(labelled_store), out=str(tmp_path / "x")))
     with pytest.raises(SDiTError, match="--high-noise-weight 0.5: a cap of at least 1"):
         _train(labelled_store, tmp_path / "v", high_noise_weight=0.5)
     wide = save_tiny_teacher(tmp_path / "wide", seed=1)  # same shapes, another VAE and text encoder
-    other = init_run(tmp_path / "other", wide, "SDiT-Nano/2")
+    other = new_run(tmp_path / "other", wide, "SDiT-Nano/2")
     with pytest.raises(SDiTError, match="not the one the store was encoded with"):
         _train(labelled_store, tmp_path / "y", init=str(other), student=None)
-    good = init_run(tmp_path / "good", tiny_teacher, "SDiT-Nano/2")
+    good = new_run(tmp_path / "good", tiny_teacher, "SDiT-Nano/2")
     build_student("SDiT-Nano/2", sample_size=8, in_channels=4, text_dim=48).save_pretrained(good / "transformer")
     with pytest.raises(SDiTError, match="text embeddings are 32 wide; the student takes 48"):
         _train(labelled_store, tmp_path / "z", init=str(good), student=None)
@@ -187,3 +194,56 @@ def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store,
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r[0] for r in two] == list(range(1, 7))
     np.testing.assert_allclose(np.array(two, dtype=float)[:, 1:], np.array(one, dtype=float)[:, 1:], rtol=1e-4)
+
+
+def test_the_train_stage_imports_nothing_that_can_load_a_teacher():
+    code = ("import sys, pipeline.train, sdit.loader, sdit.losses; "
+            "print(sorted(m for m in sys.modules if m in ('sdit.teacher', 'sdit.convert', 'pipeline.init')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_fresh_student_from_a_single_file_teacher_never_reads_its_unet(labelled_store, tiny_single_file, tmp_path,
+                                                                          monkeypatch):
+    """`sdit train --student` with a `.safetensors` teacher reads the VAE and text encoder tensors only."""
+    from sdit import teacher as teacher_module
+    from sdit.convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+
+    real_open, read = teacher_module.safe_open, []
+
+    class Recording:
+        """safe_open, noting every tensor read from the file."""
+
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, key):
+            return self.inner.get_slice(key)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a UNet was built")
+
+    monkeypatch.setattr(teacher_module, "safe_open", Recording)  # the loader's only way into the file
+    monkeypatch.setattr(UNet2DConditionModel, "__init__", refuse)
+    result = CliRunner().invoke(app, ["train", str(labelled_store), "--out", str(tmp_path / "run"), "--student",
+                                      "SDiT-Nano/2", "--teacher", str(tiny_single_file), "--teacher-config",
+                                      str(tiny_single_file.parent), "--steps", "2", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert read and not [k for k in read if k.startswith(UNET_PREFIX)]
+    assert {k.split(".")[0] for k in read} == {"first_stage_model", "cond_stage_model"}
+    assert any(k.startswith(VAE_PREFIX) for k in read) and any(k.startswith(TEXT_PREFIX) for k in read)
+    assert read_run(tmp_path / "run")["teacher"]["layout"] == "single_file"

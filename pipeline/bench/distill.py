@@ -14,14 +14,22 @@ of the whole world -> `encode` -> `teacher-label` (one labelling per perturbatio
 samples with the attribute evaluator -> report.md, report.json and a grid (teacher row, then each student).
 
 The figures (each run, and the teacher, from the same noise):
-    heldout_acc        held-out concept accuracy: the share of samples for held-out prompts that show the held-out
-                       concept their prompt names (the shape "cross", the colour "yellow", or a held-out pair such
-                       as "red circle"), which a student can only have learnt from its teacher
+    heldout_acc        the fair held-out score: for each of the seven held-out concepts (the shape "cross", the
+                       colour "yellow", five pairs such as "red circle"), hit − false positive, where a sample
+                       shows a concept only if it is a recognisable object carrying the concept's value(s), hit =
+                       P(shown | asked for it) and false positive = P(shown | asked for another value of that
+                       attribute), over every evaluation prompt; the mean over the concepts. A student that draws
+                       a cross for every prompt scores 0 on "cross", one that draws it exactly when asked 1.
+    heldout_hit        the raw figure: the share of samples for held-out prompts that show the concept they name
+    heldout_concepts   per concept: hit, false_positive, fair
     seen_acc           the share of samples for seen prompts showing the shape and colour asked for
     heldout_pair_acc   shape and colour both right on held-out prompts
     *_attr_acc         the mean over shape, colour, background, position and size of the share of samples showing
                        what the prompt asked (each attribute's accuracy in *_attributes)
-    heldout_concepts   per held-out concept, the share of samples asked for it that show it
+    curves             heldout_acc and seen_acc of the EMA weights at `curve_points` checkpoints (and step 0), on a
+                       fixed subset of the prompts (`curve_prompts` per shape-colour pair) and the same noise
+    speedup            the no-teacher run's steps / the steps this run needed to reach the no-teacher run's final
+                       seen accuracy on its curve (interpolated; None if never reached)
 """
 
 from __future__ import annotations
@@ -34,16 +42,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_model
 
 from pipeline.encode import EncodeConfig, encode
 from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
-from pipeline.sample import captioned_grid, teacher_images
-from pipeline.train import TrainConfig, train
+from pipeline.train import TrainConfig, checkpoint_dirs, train
 from sdit import sampling
 from sdit.shapes import evaluator, world
+from sdit.dit import PRESETS
 from sdit.errors import SDiTError
 from sdit.perturb import PerturbConfig
+from sdit.images import captioned_grid
 from sdit.pipeline_sdit import SDiTPipeline
 from sdit.synthesize import SynthesisConfig
 from sdit.teacher import DATA_DIR, load_teacher
@@ -75,6 +86,7 @@ class DistillConfig:
     teacher: str = str(TOY_TEACHER)
     runs: tuple[str, ...] = tuple(RECIPES)
     synth_samples: int = 1  # teacher samples per prompt for kd_synth
+    bank_per_pair: int | None = None  # a smaller prompt bank: this many prompts per shape-colour pair (None: all)
     records: int = 1000  # the limited split
     draws: int = 8
     student: str = "SDiT-T/2"
@@ -83,17 +95,23 @@ class DistillConfig:
     lr: float = 1e-3
     warmup: int = 100
     ema_decay: float = 0.999
-    high_noise_weight: float | None = 5.0  # every run's; measured to help every student (README)
+    high_noise_weight: float = 5.0  # every run's (0: off); measured to help every student (README)
     holdout: float = 0.05  # records kept out of training, for the teacher-agreement figure
     per_prompt: int = 2  # samples per evaluation prompt
     sample_steps: int = 25
     guidance: float = 3.0  # students and teacher; measured better than 5 for both (README)
     seed: int = 0
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)
+    curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
+    curve_prompts: int = 2  # per shape-colour pair of the evaluation prompts (of 6), for the curves
 
     def check(self) -> None:
         if unknown := [r for r in self.runs if r not in RECIPES]:
             raise SDiTError(f"unknown runs {unknown}; choose from {list(RECIPES)}")
+        if self.student not in PRESETS:
+            raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
+        if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR:
+            raise SDiTError(f"--curve-points must be >= 0 and --curve-prompts in 1..{PROMPTS_PER_PAIR}")
         if not Path(self.teacher).exists():
             raise SDiTError(f"teacher not found: {self.teacher} (the toy teacher ships in data/toy-sd)")
 
@@ -112,11 +130,16 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
         run.check()
     started = time.perf_counter()
     store = prepare_store(config, out, progress)
+    init_for_store(str(store), RECIPES[config.runs[0]].labels, str(out / "init"), config.student,
+                   teacher=config.teacher, seed=config.seed)  # every run starts from these weights
     for name, run in runs.items():
         progress(f"train {name}")
         train(run, on_step)
     progress("sample and evaluate")
     results = score_all(config, out, store)
+    if config.curve_points:
+        progress("learning curves")
+        add_curves(config, out, results)
     report = {"runs": {n: results[n] for n in config.runs}, "teacher": results["teacher"],
               "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config))}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -127,11 +150,12 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
 def train_configs(config: DistillConfig, store: Path) -> dict[str, TrainConfig]:
     """Each run's training options: the same for every run but its labels and KD weight."""
     return {name: TrainConfig(store=str(store), out=str(Path(config.out) / name), labels=RECIPES[name].labels,
-                              student=config.student, teacher=config.teacher, steps=config.steps,
+                              init=str(Path(config.out) / "init"), steps=config.steps,
                               batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
                               ema_decay=config.ema_decay, kd_weight=RECIPES[name].kd_weight,
                               high_noise_weight=config.high_noise_weight, holdout=config.holdout, seed=config.seed,
-                              checkpoint_every=config.steps, sample_every=0)
+                              checkpoint_every=max(1, config.steps // max(config.curve_points, 1)),
+                              keep_checkpoints=config.curve_points + 1, sample_every=0)
             for name in config.runs}
 
 
@@ -141,7 +165,7 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
     if not (data / "images").exists():
         progress("write the limited split and the prompt bank")
         world.write_split(world.limited_split(config.records, config.seed), data / "images")
-        world.write_prompts(world.prompt_bank(config.seed), data / "prompts.txt")
+        world.write_prompts(world.prompt_bank(config.seed, config.bank_per_pair), data / "prompts.txt")
     progress("encode")
     encode(EncodeConfig(source=str(data / "images"), teacher=config.teacher, out=str(store), resolution=64,
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))
@@ -156,8 +180,8 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
 
 
 def score_all(config: DistillConfig, out: Path, store: Path) -> dict[str, dict]:
-    """Samples of the teacher and every student from the same noise; attribute accuracy on held-out and seen
-    prompts; teacher agreement on held-out draws."""
+    """Samples of the teacher and every student from the same noise; fair held-out scores, attribute accuracy
+    on held-out and seen prompts; teacher agreement on held-out draws."""
     teacher = load_teacher(config.teacher)
     prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
     models = ["teacher", *config.runs]
@@ -168,24 +192,108 @@ def score_all(config: DistillConfig, out: Path, store: Path) -> dict[str, dict]:
             images[name][split] = _sample(config, out / name if name != "teacher" else None, teacher, texts)
     results = {}
     for name in models:
-        results[name] = {}
-        for split, plist in prompts.items():
-            readings = evaluator.evaluate_batch(images[name][split])
-            asked = [p for p in plist for _ in range(config.per_prompt)]
-            scored = evaluator.score(readings, asked)
-            results[name] |= {f"{split}_pair_acc": pair_accuracy(readings, asked),
-                              f"{split}_attr_acc": float(np.mean(list(scored.accuracy.values()))),
-                              f"{split}_attributes": dict(scored.accuracy)}
-            if split == "heldout":
-                results[name] |= {"heldout_acc": evaluator.concept_accuracy(readings, asked),
-                                  "heldout_concepts": {c: s.hit for c, s in scored.concepts.items()}}
-        results[name]["seen_acc"] = results[name]["seen_pair_acc"]
+        readings = {split: evaluator.evaluate_batch(images[name][split]) for split in prompts}
+        asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+        results[name] = scores(readings, asked)
         if name != "teacher":
             agreement = evaluate(EvalConfig(run=str(out / name), store=str(store), labels="plain"))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
             results[name]["teacher_forwards"] = teacher_forwards(store, RECIPES[name])
     write_grid(out / "grid.png", images, prompts, config.per_prompt)
     return results
+
+
+def scores(readings: dict[str, list[evaluator.Reading]], asked: dict[str, list[world.Prompt]]) -> dict:
+    """Every figure of one model from its readings of the held-out and seen prompts' samples."""
+    everything = [r for split in readings for r in readings[split]], [a for split in asked for a in asked[split]]
+    concepts = evaluator.fair_concepts(*everything)
+    result = {"heldout_acc": evaluator.mean_fair(concepts),
+              "heldout_hit": evaluator.concept_accuracy(readings["heldout"], asked["heldout"]),
+              "heldout_concepts": {c: {"hit": s.hit, "false_positive": s.false_positive, "fair": s.fair}
+                                   for c, s in concepts.items()}}
+    for split in readings:
+        scored = evaluator.score(readings[split], asked[split])
+        result |= {f"{split}_pair_acc": pair_accuracy(readings[split], asked[split]),
+                   f"{split}_attr_acc": float(np.mean(list(scored.accuracy.values()))),
+                   f"{split}_attributes": dict(scored.accuracy)}
+    result["seen_acc"] = result["seen_pair_acc"]
+    return result
+
+
+# --- learning curves ----------------------------------------------------------------------------------------------
+
+PROMPTS_PER_PAIR = 6  # each shape-colour pair of the evaluation prompts: 3 backgrounds x 2 sizes
+
+
+def curve_prompts(config: DistillConfig) -> dict[str, list[world.Prompt]]:
+    """The fixed subset the curves score: `curve_prompts` of each pair's six prompts, both splits."""
+    keep = np.linspace(0, PROMPTS_PER_PAIR - 1, config.curve_prompts).round().astype(int)
+    return {split: [p for i, p in enumerate(plist) if i % PROMPTS_PER_PAIR in keep]
+            for split, plist in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts()))}
+
+
+def add_curves(config: DistillConfig, out: Path, results: dict[str, dict]) -> None:
+    """Score the EMA weights of every checkpoint of every run (and the shared initial weights at step 0) on the
+    curve prompts, from the same noise each time; the teacher on them too, as the reference line. Adds `curves`
+    and `speedup` to each run's results and writes curves.png."""
+    prompts = curve_prompts(config)
+    asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    texts = {split: [p.text for p in plist] for split, plist in asked.items()}
+    teacher = load_teacher(config.teacher)
+
+    def point(run: Path | None, ema: Path | None = None) -> dict:
+        readings = {split: evaluator.evaluate_batch(_sample(config, run, teacher, texts[split], ema=ema))
+                    for split in texts}
+        figures = scores(readings, asked)
+        return {"heldout_acc": figures["heldout_acc"], "seen_acc": figures["seen_acc"]}
+
+    start = {"step": 0} | point(out / "init")
+    for name in config.runs:
+        results[name]["curves"] = [start] + [
+            {"step": int(folder.name.removeprefix("step-"))} | point(out / name, folder / "ema.safetensors")
+            for folder in checkpoint_dirs(out / name)]
+    reference = point(None)
+    for name in config.runs:  # against the no-teacher run's final seen accuracy, when it is one of the runs
+        baseline = results["no_teacher"]["curves"][-1] if "no_teacher" in config.runs else None
+        needed = steps_to_reach(results[name]["curves"], baseline["seen_acc"]) if baseline else None
+        results[name]["speedup"] = baseline["step"] / needed if needed else None
+    results["teacher"]["curve_reference"] = reference
+    plot_curves(out / "curves.png", {name: results[name]["curves"] for name in config.runs}, reference)
+
+
+def steps_to_reach(curve: list[dict], target: float, key: str = "seen_acc") -> float | None:
+    """The step at which `curve` first reaches `target`, interpolated linearly between its points; None if it
+    never does (or the target is not above the first point, where no step count is meaningful)."""
+    if not curve or target <= curve[0][key]:
+        return None
+    for before, after in zip(curve, curve[1:]):
+        if after[key] >= target:
+            share = (target - before[key]) / (after[key] - before[key])
+            return before["step"] + share * (after["step"] - before["step"])
+    return None
+
+
+def plot_curves(png: Path, curves: dict[str, list[dict]], teacher: dict) -> None:
+    """Step on x; the fair held-out score and the seen accuracy on y; a line per run, the teacher dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key, title in ((axes[0], "heldout_acc", "held-out concepts (fair: hit - false positive)"),
+                           (axes[1], "seen_acc", "seen prompts: shape and colour")):
+        for k, (name, curve) in enumerate(curves.items()):
+            ax.plot([p["step"] for p in curve], [p[key] for p in curve], marker="o", markersize=3,
+                    label=name, color=f"C{k}")
+        ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
+        ax.set_xlabel("training step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
 
 
 def teacher_forwards(store: Path, recipe: Recipe) -> int:
@@ -196,12 +304,15 @@ def teacher_forwards(store: Path, recipe: Recipe) -> int:
     return int(counts["teacher_forwards"]["total"])
 
 
-def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str], batch: int = 64) -> list:
-    """(H, W, 3) uint8 images of a student run, or of the teacher (run=None); image i starts from the noise of
-    seed config.seed + i whichever model draws it."""
+def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str], batch: int = 64,
+            ema: Path | None = None) -> list:
+    """(H, W, 3) uint8 images of a student run (with the EMA weights of checkpoint file `ema` when given), or of
+    the teacher (run=None); image i starts from the noise of seed config.seed + i whichever model draws it."""
     pipe = SDiTPipeline.from_pretrained(run) if run is not None else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
+        if ema is not None:
+            load_model(pipe.transformer, str(ema))
     shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
     made = []
     for start in range(0, len(prompts), batch):
@@ -210,7 +321,7 @@ def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str]
         noise = sampling.initial_noise(shape, gens, torch.device("cpu"))
         if pipe is None:
             scheduler = sampling.make_scheduler("ddim", teacher.scheduler_config)
-            made += list(teacher_images(teacher, chunk, None, noise, scheduler, config.sample_steps, config.guidance,
+            made += list(sampling.teacher_images(teacher, chunk, None, noise, scheduler, config.sample_steps, config.guidance,
                                         torch.device("cpu")))
         else:
             made += [np.asarray(i) for i in pipe(chunk, latents=noise, num_inference_steps=config.sample_steps,
@@ -234,19 +345,24 @@ def write_grid(path: Path, images: dict, prompts: dict, per_prompt: int, columns
 
 
 def format_report(report: dict) -> str:
-    lines = ["| run | held-out concepts | held-out shape+colour | seen shape+colour | attributes: held-out / seen | "
-             "teacher MSE (held-out draws) | teacher forwards |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | held-out concepts (fair) | seen shape+colour | speed-up | teacher forwards | held-out hits (raw) | "
+             "held-out shape+colour | attributes: held-out / seen | teacher MSE (held-out draws) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = {**report["runs"], "teacher": report["teacher"]}
     for name, r in rows.items():
         mse = f"{r['teacher_mse']:.4f}" if "teacher_mse" in r else "-"
         forwards = f"{r['teacher_forwards']:,}" if "teacher_forwards" in r else "-"
-        lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['heldout_pair_acc']:.3f} | {r['seen_acc']:.3f} | "
-                     f"{r['heldout_attr_acc']:.3f} / {r['seen_attr_acc']:.3f} | {mse} | {forwards} |")
+        speedup = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
+        lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['seen_acc']:.3f} | {speedup} | {forwards} | "
+                     f"{r['heldout_hit']:.3f} | {r['heldout_pair_acc']:.3f} | {r['heldout_attr_acc']:.3f} / "
+                     f"{r['seen_attr_acc']:.3f} | {mse} |")
     concepts = list(report["teacher"]["heldout_concepts"])
-    lines += ["", "Held-out concepts, each: the share of samples asked for it that show it.", "",
-              "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]
+    lines += ["", "Held-out concepts, each: hit / false positive / fair (a sample shows a concept only when it is a "
+              "recognisable object).", "", "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['heldout_concepts'][k]:.2f}" for k in concepts) + " |")
+        cells = [r["heldout_concepts"][k] for k in concepts]
+        lines.append(f"| {name} | " + " | ".join(f"{c['hit']:.2f} / {c['false_positive']:.2f} / {c['fair']:.2f}"
+                                                 for c in cells) + " |")
     c = report["config"]
     lines.append("")
     lines.append(f"{c['student']}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdit.devices import resolve_device, resolve_dtype
+from sdit.dit import PRESETS
 from sdit.errors import SDiTError
 from sdit.flops import DEFAULT_PRESETS, forward_flops, student_flops, unet_flops
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE
@@ -54,6 +55,8 @@ class BenchSampleConfig:
             raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if min(self.images, self.steps, self.repeats) < 1:
             raise SDiTError("--images, --steps and --repeats must be at least 1")
+        if unknown := [p for p in (self.student, *self.presets) if p not in PRESETS]:
+            raise SDiTError(f"unknown student presets {unknown}; choose from: {', '.join(PRESETS)}")
 
 
 def bench_sample(config: BenchSampleConfig) -> dict:
@@ -70,7 +73,7 @@ def bench_sample(config: BenchSampleConfig) -> dict:
 def models(config: BenchSampleConfig, tmp: Path) -> tuple[str, str]:
     """The run folder and the teacher to time: as given, or tiny ones written to `tmp`."""
     from pipeline.bench import tiny_teacher
-    from sdit.run import init_run
+    from pipeline.init import InitConfig, init
 
     if config.run:
         teacher = config.teacher or read_run(config.run)["teacher"]["path"]
@@ -78,13 +81,16 @@ def models(config: BenchSampleConfig, tmp: Path) -> tuple[str, str]:
             raise SDiTError(f"the run's teacher {teacher} is not on this machine; pass --teacher")
         return config.run, teacher
     teacher = config.teacher or tiny_teacher(tmp)
-    return str(init_run(tmp / "run", teacher, config.student, teacher_config=config.teacher_config)), teacher
+    made = init(InitConfig(teacher=teacher, student=config.student, out=str(tmp / "run"),
+                           teacher_config=config.teacher_config))
+    return str(made.run), teacher
 
 
 @torch.no_grad()
 def measure(config: BenchSampleConfig, run: str, teacher_path: str, device: torch.device,
             dtype: torch.dtype) -> dict:
-    from pipeline.sample import load_pipeline, teacher_images
+    from sdit.pipeline_sdit import load_pipeline
+    from sdit.sampling import teacher_images
     from sdit.teacher import load_teacher
 
     pipe = load_pipeline(run, device, dtype)

@@ -25,7 +25,7 @@ from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS, flops_table
 from sdit.loader import DrawStream, LabelledStore, Position
-from sdit.run import LatentSpace, init_run, load_student
+from sdit.run import load_student
 
 @dataclass(frozen=True)
 class BenchTrainConfig:
@@ -42,6 +42,7 @@ class BenchTrainConfig:
 
 
 def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
+    from pipeline.init import init_for_store
     from pipeline.label import LabelConfig, label
     from sdit.teacher import load_teacher
 
@@ -55,10 +56,9 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
             label(LabelConfig(store=store, teacher=teacher, teacher_config=config.teacher_config,
                               draws=config.draws))
         data = LabelledStore(store)
-        c, h, _ = data.manifest.latent_shape
-        run = init_run(tmp / "run", teacher, config.student, teacher_config=config.teacher_config,
-                       space=LatentSpace(h, c, data.manifest.text_shape[1]))
-        train_config = TrainConfig(store=store, out=str(run), student=config.student, batch_size=config.batch_size)
+        run = init_for_store(store, "default", str(tmp / "run"), config.student, teacher=teacher,
+                             teacher_config=config.teacher_config).run
+        train_config = TrainConfig(store=store, out=str(run), init=str(run), batch_size=config.batch_size)
         trainer = Trainer(train_config, make_state(load_student(run), train_config, device, Workers()), data, device)
         unet = load_teacher(teacher, components=("unet",), config_dir=config.teacher_config, device=device).unet
         stream = DrawStream(data, config.batch_size, seed=0)

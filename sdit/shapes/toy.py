@@ -24,6 +24,7 @@ Randomness: step k of a stage draws its batch, noise and timesteps from a genera
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -41,8 +42,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdit.shapes import evaluator, world
 from sdit.errors import SDiTError
+from sdit.latents import to_latent_space
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
+from sdit.text import tokenize
 from sdit.tiny import save_configs
+from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
 
 TOKENS = 77  # CLIP's context; SD pads every caption to it, and so do we
 
@@ -217,25 +221,9 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """(N, 77) ids, padded and truncated exactly as StableDiffusionPipeline does."""
-    return tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Tensors, numbers and strings only (loads with weights_only=True); written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+def caption_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """(N, 77) ids, as every stage makes them (sdit.text.tokenize)."""
+    return tokenize(tokenizer, captions)[0]
 
 
 # --- stage 1: the VAE -------------------------------------------------------------------------------------
@@ -275,26 +263,21 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEConfig, checkpoint
         opt.step()
         progress("vae", step + 1, cfg.steps, metrics)
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint, {"step": step + 1, "vae": vae.state_dict(), "optimizer": opt.state_dict()})
+            save_checkpoint(checkpoint, {"vae": vae}, opt, {"step": step + 1})
     else:
         step = cfg.steps
     if checkpoint is not None and step > start:
-        save_checkpoint(checkpoint, {"step": step, "vae": vae.state_dict(), "optimizer": opt.state_dict()})
+        save_checkpoint(checkpoint, {"vae": vae}, opt, {"step": step})
     vae.eval()
     return step
 
 
 def _resume(checkpoint: Path | None, resume: bool, modules: dict[str, torch.nn.Module],
-            opt: torch.optim.Optimizer, ema: dict | None = None) -> int:
-    state = load_checkpoint(checkpoint) if (checkpoint is not None and resume) else None
-    if state is None:
+            opt: torch.optim.Optimizer) -> int:
+    """The step a (resumed) stage starts at: its checkpoint's, with `modules` and `opt` restored, or 0."""
+    if checkpoint is None or not resume or not checkpoint.exists():
         return 0
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    opt.load_state_dict(state["optimizer"])
-    if ema is not None:
-        ema.update(state["ema"])
-    return int(state["step"])
+    return int(load_checkpoint(checkpoint, modules, opt)["step"])
 
 
 @torch.no_grad()
@@ -336,7 +319,7 @@ def encode_latents(vae: AutoencoderKL, tokenizer: CLIPTokenizer, renders: World,
         d = vae.encode(to_pixels(renders.images[i:i + batch_size])).latent_dist
         means.append(d.mean)
         stds.append(d.std)
-    return Latents(torch.cat(means), torch.cat(stds), tokenize(tokenizer, renders.captions))
+    return Latents(torch.cat(means), torch.cat(stds), caption_ids(tokenizer, renders.captions))
 
 
 def latent_scale(latents: Latents, seed: int = 0) -> float:
@@ -354,10 +337,12 @@ def noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler.from_config(load_scheduler_config(SD15_CONFIG_DIR))
 
 
-def diffusion_loss(models: ToyModels, latents: Latents, idx: torch.Tensor, scale: float, cfg: UNetConfig,
+def diffusion_loss(models: ToyModels, latents: Latents, idx: torch.Tensor, cfg: UNetConfig,
                    scheduler: DDPMScheduler, empty: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """SD's loss on a posterior sample of each latent, in the VAE's scaled latent space."""
     b = len(idx)
-    z = (latents.mean[idx] + latents.std[idx] * torch.randn(latents.mean[idx].shape, generator=g)) * scale
+    z = latents.mean[idx] + latents.std[idx] * torch.randn(latents.mean[idx].shape, generator=g)
+    z = to_latent_space(models.vae, z)
     ids = latents.ids[idx].clone()  # (B, 77)
     ids[torch.rand(b, generator=g) < cfg.empty_caption_rate] = empty
     noise = torch.randn(z.shape, generator=g)  # (B, 4, h, w)
@@ -375,21 +360,21 @@ def _trained(models: ToyModels, cfg: UNetConfig) -> dict[str, torch.nn.Module]:
     return {"unet": models.unet} | ({"text_encoder": models.text_encoder} if cfg.train_text else {})
 
 
-def train_unet(models: ToyModels, latents: Latents, scale: float, cfg: UNetConfig, checkpoint: Path | None = None,
+def train_unet(models: ToyModels, latents: Latents, cfg: UNetConfig, checkpoint: Path | None = None,
                resume: bool = False, progress: Progress = _quiet, deadline: float | None = None) -> int:
-    """Train the UNet (and the text encoder, with `train_text`) in place; on return their weights are the
-    EMA weights. Returns the steps done."""
+    """Train the UNet (and the text encoder, with `train_text`) in place, on latents scaled by the VAE's
+    `scaling_factor`; on return their weights are the EMA weights. Returns the steps done."""
     trained = _trained(models, cfg)
     models.text_encoder.requires_grad_(cfg.train_text)
     models.text_encoder.embeddings.token_embedding.requires_grad_(cfg.train_text and cfg.train_token_embedding)
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    ema = {f"{n}.{k}": v.detach().clone() for n, m in trained.items() for k, v in m.state_dict().items()}
-    start = _resume(checkpoint, resume, trained, opt, ema)
+    ema = {f"ema_{name}": copy.deepcopy(m).requires_grad_(False) for name, m in trained.items()}
+    start = _resume(checkpoint, resume, trained | ema, opt)
     for group in opt.param_groups:  # the warm-up's lr at step `start` (a fresh LambdaLR starts at step 0)
-        group["lr"] = cfg.lr * _warmup(cfg, start)
+        group["lr"] = cfg.lr * warmup_factor(start, cfg.warmup)
     scheduler = noise_scheduler()
-    empty = tokenize(models.tokenizer, [""])[0]
+    empty = caption_ids(models.tokenizer, [""])[0]
     for m in trained.values():
         m.train()
     step = start
@@ -398,53 +383,36 @@ def train_unet(models: ToyModels, latents: Latents, scale: float, cfg: UNetConfi
             break
         g = _generator(cfg.seed, step)
         idx = torch.randint(len(latents.ids), (cfg.batch_size,), generator=g)
-        loss = diffusion_loss(models, latents, idx, scale, cfg, scheduler, empty, g)
+        loss = diffusion_loss(models, latents, idx, cfg, scheduler, empty, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _warmup(cfg, step + 1)
-        _ema_update(ema, trained, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            group["lr"] = cfg.lr * warmup_factor(step + 1, cfg.warmup)
+        for name, m in trained.items():
+            update_ema(ema[f"ema_{name}"], m, ema_decay(step, cfg.ema_decay))
         progress("unet", step + 1, cfg.steps, {"loss": loss.item()})
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint, _unet_state(step + 1, trained, opt, ema))
+            save_checkpoint(checkpoint, trained | ema, opt, {"step": step + 1})
     else:
         step = cfg.steps
     if checkpoint is not None and step > start:
-        save_checkpoint(checkpoint, _unet_state(step, trained, opt, ema))
+        save_checkpoint(checkpoint, trained | ema, opt, {"step": step})
     for name, m in trained.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")})
+        m.load_state_dict(ema[f"ema_{name}"].state_dict())
         m.eval()
     models.text_encoder.requires_grad_(False)
     return step
 
 
-def _warmup(cfg: UNetConfig, step: int) -> float:
-    return min(1.0, (step + 1) / cfg.warmup)
-
-
-def _unet_state(step: int, trained: dict, opt: torch.optim.Optimizer, ema: dict) -> dict:
-    return {"step": step, **{n: m.state_dict() for n, m in trained.items()}, "optimizer": opt.state_dict(),
-            "ema": ema}
-
-
-@torch.no_grad()
-def _ema_update(ema: dict, trained: dict[str, torch.nn.Module], decay: float) -> None:
-    for name, m in trained.items():
-        for k, v in m.state_dict().items():
-            e = ema[f"{name}.{k}"]
-            if v.dtype.is_floating_point:
-                e.lerp_(v, 1 - decay)
-            else:
-                e.copy_(v)
-
-
 # --- the whole run -------------------------------------------------------------------------------------------
 
 
-def save_teacher(models: ToyModels, out: Path, readme: str | None = None) -> Path:
-    """The diffusers layout, weights as safetensors; written beside `out` and moved into place whole."""
+def save_teacher(models: ToyModels, out: Path, readme: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """The diffusers layout, weights as safetensors in `dtype` (the shipped teacher is fp16; stages load it in
+    fp32); written beside `out` and moved into place whole."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -452,7 +420,7 @@ def save_teacher(models: ToyModels, out: Path, readme: str | None = None) -> Pat
     parts = {"vae": models.vae, "text_encoder": models.text_encoder, "unet": models.unet}
     save_configs(parts, tmp)
     for name, model in parts.items():
-        model.save_pretrained(tmp / name, safe_serialization=True)
+        copy.deepcopy(model).to(dtype).save_pretrained(tmp / name, safe_serialization=True)
     keep = out / "README.md"
     if readme is not None:
         (tmp / "README.md").write_text(readme)
@@ -470,7 +438,7 @@ def save_teacher(models: ToyModels, out: Path, readme: str | None = None) -> Pat
 
 
 def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | None = None, resume: bool = False,
-          minutes: float | None = None, progress: Progress = _quiet) -> dict:
+          minutes: float | None = None, progress: Progress = _quiet, dtype: torch.dtype = torch.float16) -> dict:
     """Every stage, then the teacher folder at `out`. Returns a summary (also `work/summary.json`).
 
     `minutes` caps the wall time: the VAE gets a quarter of it, the UNet what is left; a stage cut short
@@ -487,18 +455,19 @@ def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | N
     progress("data", 1, 1, {"images": len(renders.images), "s": time.monotonic() - t0})
     models = build_models(config.size, config.data.seed)
     vae_deadline = t0 + 15 * minutes if minutes is not None else None
-    vae_steps = train_vae(models.vae, renders.images, config.vae, work / "vae.ckpt", resume, progress, vae_deadline)
+    vae_steps = train_vae(models.vae, renders.images, config.vae, work / "vae-checkpoint", resume, progress,
+                          vae_deadline)
     t_vae = time.monotonic() - t0
     vae_check = check_vae(models.vae, config.data)
     latents = encode_latents(models.vae, models.tokenizer, renders)
     scale = latent_scale(latents)
     models.vae.register_to_config(scaling_factor=scale)
     progress("latents", 1, 1, {"scaling_factor": scale, **vae_check})
-    unet_steps = train_unet(models, latents, scale, config.unet, work / "unet.ckpt", resume, progress, deadline)
+    unet_steps = train_unet(models, latents, config.unet, work / "unet-checkpoint", resume, progress, deadline)
     summary = {"config": config.to_json(), "vae_steps": vae_steps, "unet_steps": unet_steps,
                "scaling_factor": scale, "vae_check": vae_check, "vae_seconds": t_vae,
                "seconds": time.monotonic() - t0, "parameters": parameter_counts(models)}
-    save_teacher(models, out)
+    save_teacher(models, out, dtype=dtype)
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -408,11 +408,22 @@ def seen_prompts() -> list[Prompt]:
     return _evaluation_prompts(_seen_pairs())
 
 
-def prompt_bank(seed: int = 0) -> list[Prompt]:
+def prompt_bank(seed: int = 0, per_pair: int | None = None) -> list[Prompt]:
     """Text-only prompts for the whole world: every one of the 1,944 combinations once, held-out
-    concepts included, each in a seeded choice of caption template (some omit size or position)."""
+    concepts included, each in a seeded choice of caption template (some omit size or position).
+
+    With `per_pair`, a smaller bank that still covers the world evenly: a seeded choice of `per_pair`
+    combinations of each of the 36 shape-colour pairs (so 36 x per_pair prompts), in the same order."""
     rng = np.random.default_rng((seed, _PROMPT_STREAM))
-    return [_prompt(attrs, int(rng.integers(len(TEMPLATES)))) for attrs in all_attributes()]
+    bank = [_prompt(attrs, int(rng.integers(len(TEMPLATES)))) for attrs in all_attributes()]
+    if per_pair is None:
+        return bank
+    pick = np.random.default_rng((seed, _PROMPT_STREAM, per_pair))
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(bank):
+        pairs.setdefault((p.attrs.shape, p.attrs.colour), []).append(i)
+    keep = sorted(i for members in pairs.values() for i in pick.choice(members, size=per_pair, replace=False))
+    return [bank[i] for i in keep]
 
 
 # --- files ---------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from sdit.shapes import world
 from sdit.loader import LabelledStore
 from sdit.perturb import Kind
 from sdit.run import read_run
+from sdit.shapes import world
 
 
 def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
@@ -20,12 +21,18 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     report = json.loads(figures.read_text())
     assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth"}
     for name, run in report["runs"].items():
-        assert {"heldout_acc", "seen_acc", "teacher_mse"} <= set(run)
-        assert 0 <= run["heldout_acc"] <= 1 and run["teacher_mse"] > 0
+        assert {"heldout_acc", "heldout_hit", "seen_acc", "teacher_mse", "speedup", "curves"} <= set(run)
+        assert -1 <= run["heldout_acc"] <= 1 and 0 <= run["heldout_hit"] <= 1 and run["teacher_mse"] > 0
         assert set(run["heldout_concepts"]) == {c.name for c in world.HELDOUT}
+        for concept in run["heldout_concepts"].values():
+            assert concept["fair"] == pytest.approx(concept["hit"] - concept["false_positive"])
+        assert [point["step"] for point in run["curves"]] == [0, 1, 2]  # the initial weights, then each step
+        assert all({"heldout_acc", "seen_acc"} <= set(point) for point in run["curves"])
         trained = read_run(out / name)["train"]
         assert (trained["status"], trained["step"]) == ("complete", 2)
-    assert {"heldout_acc", "seen_acc"} <= set(report["teacher"])
+    assert run["curves"][0] == report["runs"]["no_teacher"]["curves"][0]  # every run starts from the same weights
+    assert {"heldout_acc", "heldout_hit", "seen_acc", "heldout_concepts"} <= set(report["teacher"])
+    assert (out / "curves.png").exists() and "curves.png" in result.output
     assert read_run(out / "no_teacher")["train"]["config"]["kd_weight"] == 0
     assert {read_run(out / name)["train"]["config"]["high_noise_weight"] for name in report["runs"]} == {5.0}
     assert read_run(out / "kd_perturb")["train"]["labels"] == "perturbed"
@@ -33,9 +40,9 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert forwards["no_teacher"] == 0 and forwards["kd"] == forwards["kd_perturb"] < forwards["kd_synth"]
     assert LabelledStore(str(out / "store"), "synthetic").synthetic_counts
     # Plain labels: real pairs and the empty caption only; perturbed ones also ask about other captions.
-    plain = LabelledStore(str(out / "store"), "plain").labels_meta["counts"]["kinds"]
+    plain = LabelledStore(str(out / "store"), "plain").labels.counts["kinds"]
     assert plain["swap"] == plain["mix"] == plain["input"] == 0 and plain["none"] > 0
-    perturbed = LabelledStore(str(out / "store"), "perturbed").labels_meta["counts"]["kinds"]
+    perturbed = LabelledStore(str(out / "store"), "perturbed").labels.counts["kinds"]
     assert perturbed[Kind.SWAP.name.lower()] > 0
     grid = Image.open(out / "grid.png")
     assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and four student rows
@@ -48,3 +55,13 @@ def test_bad_training_options_are_refused_before_any_work(tiny_teacher, tmp_path
                                       "--high-noise-weight", "0.5"])
     assert result.exit_code != 0 and "--high-noise-weight 0.5: a cap of at least 1" in result.output
     assert not out.exists()
+
+
+def test_steps_to_reach_interpolates_between_curve_points():
+    from pipeline.bench.distill import steps_to_reach
+
+    curve = [{"step": 0, "seen_acc": 0.0}, {"step": 100, "seen_acc": 0.2}, {"step": 200, "seen_acc": 0.6}]
+    assert steps_to_reach(curve, 0.2) == 100
+    assert steps_to_reach(curve, 0.4) == pytest.approx(150)
+    assert steps_to_reach(curve, 0.7) is None  # never reached: no speed-up
+    assert steps_to_reach(curve, 0.0) is None  # reached before any step: no step count to compare

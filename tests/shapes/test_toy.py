@@ -1,12 +1,13 @@
 """The toy teacher's training stages at a test size: they learn, resume exactly, and save a teacher that
 loads like SD 1.5 (diffusers folder and original-layout single file)."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdit.shapes import evaluator, toy
 from sdit.convert import to_original_layout
@@ -50,13 +51,13 @@ def test_diffusion_loss_falls_on_a_fixed_batch(latents, train_text):
     models.text_encoder.requires_grad_(train_text)
     params = [*models.unet.parameters(), *(models.text_encoder.parameters() if train_text else [])]
     opt = torch.optim.AdamW(params, lr=3e-3)
-    scheduler, empty = toy.noise_scheduler(), toy.tokenize(models.tokenizer, [""])[0]
+    scheduler, empty = toy.noise_scheduler(), toy.caption_ids(models.tokenizer, [""])[0]
     idx = torch.arange(8)
     before = {k: v.clone() for k, v in models.text_encoder.state_dict().items()}
     losses = []
     for _ in range(20):
         g = torch.Generator().manual_seed(0)  # the same noise and timesteps every step
-        loss = toy.diffusion_loss(models, latents, idx, 1.0, cfg, scheduler, empty, g)
+        loss = toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -73,26 +74,27 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     whole = toy.build_models("test").vae
-    assert toy.train_vae(whole, world.images, VAE, tmp_path / "a.ckpt") == 4
+    assert toy.train_vae(whole, world.images, VAE, tmp_path / "a") == 4
     part = toy.build_models("test").vae
-    assert toy.train_vae(part, world.images, replace(VAE, steps=2), tmp_path / "b.ckpt") == 2
+    assert toy.train_vae(part, world.images, replace(VAE, steps=2), tmp_path / "b") == 2
     resumed = toy.build_models("test").vae
-    assert toy.train_vae(resumed, world.images, VAE, tmp_path / "b.ckpt", resume=True) == 4
+    assert toy.train_vae(resumed, world.images, VAE, tmp_path / "b", resume=True) == 4
     assert _same(whole, resumed)
     assert not _same(whole, part)
 
 
 def test_unet_resume_matches_an_uninterrupted_run(latents, tmp_path):
     whole = toy.build_models("test")
-    toy.train_unet(whole, latents, 1.0, UNET, tmp_path / "a.ckpt")
-    toy.train_unet(toy.build_models("test"), latents, 1.0, replace(UNET, steps=3), tmp_path / "b.ckpt")
+    toy.train_unet(whole, latents, UNET, tmp_path / "a")
+    toy.train_unet(toy.build_models("test"), latents, replace(UNET, steps=3), tmp_path / "b")
     resumed = toy.build_models("test")
-    assert toy.train_unet(resumed, latents, 1.0, UNET, tmp_path / "b.ckpt", resume=True) == 4
+    assert toy.train_unet(resumed, latents, UNET, tmp_path / "b", resume=True) == 4
     assert _same(whole.unet, resumed.unet) and _same(whole.text_encoder, resumed.text_encoder)
-    a = toy.load_checkpoint(tmp_path / "a.ckpt")
-    b = toy.load_checkpoint(tmp_path / "b.ckpt")
-    assert a["step"] == b["step"] == 4
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert json.loads((tmp_path / "a" / "state.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 4
+    for name in ("ema_unet", "ema_text_encoder"):
+        a, b = load_file(tmp_path / "a" / f"{name}.safetensors"), load_file(tmp_path / "b" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_another_config(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -158,3 +159,12 @@ def test_write_prompts_one_a_line(tmp_path):
     assert (tmp_path / "bank.txt").read_text().splitlines() == [p.text for p in prompts]
     with pytest.raises(SDiTError, match="line break"):
         world.write_prompts(["a red\ncircle"], tmp_path / "bad.txt")
+
+
+def test_a_smaller_prompt_bank_covers_every_shape_colour_pair_equally():
+    whole, small = world.prompt_bank(3), world.prompt_bank(3, per_pair=4)
+    assert len(whole) == 1944 and len(small) == 36 * 4
+    counts = Counter((p.attrs.shape, p.attrs.colour) for p in small)
+    assert len(counts) == 36 and set(counts.values()) == {4}
+    assert set(small) <= set(whole) and small == world.prompt_bank(3, per_pair=4)  # a seeded subset, in bank order
+    assert [whole.index(p) for p in small] == sorted(whole.index(p) for p in small)

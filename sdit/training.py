@@ -1,0 +1,80 @@
+"""What every trainer here shares: the EMA of the weights, the warm-up, and atomic checkpoints.
+
+The student trainer (pipeline/train.py) and the toy teacher's trainer (sdit/shapes/toy.py) both use them.
+
+A checkpoint is a folder, written under a temporary name and renamed whole, so a kill leaves the old one or the
+new one, never half of one:
+
+    NAME.safetensors   the weights of each module, by name (e.g. model, ema)
+    optimizer.pt       optimiser and LR-schedule states and the torch RNG state (torch.load(weights_only=True))
+    state.json         what the trainer needs besides (step, data position, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA's decay after `step` updates: ramped as (1 + n) / (10 + n) early on, so the average is not
+    dominated by the random initial weights, and at most `decay`."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model, parameter by parameter (buffers are not averaged)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    """The learning rate's share at `step` (0-based) of a linear warm-up over `warmup` steps."""
+    return min(1.0, (step + 1) / max(warmup, 1))
+
+
+def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    state: dict, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> Path:
+    """Write a checkpoint folder whole (see the module docstring); an existing one at `folder` is replaced."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        save_model(module, str(tmp / f"{name}.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / OPTIMIZER)
+    (tmp / STATE).write_text(json.dumps(state))
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
+    """Restore what `save_checkpoint` wrote into the given objects (the RNG state too); returns its state."""
+    folder = Path(folder)
+    for name, module in modules.items():
+        load_model(module, str(folder / f"{name}.safetensors"))
+    extra = torch.load(folder / OPTIMIZER, weights_only=True)  # data only: a pickle with code is refused
+    optimizer.load_state_dict(extra["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"]:
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    return json.loads((folder / STATE).read_text())
