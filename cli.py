@@ -499,6 +499,25 @@ def inspect_store(
     typer.echo(f"wrote {summary['images']} images to {summary['out']} (grid: {summary['grid']})")
 
 
+@app.command()
+@command
+def verify(
+    store: Annotated[str, typer.Argument(help="A store: a folder or an fsspec URL.")],
+):
+    """Read every manifest and every chunk of a store (each carries a checksum): one line per problem, then a
+    summary; exit code 1 when anything is wrong."""
+    from pipeline.verify import count_shards, verify as run_verify
+
+    with progress_bar("verify", "shard") as bar:
+        bar.total = count_shards(store)
+        report = run_verify(store, progress=bar.update)
+    for problem in report.problems:
+        typer.echo(problem)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("eval")
 @command
 def evaluate(

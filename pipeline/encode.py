@@ -206,20 +206,22 @@ def encode(config: EncodeConfig, progress: Progress | None = None,
     factory = EncoderFactory(config)
     encoder = factory()  # the driver's copy: identity, shapes, the null embedding; the local worker
     store = Store(config.out)
-    manifest = prepare_store(store, new_manifest(config, encoder, source.format), config.overwrite)
-    _write_null_embedding(store, encoder)
-    if on_total:
-        on_total(_total(source, prompts, config.limit))
-    done = {"records": store.finished("records"), "prompts": store.finished("prompts")}
-    tasks = _pending(plan(config, source, prompts), done, progress)
-    if config.ray_address:
-        with ray_session(config.ray_address, config.out):
-            _run(RayExecutor(factory, num_workers=config.num_workers,
-                             gpus_per_worker=1.0 if encoder.device.type == "cuda" else 0.0), tasks, config, progress)
-    else:
-        encoder.store = store
-        _run(LocalExecutor(lambda: encoder), tasks, config, progress)
-    return finish(store, manifest, skipped=sum(len(d) for d in done.values()))
+    with store.writer("encode"):
+        manifest = prepare_store(store, new_manifest(config, encoder, source.format), config.overwrite)
+        _write_null_embedding(store, encoder)
+        if on_total:
+            on_total(_total(source, prompts, config.limit))
+        done = {"records": store.finished("records"), "prompts": store.finished("prompts")}
+        tasks = _pending(plan(config, source, prompts), done, progress)
+        if config.ray_address:
+            with ray_session(config.ray_address, config.out):
+                _run(RayExecutor(factory, num_workers=config.num_workers,
+                                 gpus_per_worker=1.0 if encoder.device.type == "cuda" else 0.0), tasks, config,
+                     progress)
+        else:
+            encoder.store = store
+            _run(LocalExecutor(lambda: encoder), tasks, config, progress)
+        return finish(store, manifest, skipped=sum(len(d) for d in done.values()))
 
 
 def plan(config: EncodeConfig, source: Iterable[SourceItem],

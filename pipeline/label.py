@@ -165,8 +165,8 @@ class ShardLabeler:
         if task.synthesize:
             return self.synthesizer(task.index)
         shard = task.index
-        records = self.store.shard_group(task.group, shard)
-        latents, text_emb = records["latents"][:], records["text_emb"][:]
+        records = self.store.read(task.group, shard, ("latents", "text_emb"))
+        latents, text_emb = records["latents"], records["text_emb"]
         n, K = len(latents), self.config.draws
         labels = self.draw_labels(shard, n, synthetic=task.group == SYNTHETIC)
         rows, draws = np.divmod(np.arange(n * K), K)
@@ -212,6 +212,12 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
     teacher = load_teacher(config.teacher, config_dir=config.teacher_config)  # all parts: hashes and shapes
     check_teacher(manifest, teacher)
     synthetic = plan_synthesis(store, config.synthesis, teacher) if config.synthesis else None  # refusals first
+    with store.writer("teacher-label"):
+        return _label(store, config, teacher, synthetic, progress, on_total, on_stage)
+
+
+def _label(store: Store, config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifest | None, progress,
+           on_total, on_stage) -> dict:
     meta = prepare_labels(store, config, teacher, synthetic)
     to_synthesize = prepare_synthesis(store, synthetic) if synthetic else []
     started = time.perf_counter()

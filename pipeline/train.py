@@ -372,13 +372,13 @@ def sample_captions(data: LabelledStore, n: int) -> tuple[torch.Tensor, torch.Te
     texts, captions = [], []
     for k, group in enumerate(groups):
         want = n - len(captions) if k == len(groups) - 1 else n // len(groups)
-        for _, shard in data.store.iter_shards(group):
+        for index, record in data.store.finished(group).items():
             if want <= 0:
                 break
-            take = min(want, shard["captions"].shape[0])
-            texts.append(shard["text_emb"][:take])
-            captions += [str(s) for s in shard["captions"][:take]]
-            want -= take
+            rows = data.store.read(group, index, ("text_emb", "captions"), 0, min(want, record["count"]))
+            texts.append(rows["text_emb"])
+            captions += [str(s) for s in rows["captions"]]
+            want -= len(rows["captions"])
     text = torch.as_tensor(np.concatenate(texts)).float()
     null = torch.as_tensor(data.null).float().expand_as(text)
     return text, null, captions

@@ -104,7 +104,7 @@ class CaptionBank:
         key = (group, shards[k], row // CHUNK_RECORDS)
         if key not in self.cache:
             block = row // CHUNK_RECORDS * CHUNK_RECORDS
-            self.cache[key] = self.store.shard_group(group, shards[k])["text_emb"][block:block + CHUNK_RECORDS]
+            self.cache[key] = self.store.read(group, shards[k], ("text_emb",), block, block + CHUNK_RECORDS)["text_emb"]
             if len(self.cache) > self.cache_chunks:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)

@@ -144,15 +144,14 @@ class LabelledStore:
         `xi` side table are gathered and re-indexed)."""
         parts = []
         for b in blocks:
-            records = self.store.shard_group(self.records_group(b), b.shard)
-            labels = self.store.shard_group(self.labels_group(b), b.shard)
-            part = {name: labels[name][b.start:b.stop] for name in LABEL_ARRAYS}
-            part["latents"] = records["latents"][b.start:b.stop]
-            part["text_emb"] = records["text_emb"][b.start:b.stop]
+            part = self.store.read(self.labels_group(b), b.shard, LABEL_ARRAYS, b.start, b.stop)
+            part |= self.store.read(self.records_group(b), b.shard, ("latents", "text_emb"), b.start, b.stop)
             part["synthetic"] = np.full(b.stop - b.start, b.synthetic)
             used = part["xi_index"] >= 0
-            part["xi"] = labels["xi"].get_orthogonal_selection(np.sort(part["xi_index"][used])) if used.any() \
-                else np.zeros((0, *self.manifest.latent_shape), np.float16)
+            with self.store.checked(self.labels_group(b), b.shard, "xi"):
+                xi = self.store.shard_group(self.labels_group(b), b.shard)["xi"]
+                part["xi"] = xi.get_orthogonal_selection(np.sort(part["xi_index"][used])) if used.any() \
+                    else np.zeros((0, *self.manifest.latent_shape), np.float16)
             xi_index = np.full_like(part["xi_index"], -1)
             xi_index[used] = np.searchsorted(np.sort(part["xi_index"][used]), part["xi_index"][used])
             part["xi_index"] = xi_index
@@ -205,7 +204,8 @@ class DrawStream:
         else:
             keep = self.split.held_out(block.shard, self.data.counts[block.shard])[block.start:block.stop]
             keep = keep if not self.train else ~keep
-        valid = self.data.store.shard_group(self.data.labels_group(block), block.shard)["valid"][block.start:block.stop]
+        valid = self.data.store.read(self.data.labels_group(block), block.shard, ("valid",), block.start,
+                                     block.stop)["valid"]
         rows, draws = np.nonzero(valid & keep[:, None])
         return rows, draws
 

@@ -19,12 +19,19 @@ Layout (a local folder or an fsspec URL):
 
 Every shard is written whole by one writer (arrays first, completion record last), so a crash leaves at
 most unfinished shards, which a rerun deletes and redoes. Readers trust only shards with a record.
+
+Every chunk of every array carries a CRC32C checksum (Zarr v3's `crc32c` codec; the shard index has one too),
+so a flipped bit is found when the chunk is read: readers go through `Store.checked`, which turns it into a
+one-line error naming the shard, and `sdit verify` reads every chunk of a store.
 """
 
+import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import PurePath, PurePosixPath
 
@@ -32,14 +39,17 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from zarr.codecs import Crc32cCodec
 
 from sdit.errors import SDiTError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every chunk carries a CRC32C checksum
 MANIFEST = "manifest.json"
+WRITER_LOCK = "writer.lock"  # who is writing the store: {"pid", "host", "stage", "since"}
 STORAGE_DTYPE = np.float16  # latents and embeddings: fp16 barely compresses, so no compressor is used
 # Records per Zarr chunk inside a shard: the unit a reader decodes (zarr pays ~0.4 ms per chunk).
 CHUNK_RECORDS = 64
+CHECKSUM = (Crc32cCodec(),)  # every chunk's bytes-to-bytes codecs: a checksum, no compression
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "") -> "Manifest":
+        if data.get("schema_version") == 1:
+            raise SDiTError(f"{where}: store schema version 1 (written before chunks carried checksums), this SDiT "
+                            f"reads version {SCHEMA_VERSION}; encode it again with `sdit encode ... --overwrite`")
         manifest = from_versioned(cls, data, SCHEMA_VERSION, f"{where}: store schema")
         return replace(manifest, latent_shape=tuple(manifest.latent_shape), text_shape=tuple(manifest.text_shape))
 
@@ -166,9 +179,49 @@ class Store:
                 f.write(json.dumps(line, default=_json_default) + "\n")
         self.fs.mv(path + ".tmp", path)
 
+    def children(self, *parts: str) -> list[str]:
+        """Names inside the folder `parts` (none when it does not exist), sorted."""
+        path = self._path(*parts)
+        if not self.fs.exists(path):
+            return []
+        return sorted(PurePosixPath(p).name for p in self.fs.ls(path, detail=False))
+
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):
             self.fs.rm(self._path(*parts), recursive=True)
+
+    @contextmanager
+    def writer(self, stage: str):
+        """Hold the store's writer lock for the block: a second stage writing the same store (another `sdit
+        encode` or `sdit teacher-label`) is refused in one line naming the process that holds it. A lock left by
+        a killed process (its pid gone on this host) is taken over. Local stores only: object stores have no
+        atomic create, so on them one writer at a time is the user's to keep."""
+        if not isinstance(self.fs, LocalFileSystem):
+            yield
+            return
+        os.makedirs(self.root, exist_ok=True)
+        path = self._path(WRITER_LOCK)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                other = _read_lock(path)
+                if other is not None and _alive(other):
+                    raise SDiTError(f"{self.url} is being written by `sdit {other['stage']}` (pid {other['pid']} on "
+                                    f"{other['host']}, since {other['since']}); wait for it to finish or stop it "
+                                    f"(a lock left on another machine: delete {path})") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale: its process is gone
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        try:
+            yield
+        finally:
+            if _read_lock(path) == mine:
+                os.remove(path)
 
     # --- manifest ---------------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
@@ -198,6 +251,27 @@ class Store:
     def shard_group(self, group: str, index: int) -> zarr.Group:
         return zarr.open_group(f"{self.url}/{group}/{shard_name(index)}", mode="r", zarr_format=3)
 
+    @contextmanager
+    def checked(self, group: str, index: int, what: str = ""):
+        """Reads inside this block that meet a chunk failing its checksum stop with a one-line error naming the
+        shard (`what` may add the array and rows)."""
+        try:
+            yield
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+            where = f"{group}/{shard_name(index)}" + (f" {what}" if what else "")
+            raise SDiTError(f"{self.url}: {where}: a chunk fails its checksum (corrupted on disk); `sdit verify "
+                            f"{self.url}` lists every damaged shard; re-make them (delete the shard's _done record "
+                            "and rerun the stage that wrote it)") from None
+
+    def read(self, group: str, index: int, names: tuple[str, ...], start: int = 0,
+             stop: int | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of the named arrays of one shard, checksums checked."""
+        shard = self.shard_group(group, index)
+        with self.checked(group, index, f"records {start}..{'' if stop is None else stop}"):
+            return {name: shard[name][start:stop] for name in names}
+
     def iter_shards(self, group: str = "records") -> Iterator[tuple[int, zarr.Group]]:
         for index in self.finished(group):
             yield index, self.shard_group(group, index)
@@ -221,7 +295,8 @@ def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndar
     """Write one shard's arrays whole, then its completion record.
 
     Each column is one Zarr array with the sharding codec (one file per column), inner chunks of
-    CHUNK_RECORDS records, and no compressor for floats (fp16 compresses 1.0 to 1.15x, not worth CPU).
+    CHUNK_RECORDS records, each with a CRC32C checksum and no compression (fp16 compresses 1.0 to 1.15x, not
+    worth the CPU).
     """
     spec = columns_of(group)
     if set(columns) != set(spec):
@@ -237,13 +312,35 @@ def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndar
         chunk = max(1, min(CHUNK_RECORDS, rows))
         capacity = max(chunk, -(-rows // chunk) * chunk)  # the sharding codec wants whole inner chunks
         if spec[name].dtype == "str":
-            arr = shard.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), shards=(capacity,))
+            arr = shard.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), shards=(capacity,),
+                                     compressors=CHECKSUM)
         else:
             arr = shard.create_array(name, shape=values.shape, dtype=spec[name].dtype, chunks=(chunk, *rest),
-                                     shards=(capacity, *rest), compressors=None, fill_value=0)
+                                     shards=(capacity, *rest), compressors=CHECKSUM, fill_value=0)
         if rows:
             arr[:] = values
     store.write_json({**record, "count": n, "index": index}, "_done", group, f"{shard_name(index)}.json")
+
+
+def _read_lock(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None  # gone, or half-written by a writer killed between create and write: stale
+
+
+def _alive(lock: dict) -> bool:
+    """Whether the lock's process still runs (on another host we cannot tell: it counts as running)."""
+    if lock.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(lock["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _json_default(obj):

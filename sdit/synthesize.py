@@ -146,8 +146,7 @@ def read_prompts(store: Store, start: int, stop: int) -> dict[str, np.ndarray]:
     for index, record in store.finished("prompts").items():
         lo, hi = max(start - offset, 0), min(stop - offset, record["count"])
         if lo < hi:
-            group = store.shard_group("prompts", index)
-            parts.append({name: group[name][lo:hi] for name in ("text_emb", "token_count", "captions")})
+            parts.append(store.read("prompts", index, ("text_emb", "token_count", "captions"), lo, hi))
         offset += record["count"]
     if not parts:
         raise IndexError(f"prompts [{start}, {stop}) are not in the bank")

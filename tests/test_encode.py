@@ -239,9 +239,31 @@ def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
     finished = len(list(done.glob("*.json")))
     assert 3 <= finished < 30, "the kill should land mid-run"
     assert json.loads((killed / "manifest.json").read_text())["status"] == "in_progress"
-    subprocess.run(_cli(*args, "--out", str(killed)), check=True, env=env, capture_output=True)
+    assert json.loads((killed / "writer.lock").read_text())["pid"] == proc.pid  # left behind by the dead writer
+    subprocess.run(_cli(*args, "--out", str(killed)), check=True, env=env, capture_output=True)  # takes it over
+    assert not (killed / "writer.lock").exists()
     _assert_same(_arrays(tmp_path / "whole"), _arrays(killed))
     assert (killed / "rejects.jsonl").read_text() == (tmp_path / "whole" / "rejects.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs(tiny_teacher, tmp_path):
+    images = generate_images(tmp_path / "images", 160, 64)
+    args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
+            "--batch-size", "4"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "alone")), check=True, env=env, capture_output=True)
+    shared = tmp_path / "shared"
+    first = subprocess.Popen(_cli(*args, "--out", str(shared)), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (shared / "_done" / "records").exists():
+        time.sleep(0.005)
+    second = subprocess.run(_cli(*args, "--out", str(shared)), env=env, capture_output=True, text=True)
+    assert first.wait() == 0, first.stderr.read()[-2000:]
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is being written by `sdit encode` (pid {first.pid} on" in second.stderr.strip().splitlines()[-1]
+    _assert_same(_arrays(tmp_path / "alone"), _arrays(shared))
 
 
 @pytest.mark.slow

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,3 +89,19 @@ def test_store_on_an_fsspec_url():
     assert store.manifest().shard_size == 4
     shard = store.shard_group("records", 0)
     assert np.array_equal(shard["ids"][:], _columns(3)["ids"])
+
+
+def test_one_writer_at_a_time_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    with store.writer("encode"):
+        lock = json.loads((tmp_path / "s" / "writer.lock").read_text())
+        assert lock["pid"] == os.getpid() and lock["stage"] == "encode"
+        with pytest.raises(SDiTError, match=rf"is being written by `sdit encode` \(pid {os.getpid()} on"):
+            with store.writer("teacher-label"):
+                pass
+    assert not (tmp_path / "s" / "writer.lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "s" / "writer.lock").write_text(json.dumps(lock | {"pid": dead.pid}))
+    with store.writer("teacher-label"):  # its process is gone: the rerun goes on
+        assert json.loads((tmp_path / "s" / "writer.lock").read_text())["stage"] == "teacher-label"

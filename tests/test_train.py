@@ -182,6 +182,29 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(labelled_store, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(labelled_store, tmp_path):
+    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+               "--checkpoint-every", "1000", "--buffer-records", "4"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli("train", str(labelled_store), "--out", str(tmp_path / "whole"), "--steps", "8", *options),
+                   check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "400", *options),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(read_metrics(metrics) if metrics.exists() else []) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints").exists() and len(read_metrics(metrics)) >= 3
+    subprocess.run(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "8", "--resume", *options),
+                   check=True, env=env, capture_output=True)
+    assert [m["step"] for m in read_metrics(metrics)] == list(range(1, 9))
+    assert _losses(killed) == _losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
 def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store, tmp_path):
     options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--steps", "6"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -1,0 +1,64 @@
+"""`sdit verify`, and checksums in every reader: a flipped byte is named, never trained on."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.verify import verify
+from sdit.errors import SDiTError
+from sdit.store import Store
+
+
+def _chunk_files(array: Path) -> list[Path]:
+    return sorted(p for p in array.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _flip(file: Path, offset: int = 100) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def store(labelled_store, tmp_path) -> Path:
+    return shutil.copytree(labelled_store, tmp_path / "store")
+
+
+def test_an_intact_store_verifies(store):
+    report = verify(str(store))
+    assert report.ok and report.problems == []
+    finished = Store(str(store)).finished
+    assert report.shards == len(finished("records")) + len(finished("prompts")) + len(finished("labels/default"))
+    assert report.chunks >= report.shards * 5  # every array of every shard, read chunk by chunk
+    result = CliRunner().invoke(app, ["verify", str(store)])
+    assert result.exit_code == 0 and "intact" in result.output
+
+
+@pytest.mark.parametrize("array", ["labels/default/00001/eps_teacher", "records/00002/latents",
+                                   "records/00000/captions"])
+def test_a_flipped_byte_is_named_by_verify_and_stops_training(store, array, tmp_path):
+    _flip(_chunk_files(store / array)[0])
+    shard = "/".join(array.split("/")[:-1])
+    report = verify(str(store))
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"{shard} {array.split('/')[-1]}")
+    assert "checksum" in report.problems[0]
+    result = CliRunner().invoke(app, ["verify", str(store)])
+    assert result.exit_code == 1 and shard in result.output and "1 problems" in result.output
+    if array.endswith("captions"):
+        return  # training reads latents, embeddings and labels, not captions
+    result = CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "run"), "--student", "SDiT-Nano/2",
+                                      "--steps", "2", "--batch-size", "4"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: ") and shard in message and "fails its checksum" in message
+
+
+def test_stores_written_before_checksums_are_refused_with_how_to_upgrade(store):
+    manifest = store / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"schema_version": 1}))
+    with pytest.raises(SDiTError, match="written before chunks carried checksums.*--overwrite"):
+        Store(str(store)).manifest()
