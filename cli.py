@@ -360,6 +360,7 @@ def bench_train(
     student: Student = BenchTrainConfig.student,
     images: Annotated[int, typer.Option(min=8, help="Generated images in the default store.")] = BenchTrainConfig.images,
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per step.")] = BenchTrainConfig.batch_size,
+    buffer_records: Annotated[int, typer.Option(min=64, help="The loader's shuffle window; the store must hold 4x as many records.")] = BenchTrainConfig.buffer_records,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement.")] = BenchTrainConfig.steps,
     device: Device = BenchTrainConfig.device,
     json_out: JsonOut = None,
@@ -368,7 +369,8 @@ def bench_train(
     from pipeline.bench.train import bench_train as run, format_train_table
 
     result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
-                                  images=images, batch_size=batch_size, steps=steps, device=device))
+                                  images=images, batch_size=batch_size, buffer_records=buffer_records, steps=steps,
+                                  device=device))
     _report(format_train_table(result), result, json_out)
 
 

@@ -23,6 +23,7 @@ import torch
 from pipeline.bench import encoded_store, tiny_teacher
 from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
+from sdit.errors import SDiTError
 from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS, flops_table
 from sdit.loader import DrawStream, LabelledStore, Position
 from sdit.run import load_student
@@ -33,11 +34,12 @@ class BenchTrainConfig:
     teacher: str | None = None  # default: a tiny random SD-shaped teacher (the online step runs its UNet)
     teacher_config: str | None = None
     student: str = "SDiT-T/2"  # the demo's student
-    images: int = 512
+    images: int = 1024  # 4x the shuffle window, so that the timed steps read most of the store
     draws: int = 4
     batch_size: int = 64
-    steps: int = 20  # timed steps per measurement, after `warmup` untimed ones
-    warmup: int = 3
+    buffer_records: int = 256  # the loader's shuffle window
+    steps: int = 64  # timed steps per measurement (1,024 records x 4 draws / 64: one pass over the store)
+    warmup: int = 3  # untimed steps first, on in-memory batches: the store is read cold in the timed steps
     device: str = "auto"
 
 
@@ -61,9 +63,12 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         train_config = TrainConfig(store=store, out=str(run), init=str(run), batch_size=config.batch_size)
         trainer = Trainer(train_config, make_state(load_student(run), train_config, device, Workers()), data, device)
         unet = load_teacher(teacher, components=("unet",), config_dir=config.teacher_config, device=device).unet
-        stream = DrawStream(data, config.batch_size, seed=0)
-        n = config.warmup + config.steps
-        memory = list(itertools.islice(stream.batches(Position()), n))
+        stream = DrawStream(data, config.batch_size, seed=0, buffer_records=config.buffer_records)
+        records = sum(data.counts.values())
+        if records < 4 * config.buffer_records:
+            raise SDiTError(f"the store has {records} records; the loader figure needs at least 4x the shuffle window "
+                            f"({4 * config.buffer_records}): pass more --images or a smaller --buffer-records")
+        memory = list(itertools.islice(stream.batches(Position()), max(config.steps, config.warmup)))
 
         def online(batch):
             with torch.no_grad():
@@ -72,10 +77,10 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
             return batch
 
         rates = {"store": [], "memory": [], "online": []}
-        for _ in range(repeats):
-            rates["store"].append(_steps_per_s(trainer, stream.batches(Position()), config, device))
-            rates["memory"].append(_steps_per_s(trainer, iter(memory), config, device))
-            rates["online"].append(_steps_per_s(trainer, map(online, stream.batches(Position())), config,
+        for _ in range(repeats):  # each timed run starts a fresh stream: its reads are in the timed steps
+            rates["store"].append(_steps_per_s(trainer, memory, stream.batches(Position()), config, device))
+            rates["memory"].append(_steps_per_s(trainer, memory, iter(memory), config, device))
+            rates["online"].append(_steps_per_s(trainer, memory, map(online, stream.batches(Position())), config,
                                                 device))
     flops = flops_table(DEFAULT_PRESETS, sample_size=64)
     store_rate, memory_rate, online_rate = (max(rates[k]) for k in ("store", "memory", "online"))
@@ -86,14 +91,17 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         "train_step_flops": {p: TRAIN_STEP_FORWARDS * f for p, f in flops.items() if p != "sd15_unet"},
         "online_step_flops": {p: TRAIN_STEP_FORWARDS * f + flops["sd15_unet"] for p, f in flops.items()
                               if p != "sd15_unet"},
+        "store_records": records, "window_records": config.buffer_records,
         "device": str(device), "config": asdict(config),
     }
 
 
-def _steps_per_s(trainer: Trainer, batches, config: BenchTrainConfig, device: torch.device) -> float:
+def _steps_per_s(trainer: Trainer, warm: list, batches, config: BenchTrainConfig, device: torch.device) -> float:
+    """Steps/s of `config.steps` steps on `batches`, after `config.warmup` untimed steps on the in-memory `warm`
+    batches (so the store is read only in the timed steps)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(config.warmup):
-        trainer.step(next(batches))
+    for batch in warm[:config.warmup]:
+        trainer.step(batch)
     sync()
     t0 = time.perf_counter()
     for _ in range(config.steps):
