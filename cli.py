@@ -4,6 +4,7 @@ Errors a user can cause (SDiTError) print as one line on stderr with exit code 2
 the traceback.
 """
 
+import errno
 import functools
 import os
 import sys
@@ -66,6 +67,9 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 def command(fn):
     """Register a command that reports SDiTError in one line."""
 
@@ -78,6 +82,13 @@ def command(fn):
             if os.environ.get("SDIT_DEBUG"):
                 raise
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno not in DISK_FULL or os.environ.get("SDIT_DEBUG"):
+                raise
+            typer.echo(f"error: the disk is full or the file too large ({os.strerror(err.errno)}: "
+                       f"{err.filename or 'a write'}); finished shards and checkpoints are kept: free space and "
+                       "rerun the same command", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished shards and checkpoints are kept; rerun the same command "

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -244,6 +245,30 @@ def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
     assert not (killed / "writer.lock").exists()
     _assert_same(_arrays(tmp_path / "whole"), _arrays(killed))
     assert (killed / "rejects.jsonl").read_text() == (tmp_path / "whole" / "rejects.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_encode_in_one_line_and_a_rerun_finishes_the_same_store(tiny_teacher, tmp_path):
+    images = generate_images(tmp_path / "images", 96, 64)
+    args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
+            "--batch-size", "4"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+
+    def small_files():  # in the child: no file may grow past 20 kB (a shard's text_emb is 39 kB): EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    full = tmp_path / "full"
+    done = subprocess.run(_cli(*args, "--out", str(full)), env=env, capture_output=True, text=True,
+                          preexec_fn=small_files)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the disk is full or the file too large")
+    for record in (full / "_done" / "records").glob("*.json"):  # every shard marked done is whole
+        index = int(record.stem)
+        assert zarr.open_group(str(full / "records" / f"{index:05d}"), mode="r")["latents"][:].shape[0] > 0
+    subprocess.run(_cli(*args, "--out", str(full)), check=True, env=env, capture_output=True)
+    _assert_same(_arrays(tmp_path / "whole"), _arrays(full))
 
 
 @pytest.mark.slow
