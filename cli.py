@@ -392,7 +392,7 @@ def bench_distill(
     teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
     runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth.")] = ",".join(DistillConfig.runs),
     synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = DistillConfig.synth_samples,
-    bank_per_pair: Annotated[Optional[int], typer.Option(min=1, max=54, help="A smaller prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs [default: all 1,944].")] = None,
+    bank_per_pair: Annotated[int, typer.Option(min=0, max=54, help="The prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs; 0: all 1,944.")] = DistillConfig.bank_per_pair,
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = DistillConfig.records,
     draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = DistillConfig.draws,
     student: Student = DistillConfig.student,
@@ -417,7 +417,7 @@ def bench_distill(
                            student=student, steps=steps, batch_size=batch_size, lr=lr, per_prompt=per_prompt,
                            sample_steps=sample_steps, guidance=guidance, seed=seed,
                            high_noise_weight=high_noise_weight, synth_samples=synth_samples,
-                           bank_per_pair=bank_per_pair, curve_points=curve_points, curve_prompts=curve_prompts,
+                           bank_per_pair=bank_per_pair or None, curve_points=curve_points, curve_prompts=curve_prompts,
                            perturb=PerturbConfig.from_option(perturb, caption_min_t=caption_min_t))
     bar = None
 

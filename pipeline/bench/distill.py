@@ -86,13 +86,15 @@ class DistillConfig:
     teacher: str = str(TOY_TEACHER)
     runs: tuple[str, ...] = tuple(RECIPES)
     synth_samples: int = 1  # teacher samples per prompt for kd_synth
-    bank_per_pair: int | None = None  # a smaller prompt bank: this many prompts per shape-colour pair (None: all)
+    # The prompt bank: this many prompts of each of the 36 shape-colour pairs (None: all 1,944). 12 (432 prompts)
+    # covers the world evenly at 4.5x fewer teacher forwards for kd_synth's samples.
+    bank_per_pair: int | None = 12
     records: int = 1000  # the limited split
     draws: int = 8
     student: str = "SDiT-T/2"
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3  # 3e-3 learnt shapes sooner than 1e-3 for both kinds of student (1,000-step runs)
     warmup: int = 100
     ema_decay: float = 0.999
     high_noise_weight: float = 5.0  # every run's (0: off); measured to help every student (README)
