@@ -12,9 +12,11 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 import sdit
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
@@ -206,6 +208,8 @@ def encode(config: EncodeConfig, progress: Progress | None = None,
     factory = EncoderFactory(config)
     encoder = factory()  # the driver's copy: identity, shapes, the null embedding; the local worker
     store = Store(config.out)
+    if isinstance(store.fs, LocalFileSystem) and Path(store.root).is_file():
+        raise SDiTError(f"--out {config.out} is a file; give a folder for the store")
     with store.writer("encode"):
         manifest = prepare_store(store, new_manifest(config, encoder, source.format), config.overwrite)
         _write_null_embedding(store, encoder)
@@ -272,6 +276,8 @@ def _caption_reject(item: SourceItem) -> str | None:
         return "missing_caption"
     if not item.caption.strip():
         return "empty_caption"
+    if "\ufffd" in item.caption:  # sources decode bytes with errors="replace": the bytes were not UTF-8
+        return "caption_not_utf8"
     return None
 
 

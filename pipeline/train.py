@@ -38,7 +38,7 @@ from sdit.errors import SDiTError
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
-from sdit.run import load_student, read_run, save_student, update_run
+from sdit.run import load_student, read_run, save_student, student_folder, update_run
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
 
@@ -158,7 +158,7 @@ def prepare_run(config: TrainConfig, make_run: Callable[[], object] | None) -> N
     if out.exists() and any(out.iterdir()):
         raise SDiTError(f"{out} exists; pass --resume to continue its training, or choose a new --out")
     if config.init:
-        read_run(config.init)
+        student_folder(config.init)
         shutil.copytree(config.init, out, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(CHECKPOINTS, METRICS, SAMPLES, "loss.png"))
     elif make_run is not None:

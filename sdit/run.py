@@ -103,9 +103,18 @@ def update_run(run: str | Path, **fields) -> None:
     os.replace(tmp, run / RUN_FILE)
 
 
-def load_student(run: str | Path) -> SDiT:
+def student_folder(run: str | Path) -> Path:
+    """The run folder's transformer/, refused in one line when the run is no run folder or has no student."""
     read_run(run)
-    return SDiT.from_pretrained(Path(run) / TRANSFORMER)
+    folder = Path(run) / TRANSFORMER
+    if not (folder / "config.json").exists():
+        raise SDiTError(f"{run} has no student ({TRANSFORMER}/config.json and weights); make the run folder with "
+                        "`sdit init`")
+    return folder
+
+
+def load_student(run: str | Path) -> SDiT:
+    return SDiT.from_pretrained(student_folder(run))
 
 
 def save_student(run: str | Path, student: SDiT) -> None:

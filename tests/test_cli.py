@@ -43,3 +43,82 @@ def test_errors_are_one_line(tiny_teacher, tmp_path):
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "encode" in result.output and "bench" in result.output
+
+
+def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple[str, list[str], str]]:
+    """(case, arguments, what the one-line error must say) for every command."""
+    import shutil
+
+    from PIL import Image
+
+    empty = root / "empty"
+    empty.mkdir()
+    a_file = root / "a.txt"
+    a_file.write_text("not a folder")
+    bad_text = root / "bad-text"
+    bad_text.mkdir()
+    Image.new("RGB", (64, 64), "red").save(bad_text / "x.png")
+    (bad_text / "x.txt").write_bytes(b"a red \xff\xfe square")
+    bomb = root / "bomb"
+    bomb.mkdir()
+    Image.new("1", (20_000, 20_000)).save(bomb / "big.png")  # 400 Mpixel: over Pillow's decompression-bomb limit
+    (bomb / "big.txt").write_text("a very large image")
+    old = shutil.copytree(labelled_store, root / "old-store")
+    manifest = old / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"schema_version": 1}))
+    no_weights = root / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "model_index.json").write_text("{}")
+    (no_weights / "sdit_run.json").write_text(json.dumps({"schema_version": 1}))
+    teacher = ["--teacher", str(tiny_teacher)]
+    out = ["--out", str(root / "out")]
+    return [
+        ("encode: a missing source", ["encode", str(root / "missing"), *teacher, *out], "missing"),
+        ("encode: an empty folder", ["encode", str(empty), *teacher, *out], "empty"),
+        ("encode: a file where the store's folder goes", ["encode", str(SAMPLES), *teacher, "--out", str(a_file)],
+         "a.txt"),
+        ("encode: non-UTF-8 captions", ["encode", str(bad_text), *teacher, *out, "--strict", "--resolution", "64"],
+         "caption_not_utf8"),
+        ("encode: a decompression bomb", ["encode", str(bomb), *teacher, *out, "--strict", "--resolution", "64"],
+         "big"),
+        ("teacher-label: a missing store", ["teacher-label", str(root / "missing"), *teacher], "not an SDiT store"),
+        ("teacher-label: a file for a store", ["teacher-label", str(a_file), *teacher], "not an SDiT store"),
+        ("teacher-label: a store of another schema version", ["teacher-label", str(old), *teacher],
+         "store schema version 1"),
+        ("init: a missing teacher", ["init", "--teacher", str(root / "missing"), "--student", "SDiT-Nano/2", *out],
+         "teacher not found"),
+        ("train: labels of another name", ["train", str(labelled_store), *out, "--student", "SDiT-Nano/2",
+                                           "--labels", "other"], "no labels 'other'"),
+        ("train: a run folder without weights", ["train", str(labelled_store), *out, "--init", str(no_weights)],
+         "no-weights"),
+        ("sample: a run folder without weights", ["sample", str(no_weights), *out, "-p", "a red circle"],
+         "no-weights"),
+        ("sample: a missing run", ["sample", str(root / "missing"), *out, "-p", "a red circle"], "missing"),
+        ("inspect: a missing store", ["inspect", str(root / "missing"), *out], "not an SDiT store"),
+        ("eval: a store for a run", ["eval", str(labelled_store), str(labelled_store)], "not an SDiT run folder"),
+        ("verify: not a store", ["verify", str(empty)], "not an SDiT store"),
+        ("bench distill: an unknown student", ["bench", "distill", "--out", str(root / "d"), "--student", "SDiT-Q/2"],
+         "unknown student preset"),
+        ("bench label: a missing store", ["bench", "label", str(root / "missing"), *teacher], "not an SDiT store"),
+        ("bench sample: an unknown preset", ["bench", "sample", "--preset", "SDiT-Q/2"], "unknown student presets"),
+        ("toy eval: a missing teacher", ["toy", "eval", str(root / "missing")], "teacher not found"),
+    ]
+
+
+BAD_INPUT_CASES = 20  # the README quotes this count
+
+
+def test_every_command_refuses_bad_input_in_one_line(tiny_teacher, labelled_store, tmp_path):
+    cases = _bad_inputs(tmp_path, tiny_teacher, labelled_store)
+    assert len(cases) == BAD_INPUT_CASES
+    assert {args[0] if args[0] not in ("bench", "toy") else " ".join(args[:2]) for _, args, _ in cases} >= {
+        "encode", "teacher-label", "init", "train", "sample", "inspect", "eval", "verify"}
+    failures = []
+    for k, (case, args, fragment) in enumerate(cases):
+        args = [str(tmp_path / f"out-{k}") if arg == str(tmp_path / "out") else arg for arg in args]
+        result = runner.invoke(app, args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        if not (result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: ")
+                and fragment in lines[0] and "Traceback" not in result.output):
+            failures.append(f"{case}: exit {result.exit_code}: {result.output[-300:]!r} {result.exception!r}")
+    assert not failures, "\n".join(failures)
