@@ -4,10 +4,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from sdit.dit import SDiT
 from conftest import new_run
+from sdit.dit import SDiT
 from sdit.errors import SDiTError
-from pipeline.init import teacher_latent_space
 from sdit.run import load_student, read_run, save_student, update_run
 
 
@@ -32,24 +31,6 @@ def test_an_initial_run_is_a_pipeline_folder_with_the_teachers_parts(run, tiny_t
         "vae", "text_encoder"}
 
 
-def test_the_same_seed_gives_the_same_student(run, tiny_teacher, tmp_path):
-    again = load_student(new_run(tmp_path / "again", tiny_teacher, "SDiT-Nano/2", seed=3))
-    other = load_student(new_run(tmp_path / "other", tiny_teacher, "SDiT-Nano/2", seed=4))
-    first = load_student(run)
-    same = [torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values())]
-    differ = [torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values())]
-    assert all(same) and not all(differ)
-
-
-def test_single_file_teachers_take_their_shapes_from_the_config_folder(tiny_single_file, tmp_path):
-    space = teacher_latent_space(tiny_single_file, tiny_single_file.parent)
-    assert (space.sample_size, space.in_channels, space.text_dim) == (8, 4, 32)
-    sd15 = teacher_latent_space(tmp_path / "v1-5-pruned.ckpt")  # configs only: SD 1.5's shipped ones
-    assert (sd15.sample_size, sd15.in_channels, sd15.text_dim) == (64, 4, 768)
-    run = new_run(tmp_path / "run", tiny_single_file, "SDiT-Nano/2", teacher_config=tiny_single_file.parent)
-    assert read_run(run)["teacher"]["layout"] == "single_file"
-
-
 def test_saving_the_student_replaces_it_whole(run, tmp_path):
     student = load_student(run)
     with torch.no_grad():
@@ -67,5 +48,3 @@ def test_bad_folders_are_refused_in_one_line(run, tiny_teacher, tmp_path):
         read_run(tmp_path)
     with pytest.raises(SDiTError, match="not empty"):
         new_run(run, tiny_teacher, "SDiT-Nano/2")
-    with pytest.raises(SDiTError, match="unknown student preset"):
-        new_run(tmp_path / "x", tiny_teacher, "SDiT-Q/2")
