@@ -25,12 +25,14 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 DEMO := runs/demo
-# The shapes world with the toy teacher in data/toy-sd: write the limited split and the prompt bank, then
-# encode -> teacher-label -> train (a student with the teacher, and one without) -> sample and score.
+# The shapes world with the toy teacher in data/toy-sd: write the limited split and a small balanced prompt bank
+# (4 prompts of each shape-colour pair), then encode -> teacher-label (the teacher's own samples of the bank, 4 a
+# prompt, as extra records) -> train a student with the teacher and one without -> sample, score, learning curves.
 demo: install
 	rm -rf $(DEMO)
-	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_perturb --records 1000 --draws 8 \
-		--steps 400 --per-prompt 1 --sample-steps 20 --json $(DEMO)/figures.json
+	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_synth --bank-per-pair 4 --synth-samples 4 \
+		--steps 800 --lr 3e-3 --per-prompt 1 --sample-steps 20 --curve-points 8 --curve-prompts 1 \
+		--json $(DEMO)/figures.json
 
 bench: install
 	$(BIN)/sdit bench encode --json runs/bench-encode.json

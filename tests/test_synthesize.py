@@ -289,3 +289,47 @@ def test_ray_makes_the_same_synthetic_records_and_labels(store, tiny_teacher, tm
         ray.shutdown()
     for group in ("synthetic", "labels"):
         assert _same(_arrays(store, group), _arrays(local, group)), group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["synthetic", "labels/killed/synthetic"])
+def test_sigkill_while_synthesizing_or_labelling_then_rerun_equals_an_uninterrupted_run(stage, tiny_teacher,
+                                                                                          tmp_path):
+    """A real `kill -9` of `teacher-label --synthesize` while it samples, or while it labels the samples."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.encode import EncodeConfig, encode
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "cyan", "purple", "yellow")
+                               for s in ("circle", "square", "triangle", "star", "ring", "cross", "disc")))
+    store = tmp_path / "store"
+    encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(store), resolution=64, shard_size=4,
+                        prompts=str(prompts)))
+    whole = shutil.copytree(store, tmp_path / "whole")
+    options = ["--teacher", str(tiny_teacher), "--draws", "2", "--batch-size", "2", "--labels", "killed",
+               "--synthesize", "2", "--synth-steps", "8", "--synth-scheduler", "ddim"]
+
+    def command(target):
+        return [sys.executable, "-c", "from cli import app; app()", "teacher-label", str(target), *options]
+
+    subprocess.run(command(whole), check=True, capture_output=True)
+    proc = subprocess.Popen(command(store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = store / "_done" / stage
+    deadline = time.time() + 180
+    while time.time() < deadline and (not done.exists() or len(list(done.glob("*.json"))) < 2):
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards = -(-42 // 2)  # 42 prompts, 2 prompts a shard (shard size 4 / 2 samples)
+    assert 2 <= len(list(done.glob("*.json"))) < shards, "the kill should land mid-run"
+    subprocess.run(command(store), check=True, capture_output=True)
+    for group in ("synthetic", "labels"):
+        assert _same(_arrays(store, group), _arrays(whole, group)), group
+    made = json.loads((store / "synthetic" / "manifest.json").read_text())
+    assert made == json.loads((whole / "synthetic" / "manifest.json").read_text()) | {
+        k: made[k] for k in ("set_id", "created")}
