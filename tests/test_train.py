@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,48 +160,45 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-c", "from cli import app; app()", *args]
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_loss_curve(labelled_store, tmp_path):
-    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
-               "--checkpoint-every", "3", "--buffer-records", "4"]
+def _whole_then_killed(store, tmp_path, options: list[str], steps: int, kill_after: int) -> tuple[Path, bool]:
+    """Train `steps` steps into tmp_path/whole; start the same run into tmp_path/killed and SIGKILL it once
+    `kill_after` steps are logged, then resume it to `steps`. Returns the killed-and-resumed run folder and
+    whether it had a checkpoint when it was killed."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli("train", str(labelled_store), "--out", str(tmp_path / "whole"), "--steps", "12", *options),
+    subprocess.run(_cli("train", str(store), "--out", str(tmp_path / "whole"), "--steps", str(steps), *options),
                    check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "400", *options),
+    proc = subprocess.Popen(_cli("train", str(store), "--out", str(killed), "--steps", "400", *options),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(read_metrics(metrics) if metrics.exists() else []) < 5:
+    while time.monotonic() < deadline and len(read_metrics(metrics) if metrics.exists() else []) < kill_after:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed / "checkpoints").exists()
-    subprocess.run(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "12", "--resume", *options),
+    assert len(read_metrics(metrics)) >= kill_after
+    had_checkpoint = (killed / "checkpoints").exists()
+    subprocess.run(_cli("train", str(store), "--out", str(killed), "--steps", str(steps), "--resume", *options),
                    check=True, env=env, capture_output=True)
-    assert _losses(killed) == _losses(tmp_path / "whole")
+    return killed, had_checkpoint
+
+
+TRAIN_FAST = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--buffer-records", "4"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_loss_curve(labelled_store, tmp_path):
+    killed, had_checkpoint = _whole_then_killed(labelled_store, tmp_path, [*TRAIN_FAST, "--checkpoint-every", "3"],
+                                                12, 5)
+    assert had_checkpoint and _losses(killed) == _losses(tmp_path / "whole")
 
 
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(labelled_store, tmp_path):
-    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
-               "--checkpoint-every", "1000", "--buffer-records", "4"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli("train", str(labelled_store), "--out", str(tmp_path / "whole"), "--steps", "8", *options),
-                   check=True, env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "400", *options),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(read_metrics(metrics) if metrics.exists() else []) < 3:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints").exists() and len(read_metrics(metrics)) >= 3
-    subprocess.run(_cli("train", str(labelled_store), "--out", str(killed), "--steps", "8", "--resume", *options),
-                   check=True, env=env, capture_output=True)
-    assert [m["step"] for m in read_metrics(metrics)] == list(range(1, 9))
+    killed, had_checkpoint = _whole_then_killed(labelled_store, tmp_path,
+                                                [*TRAIN_FAST, "--checkpoint-every", "1000"], 8, 3)
+    assert not had_checkpoint
+    assert [m["step"] for m in read_metrics(killed / "metrics.jsonl")] == list(range(1, 9))
     assert _losses(killed) == _losses(tmp_path / "whole")
 
 
