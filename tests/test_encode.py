@@ -20,6 +20,7 @@ from conftest import SAMPLES
 from pipeline.bench import generate_images
 from pipeline.encode import EncodeConfig, EncodeSummary, encode
 from sdit.errors import SDiTError
+from sdit.store import SCHEMA_VERSION
 
 # The bundled samples: what is accepted, and why the rest is rejected (data/samples/README.md).
 EXPECTED_REJECTS = {"empty_caption": "empty_caption", "no_caption": "missing_caption",
@@ -70,7 +71,7 @@ def folder_store(tiny_teacher, tmp_path_factory) -> Path:
 def test_folder_store_layout(folder_store):
     root = zarr.open_group(str(folder_store), mode="r")
     manifest = json.loads((folder_store / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["schema_version"] == 1
+    assert manifest["status"] == "complete" and manifest["schema_version"] == SCHEMA_VERSION == 2
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["text_shape"] == [77, 32]
     assert set(manifest["teacher"]["hashes"]) == {"vae", "text_encoder"}
     n = 0
@@ -273,7 +274,8 @@ def test_a_full_disk_stops_encode_in_one_line_and_a_rerun_finishes_the_same_stor
 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_runs(tiny_teacher, tmp_path):
-    images = generate_images(tmp_path / "images", 160, 64)
+    # Enough images that the first writer outlasts the second one's start-up (imports, loading the teacher).
+    images = generate_images(tmp_path / "images", 800, 64)
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
@@ -282,7 +284,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tiny_teacher, tmp_path)
     first = subprocess.Popen(_cli(*args, "--out", str(shared)), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (shared / "_done" / "records").exists():
+    while time.time() < deadline and not (shared / "writer.lock").exists():
         time.sleep(0.005)
     second = subprocess.run(_cli(*args, "--out", str(shared)), env=env, capture_output=True, text=True)
     assert first.wait() == 0, first.stderr.read()[-2000:]
