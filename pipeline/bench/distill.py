@@ -138,10 +138,11 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
         progress(f"train {name}")
         train(run, on_step)
     progress("sample and evaluate")
-    results = score_all(config, out, store)
+    teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
+    results = score_all(config, out, store, teacher)
     if config.curve_points:
         progress("learning curves")
-        add_curves(config, out, results)
+        add_curves(config, out, results, teacher)
     report = {"runs": {n: results[n] for n in config.runs}, "teacher": results["teacher"],
               "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config))}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -156,8 +157,9 @@ def train_configs(config: DistillConfig, store: Path) -> dict[str, TrainConfig]:
                               batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
                               ema_decay=config.ema_decay, kd_weight=RECIPES[name].kd_weight,
                               high_noise_weight=config.high_noise_weight, holdout=config.holdout, seed=config.seed,
-                              checkpoint_every=max(1, config.steps // max(config.curve_points, 1)),
-                              keep_checkpoints=config.curve_points + 1, sample_every=0)
+                              # curve_points checkpoints, the last at the final step (none a few steps apart)
+                              checkpoint_every=-(-config.steps // max(config.curve_points, 1)),
+                              keep_checkpoints=max(config.curve_points, 1), sample_every=0)
             for name in config.runs}
 
 
@@ -181,10 +183,9 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
     return store
 
 
-def score_all(config: DistillConfig, out: Path, store: Path) -> dict[str, dict]:
+def score_all(config: DistillConfig, out: Path, store: Path, teacher) -> dict[str, dict]:
     """Samples of the teacher and every student from the same noise; fair held-out scores, attribute accuracy
     on held-out and seen prompts; teacher agreement on held-out draws."""
-    teacher = load_teacher(config.teacher)
     prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
     models = ["teacher", *config.runs]
     images: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in models}
@@ -192,10 +193,10 @@ def score_all(config: DistillConfig, out: Path, store: Path) -> dict[str, dict]:
         texts = [p.text for p in plist for _ in range(config.per_prompt)]
         for name in models:
             images[name][split] = _sample(config, out / name if name != "teacher" else None, teacher, texts)
+    asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     results = {}
     for name in models:
         readings = {split: evaluator.evaluate_batch(images[name][split]) for split in prompts}
-        asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
         results[name] = scores(readings, asked)
         if name != "teacher":
             agreement = evaluate(EvalConfig(run=str(out / name), store=str(store), labels="plain"))
@@ -234,14 +235,13 @@ def curve_prompts(config: DistillConfig) -> dict[str, list[world.Prompt]]:
             for split, plist in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts()))}
 
 
-def add_curves(config: DistillConfig, out: Path, results: dict[str, dict]) -> None:
+def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher) -> None:
     """Score the EMA weights of every checkpoint of every run (and the shared initial weights at step 0) on the
     curve prompts, from the same noise each time; the teacher on them too, as the reference line. Adds `curves`
     and `speedup` to each run's results and writes curves.png."""
     prompts = curve_prompts(config)
     asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     texts = {split: [p.text for p in plist] for split, plist in asked.items()}
-    teacher = load_teacher(config.teacher)
 
     def point(run: Path | None, ema: Path | None = None) -> dict:
         readings = {split: evaluator.evaluate_batch(_sample(config, run, teacher, texts[split], ema=ema))
