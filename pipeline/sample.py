@@ -22,6 +22,7 @@ import sdit
 from sdit import sampling
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
+from sdit.files import replacing
 from sdit.images import captioned_grid, save_png
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE, SDiTPipeline, load_pipeline
 from sdit.teacher import Teacher, load_teacher
@@ -128,7 +129,8 @@ def sample(config: SampleConfig, progress: Callable[[int], None] | None = None,
                 save_png(image, out / model / f"{job.index:04d}.png", settings(config, job, model, image))
             images[model].extend(pixels)
     grid = out / "grid.png"
-    captioned_grid(images, [f"{job.prompt} (seed {job.seed})" for job in jobs], config.columns).save(grid)
+    with replacing(grid) as tmp:
+        captioned_grid(images, [f"{job.prompt} (seed {job.seed})" for job in jobs], config.columns).save(tmp)
     return SampleSummary(out, len(jobs), grid, teacher is not None)
 
 

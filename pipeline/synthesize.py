@@ -27,6 +27,7 @@ import torch
 import sdit
 from sdit import sampling
 from sdit.errors import SDiTError
+from sdit.files import replacing
 from sdit.store import Manifest, Store, write_shard
 from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, forwards_per_sample, initial_noise,
                              make_sampler, prompts_per_shard, read_prompts, read_synthetic, write_synthetic)
@@ -217,7 +218,8 @@ def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None 
         if progress:
             progress(len(pixels))
     grid = out / "grid.png"
-    captioned_grid({group: images}, captions, config.columns).save(grid)
+    with replacing(grid) as tmp:
+        captioned_grid({group: images}, captions, config.columns).save(tmp)
     return {"images": len(images), "out": str(out), "grid": str(grid)}
 
 

@@ -35,6 +35,7 @@ import torch
 from sdit.devices import setup_worker
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
+from sdit.files import replace_text, replacing
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
@@ -346,9 +347,10 @@ class Trainer:
         images = decode(self.vae(), latents)
         folder = out / SAMPLES
         folder.mkdir(exist_ok=True)
-        (folder / "prompts.txt").write_text("\n".join(captions) + "\n")
+        replace_text(folder / "prompts.txt", "\n".join(captions) + "\n")
         path = folder / f"student_samples_gs-{self.state.step:08d}.png"
-        grid(images, columns=min(8, len(images))).save(path)
+        with replacing(path) as tmp:
+            grid(images, columns=min(8, len(images))).save(tmp)
         return path
 
     def vae(self):
@@ -439,14 +441,18 @@ def resume(out: Path, state: TrainState) -> None:
         load_state(checkpoints[-1], state)
     metrics = out / METRICS
     if metrics.exists() and Workers.from_env().main:
-        lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state.step]
-        tmp = metrics.with_name(f".{METRICS}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, metrics)
+        kept = [row for row in read_metrics(metrics) if row["step"] <= state.step]
+        replace_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
+    for tmp in (out / CHECKPOINTS).glob(".step-*"):  # a checkpoint whose write was killed
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+    """The steps logged so far; a last line cut short (the run was killed while writing it) is left out."""
+    if not Path(path).exists():
+        return []
+    text = Path(path).read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def plot_losses(metrics: Path, png: Path) -> None:
@@ -468,7 +474,8 @@ def plot_losses(metrics: Path, png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    with replacing(png) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 

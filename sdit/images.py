@@ -13,12 +13,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from sdit.files import replacing
+
 
 def save_png(image: np.ndarray, path: Path, text: dict[str, str]) -> None:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, pnginfo=info)
 
 
 def grid(images: list[np.ndarray] | np.ndarray, columns: int, pad: int = 2) -> Image.Image:

@@ -26,6 +26,7 @@ import diffusers
 
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
+from sdit.files import replace_text
 
 if TYPE_CHECKING:  # for annotations only: importing the teacher loader here would put it into stage two
     from sdit.teacher import Teacher
@@ -97,16 +98,16 @@ def read_run(run: str | Path) -> dict:
 def update_run(run: str | Path, **fields) -> None:
     """Merge `fields` into sdit_run.json, atomically."""
     run = Path(run)
-    data = read_run(run) | fields
-    tmp = run / f"{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, run / RUN_FILE)
+    replace_text(run / RUN_FILE, json.dumps(read_run(run) | fields, indent=2, default=str) + "\n")
 
 
 def student_folder(run: str | Path) -> Path:
     """The run folder's transformer/, refused in one line when the run is no run folder or has no student."""
     read_run(run)
     folder = Path(run) / TRANSFORMER
+    old = folder.with_name(f".{TRANSFORMER}.old")
+    if not folder.exists() and (old / "config.json").exists():  # killed inside save_student: the last weights
+        os.replace(old, folder)
     if not (folder / "config.json").exists():
         raise SDiTError(f"{run} has no student ({TRANSFORMER}/config.json and weights); make the run folder with "
                         "`sdit init`")
@@ -118,12 +119,15 @@ def load_student(run: str | Path) -> SDiT:
 
 
 def save_student(run: str | Path, student: SDiT) -> None:
-    """Replace transformer/ whole: a reader sees the old weights or the new ones."""
+    """Replace transformer/ whole: a reader sees the old weights or the new ones (`student_folder` puts the old
+    ones back when a kill lands between the two renames)."""
     run = Path(run)
+    student_folder(run)
     tmp, old = run / f".{TRANSFORMER}.tmp", run / f".{TRANSFORMER}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     student.save_pretrained(tmp, safe_serialization=True)
-    os.replace(run / TRANSFORMER, old)
+    if (run / TRANSFORMER).exists():
+        os.replace(run / TRANSFORMER, old)
     os.replace(tmp, run / TRANSFORMER)
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)

@@ -203,20 +203,25 @@ class Store:
         path = self._path(WRITER_LOCK)
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                other = _read_lock(path)
-                if other is not None and _alive(other):
-                    raise SDiTError(f"{self.url} is being written by `sdit {other['stage']}` (pid {other['pid']} on "
-                                    f"{other['host']}, since {other['since']}); wait for it to finish or stop it "
-                                    f"(a lock left on another machine: delete {path})") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # stale: its process is gone
-        with os.fdopen(fd, "w") as f:
+        # The lock appears whole or not at all: written aside, then hard-linked into place (fails if it exists).
+        mine_path = f"{path}.{os.getpid()}"
+        with open(mine_path, "w") as f:
             json.dump(mine, f)
+        try:
+            while True:
+                try:
+                    os.link(mine_path, path)
+                    break
+                except FileExistsError:
+                    other = _read_lock(path)
+                    if other is not None and _alive(other):
+                        raise SDiTError(f"{self.url} is being written by `sdit {other['stage']}` (pid {other['pid']} "
+                                        f"on {other['host']}, since {other['since']}); wait for it to finish or stop "
+                                        f"it (a lock left on another machine: delete {path})") from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)  # stale: its process is gone
+        finally:
+            os.remove(mine_path)
         try:
             yield
         finally:
@@ -327,7 +332,7 @@ def _read_lock(path: str) -> dict | None:
         with open(path) as f:
             return json.load(f)
     except (FileNotFoundError, ValueError):
-        return None  # gone, or half-written by a writer killed between create and write: stale
+        return None  # gone, or unreadable: stale
 
 
 def _alive(lock: dict) -> bool:

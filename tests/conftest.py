@@ -1,5 +1,11 @@
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,3 +71,66 @@ def new_run(out, teacher, student: str = "SDiT-Nano/2", *, space=None, **options
 
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     return init(InitConfig(teacher=str(teacher), student=student, out=str(out), **options), space).run
+
+
+# --- real kills -----------------------------------------------------------------------------------------------
+# Crash tests run `sdit` in a child process and SIGKILL it: when a condition on its files holds (`kill_when`), or
+# at an exact point of its code (`kill_paused_at`: the child sleeps just before the N-th call of a function, e.g.
+# half-way through a shard's arrays or a checkpoint's files, and is killed there).
+
+PAUSING_CLI = """
+import importlib, pathlib, sys, time
+target, call, marker = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
+del sys.argv[1:4]
+module, _, attribute = target.partition(":")
+*path, name = attribute.split(".")
+owner = importlib.import_module(module)
+for part in path:
+    owner = getattr(owner, part)
+original, calls = getattr(owner, name), []
+def paused(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == call:
+        marker.touch()
+        time.sleep(3600)
+    return original(*args, **kwargs)
+setattr(owner, name, paused)
+from cli import app
+app()
+"""
+
+
+def cli_command(*args: str) -> list[str]:
+    """`sdit ARGS` as a child process of this interpreter (the tests' environment, not an installed script)."""
+    return [sys.executable, "-c", "from cli import app; app()", *map(str, args)]
+
+
+def child_env() -> dict[str, str]:
+    return os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def kill_when(args: list, ready: Callable[[], bool], timeout: float = 180) -> None:
+    """Run `sdit ARGS`, SIGKILL it as soon as `ready()` holds (failing when it ends or times out first)."""
+    _kill(cli_command(*args), ready, timeout)
+
+
+def kill_paused_at(args: list, target: str, call: int, marker: Path, timeout: float = 180) -> None:
+    """Run `sdit ARGS`, stop it just before the `call`-th call of `target` ("module:attr.path") and SIGKILL it."""
+    _kill([sys.executable, "-c", PAUSING_CLI, target, str(call), str(marker), *map(str, args)], marker.exists,
+          timeout)
+
+
+def _kill(command: list[str], ready: Callable[[], bool], timeout: float) -> None:
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                stderr.seek(0)
+                raise AssertionError(f"the child ended or timed out before the kill point:\n"
+                                     f"{stderr.read().decode()[-2000:]}")
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

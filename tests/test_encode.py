@@ -4,7 +4,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -13,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import zarr
 
-from conftest import SAMPLES
+from conftest import SAMPLES, cli_command, kill_when
 from pipeline.bench import generate_images
 from pipeline.encode import EncodeConfig, EncodeSummary, encode
 from sdit.errors import SDiTError
@@ -218,31 +216,21 @@ def test_single_file_teacher_gives_the_same_store(folder_store, tiny_single_file
     _assert_same(_arrays(folder_store), _arrays(tmp_path / "s"))
 
 
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "from cli import app; app()", *args]
-
-
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
     images = generate_images(tmp_path / "images", 240, 64)
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    subprocess.run(cli_command(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     done = killed / "_done" / "records"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not done.exists() or len(list(done.glob("*.json"))) < 3):
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--out", killed], lambda: len(list(done.glob("*.json"))) >= 3)
     finished = len(list(done.glob("*.json")))
     assert 3 <= finished < 30, "the kill should land mid-run"
     assert json.loads((killed / "manifest.json").read_text())["status"] == "in_progress"
-    assert json.loads((killed / "writer.lock").read_text())["pid"] == proc.pid  # left behind by the dead writer
-    subprocess.run(_cli(*args, "--out", str(killed)), check=True, env=env, capture_output=True)  # takes it over
+    assert (killed / "writer.lock").exists()  # left behind by the dead writer
+    subprocess.run(cli_command(*args, "--out", str(killed)), check=True, env=env, capture_output=True)  # takes it over
     assert not (killed / "writer.lock").exists()
     _assert_same(_arrays(tmp_path / "whole"), _arrays(killed))
     assert (killed / "rejects.jsonl").read_text() == (tmp_path / "whole" / "rejects.jsonl").read_text()
@@ -254,39 +242,41 @@ def test_a_full_disk_stops_encode_in_one_line_and_a_rerun_finishes_the_same_stor
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+    subprocess.run(cli_command(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
 
     def small_files():  # in the child: no file may grow past 20 kB (a shard's text_emb is 39 kB): EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     full = tmp_path / "full"
-    done = subprocess.run(_cli(*args, "--out", str(full)), env=env, capture_output=True, text=True,
+    done = subprocess.run(cli_command(*args, "--out", str(full)), env=env, capture_output=True, text=True,
                           preexec_fn=small_files)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: the disk is full or the file too large")
     for record in (full / "_done" / "records").glob("*.json"):  # every shard marked done is whole
         index = int(record.stem)
         assert zarr.open_group(str(full / "records" / f"{index:05d}"), mode="r")["latents"][:].shape[0] > 0
-    subprocess.run(_cli(*args, "--out", str(full)), check=True, env=env, capture_output=True)
+    subprocess.run(cli_command(*args, "--out", str(full)), check=True, env=env, capture_output=True)
     _assert_same(_arrays(tmp_path / "whole"), _arrays(full))
 
 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_runs(tiny_teacher, tmp_path):
     # Enough images that the first writer outlasts the second one's start-up (imports, loading the teacher).
-    images = generate_images(tmp_path / "images", 800, 64)
+    images = generate_images(tmp_path / "images", 96, 64)
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "alone")), check=True, env=env, capture_output=True)
+    subprocess.run(cli_command(*args, "--out", str(tmp_path / "alone")), check=True, env=env, capture_output=True)
     shared = tmp_path / "shared"
-    first = subprocess.Popen(_cli(*args, "--out", str(shared)), env=env, stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(cli_command(*args, "--out", str(shared)), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (shared / "writer.lock").exists():
         time.sleep(0.005)
-    second = subprocess.run(_cli(*args, "--out", str(shared)), env=env, capture_output=True, text=True)
+    first.send_signal(signal.SIGSTOP)  # held mid-run, however slow the second one's start-up
+    second = subprocess.run(cli_command(*args, "--out", str(shared)), env=env, capture_output=True, text=True)
+    first.send_signal(signal.SIGCONT)
     assert first.wait() == 0, first.stderr.read()[-2000:]
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert f"is being written by `sdit encode` (pid {first.pid} on" in second.stderr.strip().splitlines()[-1]

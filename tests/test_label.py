@@ -1,12 +1,13 @@
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from conftest import ALL_KINDS
+from conftest import ALL_KINDS, child_env, cli_command, kill_paused_at, kill_when
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from sdit.diffusion import NoiseSchedule
@@ -159,29 +160,31 @@ def test_ray_writes_the_same_labels(store, tiny_teacher):
 
 
 @pytest.mark.slow
-def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def test_sigkill_between_shards_or_mid_shard_then_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
     from pipeline.bench import generate_images
 
     store = tmp_path / "store"
     encode(EncodeConfig(source=str(generate_images(tmp_path / "images", 96, 64)), teacher=str(tiny_teacher),
                         out=str(store), resolution=64, shard_size=4))
-    cli = [sys.executable, "-c", "from cli import app; app()", "teacher-label", str(store), "--teacher",
-           str(tiny_teacher), "--draws", "2", "--batch-size", "4"]
-    subprocess.run([*cli, "--labels", "whole"], check=True, capture_output=True)
-    proc = subprocess.Popen([*cli, "--labels", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = store / "_done" / "labels" / "killed"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not done.exists() or len(list(done.glob("*.json"))) < 3):
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 3 <= len(list(done.glob("*.json"))) < 24, "the kill should land mid-run"
-    subprocess.run([*cli, "--labels", "killed"], check=True, capture_output=True)
-    whole, killed = _labels(store, "whole"), _labels(store, "killed")
-    assert whole.keys() == killed.keys() and all(np.array_equal(whole[k], killed[k]) for k in whole)
+    args = ["teacher-label", store, "--teacher", tiny_teacher, "--draws", "2", "--batch-size", "4"]
+    subprocess.run(cli_command(*args, "--labels", "whole"), check=True, env=child_env(), capture_output=True)
+
+    def done(name: str) -> list:
+        return sorted((store / "_done" / "labels" / name).glob("*.json"))
+
+    kill_when([*args, "--labels", "between"], lambda: len(done("between")) >= 3)
+    # Just before the second array of the third shard: its first array written, the rest not, no completion mark.
+    kill_paused_at([*args, "--labels", "mid-shard"], "zarr:Group.create_array", 2 * len(LABEL_COLUMNS) + 2,
+                   tmp_path / "paused")
+    assert len(done("mid-shard")) == 2 and len(list((store / "labels" / "mid-shard" / "00002").iterdir())) == 2
+    for name in ("between", "mid-shard"):
+        assert 2 <= len(done(name)) < 24, "the kill should land mid-run"
+        assert _manifest(store, name)["status"] == "in_progress"
+        subprocess.run(cli_command(*args, "--labels", name), check=True, env=child_env(), capture_output=True)
+        whole, killed = _labels(store, "whole"), _labels(store, name)
+        assert whole.keys() == killed.keys() and all(np.array_equal(whole[k], killed[k]) for k in whole), name
+        assert _manifest(store, name) | {"name": "whole"} == _manifest(store, "whole")
+
+
+def _manifest(store, name: str) -> dict:
+    return json.loads((store / "labels" / name / "manifest.json").read_text())

@@ -1,4 +1,6 @@
+import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import SAMPLES, new_run
+from conftest import SAMPLES, child_env, cli_command, kill_paused_at, new_run
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from pipeline.synthesize import InspectConfig, ShardSynthesizer, inspect_store
@@ -18,7 +20,7 @@ from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position
 from sdit.losses import distillation_loss, draw_weight
 from sdit.perturb import Kind, PerturbConfig
-from sdit.store import Store
+from sdit.store import LABEL_COLUMNS, Store, columns_of
 from sdit.synthesize import SynthesisConfig, initial_noise, read_prompts
 
 MIX = PerturbConfig(mix={"none": 0.4, "input": 0.15, "swap": 0.15, "mix": 0.15, "null": 0.15}, caption_min_t=0)
@@ -86,31 +88,38 @@ def test_a_samples_noise_and_latent_do_not_depend_on_its_batch(store, tiny_teach
     assert np.allclose(a["00000/latents"].astype(np.float32), b["00000/latents"].astype(np.float32), atol=2e-2)
 
 
-def test_a_run_stopped_between_shards_then_rerun_equals_an_uninterrupted_one(store, tiny_teacher, tmp_path,
-                                                                             monkeypatch):
+@pytest.mark.slow
+def test_sigkill_while_synthesizing_or_labelling_synthetic_records_then_rerun_equals_an_uninterrupted_run(
+        store, tiny_teacher, tmp_path):
+    def args(target):
+        return ["teacher-label", target, "--teacher", tiny_teacher, "--labels", "synth", "--draws", 2, "--perturb",
+                "none=0.4,input=0.15,swap=0.15,mix=0.15,null=0.15", "--caption-min-t", 0, "--batch-size", 3,
+                "--synthesize", SYNTH.samples, "--synth-steps", SYNTH.steps, "--synth-guidance", SYNTH.guidance]
+
     whole = shutil.copytree(store, tmp_path / "whole")
-    _label(whole, tiny_teacher)
-    made, original = [], ShardSynthesizer.__call__
+    subprocess.run(cli_command(*args(whole)), check=True, env=child_env(), capture_output=True)
+    n_synthetic, n_labels = len(columns_of("synthetic")), len(LABEL_COLUMNS)
+    n_records = len(Store(str(store)).finished("records"))
+    # Zarr arrays are written in this order: 2 synthetic shards, the labels of the record shards, then those of
+    # the 2 synthetic shards. Kill just before the second array of the second synthetic shard, and of its labels.
+    for name, call in (("synthesizing", n_synthetic + 2),
+                       ("labelling", 2 * n_synthetic + (n_records + 1) * n_labels + 2)):
+        killed = shutil.copytree(store, tmp_path / name)
+        kill_paused_at(args(killed), "zarr:Group.create_array", call, tmp_path / f"{name}.paused")
+        group = "synthetic" if name == "synthesizing" else "labels/synth/synthetic"
+        assert list(Store(str(killed)).finished(group)) == [0], name
+        subprocess.run(cli_command(*args(killed)), check=True, env=child_env(), capture_output=True)
+        for group in ("synthetic", "labels"):
+            assert _same(_arrays(killed, group), _arrays(whole, group)), (name, group)
+        assert _manifests(killed) == _manifests(whole), name
 
-    def killed_after_one_shard(self, shard):
-        if made:
-            raise KeyboardInterrupt  # as a kill between shards
-        made.append(shard)
-        return original(self, shard)
 
-    monkeypatch.setattr(ShardSynthesizer, "__call__", killed_after_one_shard)
-    with pytest.raises(KeyboardInterrupt):
-        _label(store, tiny_teacher)
-    monkeypatch.setattr(ShardSynthesizer, "__call__", original)
-    assert list(Store(str(store)).finished("synthetic")) == [0]
-    (store / "synthetic" / "00001").mkdir()  # half a shard, as a kill mid-write leaves it
-    counts = _label(store, tiny_teacher)
-    assert counts["synthetic"]["shards"] == 2 and counts["synthetic"]["records"] == 6
-    # And a kill while labelling the synthetic records.
-    (store / "_done" / "labels" / "synth" / "synthetic" / "00001.json").unlink()
-    _label(store, tiny_teacher)
-    for group in ("synthetic", "labels"):
-        assert _same(_arrays(store, group), _arrays(whole, group)), group
+def _manifests(store) -> tuple[dict, dict]:
+    """The synthetic set's and its labels' manifests, less what names one run (its id and creation time)."""
+    synthetic = json.loads((store / "synthetic" / "manifest.json").read_text())
+    labels = json.loads((store / "labels" / "synth" / "manifest.json").read_text())
+    return ({k: v for k, v in synthetic.items() if k not in ("set_id", "created")},
+            {k: v for k, v in labels.items() if k != "synthetic_set"})
 
 
 def test_stage_two_rebuilds_every_input_from_the_store_alone(store, tiny_teacher, monkeypatch):

@@ -1,11 +1,9 @@
 import functools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from cli import app
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics, train
 from sdit.dit import SDiT, build_student
-from conftest import new_run
+from conftest import child_env, cli_command, kill_paused_at, kill_when, new_run
 from sdit.errors import SDiTError
 from sdit.run import load_student, read_run
 from sdit.tiny import save_tiny_teacher
@@ -156,58 +154,80 @@ def test_cli_init_then_train_from_it(labelled_store, tiny_teacher, tmp_path):
     assert result.exit_code == 2 and "exists; pass --resume" in result.output and "Traceback" not in result.output
 
 
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "from cli import app; app()", *args]
-
-
-def _whole_then_killed(store, tmp_path, options: list[str], steps: int, kill_after: int) -> tuple[Path, bool]:
-    """Train `steps` steps into tmp_path/whole; start the same run into tmp_path/killed and SIGKILL it once
-    `kill_after` steps are logged, then resume it to `steps`. Returns the killed-and-resumed run folder and
-    whether it had a checkpoint when it was killed."""
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli("train", str(store), "--out", str(tmp_path / "whole"), "--steps", str(steps), *options),
-                   check=True, env=env, capture_output=True)
+def _whole_then_killed(store, tmp_path, options: list[str], steps: int, kill: Callable[[list], None]) -> Path:
+    """Train `steps` steps into tmp_path/whole; start the same run into tmp_path/killed, let `kill(args)` run and
+    SIGKILL it, then resume it to `steps`. Returns the killed-and-resumed run folder."""
+    subprocess.run(cli_command("train", store, "--out", tmp_path / "whole", "--steps", steps, *options),
+                   check=True, env=child_env(), capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", str(store), "--out", str(killed), "--steps", "400", *options),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(read_metrics(metrics) if metrics.exists() else []) < kill_after:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(read_metrics(metrics)) >= kill_after
-    had_checkpoint = (killed / "checkpoints").exists()
-    subprocess.run(_cli("train", str(store), "--out", str(killed), "--steps", str(steps), "--resume", *options),
-                   check=True, env=env, capture_output=True)
-    return killed, had_checkpoint
+    kill(["train", store, "--out", killed, "--steps", 400, *options])
+    assert read_metrics(killed / "metrics.jsonl"), "the kill should land after the first step"
+    subprocess.run(cli_command("train", store, "--out", killed, "--steps", steps, "--resume", *options),
+                   check=True, env=child_env(), capture_output=True)
+    return killed
+
+
+def _after_steps(run: Path, steps: int) -> Callable[[list], None]:
+    return lambda args: kill_when(args, lambda: len(read_metrics(run / "metrics.jsonl")) >= steps)
+
+
+def _assert_same_run(killed: Path, whole: Path, steps: int) -> None:
+    """Each step logged once, the same losses, the same final weights."""
+    assert [m["step"] for m in read_metrics(killed / "metrics.jsonl")] == list(range(1, steps + 1))
+    assert _losses(killed) == _losses(whole)
+    a, b = (load_file(run / "transformer" / "diffusion_pytorch_model.safetensors") for run in (killed, whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 TRAIN_FAST = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--buffer-records", "4"]
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_loss_curve(labelled_store, tmp_path):
-    killed, had_checkpoint = _whole_then_killed(labelled_store, tmp_path, [*TRAIN_FAST, "--checkpoint-every", "3"],
-                                                12, 5)
-    assert had_checkpoint and _losses(killed) == _losses(tmp_path / "whole")
+def test_sigkill_between_checkpoints_then_resume_gives_the_same_run(labelled_store, tmp_path):
+    killed = _whole_then_killed(labelled_store, tmp_path, [*TRAIN_FAST, "--checkpoint-every", "3"], 12,
+                                _after_steps(tmp_path / "killed", 5))
+    _assert_same_run(killed, tmp_path / "whole", 12)
 
 
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(labelled_store, tmp_path):
-    killed, had_checkpoint = _whole_then_killed(labelled_store, tmp_path,
-                                                [*TRAIN_FAST, "--checkpoint-every", "1000"], 8, 3)
-    assert not had_checkpoint
-    assert [m["step"] for m in read_metrics(killed / "metrics.jsonl")] == list(range(1, 9))
-    assert _losses(killed) == _losses(tmp_path / "whole")
+    def before_the_first_checkpoint(args):
+        _after_steps(tmp_path / "killed", 3)(args)
+        assert not (tmp_path / "killed" / "checkpoints").exists()
+
+    killed = _whole_then_killed(labelled_store, tmp_path, [*TRAIN_FAST, "--checkpoint-every", "1000"], 8,
+                                before_the_first_checkpoint)
+    _assert_same_run(killed, tmp_path / "whole", 8)
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(labelled_store, tmp_path):
+    def in_the_second_checkpoint(args):
+        # torch.save writes a checkpoint's optimiser state, after its weights: the second call is at step 6
+        kill_paused_at(args, "torch:save", 2, tmp_path / "paused")
+        checkpoints = tmp_path / "killed" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == [".step-00000006.tmp", "step-00000003"]
+        assert sorted(p.name for p in (checkpoints / ".step-00000006.tmp").iterdir()) == [
+            "ema.safetensors", "model.safetensors"]
+
+    killed = _whole_then_killed(labelled_store, tmp_path, [*TRAIN_FAST, "--checkpoint-every", "3"], 9,
+                                in_the_second_checkpoint)
+    _assert_same_run(killed, tmp_path / "whole", 9)
+    assert not list((killed / "checkpoints").glob(".*"))
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    assert read_metrics(metrics) == [{"step": 1, "loss": 0.5}]
 
 
 @pytest.mark.slow
 def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store, tmp_path):
     options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--steps", "6"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run(_cli("train", str(labelled_store), "--out", str(tmp_path / "one"), *options), check=True,
-                   env=env, capture_output=True)
+    env = child_env()
+    subprocess.run(cli_command("train", labelled_store, "--out", tmp_path / "one", *options), check=True, env=env,
+                   capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, "-m", "cli", "train", str(labelled_store), "--out", str(tmp_path / "two"),
                            *options], env=env, capture_output=True, text=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdit.files import replace_text
+
 
 def tiny_teacher(folder: Path) -> str:
     """The benchmarks' default teacher: a tiny random SD-shaped one, written to `folder`/teacher."""
@@ -36,7 +38,7 @@ def encoded_store(folder: Path, teacher: str, images: int, resolution: int, teac
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    replace_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def generate_images(folder: Path, n: int, resolution: int, seed: int = 0) -> Path:
