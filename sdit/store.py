@@ -296,13 +296,15 @@ class Store:
         return removed
 
 
-def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndarray], record: dict) -> None:
+def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndarray], record: dict,
+                checksum: bool = True) -> None:
     """Write one shard's arrays whole, then its completion record.
 
     Each column is one Zarr array with the sharding codec (one file per column), inner chunks of
     CHUNK_RECORDS records, each with a CRC32C checksum and no compression (fp16 compresses 1.0 to 1.15x, not
-    worth the CPU).
+    worth the CPU). `checksum=False` is for measuring what the checksum costs: stages never write without it.
     """
+    compressors = CHECKSUM if checksum else None
     spec = columns_of(group)
     if set(columns) != set(spec):
         raise ValueError(f"shard columns {sorted(columns)} != {sorted(spec)}")
@@ -318,10 +320,10 @@ def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndar
         capacity = max(chunk, -(-rows // chunk) * chunk)  # the sharding codec wants whole inner chunks
         if spec[name].dtype == "str":
             arr = shard.create_array(name, shape=(n,), dtype=str, chunks=(chunk,), shards=(capacity,),
-                                     compressors=CHECKSUM)
+                                     compressors=compressors)
         else:
             arr = shard.create_array(name, shape=values.shape, dtype=spec[name].dtype, chunks=(chunk, *rest),
-                                     shards=(capacity, *rest), compressors=CHECKSUM, fill_value=0)
+                                     shards=(capacity, *rest), compressors=compressors, fill_value=0)
         if rows:
             arr[:] = values
     store.write_json({**record, "count": n, "index": index}, "_done", group, f"{shard_name(index)}.json")

@@ -80,3 +80,37 @@ def matmul_gflops(device, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+
+
+def checksum_seconds(store_url: str, groups: list[str], repeats: int = 3) -> dict:
+    """Seconds per record that the CRC32C of every chunk adds to writing and to reading the finished shards of
+    `groups`: the same arrays written to a scratch store with and without the checksum, then read back whole,
+    best of `repeats`, alternating. Returns `write_s_per_record`, `read_s_per_record` (with less without) and
+    `records` (of the first group)."""
+    import tempfile
+
+    from sdit.store import Store, write_shard
+
+    store = Store(store_url)
+    shards = [(group, index, record, {name: arr[:] for name, arr in store.shard_group(group, index).arrays()})
+              for group in groups for index, record in store.finished(group).items()]
+    records = sum(record["count"] for group, _, record, _ in shards if group == groups[0])
+    best = {}
+    with tempfile.TemporaryDirectory(prefix="sdit-crc-") as tmp:
+        for _ in range(repeats):
+            for checksum in (True, False):
+                target = Store(f"{tmp}/{checksum}")
+                for group in groups:
+                    target.remove(group)
+                start = time.perf_counter()
+                for group, index, record, columns in shards:
+                    write_shard(target, group, index, columns, record, checksum=checksum)
+                written = time.perf_counter()
+                for group, index, _, _ in shards:
+                    for _, arr in target.shard_group(group, index).arrays():
+                        arr[:]
+                read = time.perf_counter()
+                for key, value in (("write", written - start), ("read", read - written)):
+                    best[key, checksum] = min(best.get((key, checksum), float("inf")), value)
+    return {"write_s_per_record": (best["write", True] - best["write", False]) / records,
+            "read_s_per_record": (best["read", True] - best["read", False]) / records, "records": records}

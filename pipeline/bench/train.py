@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import encoded_store, tiny_teacher
+from pipeline.bench import checksum_seconds, encoded_store, tiny_teacher
 from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
@@ -82,10 +82,14 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
             rates["memory"].append(_steps_per_s(trainer, memory, iter(memory), config, device))
             rates["online"].append(_steps_per_s(trainer, memory, map(online, stream.batches(Position())), config,
                                                 device))
+        crc = checksum_seconds(store, ["records", data.labels.group])
     flops = flops_table(DEFAULT_PRESETS, sample_size=64)
     store_rate, memory_rate, online_rate = (max(rates[k]) for k in ("store", "memory", "online"))
     return {
         "store_steps_per_s": store_rate, "memory_steps_per_s": memory_rate, "loader_ratio": store_rate / memory_rate,
+        # share of a store step's time that the chunks' CRC32C adds to reading its draws (a record and its draws
+        # per `draws` draws of the batch)
+        "checksum_share": crc["read_s_per_record"] * config.batch_size / data.labels.draws * store_rate,
         "offline_steps_per_s": store_rate, "online_steps_per_s": online_rate,
         "online_ratio": online_rate / store_rate, "flops": flops,
         "train_step_flops": {p: TRAIN_STEP_FORWARDS * f for p, f in flops.items() if p != "sd15_unet"},
@@ -116,6 +120,7 @@ def format_train_table(result: dict) -> str:
         f"{'from the store (read, rebuild, step)':<44}{result['store_steps_per_s']:>10.2f} steps/s",
         f"{'from memory (step only)':<44}{result['memory_steps_per_s']:>10.2f} steps/s",
         f"{'store / memory':<44}{result['loader_ratio']:>10.3f}",
+        f"{'checksums (CRC32C) on reads':<44}{result['checksum_share']:>10.2%} of a store step",
         f"{'online (+ teacher UNet forward)':<44}{result['online_steps_per_s']:>10.2f} steps/s",
         f"{'online / offline':<44}{result['online_ratio']:>10.3f}",
         "",

@@ -16,7 +16,8 @@ def test_bench_encode_reports_every_figure(tmp_path):
     write_json(result, tmp_path / "b.json")
     saved = json.loads((tmp_path / "b.json").read_text())
     assert {"stage_records_per_s", "bare_records_per_s", "ratio", "peak_rss_mb"} <= saved.keys()
-    assert "stage / bare" in format_table(result)
+    assert "stage / bare" in format_table(result) and "checksums (CRC32C) on writes" in format_table(result)
+    assert -0.5 < result["checksum_share"] < 0.5  # measured, so noise can make it slightly negative
 
 
 @pytest.mark.slow

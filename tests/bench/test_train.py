@@ -19,6 +19,7 @@ def test_bench_train_reports_the_loader_the_teacher_and_flops(tiny_teacher, tmp_
     assert KEYS <= set(figures)
     assert all(figures[k] > 0 for k in KEYS - {"flops"})
     assert figures["loader_ratio"] == figures["store_steps_per_s"] / figures["memory_steps_per_s"]
+    assert -0.5 < figures["checksum_share"] < 0.5 and "checksums (CRC32C) on reads" in result.output
     assert figures["store_records"] >= 4 * figures["window_records"] == 4 * 64
     flops = figures["flops"]
     assert set(flops) == {"SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2", "sd15_unet"}
