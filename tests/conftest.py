@@ -65,3 +65,26 @@ def new_run(out, teacher, student: str = "SDiT-Nano/2", *, space=None, **options
 
     options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     return init(InitConfig(teacher=str(teacher), student=student, out=str(out), **options), space).run
+
+
+def save_stand_in_inception(path, dim: int = 2048) -> Path:
+    """A small TorchScript network with the interface of NVlabs' inception-2015-12-05.pt (sdit.fid): float or
+    uint8 images (N, 3, H, W) in 0..255 at any size, resized inside to 299, normalised to [-1, 1];
+    `return_features=True` gives (N, dim) features. Its features are linear in the pixels, so FID between an
+    image set and an affine change of it has a closed form."""
+    import torch
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("proj", torch.randn(3 * 8 * 8, dim, generator=torch.Generator().manual_seed(0)) / 8)
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear",
+                                                align_corners=False)
+            x = torch.nn.functional.adaptive_avg_pool2d((x - 128) / 128, 8).flatten(1)  # (N, 192)
+            features = x @ self.proj  # (N, dim)
+            return features if return_features else features.softmax(dim=1)
+
+    torch.jit.script(StandIn()).save(str(path))
+    return Path(path)
