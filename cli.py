@@ -265,6 +265,10 @@ def train(
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = TrainConfig.keep_checkpoints,
     sample_every: Annotated[int, typer.Option(min=0, help="Steps between sample grids (0: at the end only).")] = TrainConfig.sample_every,
     sample_prompts: Annotated[int, typer.Option(min=1, help="Captions in a sample grid (the store's first).")] = TrainConfig.sample_prompts,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations of the EMA student on held-out draws (needs --holdout), logged to metrics.jsonl and the loss plot; 0: never.")] = TrainConfig.eval_every,
+    eval_draws: Annotated[int, typer.Option(min=1, help="Held-out draws per evaluation (the same ones each time).")] = TrainConfig.eval_draws,
+    eval_clip: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: each evaluation also gives the CLIP score of the EMA student's samples of the sample captions.")] = None,
+    log: Annotated[str, typer.Option(help="jsonl (metrics.jsonl), or tensorboard: also event files in RUN/tensorboard (losses, lr, throughput, evaluations, sample grids).")] = TrainConfig.log,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,
     device: Device = TrainConfig.device,
@@ -281,6 +285,7 @@ def train(
                          high_noise_weight=high_noise_weight, synthetic_weight=synthetic_weight, holdout=holdout,
                          seed=seed, buffer_records=buffer_records, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
+                         eval_every=eval_every, eval_draws=eval_draws, eval_clip=eval_clip, log=log,
                          gradient_checkpointing=gradient_checkpointing, precision=precision, device=device,
                          resume=resume)
     make_run = None
@@ -294,8 +299,9 @@ def train(
         bar.total, bar.disable = steps, bar.disable or not main
 
         def on_step(m: dict) -> None:
+            held_out = f" held-out {m['eval_teacher_mse']:.4f}" if "eval_teacher_mse" in m else ""
             bar.set_postfix_str(f"loss {m['loss']:.4f} task {_fmt(m['task_loss'])} kd {m['kd_loss']:.4f} "
-                                f"{m['samples_per_s']:.0f} draws/s", refresh=False)
+                                f"{m['samples_per_s']:.0f} draws/s{held_out}", refresh=False)
             bar.update(m["step"] - bar.n)
 
         summary = run_train(config, on_step, make_run)

@@ -59,6 +59,27 @@ def labelled_store(encoded_store, tiny_teacher, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel folder, as save_pretrained writes one (tests never download one)."""
+    import torch
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from sdit.teacher import SD15_CONFIG_DIR
+
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=small | dict(max_position_embeddings=77, vocab_size=49408),
+                        vision_config=small | dict(image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(out)
+    CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer").save_pretrained(out)
+    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
 def new_run(out, teacher, student: str = "SDiT-Nano/2", *, space=None, **options) -> Path:
     """An untrained run folder (`sdit init`): `student` beside `teacher`'s VAE and text encoder."""
     from pipeline.init import InitConfig, init

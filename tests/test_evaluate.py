@@ -117,26 +117,6 @@ def test_errors(run, tiny_teacher, store, tmp_path):
         evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_inception=str(tmp_path / "i.pt")))
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random CLIPModel folder, as save_pretrained writes one (tests never download one)."""
-    import transformers
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from sdit.teacher import SD15_CONFIG_DIR
-
-    out = tmp_path_factory.mktemp("clip") / "clip"
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=small | dict(max_position_embeddings=77, vocab_size=49408),
-                        vision_config=small | dict(image_size=32, patch_size=8), projection_dim=16)
-    CLIPModel(config).save_pretrained(out)
-    CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer").save_pretrained(out)
-    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-    return out
-
-
 def test_clip_score_from_a_local_model(run, store, clip_folder, tmp_path):
     result = evaluate(EvalConfig(run=str(run), store=str(store), limit=4, clip_model=str(clip_folder),
                                  references=str(SAMPLES), num=3, steps=2, sample_batch_size=2, out=str(tmp_path / "s")))
