@@ -265,6 +265,10 @@ def train(
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = TrainConfig.keep_checkpoints,
     sample_every: Annotated[int, typer.Option(min=0, help="Steps between sample grids (0: at the end only).")] = TrainConfig.sample_every,
     sample_prompts: Annotated[int, typer.Option(min=1, help="Captions in a sample grid (the store's first).")] = TrainConfig.sample_prompts,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations of the EMA student on held-out draws (needs --holdout), logged to metrics.jsonl and the loss plot; 0: never.")] = TrainConfig.eval_every,
+    eval_draws: Annotated[int, typer.Option(min=1, help="Held-out draws per evaluation (the same ones each time).")] = TrainConfig.eval_draws,
+    eval_clip: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: each evaluation also gives the CLIP score of the EMA student's samples of the sample captions.")] = None,
+    log: Annotated[str, typer.Option(help="jsonl (metrics.jsonl), or tensorboard: also event files in RUN/tensorboard (losses, lr, throughput, evaluations, sample grids).")] = TrainConfig.log,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,
     device: Device = TrainConfig.device,
@@ -281,6 +285,7 @@ def train(
                          high_noise_weight=high_noise_weight, synthetic_weight=synthetic_weight, holdout=holdout,
                          seed=seed, buffer_records=buffer_records, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
+                         eval_every=eval_every, eval_draws=eval_draws, eval_clip=eval_clip, log=log,
                          gradient_checkpointing=gradient_checkpointing, precision=precision, device=device,
                          resume=resume)
     make_run = None
@@ -294,8 +299,9 @@ def train(
         bar.total, bar.disable = steps, bar.disable or not main
 
         def on_step(m: dict) -> None:
+            held_out = f" held-out {m['eval_teacher_mse']:.4f}" if "eval_teacher_mse" in m else ""
             bar.set_postfix_str(f"loss {m['loss']:.4f} task {_fmt(m['task_loss'])} kd {m['kd_loss']:.4f} "
-                                f"{m['samples_per_s']:.0f} draws/s", refresh=False)
+                                f"{m['samples_per_s']:.0f} draws/s{held_out}", refresh=False)
             bar.update(m["step"] - bar.n)
 
         summary = run_train(config, on_step, make_run)
@@ -535,33 +541,57 @@ def verify(
 @command
 def evaluate(
     run: Run,
-    store: Annotated[str, typer.Argument(help="The labelled store the run was trained on.")],
+    store: Annotated[Optional[str], typer.Argument(help="The labelled store the run was trained on: teacher agreement on its held-out draws.")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Which labels of the store [default: the run's].")] = None,
     holdout: Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Held-out fraction of records [default: the run's --holdout].")] = None,
     split_seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out split [default: the run's].")] = None,
     buckets: Annotated[int, typer.Option(min=1, help="Timestep buckets of equal width.")] = EvalConfig.buckets,
     batch_size: BatchSize = EvalConfig.batch_size,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many held-out draws.")] = None,
-    clip_model: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: adds the CLIP score.")] = None,
-    references: Annotated[Optional[str], typer.Option(help="Images with captions (folder or parquet): captions to sample, images to score as a reference.")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Reference captions to sample for the CLIP score.")] = EvalConfig.samples,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompts to sample: a text file (one a line) or parquet (--prompt-column) [default: the captions of --references].")] = None,
+    prompt_column: Annotated[str, typer.Option(help="Column of a parquet --prompts file.")] = EvalConfig.prompt_column,
+    references: Annotated[Optional[str], typer.Option(help="Reference images (folder, parquet or webdataset): FID statistics (cached), and captions to sample when --prompts is not given.")] = None,
+    num: Annotated[int, typer.Option("--num", "--samples", min=1, help="Images per model: image i shows prompt i mod P from seed --seed + i.")] = EvalConfig.num,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Also sample this SD teacher (same prompts, seeds, noise, scheduler, steps, guidance) and score it beside the student.")] = None,
+    teacher_config: TeacherConfig = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder of the samples; a rerun reuses the images already there [default: RUN/eval-samples].")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Side of the samples in pixels [default: the student's training size].")] = None,
     steps: Steps = EvalConfig.steps,
     guidance: Guidance = EvalConfig.guidance,
     scheduler: Scheduler = EvalConfig.scheduler,
-    seed: Annotated[int, typer.Option(help="Image i of the CLIP score uses seed + i.")] = EvalConfig.seed,
+    seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = EvalConfig.seed,
+    sample_batch_size: Annotated[int, typer.Option(min=1, help="Images per sampling batch (recorded: it moves FID through float rounding).")] = EvalConfig.sample_batch_size,
+    clip_model: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: adds the CLIP score.")] = None,
+    fid_inception: Annotated[Optional[str], typer.Option(help="NVlabs' TorchScript inception-2015-12-05.pt on local disk: adds FID.")] = None,
+    fid_stats: Annotated[Optional[str], typer.Option(help="Reference statistics to compare with (.npz with mu and sigma, e.g. pytorch-fid's) instead of --references.")] = None,
+    fid_size: Annotated[Optional[int], typer.Option(help="Images (samples and references) become this square size before the extractor, PIL bicubic [default: the samples' size].")] = None,
+    fid_resize: Annotated[str, typer.Option(help="legacy (the extractor resizes to 299 itself, as TensorFlow, StyleGAN, pytorch-fid) or clean (clean-fid's PIL bicubic in float).")] = EvalConfig.fid_resize,
+    fid_references: Annotated[Optional[int], typer.Option(min=2, help="At most this many reference images in the statistics [default: all].")] = None,
+    fid_cache: Annotated[Optional[str], typer.Option(help="Folder of cached reference statistics [default: ~/.cache/sdit/fid-stats].")] = None,
     device: Device = EvalConfig.device,
-    dtype: Annotated[str, typer.Option(help="The student's: fp32, fp16 or bf16.")] = EvalConfig.dtype,
+    dtype: Annotated[str, typer.Option(help="The student's (and teacher's): fp32, fp16 or bf16.")] = EvalConfig.dtype,
     json_out: JsonOut = None,
 ):
-    """How close the student is to its teacher: ε MSE on held-out labelled draws, by timestep and perturbation."""
+    """The student in the field's units: teacher agreement on held-out draws (STORE), FID and CLIP score of its
+    samples (--prompts/--references), with --teacher the teacher's beside them; one table, and --json."""
     from pipeline.evaluate import evaluate as run_eval, format_eval
 
     config = EvalConfig(run=run, store=store, labels=labels, holdout=holdout, split_seed=split_seed, buckets=buckets,
-                        batch_size=batch_size, limit=limit, device=device, dtype=dtype, clip_model=clip_model,
-                        references=references, samples=samples, steps=steps, guidance=guidance, scheduler=scheduler,
-                        seed=seed)
+                        batch_size=batch_size, limit=limit, device=device, dtype=dtype, prompts=prompts,
+                        prompt_column=prompt_column, references=references, num=num, teacher=teacher,
+                        teacher_config=teacher_config, out=out, resolution=resolution, steps=steps, guidance=guidance,
+                        scheduler=scheduler, seed=seed, sample_batch_size=sample_batch_size, clip_model=clip_model,
+                        fid_inception=fid_inception, fid_stats=fid_stats, fid_size=fid_size, fid_resize=fid_resize,
+                        fid_references=fid_references, fid_cache=fid_cache)
+    units = {"agreement": "draw", "sample": "image", "references": "image", "measure": "image"}
     with progress_bar("eval", "draw") as bar:
-        result = run_eval(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+
+        def on_stage(name: str, total: int) -> None:
+            bar.reset(total)
+            bar.set_description(name)
+            bar.unit = units.get(name, "item")
+
+        result = run_eval(config, progress=bar.update, on_stage=on_stage)
     _report(format_eval(result), result, json_out)
 
 

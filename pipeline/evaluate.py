@@ -1,22 +1,20 @@
-"""`sdit eval RUN STORE`: how close the student is to its teacher, on draws it never trained on.
+"""`sdit eval RUN [STORE]`: how close the student is to its teacher, and how good its images are, in the field's units.
 
-Teacher agreement: the student's ε on the held-out split of the store's labelled draws (the records that
-`sdit train --holdout F` kept out, chosen per record from the split seed), against the stored teacher ε_T:
-MSE over the latent's elements, per draw, averaged overall, per timestep bucket and per perturbation kind.
-The inputs are rebuilt exactly as the teacher saw them (sdit.loader), so no teacher is loaded.
+Teacher agreement (with STORE): the student's ε on the held-out split of the store's labelled draws (the
+records that `sdit train --holdout F` kept out, chosen per record from the split seed), against the stored
+teacher ε_T: MSE over the latent's elements, per draw, averaged overall, per timestep bucket and per
+perturbation kind. The inputs are rebuilt exactly as the teacher saw them (sdit.loader): no teacher is loaded.
 
-With a CLIP model on local disk (`--clip-model`, a transformers CLIPModel folder) and reference captions
-(`--references`, a folder or parquet of images and captions), it also samples the student on the captions
-and reports the CLIP score (100 · max(cos(image, caption), 0), averaged; the convention of torchmetrics'
-CLIPScore) of its images and of the reference images.
-
-FID is not computed: see `FID_NOTE`.
+The sampling protocol (with --prompts or --references; pipeline/eval_samples.py): the student, and with
+--teacher the teacher beside it from the same prompts, seeds, noise, scheduler, steps and guidance, sampled
+resumably into a folder; then per model the FID (sdit.fid: the standard Inception-v3 from a local file,
+against --fid-stats or the statistics of --references) and the CLIP score (a local CLIPModel folder:
+100 · max(cos(image, caption), 0), averaged, the convention of torchmetrics' CLIPScore). Every setting that
+moves those figures is recorded with them.
 """
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,10 +31,6 @@ from sdit.pipeline_sdit import DEFAULT_GUIDANCE
 from sdit.run import read_run
 from sdit.sampling import SCHEDULERS
 
-FID_NOTE = ("FID needs the TF-ported InceptionV3 that FID is defined on. torch-fidelity (the feature extractor "
-            "torchmetrics' FrechetInceptionDistance loads by default) requires torchvision, and so does every "
-            "other packaged port (pytorch-fid, torchvision's inception_v3); torchvision cannot be installed "
-            "beside this CPU torch build.")
 CLIP_FILES = ("config.json", "preprocessor_config.json")
 CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CLIP_TOKENIZER = (("vocab.json", "merges.txt"), ("tokenizer.json",))
@@ -45,7 +39,7 @@ CLIP_TOKENIZER = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 @dataclass(frozen=True)
 class EvalConfig:
     run: str
-    store: str
+    store: str | None = None  # teacher agreement on the store's held-out draws
     labels: str | None = None  # default: the labels the run trained on
     holdout: float | None = None  # default: the run's --holdout
     split_seed: int | None = None  # default: the run's split seed
@@ -54,24 +48,52 @@ class EvalConfig:
     limit: int | None = None  # at most this many held-out draws
     device: str = "auto"
     dtype: str = "fp32"  # the student's; MSEs are accumulated in float64 whatever it is
-    # sample-based metrics
-    clip_model: str | None = None
-    references: str | None = None
-    samples: int = 64  # reference captions to sample (the first ones)
+    # the sampling protocol (pipeline/eval_samples.py)
+    prompts: str | None = None  # a text file (one a line) or parquet; default: the captions of `references`
+    prompt_column: str = "text"
+    references: str | None = None  # images (folder, parquet, webdataset): FID statistics, and captions
+    num: int = 64  # images per model: image i shows prompt i mod P from seed `seed + i`
+    teacher: str | None = None  # also sample the teacher the same way
+    teacher_config: str | None = None
+    out: str | None = None  # the samples' folder; default RUN/eval-samples
+    resolution: int | None = None  # pixels, square; default the student's training size
     steps: int = 25
     guidance: float = DEFAULT_GUIDANCE
     scheduler: str = "ddim"
     seed: int = 0
     sample_batch_size: int = 8
+    clip_model: str | None = None
+    fid_inception: str | None = None  # NVlabs' inception-2015-12-05.pt (sdit.fid)
+    fid_stats: str | None = None  # published statistics (.npz with mu, sigma) instead of `references`
+    fid_size: int | None = None  # images become fid_size² before the extractor; default: the samples' size
+    fid_resize: str = "legacy"  # sdit.fid.RESIZES
+    fid_references: int | None = None  # at most this many reference images in the statistics
+    fid_cache: str | None = None  # where reference statistics are cached; default ~/.cache/sdit/fid-stats
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.prompts or self.references)
 
     def check(self) -> None:
-        if self.buckets < 1 or self.batch_size < 1 or self.samples < 1 or self.steps < 1:
-            raise SDiTError("--buckets, --batch-size, --samples and --steps must be at least 1")
+        from sdit.fid import check_resize
+
+        if min(self.buckets, self.batch_size, self.num, self.steps, self.sample_batch_size) < 1:
+            raise SDiTError("--buckets, --batch-size, --num, --steps and --sample-batch-size must be at least 1")
         if self.holdout is not None and not 0 < self.holdout < 1:
             raise SDiTError(f"--holdout {self.holdout}: a fraction in (0, 1)")
-        if (self.clip_model is None) != (self.references is None):
-            raise SDiTError("the CLIP score needs both --clip-model (a local CLIPModel folder) and --references "
-                            "(images with captions)")
+        if not self.store and not self.sampling:
+            raise SDiTError("nothing to evaluate: give STORE (teacher agreement on held-out draws) and/or "
+                            "--prompts FILE or --references IMAGES (samples: FID, CLIP score)")
+        if (self.clip_model or self.teacher or self.fid_inception) and not self.sampling:
+            raise SDiTError("--clip-model, --teacher and --fid-inception score samples: give --prompts FILE "
+                            "(or --references with captions) to say what to sample")
+        if self.fid_inception and not (self.fid_stats or self.references):
+            raise SDiTError("FID needs statistics to compare with: --fid-stats FILE.npz, or --references IMAGES")
+        if self.fid_stats and not self.fid_inception:
+            raise SDiTError("--fid-stats needs --fid-inception (the extractor the samples' features come from)")
+        if self.fid_size is not None and self.fid_size < 8:
+            raise SDiTError(f"--fid-size {self.fid_size}: at least 8 pixels")
+        check_resize(self.fid_resize)
         if self.scheduler not in SCHEDULERS:
             raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
@@ -251,72 +273,51 @@ def load_clip(folder: str | Path, device: torch.device) -> Clip:
     return Clip(model, tokenizer, processor, device)
 
 
-def reference_items(location: str, n: int) -> tuple[list[str], list[Image.Image]]:
-    """The first n records with a caption and a readable image."""
-    from sdit.sources import RejectedInput, open_source
-
-    captions, images = [], []
-    for item in open_source(location):
-        if len(captions) == n:
-            break
-        if not item.caption:
-            continue
-        try:
-            images.append(Image.open(io.BytesIO(item.read())).convert("RGB"))
-        except (RejectedInput, OSError):
-            continue
-        captions.append(item.caption)
-    if not captions:
-        raise SDiTError(f"{location} has no readable images with captions to take as references")
-    return captions, images
-
-
-def clip_scores(config: EvalConfig, clip: Clip, device: torch.device, dtype: torch.dtype,
-                progress: Callable[[int], None] | None = None) -> dict:
-    from sdit.pipeline_sdit import load_pipeline
-
-    captions, references = reference_items(config.references, config.samples)
-    pipe = load_pipeline(config.run, device, dtype)
-    pipe.use_scheduler(config.scheduler)
-    student, reference = [], []
-    for start in range(0, len(captions), config.sample_batch_size):
-        batch = captions[start:start + config.sample_batch_size]
-        generators = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(batch))]
-        images = pipe(batch, generator=generators, num_inference_steps=config.steps,
-                      guidance_scale=config.guidance).images
-        student.append(clip.score(images, batch))
-        reference.append(clip.score(references[start:start + len(batch)], batch))
-        if progress:
-            progress(len(batch))
-    return {"images": len(captions), "student": float(np.concatenate(student).mean()),
-            "references": float(np.concatenate(reference).mean()), "model": str(Path(config.clip_model).resolve()),
-            "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler}
-
-
 # --- the stage ---------------------------------------------------------------------------------------------
 def evaluate(config: EvalConfig, progress: Callable[[int], None] | None = None,
-             on_total: Callable[[int], None] | None = None) -> dict:
-    """Teacher agreement on the held-out draws, then (with a CLIP model) the CLIP score."""
+             on_stage: Callable[[str, int], None] | None = None) -> dict:
+    """Teacher agreement on the held-out draws (with a store), then the sampling protocol (with prompts or
+    references). `on_stage(name, total)` starts each stage, `progress(n)` counts its items."""
     config.check()
     if not Path(config.run).exists():
         raise SDiTError(f"run folder not found: {config.run}")
     run = read_run(config.run)
-    split = held_out(config, run)
+    split = held_out(config, run) if config.store else None
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     clip = load_clip(config.clip_model, device) if config.clip_model else None  # a missing file fails first
-    extra = config.samples if clip else 0  # the CLIP score's images, on the same progress count
-    result = {"run": str(config.run), "store": str(config.store), "labels": split.labels,
-              "split": {"holdout": split.split.holdout, "seed": split.split.seed, "from": split.source},
-              "teacher_agreement": teacher_agreement(config, split, run, device, dtype, progress,
-                                                     (lambda n: on_total(n + extra)) if on_total else None)}
-    if clip:
-        result["clip_score"] = clip_scores(config, clip, device, dtype, progress)
+    extractor = _extractor(config, device)
+    result: dict = {"run": str(config.run)}
+    if split:
+        result |= {"store": str(config.store), "labels": split.labels,
+                   "split": {"holdout": split.split.holdout, "seed": split.split.seed, "from": split.source},
+                   "teacher_agreement": teacher_agreement(config, split, run, device, dtype, progress,
+                                                          (lambda n: on_stage("agreement", n)) if on_stage else None)}
+    if config.sampling:
+        from pipeline.eval_samples import run_protocol
+
+        result |= run_protocol(config, clip, extractor, device, dtype, progress, on_stage)
     result["config"] = asdict(config)
     return result
 
 
+def _extractor(config: EvalConfig, device: torch.device):
+    if not config.fid_inception:
+        return None
+    from sdit.fid import load_extractor
+
+    return load_extractor(config.fid_inception, device)
+
+
 def format_eval(result: dict) -> str:
+    """The figures as a terminal table: agreement, then the samples' settings and FID / CLIP per model."""
+    lines = format_agreement(result) if "teacher_agreement" in result else []
+    if "samples" in result:
+        lines += format_samples(result)
+    return "\n".join(lines)
+
+
+def format_agreement(result: dict) -> list[str]:
     a, s = result["teacher_agreement"], result["split"]
     lines = [f"teacher agreement: MSE(student ε, teacher ε) on {a['draws']:,} held-out draws "
              f"(holdout {s['holdout']:g}, split seed {s['seed']}, labels {result['labels']!r})",
@@ -331,12 +332,32 @@ def format_eval(result: dict) -> str:
     if t["draws"]:
         lines.append(f"MSE to the true noise on {t['draws']:,} draws where it is a target: student "
                      f"{_num(t['student_mse']).strip()}, teacher {_num(t['teacher_mse']).strip()}")
+    return lines
+
+
+def format_samples(result: dict) -> list[str]:
+    s = result["samples"]
+    models = s["models"]
+    lines = [f"samples: {s['num']:,} per model ({s['sampled_now']:,} sampled now) at {s['height']}x{s['width']}, "
+             f"{s['scheduler']} {s['steps']} steps, guidance {s['guidance']:g}, seeds {s['seeds'][0]}.."
+             f"{s['seeds'][1]}, batch {s['batch_size']}, {s['dtype']}; {s['distinct_prompts']:,} prompts from "
+             f"{s['prompts']}; in {s['out']}",
+             f"  {'':<24}" + "".join(f"{m:>12}" for m in models)]
+    if "fid" in result:
+        f = result["fid"]
+        ref = f["reference"]
+        against = ref.get("stats") or f"{ref['source']} ({ref['images']:,} images{', cached' if ref['cached'] else ''})"
+        lines.append(f"  {'FID':<24}" + "".join(f"{f[m]:>12.3f}" for m in models))
+        lines.append(f"    against {against}; {f['resize']} resize from {f['size']} px; extractor "
+                     f"{Path(f['extractor']['path']).name} ({f['extractor']['sha256'][:12]})")
+        if "student_vs_teacher" in f:
+            lines.append(f"    FID between the student's and the teacher's samples: {f['student_vs_teacher']:.3f}")
     if "clip_score" in result:
         c = result["clip_score"]
-        lines.append(f"CLIP score on {c['images']} reference captions ({c['steps']} {c['scheduler']} steps, "
-                     f"guidance {c['guidance']:g}): student {c['student']:.2f}, reference images "
-                     f"{c['references']:.2f}")
-    return "\n".join(lines)
+        lines.append(f"  {'CLIP score':<24}" + "".join(f"{c[m]:>12.2f}" for m in models))
+        if "references" in c:
+            lines.append(f"    reference images against their captions: {c['references']:.2f}")
+    return lines
 
 
 def _num(value: float | None) -> str:

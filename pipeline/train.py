@@ -5,7 +5,10 @@
     stream             shuffled batches of draws, inputs rebuilt exactly as the teacher saw them (sdit.loader)
     step               AdamW on task_weight·|ε_s − ε|² + kd_weight·|ε_s − ε_T|² (sdit.losses); EMA of weights
     every N steps      an atomic checkpoint (weights, EMA, optimiser, step, data position, RNG states) and the
-                       EMA weights into RUN/transformer; every M steps a grid of samples
+                       EMA weights into RUN/transformer; every M steps a grid of samples; every E steps the
+                       EMA student's agreement with the teacher on held-out draws (and, with a CLIP model, the
+                       CLIP score of its samples), logged with that step's metrics
+    --log tensorboard  the same figures and the sample grids as TensorBoard event files in RUN/tensorboard
     finish             RUN/transformer (EMA), metrics.jsonl, loss.png, sdit_run.json "complete"
 
 Nothing imported here can load a teacher (invariant 9): the store holds everything training needs.
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sdit.devices import setup_worker
 from sdit.dit import SDiT
@@ -46,6 +50,8 @@ from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_em
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
+TENSORBOARD = "tensorboard"
+LOGS = ("jsonl", "tensorboard")  # metrics.jsonl always; tensorboard adds event files beside it
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,10 @@ class TrainConfig:
     sample_prompts: int = 8
     sample_steps: int = 25
     sample_guidance: float = 4.0
+    eval_every: int = 0  # 0: never; else teacher agreement on held-out draws every N steps
+    eval_draws: int = 256  # held-out draws per evaluation (the same ones every time)
+    eval_clip: str | None = None  # a local CLIPModel folder: also the CLIP score of the sample captions
+    log: str = "jsonl"
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
     device: str = "auto"
@@ -98,11 +108,20 @@ class TrainConfig:
             raise SDiTError(f"--ema-decay {self.ema_decay}: in [0, 1)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise SDiTError(f"--precision {self.precision!r}: auto, fp32 or bf16")
+        if self.eval_every < 0 or self.eval_draws < 1:
+            raise SDiTError("--eval-every must be >= 0 and --eval-draws at least 1")
+        if self.eval_every and not self.holdout:
+            raise SDiTError("--eval-every measures the student on held-out draws: give --holdout F (e.g. 0.01)")
+        if self.eval_clip and not self.eval_every:
+            raise SDiTError("--eval-clip scores samples at each evaluation: give --eval-every N too")
+        if self.log not in LOGS:
+            raise SDiTError(f"--log {self.log!r}: choose one of {', '.join(LOGS)}")
 
 
 # Options a resumed run may change; any other change would make it another run.
 RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
-             "sample_guidance", "device", "threads", "resume", "precision", "init"}
+             "sample_guidance", "device", "threads", "resume", "precision", "init", "eval_every", "eval_draws",
+             "eval_clip", "log"}
 
 
 # --- distribution ----------------------------------------------------------------------------------------------
@@ -161,7 +180,7 @@ def prepare_run(config: TrainConfig, make_run: Callable[[], object] | None) -> N
     if config.init:
         student_folder(config.init)
         shutil.copytree(config.init, out, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(CHECKPOINTS, METRICS, SAMPLES, "loss.png"))
+                        ignore=shutil.ignore_patterns(CHECKPOINTS, METRICS, SAMPLES, TENSORBOARD, "loss.png"))
     elif make_run is not None:
         make_run()
     else:
@@ -262,6 +281,7 @@ class Trainer:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.guided = data.labels.guided
+        self.board = None  # a TensorBoard writer on the main worker with --log tensorboard (`fit` opens it)
 
     def step(self, batch: Batch) -> dict:
         """Forward, backward, clip, AdamW, EMA. Returns this step's metrics (over all workers)."""
@@ -297,7 +317,7 @@ class Trainer:
                 "kd_loss": kd_sum / n, "lr": lr, "grad_norm": grad_norm}
 
     def fit(self, batches: Iterable[Batch], on_step: Callable[[dict], None] | None = None) -> None:
-        c, s, out = self.config, self.state, Path(self.config.out)
+        c, s = self.config, self.state
         last = time.perf_counter()
         for batch in batches:
             if s.step >= c.steps:
@@ -305,17 +325,45 @@ class Trainer:
             metrics = self.step(batch)
             now = time.perf_counter()
             metrics["samples_per_s"] = c.batch_size / (now - last)
-            last = now
-            if self.workers.main:
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+            if c.eval_every and s.step % c.eval_every == 0 and self.workers.main:
+                metrics |= self.evaluate()
+            self.log(metrics)
             if s.step % c.checkpoint_every == 0 or s.step == c.steps:
                 self.save()
             if c.sample_every and s.step % c.sample_every == 0 and self.workers.main:
                 self.sample_grid()
             if on_step:
                 on_step(metrics)
-            last = time.perf_counter()  # checkpoints and samples do not count against samples/s
+            last = time.perf_counter()  # checkpoints, samples and evaluations do not count against samples/s
+
+    def log(self, metrics: dict) -> None:
+        """One line of metrics.jsonl per step (rank 0), and the same scalars to TensorBoard."""
+        if not self.workers.main:
+            return
+        with open(Path(self.config.out) / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.board is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(board_tag(key), value, metrics["step"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The EMA student on the first `eval_draws` held-out draws (the same every time): MSE to the teacher's
+        ε and to the true noise; with --eval-clip, the CLIP score of its samples of the sample captions."""
+        figures = held_out_agreement(self.state.ema, self.data, self.config, self.device, self.autocast)
+        if self.config.eval_clip:
+            images, captions = self.sample_images()
+            figures["eval_clip_score"] = float(self.clip().score([Image.fromarray(im) for im in images],
+                                                                 captions).mean())
+        return figures
+
+    def clip(self):
+        if not hasattr(self, "_clip"):
+            from pipeline.evaluate import load_clip
+
+            self._clip = load_clip(self.config.eval_clip, self.device)
+        return self._clip
 
     def save(self) -> None:
         if self.workers.main:
@@ -327,7 +375,22 @@ class Trainer:
 
     def sample_grid(self) -> Path:
         """The EMA student's samples for fixed captions of the store, as the seed's "student samples_gs-N"."""
-        c, out = self.config, Path(self.config.out)
+        images, captions = self.sample_images()
+        folder = Path(self.config.out) / SAMPLES
+        folder.mkdir(exist_ok=True)
+        replace_text(folder / "prompts.txt", "\n".join(captions) + "\n")
+        path = folder / f"student_samples_gs-{self.state.step:08d}.png"
+        picture = grid(images, columns=min(8, len(images)))
+        with replacing(path) as tmp:
+            picture.save(tmp)
+        if self.board is not None:
+            self.board.add_image("samples", np.asarray(picture), self.state.step, dataformats="HWC")
+        return path
+
+    def sample_images(self) -> tuple[np.ndarray, list[str]]:
+        """(n, H, W, 3) uint8 samples of the EMA student for the store's first `sample_prompts` captions, from
+        fixed noise, and the captions."""
+        c = self.config
         text, null, captions = sample_captions(self.data, c.sample_prompts)
         ema = self.state.ema
         scheduler = make_scheduler("ddim", self.data.labels.scheduler)
@@ -344,14 +407,7 @@ class Trainer:
 
         latents = denoise(eps_model, scheduler, noise, text.to(self.device), None if self.guided else
                           null.to(self.device), c.sample_steps, 1.0 if self.guided else c.sample_guidance)
-        images = decode(self.vae(), latents)
-        folder = out / SAMPLES
-        folder.mkdir(exist_ok=True)
-        replace_text(folder / "prompts.txt", "\n".join(captions) + "\n")
-        path = folder / f"student_samples_gs-{self.state.step:08d}.png"
-        with replacing(path) as tmp:
-            grid(images, columns=min(8, len(images))).save(tmp)
-        return path
+        return decode(self.vae(), latents), captions
 
     def vae(self):
         if not hasattr(self, "_vae"):
@@ -365,6 +421,52 @@ class NonFinite(SDiTError):
     def __init__(self, step: int, what: str):
         super().__init__(f"the {what} became NaN or inf at step {step}; stopped. The last checkpoint is intact: "
                          "lower --lr, raise --warmup or use --precision fp32, then --resume")
+
+
+@torch.no_grad()
+def held_out_agreement(model: SDiT, data: LabelledStore, config: TrainConfig, device: torch.device,
+                       autocast) -> dict:
+    """Mean over the first `eval_draws` held-out draws of |ε_s − ε_T|² (and of |ε_s − ε|² where the true noise
+    is a target), per draw over the latent's elements: `sdit eval`'s overall figures, on fewer draws."""
+    stream = DrawStream(data, config.batch_size, split=Split(config.holdout, config.seed), train=False,
+                        shuffle=False, repeat=False)
+    kd, task, n, n_task = 0.0, 0.0, 0, 0
+    for batch in stream:
+        keep = min(len(batch), config.eval_draws - n)
+        with autocast:
+            eps = model(batch.x_t[:keep].to(device), batch.timesteps[:keep].to(device),
+                        batch.text[:keep].to(device).float(),
+                        guidance=batch.guidance[:keep].to(device) if data.labels.guided else None).float().cpu()
+        kd += float((eps - batch.eps_teacher[:keep].float()).pow(2).mean(dim=(1, 2, 3)).sum())
+        mask = true_noise_mask(batch.kind[:keep], batch.guidance[:keep])
+        task += float((eps[mask] - batch.noise[:keep][mask].float()).pow(2).mean(dim=(1, 2, 3)).sum())
+        n, n_task = n + keep, n_task + int(mask.sum())
+        if n >= config.eval_draws:
+            break
+    if not n:
+        raise SDiTError("--eval-every: the held-out split has no valid draws; raise --holdout")
+    return {"eval_teacher_mse": kd / n, "eval_true_noise_mse": task / n_task if n_task else None, "eval_draws": n}
+
+
+def summary_writer():
+    """torch's TensorBoard writer class; a one-line error where the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise SDiTError("--log tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or this project's [tensorboard] extra)") from err
+    return SummaryWriter
+
+
+def open_board(out: Path, purge_step: int):
+    """A TensorBoard writer in RUN/tensorboard; on resume, events from `purge_step` on are dropped (they will be
+    logged again), as metrics.jsonl forgets the steps after the last checkpoint."""
+    return summary_writer()(log_dir=str(out / TENSORBOARD), purge_step=purge_step)
+
+
+def board_tag(key: str) -> str:
+    """metrics.jsonl's keys as TensorBoard tags: eval_teacher_mse -> eval/teacher_mse, loss -> train/loss."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
 def sample_captions(data: LabelledStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -396,6 +498,8 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     Without `config.init`, `make_run()` writes the untrained run folder at `config.out` (rank 0, and only for a
     new run): the CLI passes the init stage here, so this module never imports a teacher loader."""
     config.check()
+    if config.log == "tensorboard":
+        summary_writer()  # a missing package fails before any work
     workers = Workers.from_env()
     device, _ = setup_worker(config.device, "fp32", config.threads or (torch.get_num_threads()))
     if device.type == "cuda":
@@ -419,16 +523,24 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     stream = DrawStream(data, config.batch_size, split=Split(config.holdout, config.seed), seed=config.seed,
                         buffer_records=config.buffer_records, rank=workers.rank, world=workers.world)
     trainer = Trainer(config, state, data, device, workers)
+    if workers.main and config.eval_clip:
+        trainer.clip()  # a wrong CLIP folder fails before the first step
+    if workers.main and config.log == "tensorboard":
+        trainer.board = open_board(out, purge_step=state.step + 1)
     started, first = time.perf_counter(), state.step
-    trainer.fit(stream.batches(state.position), on_step)
-    seconds = time.perf_counter() - started
-    summary = {"steps": state.step, "seconds": seconds,
-               "steps_per_s": (state.step - first) / seconds if seconds else None,
-               "draws": stream.total, "run": str(out)}
-    if workers.main:
-        summary["samples"] = str(trainer.sample_grid())
-        plot_losses(out / METRICS, out / "loss.png")
-        update_run(out, train=read_run(out)["train"] | {"step": state.step, "status": "complete"})
+    try:
+        trainer.fit(stream.batches(state.position), on_step)
+        seconds = time.perf_counter() - started
+        summary = {"steps": state.step, "seconds": seconds,
+                   "steps_per_s": (state.step - first) / seconds if seconds else None,
+                   "draws": stream.total, "run": str(out)}
+        if workers.main:
+            summary["samples"] = str(trainer.sample_grid())
+            plot_losses(out / METRICS, out / "loss.png")
+            update_run(out, train=read_run(out)["train"] | {"step": state.step, "status": "complete"})
+    finally:
+        if trainer.board is not None:
+            trainer.board.close()
     workers.barrier()
     return summary
 
@@ -469,6 +581,15 @@ def plot_losses(metrics: Path, png: Path) -> None:
             steps, values = map(np.asarray, zip(*points))
             smooth = _smooth(values)
             ax.plot(steps[len(steps) - len(smooth):], smooth, label=label, linewidth=1)
+    held_out = [(r["step"], r["eval_teacher_mse"]) for r in rows if r.get("eval_teacher_mse") is not None]
+    if held_out:  # the EMA student on held-out draws: whether the run is still improving
+        ax.plot(*zip(*held_out), "o-", label="held-out |ε_s − ε_T|² (EMA)", markersize=3, linewidth=1)
+    clip = [(r["step"], r["eval_clip_score"]) for r in rows if r.get("eval_clip_score") is not None]
+    if clip:
+        right = ax.twinx()
+        right.plot(*zip(*clip), "s--", color="tab:purple", label="CLIP score (EMA samples)", markersize=3)
+        right.set_ylabel("CLIP score")
+        right.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend()

@@ -65,6 +65,27 @@ def labelled_store(encoded_store, tiny_teacher, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIPModel folder, as save_pretrained writes one (tests never download one)."""
+    import torch
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from sdit.teacher import SD15_CONFIG_DIR
+
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=small | dict(max_position_embeddings=77, vocab_size=49408),
+                        vision_config=small | dict(image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(out)
+    CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer").save_pretrained(out)
+    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
 def new_run(out, teacher, student: str = "SDiT-Nano/2", *, space=None, **options) -> Path:
     """An untrained run folder (`sdit init`): `student` beside `teacher`'s VAE and text encoder."""
     from pipeline.init import InitConfig, init
@@ -134,3 +155,26 @@ def _kill(command: list[str], ready: Callable[[], bool], timeout: float) -> None
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def save_stand_in_inception(path, dim: int = 2048) -> Path:
+    """A small TorchScript network with the interface of NVlabs' inception-2015-12-05.pt (sdit.fid): float or
+    uint8 images (N, 3, H, W) in 0..255 at any size, resized inside to 299, normalised to [-1, 1];
+    `return_features=True` gives (N, dim) features. Its features are linear in the pixels, so FID between an
+    image set and an affine change of it has a closed form."""
+    import torch
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("proj", torch.randn(3 * 8 * 8, dim, generator=torch.Generator().manual_seed(0)) / 8)
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear",
+                                                align_corners=False)
+            x = torch.nn.functional.adaptive_avg_pool2d((x - 128) / 128, 8).flatten(1)  # (N, 192)
+            features = x @ self.proj  # (N, dim)
+            return features if return_features else features.softmax(dim=1)
+
+    torch.jit.script(StandIn()).save(str(path))
+    return Path(path)

@@ -1,4 +1,5 @@
-"""`sdit eval`: teacher agreement on the held-out draws, the CLIP score from a local model, errors."""
+"""`sdit eval`: teacher agreement on the held-out draws; the sampling protocol (resumable samples, FID with a
+stand-in extractor, the CLIP score from a local model, the teacher beside the student); errors."""
 
 import numpy as np
 import pytest
@@ -102,36 +103,52 @@ def test_errors(run, tiny_teacher, store, tmp_path):
         evaluate(EvalConfig(run=str(guided), store=str(store)))
     with pytest.raises(SDiTError, match="no labels 'other'"):
         evaluate(EvalConfig(run=str(run), store=str(store), labels="other"))
-    with pytest.raises(SDiTError, match="needs both --clip-model"):
+    with pytest.raises(SDiTError, match="--clip-model, --teacher and --fid-inception score samples"):
         evaluate(EvalConfig(run=str(run), store=str(store), clip_model=str(tmp_path)))
+    with pytest.raises(SDiTError, match="nothing to evaluate"):
+        evaluate(EvalConfig(run=str(run)))
+    with pytest.raises(SDiTError, match="FID needs statistics to compare with"):
+        evaluate(EvalConfig(run=str(run), prompts=str(tmp_path / "p.txt"), fid_inception=str(tmp_path / "i.pt")))
+    with pytest.raises(SDiTError, match="--fid-stats needs --fid-inception"):
+        evaluate(EvalConfig(run=str(run), prompts=str(tmp_path / "p.txt"), fid_stats=str(tmp_path / "s.npz")))
+    with pytest.raises(SDiTError, match="--fid-resize 'area'"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_resize="area"))
+    with pytest.raises(SDiTError, match="--fid-inception .*no such file; FID needs .*inception-2015-12-05.pt"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_inception=str(tmp_path / "i.pt")))
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random CLIPModel folder, as save_pretrained writes one (tests never download one)."""
-    import transformers
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from sdit.teacher import SD15_CONFIG_DIR
-
-    out = tmp_path_factory.mktemp("clip") / "clip"
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(text_config=small | dict(max_position_embeddings=77, vocab_size=49408),
-                        vision_config=small | dict(image_size=32, patch_size=8), projection_dim=16)
-    CLIPModel(config).save_pretrained(out)
-    CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer").save_pretrained(out)
-    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-    return out
-
-
-def test_clip_score_from_a_local_model(run, store, clip_folder):
+def test_clip_score_from_a_local_model(run, store, clip_folder, tmp_path):
     result = evaluate(EvalConfig(run=str(run), store=str(store), limit=4, clip_model=str(clip_folder),
-                                 references=str(SAMPLES), samples=3, steps=2, sample_batch_size=2))
+                                 references=str(SAMPLES), num=3, steps=2, sample_batch_size=2, out=str(tmp_path / "s")))
     clip = result["clip_score"]
-    assert clip["images"] == 3 and 0 <= clip["student"] <= 100 and 0 <= clip["references"] <= 100
-    assert "CLIP score on 3 reference captions" in format_eval(result)
+    assert 0 <= clip["student"] <= 100 and 0 <= clip["references"] <= 100
+    assert result["samples"]["num"] == 3 and result["teacher_agreement"]["draws"] == 4
+    assert "CLIP score" in format_eval(result) and "reference images against their captions" in format_eval(result)
+
+
+def test_samples_are_resumed_and_their_settings_checked(run, tiny_teacher, tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "samples"
+    config = EvalConfig(run=str(run), prompts=str(prompts), num=3, steps=2, sample_batch_size=2,
+                        teacher=str(tiny_teacher), out=str(out))
+    first = evaluate(config)
+    assert first["samples"]["sampled_now"] == 3 and first["samples"]["models"] == ["student", "teacher"]
+    assert [len(list((out / m).glob("*.png"))) for m in ("student", "teacher")] == [3, 3]
+    with Image.open(out / "student" / "000002.png") as image:  # image i shows prompt i mod P, seed seed + i
+        assert image.text["prompt"] == "a red circle" and image.text["seed"] == "2"
+    kept, lost = (out / "student" / "000000.png").stat().st_mtime_ns, (out / "teacher" / "000001.png").read_bytes()
+    (out / "teacher" / "000001.png").unlink()
+    again = evaluate(replace(config, num=4))
+    assert again["samples"]["sampled_now"] == 2  # image 1 (its teacher PNG was lost) and the new image 3
+    assert (out / "student" / "000000.png").stat().st_mtime_ns == kept
+    assert (out / "teacher" / "000001.png").read_bytes() == lost  # the same image again
+    with pytest.raises(SDiTError, match="holds samples made with other settings \\(steps 2 -> 3\\)"):
+        evaluate(replace(config, steps=3))
 
 
 def test_a_missing_clip_file_is_named(clip_folder, tmp_path):
@@ -162,3 +179,47 @@ def test_the_command(run, store, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(run), str(tmp_path / "no-store")])
     assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1, \
         result.output
+
+
+def test_the_protocol_on_the_shapes_world_beside_the_teacher(clip_folder, tmp_path):
+    """`sdit eval RUN STORE --prompts --teacher` with the toy teacher: agreement, FID (the stand-in extractor)
+    and CLIP score of the student and the teacher side by side, in one table and one JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+    from conftest import REPO, save_stand_in_inception
+    from sdit.shapes import world
+
+    toy = REPO / "data" / "toy-sd"
+    world.write_split(world.sample(24, seed=1), tmp_path / "shapes")
+    world.write_prompts(world.heldout_prompts()[:4], tmp_path / "prompts.txt")
+    store = tmp_path / "store"
+    encode(EncodeConfig(source=str(tmp_path / "shapes"), teacher=str(toy), out=str(store), resolution=64,
+                        shard_size=8))
+    label(LabelConfig(store=str(store), teacher=str(toy), perturb=MIX, draws=2, batch_size=16))
+    run = trained(new_run(tmp_path / "run", toy, "SDiT-Nano/2"), store)
+    inception = save_stand_in_inception(tmp_path / "inception-2015-12-05.pt", dim=256)
+    args = ["eval", str(run), str(store), "--prompts", str(tmp_path / "prompts.txt"), "--num", "8", "--steps", "3",
+            "--guidance", "3", "--sample-batch-size", "4", "--teacher", str(toy), "--references",
+            str(tmp_path / "shapes"), "--fid-inception", str(inception), "--fid-cache", str(tmp_path / "cache"),
+            "--clip-model", str(clip_folder), "--out", str(tmp_path / "samples"), "--json", str(tmp_path / "e.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "e.json").read_text())
+    f, c, s = figures["fid"], figures["clip_score"], figures["samples"]
+    assert f["student"] > 0 and f["teacher"] > 0 and f["student_vs_teacher"] > 0
+    assert f["reference"]["images"] == 24 and not f["reference"]["cached"] and f["size"] == 64
+    assert f["resize"] == "legacy" and f["extractor"]["features"] == 256
+    assert 0 <= c["student"] <= 100 and 0 <= c["teacher"] <= 100
+    assert figures["teacher_agreement"]["draws"] > 0
+    assert (s["num"], s["height"], s["steps"], s["guidance"], s["seeds"], s["batch_size"]) == (8, 64, 3, 3.0, [0, 7], 4)
+    assert "FID" in result.output and "CLIP score" in result.output and "teacher agreement" in result.output
+    assert "student" in result.output and "teacher" in result.output
+    again = CliRunner().invoke(app, args)  # nothing sampled again, the statistics from the cache: same figures
+    assert again.exit_code == 0, again.output
+    second = json.loads((tmp_path / "e.json").read_text())
+    assert second["samples"]["sampled_now"] == 0 and second["fid"]["reference"]["cached"]
+    assert second["fid"]["student"] == pytest.approx(f["student"], rel=1e-9)
+    assert second["clip_score"]["teacher"] == pytest.approx(c["teacher"], rel=1e-9)

@@ -288,3 +288,42 @@ def test_a_fresh_student_from_a_single_file_teacher_never_reads_its_unet(labelle
     assert {k.split(".")[0] for k in read} == {"first_stage_model", "cond_stage_model"}
     assert any(k.startswith(VAE_PREFIX) for k in read) and any(k.startswith(TEXT_PREFIX) for k in read)
     assert read_run(tmp_path / "run")["teacher"]["layout"] == "single_file"
+
+
+def test_eval_every_logs_held_out_agreement_and_clip_score(labelled_store, clip_folder, tmp_path):
+    run = tmp_path / "run"
+    _train(labelled_store, run, steps=4, holdout=0.5, eval_every=2, eval_draws=6, eval_clip=str(clip_folder))
+    rows = read_metrics(run / "metrics.jsonl")
+    evaluated = {r["step"]: r for r in rows if "eval_teacher_mse" in r}
+    assert sorted(evaluated) == [2, 4] and all("loss" in r for r in evaluated.values())
+    for r in evaluated.values():
+        assert r["eval_draws"] == 6 and r["eval_teacher_mse"] > 0 and 0 <= r["eval_clip_score"] <= 100
+    assert evaluated[2]["eval_teacher_mse"] != evaluated[4]["eval_teacher_mse"]  # the EMA moved
+    assert "eval_teacher_mse" not in rows[0]
+    assert Image.open(run / "loss.png").size[0] > 0
+    with pytest.raises(SDiTError, match="--eval-every measures the student on held-out draws: give --holdout"):
+        _train(labelled_store, tmp_path / "no-holdout", steps=2, eval_every=1)
+    with pytest.raises(SDiTError, match="--log 'wandb'"):
+        _train(labelled_store, tmp_path / "wandb", steps=2, log="wandb")
+
+
+def test_tensorboard_event_files_hold_the_metrics_and_sample_grids(labelled_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(labelled_store), "--out", str(run), "--student", "SDiT-Nano/2",
+                                      "--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--holdout",
+                                      "0.5", "--eval-every", "2", "--eval-draws", "4", "--sample-every", "2",
+                                      "--sample-prompts", "2", "--log", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/kd_loss", "train/lr", "train/grad_norm", "train/samples_per_s",
+            "eval/teacher_mse"} <= set(tags["scalars"])
+    assert "samples" in tags["images"]
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    logged = [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl")]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in losses], [v for _, v in logged], rtol=1e-6)
+    assert [e.step for e in events.Scalars("eval/teacher_mse")] == [2, 4]
+    assert [e.step for e in events.Images("samples")] == [2, 4, 4]  # every 2 steps, and the final grid

@@ -1,0 +1,251 @@
+"""`sdit eval`'s sampling protocol: the student (and the teacher) on a fixed prompt list, then FID and CLIP score.
+
+    OUT/settings.json          everything that makes the images; a rerun with other settings is refused
+    OUT/student/000000.png     image i shows prompt i mod P (P prompts) from seed `seed + i`; its PNG text chunk
+                               holds the prompt and every setting
+    OUT/teacher/000000.png     with --teacher: the same prompt, seed, initial noise, scheduler, steps, guidance
+
+Resumable: an image whose PNGs exist (written whole: a temporary name, then a rename) is not sampled again,
+so an interrupted run goes on where it stopped, and a larger --num adds images to a finished one. The metrics
+read the PNGs back, so they are the same whether an image was sampled now or in an earlier run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdit import fid
+from sdit.errors import SDiTError
+from sdit.files import replace_text
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import Clip, EvalConfig
+
+SETTINGS = "settings.json"
+Progress = Callable[[int], None] | None
+OnStage = Callable[[str, int], None] | None
+
+
+@dataclass(frozen=True)
+class Prompts:
+    texts: list[str]  # image i shows texts[i % len(texts)]
+    source: str  # where they came from
+    sha256: str  # of the whole list, so a resumed run knows it has the same prompts
+
+
+def read_prompts(config: EvalConfig) -> Prompts:
+    """--prompts (a text file, one a line, or a parquet column), else the captions of --references."""
+    from sdit.sources import open_prompts
+
+    if config.prompts:
+        texts = [item.caption for item in open_prompts(config.prompts, config.prompt_column) if item.caption]
+        source = f"--prompts {config.prompts}"
+    else:
+        texts = reference_captions(config.references, config.num)
+        source = f"captions of --references {config.references}"
+    if not texts:
+        raise SDiTError(f"{source} holds no prompts")
+    return Prompts(texts, source, hashlib.sha256("\n".join(texts).encode()).hexdigest())
+
+
+def reference_captions(location: str, n: int) -> list[str]:
+    from sdit.sources import open_source
+
+    captions = []
+    for item in open_source(location):
+        if len(captions) == n:
+            break
+        if item.caption:
+            captions.append(item.caption)
+    return captions
+
+
+def sample_settings(config: EvalConfig, prompts: Prompts, size: tuple[int, int]) -> dict:
+    """What makes image i: change any of it and the images are other images."""
+    weights = sorted((Path(config.run) / "transformer").glob("*.safetensors"))
+    return {"run": str(Path(config.run).resolve()),
+            "student_weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
+            "teacher": str(Path(config.teacher).resolve()) if config.teacher else None,
+            "teacher_config": config.teacher_config, "prompts": prompts.source, "prompts_sha256": prompts.sha256,
+            "height": size[0], "width": size[1], "scheduler": config.scheduler, "steps": config.steps,
+            "guidance": config.guidance, "seed": config.seed, "dtype": config.dtype}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """A folder with samples of other settings is refused, naming what differs; a new one is stamped."""
+    path = out / SETTINGS
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+            raise SDiTError(f"{out} holds samples made with other settings ({changed}); give another --out, or "
+                            "delete it to sample again")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    replace_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def png(out: Path, model: str, index: int) -> Path:
+    return out / model / f"{index:06d}.png"
+
+
+def sample_missing(config: EvalConfig, prompts: Prompts, out: Path, models: tuple[str, ...], pipe,
+                   size: tuple[int, int], device: torch.device, dtype: torch.dtype, progress: Progress = None,
+                   on_stage: OnStage = None) -> int:
+    """Sample the images of 0..num-1 that some model lacks, in batches; returns how many were sampled.
+    `pipe` is the student's SDiTPipeline, `size` its latent (h, w)."""
+    from pipeline.sample import Job, SampleConfig, sample_batch, settings
+    from sdit.images import save_png
+
+    jobs = [Job(i, prompts.texts[i % len(prompts.texts)], config.seed + i) for i in range(config.num)]
+    missing = [job for job in jobs if not all(png(out, m, job.index).is_file() for m in models)]
+    if on_stage:
+        on_stage("sample", len(missing) * len(models))
+    if not missing:
+        return 0
+    teacher = _teacher(config, device, dtype)
+    sampling = SampleConfig(run=config.run, out=str(out), steps=config.steps, guidance=config.guidance,
+                            scheduler=config.scheduler, seed=config.seed, batch_size=config.sample_batch_size,
+                            compare_teacher=config.teacher, teacher_config=config.teacher_config)
+    for model in models:
+        (out / model).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(missing), config.sample_batch_size):
+        batch = missing[start:start + config.sample_batch_size]
+        for model, images in sample_batch(sampling, pipe, teacher, batch, size, device, progress).items():
+            for job, image in zip(batch, images):
+                save_png(image, png(out, model, job.index), settings(sampling, job, model, image))  # whole or absent
+    return len(missing)
+
+
+def _teacher(config: EvalConfig, device: torch.device, dtype: torch.dtype):
+    if not config.teacher:
+        return None
+    from sdit.teacher import load_teacher
+
+    return load_teacher(config.teacher, components=("vae", "text_encoder", "unet"), config_dir=config.teacher_config,
+                        device=device, dtype=dtype)
+
+
+def read_images(out: Path, model: str, n: int) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 images 0..n-1 of a model, as written."""
+    for i in range(n):
+        with Image.open(png(out, model, i)) as image:
+            yield np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Measures:
+    stats: fid.Stats | None
+    clip: float | None
+
+
+def measure(config: EvalConfig, prompts: Prompts, out: Path, model: str, extractor: fid.Extractor | None,
+            clip: Clip | None, fid_size: int, progress: Progress = None) -> Measures:
+    """FID statistics and the mean CLIP score of a model's images, read back in batches."""
+    sums = fid.FeatureSums(extractor.dim) if extractor else None
+    scores = []
+    batch_size = config.sample_batch_size
+    images = read_images(out, model, config.num)
+    for start in range(0, config.num, batch_size):
+        batch = [next(images) for _ in range(min(batch_size, config.num - start))]
+        if sums is not None:
+            sums.add(extractor.features(np.stack([fid.prepare(fid.square(Image.fromarray(im), fid_size),
+                                                              config.fid_resize) for im in batch])))
+        if clip is not None:
+            captions = [prompts.texts[(start + k) % len(prompts.texts)] for k in range(len(batch))]
+            scores.append(clip.score([Image.fromarray(im) for im in batch], captions))
+        if progress:
+            progress(len(batch))
+    return Measures(sums.stats() if sums is not None else None,
+                    float(np.concatenate(scores).mean()) if scores else None)
+
+
+def reference(config: EvalConfig, extractor: fid.Extractor, fid_size: int, progress: Progress = None,
+              on_stage: OnStage = None) -> fid.Reference:
+    """The statistics FID compares with: --fid-stats as given, or those of --references (cached)."""
+    if config.fid_stats:
+        return fid.published_stats(config.fid_stats, extractor)
+    cache = Path(config.fid_cache) if config.fid_cache else None
+    return fid.reference_stats(config.references, extractor, fid_size, config.fid_resize,
+                               limit=config.fid_references, cache=cache, batch_size=config.sample_batch_size,
+                               progress=progress, on_total=(lambda n: on_stage("references", n)) if on_stage else None)
+
+
+def run_protocol(config: EvalConfig, clip: Clip | None, extractor: fid.Extractor | None, device: torch.device,
+                 dtype: torch.dtype, progress: Progress = None, on_stage: OnStage = None) -> dict:
+    """Sample what is missing, then FID and CLIP score per model; the figures and every setting behind them."""
+    from sdit.pipeline_sdit import load_pipeline
+
+    prompts = read_prompts(config)
+    pipe = load_pipeline(config.run, device, dtype)
+    pipe.use_scheduler(config.scheduler)
+    latent = pipe.latent_size(config.resolution, config.resolution)  # refuses a bad --resolution first
+    size = (latent[0] * pipe.vae_scale_factor, latent[1] * pipe.vae_scale_factor)
+    out = Path(config.out) if config.out else Path(config.run) / "eval-samples"
+    check_settings(out, sample_settings(config, prompts, size))
+    models = ("student", "teacher") if config.teacher else ("student",)
+    sampled = sample_missing(config, prompts, out, models, pipe, latent, device, dtype, progress, on_stage)
+    fid_size = config.fid_size or size[0]
+    ref = reference(config, extractor, fid_size, progress, on_stage) if extractor else None
+    if on_stage:
+        on_stage("measure", config.num * len(models))
+    measures = {m: measure(config, prompts, out, m, extractor, clip, fid_size, progress) for m in models}
+    result = {"samples": {"out": str(out), "num": config.num, "sampled_now": sampled, "prompts": prompts.source,
+                          "distinct_prompts": len(prompts.texts), "height": size[0], "width": size[1],
+                          "scheduler": config.scheduler, "steps": config.steps, "guidance": config.guidance,
+                          "seeds": [config.seed, config.seed + config.num - 1], "batch_size": config.sample_batch_size,
+                          "dtype": config.dtype, "models": list(models),
+                          "teacher": str(Path(config.teacher).resolve()) if config.teacher else None}}
+    if extractor:
+        result["fid"] = fid_figures(measures, ref, extractor, fid_size, config.fid_resize)
+    if clip:
+        result["clip_score"] = {m: measures[m].clip for m in models} | {"model": str(Path(config.clip_model).resolve())}
+        if not config.prompts:  # the prompts are the references' captions: score their own images too
+            result["clip_score"]["references"] = reference_clip(config.references, config.num, clip)
+    return result
+
+
+def reference_clip(location: str, n: int, clip: Clip, batch_size: int = 16) -> float:
+    """Mean CLIP score of the first n reference images with a caption against that caption."""
+    import io
+
+    from sdit.sources import RejectedInput, open_source
+
+    scores, images, captions, taken = [], [], [], 0
+    for item in open_source(location):
+        if taken == n:
+            break
+        if not item.caption:
+            continue
+        try:
+            images.append(Image.open(io.BytesIO(item.read())).convert("RGB"))
+        except (RejectedInput, OSError):
+            continue
+        captions.append(item.caption)
+        taken += 1
+        if len(images) == batch_size:
+            scores.append(clip.score(images, captions))
+            images, captions = [], []
+    if images:
+        scores.append(clip.score(images, captions))
+    if not scores:
+        raise SDiTError(f"{location} has no readable images with captions to score as a reference")
+    return float(np.concatenate(scores).mean())
+
+
+def fid_figures(measures: dict[str, Measures], ref: fid.Reference, extractor: fid.Extractor, size: int,
+                resize: str) -> dict:
+    figures = {m: fid.frechet_distance(v.stats, ref.stats) for m, v in measures.items()}
+    if "teacher" in measures:  # how far the student's images are from the teacher's, as a distribution
+        figures["student_vs_teacher"] = fid.frechet_distance(measures["student"].stats, measures["teacher"].stats)
+    return figures | {"reference": ref.info, "extractor": extractor.describe(), "size": size, "resize": resize,
+                      "images": measures["student"].stats.count}
