@@ -414,6 +414,7 @@ def bench_distill(
     seed: Annotated[int, typer.Option()] = DistillConfig.seed,
     curve_points: Annotated[int, typer.Option(min=0, help="Checkpoints of each run scored for its learning curve (0: none).")] = DistillConfig.curve_points,
     curve_prompts: Annotated[int, typer.Option(min=1, max=6, help="Prompts per shape-colour pair (of 6) the curves score.")] = DistillConfig.curve_prompts,
+    jobs: Annotated[int, typer.Option(min=0, help="Runs trained side by side, a process each (0: as many as runs, up to the cores).")] = DistillConfig.jobs,
     json_out: JsonOut = None,
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts."""
@@ -424,6 +425,7 @@ def bench_distill(
                            sample_steps=sample_steps, guidance=guidance, seed=seed,
                            high_noise_weight=high_noise_weight, synth_samples=synth_samples,
                            bank_per_pair=bank_per_pair or None, curve_points=curve_points, curve_prompts=curve_prompts,
+                           jobs=jobs,
                            perturb=PerturbConfig.from_option(perturb, caption_min_t=caption_min_t))
     bar = None
 
@@ -437,7 +439,8 @@ def bench_distill(
             bar.total = steps
 
     def on_step(m: dict) -> None:
-        bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
+        if "loss" in m:  # one run at a time; side by side, the bar shows the step every run has reached
+            bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
         bar.update(m["step"] - bar.n)
 
     report = distill(config, stage, on_step)

@@ -35,8 +35,11 @@ The figures (each run, and the teacher, from the same noise):
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +51,7 @@ from pipeline.encode import EncodeConfig, encode
 from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
-from pipeline.train import TrainConfig, checkpoint_dirs, train
+from pipeline.train import METRICS, TrainConfig, checkpoint_dirs, read_metrics, train
 from sdit import sampling
 from sdit.shapes import evaluator, world
 from sdit.dit import PRESETS
@@ -106,12 +109,15 @@ class DistillConfig:
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)
     curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
     curve_prompts: int = 2  # per shape-colour pair of the evaluation prompts (of 6), for the curves
+    jobs: int = 0  # runs trained side by side, each in its own process (0: as many as runs, up to the cores)
 
     def check(self) -> None:
         if unknown := [r for r in self.runs if r not in RECIPES]:
             raise SDiTError(f"unknown runs {unknown}; choose from {list(RECIPES)}")
         if self.student not in PRESETS:
             raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
+        if self.jobs < 0:
+            raise SDiTError("--jobs must be at least 0 (0: as many as runs, up to the cores)")
         if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR:
             raise SDiTError(f"--curve-points must be >= 0 and --curve-prompts in 1..{PROMPTS_PER_PAIR}")
         if not Path(self.teacher).exists():
@@ -134,9 +140,7 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
     store = prepare_store(config, out, progress)
     init_for_store(str(store), RECIPES[config.runs[0]].labels, str(out / "init"), config.student,
                    teacher=config.teacher, seed=config.seed)  # every run starts from these weights
-    for name, run in runs.items():
-        progress(f"train {name}")
-        train(run, on_step)
+    train_side_by_side(runs, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), progress, on_step)
     progress("sample and evaluate")
     teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
     results = score_all(config, out, store, teacher)
@@ -161,6 +165,30 @@ def train_configs(config: DistillConfig, store: Path) -> dict[str, TrainConfig]:
                               checkpoint_every=-(-config.steps // max(config.curve_points, 1)),
                               keep_checkpoints=max(config.curve_points, 1), sample_every=0)
             for name in config.runs}
+
+
+def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progress,
+                       on_step: Callable[[dict], None] | None) -> None:
+    """Train the runs, `jobs` at a time, each in a process of its own with the torch threads split among them
+    (small students use many threads poorly, so side by side finishes sooner); one at a time in this process
+    when `jobs` is 1. `on_step` hears the step every running run has reached."""
+    if jobs <= 1:
+        for name, run in runs.items():
+            progress(f"train {name}")
+            train(run, on_step)
+        return
+    progress(f"train {', '.join(runs)} ({jobs} side by side)")
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(train, run) for run in runs.values()}
+        while pending:
+            done, pending = wait(pending, timeout=1.0)
+            for future in done:
+                future.result()  # a run's error stops the experiment here
+            if on_step:
+                on_step({"step": min(len(read_metrics(Path(run.out) / METRICS)) for run in runs.values())})
 
 
 def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:

@@ -1,10 +1,14 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.bench.distill import train_side_by_side
+from pipeline.init import init_for_store
+from pipeline.train import TrainConfig, read_metrics
 from sdit.loader import LabelledStore
 from sdit.perturb import Kind
 from sdit.run import read_run
@@ -16,7 +20,8 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     out, figures = tmp_path / "distill", tmp_path / "distill.json"
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
-                                      "--per-prompt", "1", "--sample-steps", "2", "--json", str(figures)])
+                                      "--per-prompt", "1", "--sample-steps", "2", "--jobs", "2",
+                                      "--json", str(figures)])
     assert result.exit_code == 0, result.output
     report = json.loads(figures.read_text())
     assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth"}
@@ -47,6 +52,28 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     grid = Image.open(out / "grid.png")
     assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and four student rows
     assert "| kd_perturb |" in (out / "report.md").read_text()
+
+
+def test_runs_trained_side_by_side_equal_runs_trained_one_at_a_time(labelled_store, tiny_teacher, tmp_path):
+    init_for_store(str(labelled_store), "default", str(tmp_path / "init"), "SDiT-Nano/2", teacher=str(tiny_teacher))
+
+    def runs(folder: str) -> dict[str, TrainConfig]:
+        return {name: TrainConfig(store=str(labelled_store), out=str(tmp_path / folder / name),
+                                  init=str(tmp_path / "init"), steps=3, batch_size=8, kd_weight=kd, sample_every=0)
+                for name, kd in (("no_teacher", 0.0), ("kd", 1.0))}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each process side by side gets on two cores: the same rounding
+    try:
+        train_side_by_side(runs("one"), 1, lambda _: None, None)
+    finally:
+        torch.set_num_threads(threads)
+    stages, steps = [], []
+    train_side_by_side(runs("two"), 2, stages.append, lambda m: steps.append(m["step"]))
+    assert stages == ["train no_teacher, kd (2 side by side)"] and steps[-1] == 3
+    for name in ("no_teacher", "kd"):
+        one, two = (read_metrics(tmp_path / folder / name / "metrics.jsonl") for folder in ("one", "two"))
+        assert [(m["step"], m["loss"]) for m in one] == [(m["step"], m["loss"]) for m in two]
 
 
 def test_bad_training_options_are_refused_before_any_work(tiny_teacher, tmp_path):
