@@ -396,7 +396,7 @@ def bench_train(
 def bench_distill(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = DistillConfig.out,
     teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
-    runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth.")] = ",".join(DistillConfig.runs),
+    runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided.")] = ",".join(DistillConfig.runs),
     synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = DistillConfig.synth_samples,
     bank_per_pair: Annotated[int, typer.Option(min=0, max=54, help="The prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs; 0: all 1,944.")] = DistillConfig.bank_per_pair,
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = DistillConfig.records,
@@ -409,6 +409,7 @@ def bench_distill(
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = DistillConfig.per_prompt,
     sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = DistillConfig.sample_steps,
     guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of every sample.")] = DistillConfig.guidance,
+    guidance_range: Annotated[str, typer.Option(help="kd_guided's labels: W_MIN:W_MAX, w drawn per draw.")] = "{:g}:{:g}".format(*DistillConfig.guidance_range),
     perturb: Annotated[Optional[str], typer.Option(help="The kd_perturb run's mix, e.g. none=0.4,input=0.1,swap=0.3,mix=0.1,null=0.1 [default: that mix].")] = None,
     caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = PerturbConfig.caption_min_t,
     seed: Annotated[int, typer.Option()] = DistillConfig.seed,
@@ -425,7 +426,7 @@ def bench_distill(
                            sample_steps=sample_steps, guidance=guidance, seed=seed,
                            high_noise_weight=high_noise_weight, synth_samples=synth_samples,
                            bank_per_pair=bank_per_pair or None, curve_points=curve_points, curve_prompts=curve_prompts,
-                           jobs=jobs,
+                           jobs=jobs, guidance_range=LabelConfig.parse_guidance(guidance_range),
                            perturb=PerturbConfig.from_option(perturb, caption_min_t=caption_min_t))
     bar = None
 

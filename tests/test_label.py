@@ -108,6 +108,26 @@ def test_guidance_targets(store, tiny_teacher):
     assert set(meta["teacher"]["hashes"]) == {"vae", "text_encoder", "unet"}
     assert meta["counts"]["bytes_per_draw"] > 2 * 2 * 4 * 8 * 8  # noise and ε_T in fp16, at least
     assert meta["counts"]["teacher_forwards"] == {"records": 11 * 2 * 2, "total": 11 * 2 * 2}  # two a guided draw
+    # Each stored target is ε_u + w(ε_c − ε_u) for its stored w: recomputed from the store alone and the UNet.
+    from diffusers import UNet2DConditionModel
+
+    assert meta["prediction_type"] == "epsilon"
+    unet = UNet2DConditionModel.from_pretrained(tiny_teacher / "unet").eval()
+    s = Store(str(store))
+    schedule = NoiseSchedule.from_config(s.manifest().teacher["scheduler"])
+    bank, null = CaptionBank(s), torch.as_tensor(s.root_group()["null_text_emb"][:])
+    for index, records in s.iter_shards("records"):
+        stored = {k: v[:] for k, v in s.shard_group("labels/guided", index).arrays()}
+        rows, draws = np.divmod(np.arange(records["latents"].shape[0] * 2), 2)
+        inputs = teacher_inputs(schedule, records["latents"][:], records["text_emb"][:], stored, rows, draws, bank,
+                                null.numpy(), meta["perturb"]["input_gamma"])
+        x, t, text = inputs.x_t.float(), inputs.timesteps, inputs.text.float()
+        with torch.no_grad():
+            eps_c = unet(x, t, encoder_hidden_states=text).sample
+            eps_u = unet(x, t, encoder_hidden_states=null.float().expand_as(text)).sample
+        w = torch.as_tensor(stored["guidance"][rows, draws]).view(-1, 1, 1, 1)
+        target = torch.as_tensor(stored["eps_teacher"][rows, draws]).float()
+        torch.testing.assert_close(target, eps_u + w * (eps_c - eps_u), atol=2e-3, rtol=2e-3)  # stored in fp16
 
 
 def test_labels_made_before_synthesis_existed_still_resume(store, tiny_teacher):

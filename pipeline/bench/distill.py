@@ -7,6 +7,9 @@ limited data for each run; only what the student learns from differs:
     kd           the teacher's ε on the real pairs, no perturbations
     kd_perturb   the teacher's ε with perturbations, including caption swaps from the text-only prompt bank
     kd_synth     as kd_perturb, plus the teacher's own samples for every prompt of the bank as extra records
+    kd_guided    as kd_perturb, but the targets are the teacher's guided ε_u + w(ε_c − ε_u) for a w drawn per draw
+                 in `guidance_range`, the student takes w (--guidance-embed) and learns the targets alone
+                 (--task-weight 0): it samples with one forward a step where the others run two
 
 Steps, each a stage of its own: write the limited split (held-out concepts never drawn) and the prompt bank
 of the whole world -> `encode` -> `teacher-label` (one labelling per perturbation mix) -> `train` each run
@@ -73,6 +76,7 @@ PERTURBED = PerturbConfig()  # the default mix: none, input, swap, mix, null (sw
 class Recipe:
     labels: str  # which labelling of the store the run trains on
     kd_weight: float
+    task_weight: float = 1.0
 
 
 RECIPES = {
@@ -80,7 +84,9 @@ RECIPES = {
     "kd": Recipe("plain", 1.0),
     "kd_perturb": Recipe("perturbed", 1.0),
     "kd_synth": Recipe("synthetic", 1.0),
+    "kd_guided": Recipe("guided", 1.0, task_weight=0.0),  # guided targets: the true noise is no target
 }
+GUIDED_LABELS = "guided"
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class DistillConfig:
     per_prompt: int = 2  # samples per evaluation prompt
     sample_steps: int = 25
     guidance: float = 3.0  # students and teacher; measured better than 5 for both (README)
+    guidance_range: tuple[float, float] = (1.0, 5.0)  # kd_guided's labels: w drawn per draw from this window
     seed: int = 0
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)
     curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
@@ -138,8 +145,12 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
         run.check()
     started = time.perf_counter()
     store = prepare_store(config, out, progress)
-    init_for_store(str(store), RECIPES[config.runs[0]].labels, str(out / "init"), config.student,
-                   teacher=config.teacher, seed=config.seed)  # every run starts from these weights
+    inits = {}  # every run starts from the same weights; a guided student's carry a guidance embedding besides
+    for name in config.runs:
+        inits.setdefault(RECIPES[name].labels == GUIDED_LABELS, RECIPES[name].labels)
+    for guided, labels in inits.items():
+        init_for_store(str(store), labels, str(init_folder(out, guided)), config.student, teacher=config.teacher,
+                       seed=config.seed)
     train_side_by_side(runs, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), progress, on_step)
     progress("sample and evaluate")
     teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
@@ -157,14 +168,19 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
 def train_configs(config: DistillConfig, store: Path) -> dict[str, TrainConfig]:
     """Each run's training options: the same for every run but its labels and KD weight."""
     return {name: TrainConfig(store=str(store), out=str(Path(config.out) / name), labels=RECIPES[name].labels,
-                              init=str(Path(config.out) / "init"), steps=config.steps,
-                              batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
+                              init=str(init_folder(Path(config.out), RECIPES[name].labels == GUIDED_LABELS)),
+                              steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
                               ema_decay=config.ema_decay, kd_weight=RECIPES[name].kd_weight,
+                              task_weight=RECIPES[name].task_weight,
                               high_noise_weight=config.high_noise_weight, holdout=config.holdout, seed=config.seed,
                               # curve_points checkpoints, the last at the final step (none a few steps apart)
                               checkpoint_every=-(-config.steps // max(config.curve_points, 1)),
                               keep_checkpoints=max(config.curve_points, 1), sample_every=0)
             for name in config.runs}
+
+
+def init_folder(out: Path, guided: bool) -> Path:
+    return out / ("init-guided" if guided else "init")
 
 
 def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progress,
@@ -207,7 +223,8 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
         synthesis = SynthesisConfig(samples=config.synth_samples, steps=config.sample_steps, guidance=config.guidance,
                                     seed=config.seed, scheduler="ddim") if name == "synthetic" else None
         label(LabelConfig(store=str(store), teacher=config.teacher, name=name, draws=config.draws,
-                          perturb=PLAIN if name == "plain" else config.perturb, seed=config.seed, synthesis=synthesis))
+                          perturb=PLAIN if name == "plain" else config.perturb, seed=config.seed, synthesis=synthesis,
+                          guidance=config.guidance_range if name == GUIDED_LABELS else None))
     return store
 
 
@@ -217,21 +234,33 @@ def score_all(config: DistillConfig, out: Path, store: Path, teacher) -> dict[st
     prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
     models = ["teacher", *config.runs]
     images: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in models}
+    seconds = dict.fromkeys(models, 0.0)
     for split, plist in prompts.items():
         texts = [p.text for p in plist for _ in range(config.per_prompt)]
         for name in models:
+            started = time.perf_counter()
             images[name][split] = _sample(config, out / name if name != "teacher" else None, teacher, texts)
+            seconds[name] += time.perf_counter() - started
     asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     results = {}
     for name in models:
         readings = {split: evaluator.evaluate_batch(images[name][split]) for split in prompts}
         results[name] = scores(readings, asked)
+        results[name]["sample_s_per_image"] = seconds[name] / sum(len(a) for a in asked.values())
+        results[name]["sample_forwards"] = config.sample_steps * (1 if distilled(out, name) else 2)
         if name != "teacher":
-            agreement = evaluate(EvalConfig(run=str(out / name), store=str(store), labels="plain"))
+            # on held-out draws of real pairs; a guided student against guided targets, its own kind
+            labels = GUIDED_LABELS if RECIPES[name].labels == GUIDED_LABELS else "plain"
+            agreement = evaluate(EvalConfig(run=str(out / name), store=str(store), labels=labels))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
             results[name]["teacher_forwards"] = teacher_forwards(store, RECIPES[name])
     write_grid(out / "grid.png", images, prompts, config.per_prompt)
     return results
+
+
+def distilled(out: Path, name: str) -> bool:
+    """Whether a model samples with one forward a step (a guidance-distilled student)."""
+    return name != "teacher" and json.loads((out / name / "transformer" / "config.json").read_text())["guidance_embed"]
 
 
 def scores(readings: dict[str, list[evaluator.Reading]], asked: dict[str, list[world.Prompt]]) -> dict:
@@ -277,9 +306,12 @@ def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teach
         figures = scores(readings, asked)
         return {"heldout_acc": figures["heldout_acc"], "seen_acc": figures["seen_acc"]}
 
-    start = {"step": 0} | point(out / "init")
+    starts = {}  # step 0 of every run that starts from the same weights
     for name in config.runs:
-        results[name]["curves"] = [start] + [
+        init = init_folder(out, RECIPES[name].labels == GUIDED_LABELS)
+        if init not in starts:
+            starts[init] = {"step": 0} | point(init)
+        results[name]["curves"] = [starts[init]] + [
             {"step": int(folder.name.removeprefix("step-"))} | point(out / name, folder / "ema.safetensors")
             for folder in checkpoint_dirs(out / name)]
     reference = point(None)
@@ -376,8 +408,9 @@ def write_grid(path: Path, images: dict, prompts: dict, per_prompt: int, columns
 
 def format_report(report: dict) -> str:
     lines = ["| run | held-out concepts (fair) | seen shape+colour | speed-up | teacher forwards | held-out hits (raw) | "
-             "held-out shape+colour | attributes: held-out / seen | teacher MSE (held-out draws) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "held-out shape+colour | attributes: held-out / seen | teacher MSE (held-out draws) | "
+             "sampling: forwards, ms / image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = {**report["runs"], "teacher": report["teacher"]}
     for name, r in rows.items():
         mse = f"{r['teacher_mse']:.4f}" if "teacher_mse" in r else "-"
@@ -385,7 +418,8 @@ def format_report(report: dict) -> str:
         speedup = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
         lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['seen_acc']:.3f} | {speedup} | {forwards} | "
                      f"{r['heldout_hit']:.3f} | {r['heldout_pair_acc']:.3f} | {r['heldout_attr_acc']:.3f} / "
-                     f"{r['seen_attr_acc']:.3f} | {mse} |")
+                     f"{r['seen_attr_acc']:.3f} | {mse} | {r['sample_forwards']}, "
+                     f"{1000 * r['sample_s_per_image']:.0f} |")
     concepts = list(report["teacher"]["heldout_concepts"])
     lines += ["", "Held-out concepts, each: hit / false positive / fair (a sample shows a concept only when it is a "
               "recognisable object).", "", "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]

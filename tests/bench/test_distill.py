@@ -16,7 +16,7 @@ from sdit.shapes import world
 
 
 def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
-    """The demo path end to end on the tiny teacher: split, encode, label, train four students, sample, score."""
+    """The demo path end to end on the tiny teacher: split, encode, label, train five students, sample, score."""
     out, figures = tmp_path / "distill", tmp_path / "distill.json"
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
@@ -24,7 +24,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
                                       "--json", str(figures)])
     assert result.exit_code == 0, result.output
     report = json.loads(figures.read_text())
-    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth"}
+    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth", "kd_guided"}
     for name, run in report["runs"].items():
         assert {"heldout_acc", "heldout_hit", "seen_acc", "teacher_mse", "speedup", "curves"} <= set(run)
         assert -1 <= run["heldout_acc"] <= 1 and 0 <= run["heldout_hit"] <= 1 and run["teacher_mse"] > 0
@@ -35,7 +35,8 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
         assert all({"heldout_acc", "seen_acc"} <= set(point) for point in run["curves"])
         trained = read_run(out / name)["train"]
         assert (trained["status"], trained["step"]) == ("complete", 2)
-    assert run["curves"][0] == report["runs"]["no_teacher"]["curves"][0]  # every run starts from the same weights
+    starts = {name: run["curves"][0] for name, run in report["runs"].items() if name != "kd_guided"}
+    assert len({json.dumps(start) for start in starts.values()}) == 1  # every run starts from the same weights
     assert {"heldout_acc", "heldout_hit", "seen_acc", "heldout_concepts"} <= set(report["teacher"])
     assert (out / "curves.png").exists() and "curves.png" in result.output
     assert read_run(out / "no_teacher")["train"]["config"]["kd_weight"] == 0
@@ -43,6 +44,12 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert read_run(out / "kd_perturb")["train"]["labels"] == "perturbed"
     forwards = {name: run["teacher_forwards"] for name, run in report["runs"].items()}
     assert forwards["no_teacher"] == 0 and forwards["kd"] == forwards["kd_perturb"] < forwards["kd_synth"]
+    assert forwards["kd_guided"] == 2 * forwards["kd_perturb"]  # a guided target costs two teacher forwards
+    # kd_guided: guided targets alone, a student that takes w and samples with one forward a step
+    guided = read_run(out / "kd_guided")["train"]
+    assert (guided["labels"], guided["config"]["task_weight"]) == ("guided", 0.0)
+    sampling = {name: run["sample_forwards"] for name, run in {**report["runs"], "teacher": report["teacher"]}.items()}
+    assert sampling == {"kd_guided": 2} | {name: 4 for name in sampling if name != "kd_guided"}  # 2 DDIM steps
     assert LabelledStore(str(out / "store"), "synthetic").synthetic_counts
     # Plain labels: real pairs and the empty caption only; perturbed ones also ask about other captions.
     plain = LabelledStore(str(out / "store"), "plain").labels.counts["kinds"]
@@ -50,7 +57,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     perturbed = LabelledStore(str(out / "store"), "perturbed").labels.counts["kinds"]
     assert perturbed[Kind.SWAP.name.lower()] > 0
     grid = Image.open(out / "grid.png")
-    assert grid.size[0] > 8 * 64 and grid.size[1] > 4 * 64  # 8 prompts, a teacher row and four student rows
+    assert grid.size[0] > 8 * 64 and grid.size[1] > 6 * 64  # 8 prompts, a teacher row and five student rows
     assert "| kd_perturb |" in (out / "report.md").read_text()
 
 
