@@ -5,6 +5,7 @@ the traceback.
 """
 
 import errno
+import dataclasses
 import functools
 import os
 import sys
@@ -15,6 +16,7 @@ import typer
 
 # Option defaults and choices come from the library's config classes and registries, never typed here twice.
 from pipeline.bench.distill import DistillConfig
+from pipeline.bench.substitution import SubstitutionConfig
 from pipeline.bench.encode import BenchEncodeConfig
 from pipeline.bench.label import BenchLabelConfig
 from pipeline.bench.sample import BenchSampleConfig
@@ -96,6 +98,13 @@ def command(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise SDiTError(f"{option} {text!r}: give whole numbers separated by commas, e.g. 250,500,1000") from None
 
 
 def _report(table: str, result: dict, json_out: Optional[Path]) -> None:
@@ -396,7 +405,7 @@ def bench_train(
 def bench_distill(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = DistillConfig.out,
     teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
-    runs: Annotated[str, typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided.")] = ",".join(DistillConfig.runs),
+    runs: Annotated[Optional[str], typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided [default: all; with --sizes no_teacher,kd_perturb].")] = None,
     synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = DistillConfig.synth_samples,
     bank_per_pair: Annotated[int, typer.Option(min=0, max=54, help="The prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs; 0: all 1,944.")] = DistillConfig.bank_per_pair,
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = DistillConfig.records,
@@ -416,12 +425,18 @@ def bench_distill(
     curve_points: Annotated[int, typer.Option(min=0, help="Checkpoints of each run scored for its learning curve (0: none).")] = DistillConfig.curve_points,
     curve_prompts: Annotated[int, typer.Option(min=1, max=6, help="Prompts per shape-colour pair (of 6) the curves score.")] = DistillConfig.curve_prompts,
     jobs: Annotated[int, typer.Option(min=0, help="Runs trained side by side, a process each (0: as many as runs, up to the cores).")] = DistillConfig.jobs,
+    sizes: Annotated[Optional[str], typer.Option(help="The substitution curve: the experiment at each of these sizes of the limited split, e.g. 250,500,1000,2000,4000 (replaces --records; no learning curves).")] = None,
+    multiplier_at: Annotated[int, typer.Option(help="With --sizes: the N of the data multiplier (one of the sizes).")] = SubstitutionConfig.multiplier_at,
     json_out: JsonOut = None,
 ):
-    """The shapes world: students with and without the teacher on limited data, scored on held-out concepts."""
+    """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
+    with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
     from pipeline.bench.distill import distill, format_report
+    from pipeline.bench.substitution import format_substitution, substitution
 
-    config = DistillConfig(out=out, teacher=teacher, runs=tuple(runs.split(",")), records=records, draws=draws,
+    default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
+    config = DistillConfig(out=out, teacher=teacher, runs=tuple(runs.split(",")) if runs else default_runs,
+                           records=records, draws=draws,
                            student=student, steps=steps, batch_size=batch_size, lr=lr, per_prompt=per_prompt,
                            sample_steps=sample_steps, guidance=guidance, seed=seed,
                            high_noise_weight=high_noise_weight, synth_samples=synth_samples,
@@ -435,7 +450,7 @@ def bench_distill(
         if bar is not None:
             bar.close()
         typer.echo(name, err=True)
-        bar = progress_bar(name, "step") if name.startswith("train") else None
+        bar = progress_bar(name, "step") if "train " in name else None
         if bar is not None:
             bar.total = steps
 
@@ -444,6 +459,15 @@ def bench_distill(
             bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
         bar.update(m["step"] - bar.n)
 
+    if sizes:
+        sized = SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
+                                   distill=dataclasses.replace(config, curve_points=0))
+        result = substitution(sized, stage, on_step)
+        if bar is not None:
+            bar.close()
+        _report(format_substitution(result), result, json_out)
+        typer.echo(f"curve: {out}/substitution.png; report: {out}/substitution.md; each size: {out}/n<records>/")
+        return
     report = distill(config, stage, on_step)
     if bar is not None:
         bar.close()

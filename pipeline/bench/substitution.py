@@ -1,0 +1,131 @@
+"""`sdit bench substitution`: how many real records the teacher is worth.
+
+The shapes-world experiment of `sdit bench distill` (same student, steps, seed and scoring) at several sizes
+of the limited split: the no-teacher run and the teacher runs at each size. Its headline is the data
+multiplier at N records: the records the no-teacher run needs to reach what kd_perturb reaches with N (its
+seen accuracy), divided by N, interpolated in log records between the measured sizes; None when the
+no-teacher run never gets there within the largest size.
+
+Each size is a `bench distill` run of its own under OUT/n<records> (its store, runs, grid and report), without
+learning curves; substitution.json, substitution.md and substitution.png (records on a log axis, the fair
+held-out score and the seen accuracy, a line per run, the teacher dashed) go in OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.bench.distill import DistillConfig, Progress, distill
+from sdit.errors import SDiTError
+from sdit.files import replace_text, replacing
+
+
+@dataclass(frozen=True)
+class SubstitutionConfig:
+    sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000)  # records in the limited split
+    multiplier_at: int = 1000  # N of the data multiplier: one of the sizes
+    reference: str = "kd_perturb"  # the teacher run whose seen accuracy at N the no-teacher run must reach
+    # Everything else as `bench distill` (runs, steps, student, seed, ...), without curves.
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(
+        out="runs/substitution", runs=("no_teacher", "kd_perturb"), curve_points=0))
+
+    def check(self) -> None:
+        self.distill.check()
+        if len(self.sizes) < 2 or sorted(set(self.sizes)) != list(self.sizes) or self.sizes[0] < 1:
+            raise SDiTError(f"--sizes {','.join(map(str, self.sizes))}: give two or more record counts, increasing")
+        if self.multiplier_at not in self.sizes:
+            raise SDiTError(f"--multiplier-at {self.multiplier_at} is not one of --sizes {list(self.sizes)}")
+        if not {"no_teacher", self.reference} <= set(self.distill.runs):
+            raise SDiTError(f"the data multiplier compares no_teacher with {self.reference}: both must be in --runs")
+
+
+def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None,
+                 on_step: Callable[[dict], None] | None = None) -> dict:
+    """Every size's experiment, then the figures per size and run, the multiplier and the plot."""
+    config.check()
+    out = Path(config.distill.out)
+    per_size = {}
+    for records in config.sizes:
+        sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0)
+        report = distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"), on_step)
+        per_size[records] = {name: _figures(run) for name, run in report["runs"].items()}
+        per_size[records]["teacher"] = _figures(report["teacher"])
+    curves = {name: [(n, per_size[n][name]) for n in config.sizes] for name in config.distill.runs}
+    target = per_size[config.multiplier_at][config.reference]["seen_acc"]
+    needed = records_to_reach([(n, f["seen_acc"]) for n, f in curves["no_teacher"]], target)
+    result = {
+        "sizes": {str(n): figures for n, figures in per_size.items()},
+        "multiplier": needed / config.multiplier_at if needed else None,
+        "multiplier_at": config.multiplier_at, "reference": config.reference, "reference_seen_acc": target,
+        "no_teacher_records_needed": needed, "largest": config.sizes[-1],
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+    }
+    plot_substitution(out / "substitution.png", curves, per_size[config.sizes[-1]]["teacher"])
+    replace_text(out / "substitution.json", json.dumps(result, indent=2) + "\n")
+    replace_text(out / "substitution.md", format_substitution(result) + "\n")
+    return result
+
+
+def _figures(run: dict) -> dict:
+    return {"heldout_acc": run["heldout_acc"], "seen_acc": run["seen_acc"], "heldout_hit": run["heldout_hit"]}
+
+
+def records_to_reach(points: list[tuple[int, float]], target: float) -> float | None:
+    """The record count at which (records, accuracy) points first reach `target`, interpolated linearly in log
+    records between the two sizes around the crossing; None when no size reaches it."""
+    for (n0, a0), (n1, a1) in zip(points, points[1:]):
+        if a0 >= target:
+            return float(n0)
+        if a1 >= target:
+            share = (target - a0) / (a1 - a0)
+            return math.exp(math.log(n0) + share * (math.log(n1) - math.log(n0)))
+    return None
+
+
+def plot_substitution(png: Path, curves: dict[str, list[tuple[int, dict]]], teacher: dict) -> None:
+    """Records on a log x axis; the fair held-out score and the seen accuracy on y; a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key, title in ((axes[0], "heldout_acc", "held-out concepts (fair: hit - false positive)"),
+                           (axes[1], "seen_acc", "seen prompts: shape and colour")):
+        for k, (name, points) in enumerate(curves.items()):
+            ax.plot([n for n, _ in points], [f[key] for _, f in points], marker="o", markersize=4, label=name,
+                    color=f"C{k}")
+        ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("records in the limited split")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with replacing(png) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def format_substitution(result: dict) -> str:
+    sizes = list(result["sizes"])
+    runs = list(result["sizes"][sizes[0]])
+    lines = ["| run | " + " | ".join(f"{n} records" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for name in runs:
+        cells = [result["sizes"][n][name] for n in sizes]
+        lines.append(f"| {name} | " + " | ".join(f"{c['heldout_acc']:.3f} / {c['seen_acc']:.3f}" for c in cells)
+                     + " |")
+    n = result["multiplier_at"]
+    if result["multiplier"] is None:
+        verdict = f"more than {result['largest'] / n:g}x (not reached within {result['largest']:,} records)"
+    else:
+        verdict = f"{result['multiplier']:.2f}x ({result['no_teacher_records_needed']:,.0f} records)"
+    lines += ["", "Each cell: fair held-out score / seen shape+colour accuracy.", "",
+              f"Data multiplier at {n:,} records: no_teacher needs {verdict} to reach {result['reference']}'s seen "
+              f"accuracy {result['reference_seen_acc']:.3f}."]
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.bench.substitution import records_to_reach
+
+
+def test_bench_distill_sizes_writes_the_substitution_curve_and_the_multiplier(tiny_teacher, tmp_path):
+    out, figures = tmp_path / "sub", tmp_path / "sub.json"
+    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
+                                      "--sizes", "12,24", "--multiplier-at", "12", "--draws", "2", "--steps", "2",
+                                      "--batch-size", "8", "--per-prompt", "1", "--sample-steps", "2", "--jobs", "1",
+                                      "--json", str(figures)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(figures.read_text())
+    assert set(report["sizes"]) == {"12", "24"}
+    for size in report["sizes"].values():
+        assert set(size) == {"no_teacher", "kd_perturb", "teacher"}
+        assert all(-1 <= run["heldout_acc"] <= 1 and 0 <= run["seen_acc"] <= 1 for run in size.values())
+    assert report["reference_seen_acc"] == report["sizes"]["12"]["kd_perturb"]["seen_acc"]
+    needed = records_to_reach([(n, report["sizes"][str(n)]["no_teacher"]["seen_acc"]) for n in (12, 24)],
+                              report["reference_seen_acc"])
+    assert report["multiplier"] == (needed / 12 if needed else None)
+    assert (out / "substitution.png").exists() and "Data multiplier at 12 records" in result.output
+    assert json.loads((out / "n24" / "report.json").read_text())["config"]["records"] == 24
+
+
+def test_the_multiplier_interpolates_in_log_records():
+    points = [(250, 0.1), (500, 0.2), (1000, 0.3), (4000, 0.5)]
+    assert records_to_reach(points, 0.2) == pytest.approx(500)
+    assert records_to_reach(points, 0.05) == 250  # the smallest size already reaches it
+    assert records_to_reach(points, 0.4) == pytest.approx(2000)  # half-way between 1,000 and 4,000 in log
+    assert math.isclose(records_to_reach(points, 0.25), math.sqrt(500 * 1000))
+    assert records_to_reach(points, 0.6) is None  # never reached within the largest size
+
+
+def test_bad_sizes_are_refused_in_one_line(tiny_teacher, tmp_path):
+    for sizes, message in (("500,250", "increasing"), ("250,x", "whole numbers"), ("250,500", "--multiplier-at")):
+        result = CliRunner().invoke(app, ["bench", "distill", "--out", str(tmp_path / "x"), "--sizes", sizes,
+                                          "--teacher", str(tiny_teacher)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
