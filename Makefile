@@ -27,7 +27,7 @@ test-fast: install
 DEMO := runs/demo
 # The shapes world with the toy teacher in data/toy-sd: write the limited split and a small balanced prompt bank
 # (4 prompts of each shape-colour pair), then encode -> teacher-label (the teacher's own samples of the bank, 4 a
-# prompt, as extra records) -> train a student with the teacher and one without -> sample, score, learning curves.
+# prompt, as extra records) -> train a student with the teacher and one without, side by side -> sample, score, curves.
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_synth --bank-per-pair 4 --synth-samples 4 \
