@@ -18,6 +18,7 @@ from pipeline.bench.distill import DistillConfig
 from pipeline.bench.encode import BenchEncodeConfig
 from pipeline.bench.label import BenchLabelConfig
 from pipeline.bench.sample import BenchSampleConfig
+from pipeline.bench.sd15 import Sd15Config
 from pipeline.bench.train import BenchTrainConfig
 from pipeline.encode import EncodeConfig
 from pipeline.evaluate import EvalConfig
@@ -264,7 +265,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = TrainConfig.checkpoint_every,
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = TrainConfig.keep_checkpoints,
     sample_every: Annotated[int, typer.Option(min=0, help="Steps between sample grids (0: at the end only).")] = TrainConfig.sample_every,
-    sample_prompts: Annotated[int, typer.Option(min=1, help="Captions in a sample grid (the store's first).")] = TrainConfig.sample_prompts,
+    sample_prompts: Annotated[int, typer.Option(min=0, help="Captions in a sample grid (the store's first); 0: no grids.")] = TrainConfig.sample_prompts,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,
     device: Device = TrainConfig.device,
@@ -354,6 +355,38 @@ def bench_label(
                                   draws=draws, batch_size=batch_size, project_images=project_images,
                                   project_draws=project_draws, device=device, dtype=dtype))
     _report(format_label_table(result), result, json_out)
+
+
+@bench_app.command("sd15")
+@command
+def bench_sd15(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the photographs, store, runs and samples.")] = Sd15Config.out,
+    cache: Annotated[Optional[str], typer.Option(help="Where the random SD 1.5 is built once, in both layouts [default: OUT/teacher].")] = None,
+    records: Annotated[int, typer.Option(min=1, help="Photographs to encode.")] = Sd15Config.records,
+    resolution: Annotated[int, typer.Option(help="Image side in pixels (a multiple of 8 x the students' patch).")] = Sd15Config.resolution,
+    draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = Sd15Config.draws,
+    synthesize: Annotated[int, typer.Option(min=0, help="Teacher samples per prompt of the bank (0: none).")] = Sd15Config.synthesize,
+    student: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students to init and train (repeatable) [default: {', '.join(Sd15Config.students)}].")] = None,
+    speed_student: Annotated[Optional[list[str]], typer.Option("--speed-student", help=f"Students timed against the teacher (repeatable) [default: {', '.join(Sd15Config.speed_students)}].")] = None,
+    train_steps: Annotated[int, typer.Option(min=1)] = Sd15Config.train_steps,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training batch.")] = Sd15Config.batch_size,
+    speed_steps: Annotated[int, typer.Option(min=1, help="Sampling steps of the side-by-side timing.")] = Sd15Config.speed_steps,
+    speed_images: Annotated[int, typer.Option(min=1, help="Batch of the side-by-side timing.")] = Sd15Config.speed_images,
+    device: Device = Sd15Config.device,
+    dtype: DType = Sd15Config.dtype,
+    json_out: JsonOut = None,
+):
+    """Every stage with SD 1.5's real architecture (seeded random weights, no download) at 512 px: time, peak RSS,
+    GFLOP/s and output shapes per stage, then the students' sampling speed against SD 1.5's."""
+    from pipeline.bench.sd15 import bench_sd15 as run, format_sd15_table
+
+    options = {"students": tuple(student)} if student else {}
+    options |= {"speed_students": tuple(speed_student)} if speed_student else {}
+    config = Sd15Config(out=out, cache=cache, records=records, resolution=resolution, draws=draws,
+                        synthesize=synthesize, train_steps=train_steps, batch_size=batch_size, speed_steps=speed_steps,
+                        speed_images=speed_images, device=device, dtype=dtype, **options)
+    result = run(config, on_stage=lambda name: typer.echo(name, err=True))
+    _report(format_sd15_table(result), result, json_out)
 
 
 # --- sampling and evaluation ----------------------------------------------------------------------------
