@@ -76,6 +76,25 @@ class Sd15Config:
     speed_images: int = 1  # batch of the side-by-side sampling
     speed_steps: int = 2
     project_steps: int = 25  # images/s projected to this many steps from the parts' timings
+    precision: bool = True  # the fp16/bf16 paths against fp32 (on CPU)
+    fp16_latent: int = 8  # the fp16 teacher's latent side on CPU, where fp16 has no fast kernels
+    # throughput at real batch sizes (the GPU check; none on CPU by default)
+    throughput_presets: tuple[str, ...] = ()
+    throughput_resolutions: tuple[int, ...] = (256, 512)
+    train_batches: tuple[int, ...] = (64, 32)  # per resolution
+    label_batch: int = 64
+    throughput_steps: int = 10  # timed calls after 2 warm-up calls
+
+    @classmethod
+    def for_device(cls, device: str, **options) -> "Sd15Config":
+        """The CPU defaults, or on a GPU the same stages at real batch sizes plus the throughput of every preset,
+        sized to take about 8 minutes on one GPU; `options` override either."""
+        if device.startswith("cuda"):
+            options = dict(records=256, draws=4, prompts=16, synth_steps=25, synth_scheduler="pndm", train_steps=20,
+                           batch_size=32, sample_steps=25, speed_images=8, speed_steps=25,
+                           speed_students=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2"), precision=False,
+                           throughput_presets=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")) | options
+        return cls(device=device, **options)
     device: str = "cpu"
     dtype: str = "auto"
     threads: int | None = None  # torch threads of every child; default: this machine's cores
@@ -88,7 +107,13 @@ class Sd15Config:
         if self.resolution <= 0 or self.resolution % factor:
             raise SDiTError(f"--resolution {self.resolution}: the VAE divides images by {factor}; use a positive "
                             f"multiple of {factor} (512 for SD 1.5)")
-        if unknown := [p for p in (*self.students, *self.speed_students) if p not in PRESETS]:
+        if len(self.train_batches) != len(self.throughput_resolutions):
+            raise SDiTError("one training batch per throughput resolution")
+        for res in self.throughput_resolutions:
+            if res % (factor * 8):
+                raise SDiTError(f"throughput resolution {res}: a multiple of {factor * 8}")
+        if unknown := [p for p in (*self.students, *self.speed_students, *self.throughput_presets)
+                       if p not in PRESETS]:
             raise SDiTError(f"unknown student presets {unknown}; choose from: {', '.join(PRESETS)}")
         latent = self.resolution // factor
         for preset in (*self.students, *self.speed_students):
@@ -295,7 +320,10 @@ def bench_sd15(config: Sd15Config, on_stage=None) -> dict:
     run("eval", f"eval {config.students[0]}", run_dir=first, preset=config.students[0])
     speed_runs = {p: runs.get(p) or str(out / "runs" / f"speed-{p.replace('/', '-')}") for p in config.speed_students}
     speed = run("speed", "speed: students against the teacher", speed_runs=speed_runs)
-    return {"stages": stages, "speed": speed["outputs"], "matmul_gflops": matmul, "flops": flops,
+    precision = run("precision", "precision: fp16/bf16 paths against fp32")["outputs"] if config.precision else None
+    rates = run("throughput", "throughput at real batch sizes")["outputs"] if config.throughput_presets else None
+    return {"stages": stages, "speed": speed["outputs"], "precision": precision, "throughput": rates,
+            "matmul_gflops": matmul, "flops": flops,
             "device": config.device, "config": asdict(config)}
 
 
@@ -315,6 +343,8 @@ def stage_flops(stage: str, result: dict, flops: dict, config: Sd15Config) -> fl
         return o["images"] * (o["steps"] * per_step + flops["vae_decode"])
     if stage == "eval":
         return o["draws"] * flops[o["preset"]]
+    if stage in ("precision", "throughput"):
+        return 0.0  # not a throughput figure
     if stage == "speed":
         n, steps = o["images"], o["steps"]
         guided = 2 if o["guidance"] != 1 else 1
@@ -339,9 +369,17 @@ def format_sd15_table(result: dict) -> str:
               f"{'model':<12}{'s/step':>9}{'attention':>11}{'images/s':>11}{'vs SD 1.5':>11}{'loop vs SD 1.5':>16}"
               f"{'images/s at ' + str(sp['project_steps']) + ' steps':>24}{'vs SD 1.5':>11}"]
     for name, m in sp["models"].items():
-        lines.append(f"{name:<12}{m['step_seconds']:>9.2f}{m['attention_share']:>10.0%} {m['images_per_s']:>11.4f}"
+        share = f"{m['attention_share']:>10.0%}" if m["attention_share"] is not None else f"{'-':>10}"
+        lines.append(f"{name:<12}{m['step_seconds']:>9.2f}{share} {m['images_per_s']:>11.4f}"
                      f"{m['speedup']:>10.2f}x{m['loop_speedup']:>15.2f}x{m['projected_images_per_s']:>24.4f}"
                      f"{m['projected_speedup']:>10.2f}x")
+    if result.get("precision"):
+        lines += ["", f"{'precision path':<44}{'rel. error':>11}{'tolerance':>10}{'fp32 s':>9}{'low s':>9}  finite"]
+        for name, p in result["precision"]["paths"].items():
+            lines.append(f"{name:<44}{p['relative_error']:>11.2e}{p['tolerance']:>10.0e}{p['fp32_seconds']:>9.2f}"
+                         f"{p['low_seconds']:>9.2f}  {'yes' if p['finite'] else 'NO'}{'' if p['ok'] else '  OUT OF TOLERANCE'}")
+    if result.get("throughput"):
+        lines += ["", format_throughput_table(result["throughput"])]
     return "\n".join(lines)
 
 
@@ -413,7 +451,7 @@ def _stage_encode(a: dict, c: Sd15Config) -> dict:
 
     summary = encode(EncodeConfig(source=a["photos"], teacher=a["single_file"], teacher_config=a["teacher_config"],
                                   out=a["store"], prompts=a["prompts_file"], resolution=c.resolution,
-                                  batch_size=c.records, device=c.device, dtype=c.dtype, overwrite=True,
+                                  batch_size=min(c.records, 32), device=c.device, dtype=c.dtype, overwrite=True,
                                   threads=a["threads"]))
     outputs = _store_outputs(a["store"], "records", ("latents", "text_emb"))
     return outputs | {"records": summary.records, "texts": summary.records + c.prompts + 1}
@@ -425,7 +463,7 @@ def _stage_label(a: dict, c: Sd15Config) -> dict:
 
     synthesis = SynthesisConfig(samples=c.synthesize, steps=c.synth_steps, scheduler=c.synth_scheduler,
                                 guidance=c.guidance) if c.synthesize else None
-    counts = label(LabelConfig(store=a["store"], teacher=a["folder"], draws=c.draws, batch_size=c.records,
+    counts = label(LabelConfig(store=a["store"], teacher=a["folder"], draws=c.draws, batch_size=min(c.records, c.label_batch),
                                device=c.device, dtype=c.dtype, synthesis=synthesis, overwrite=True,
                                threads=a["threads"]))
     outputs = _store_outputs(a["store"], "labels/default", ("eps_teacher", "noise"))
@@ -521,9 +559,13 @@ def _stage_speed(a: dict, c: Sd15Config) -> dict:
 
     def loop(eps_model) -> dict:
         scheduler = make_scheduler(c.scheduler, teacher.scheduler_config)
+        run = lambda: denoise(eps_model, scheduler, noise, text, null, c.speed_steps, c.guidance)  # noqa: E731
+        if device.type == "cuda":  # the CPU profiler's view of a GPU run says nothing about its kernels
+            latents, seconds = timed(run)
+            return {"latents": latents, "loop_seconds": seconds, "step_seconds": seconds / c.speed_steps,
+                    "attention_share": None}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            latents, seconds = timed(lambda: denoise(eps_model, scheduler, noise, text, null, c.speed_steps,
-                                                     c.guidance))
+            latents, seconds = timed(run)
         return {"latents": latents, "loop_seconds": seconds, "step_seconds": seconds / c.speed_steps,
                 "attention_share": _attention_share(prof)}
 
@@ -553,6 +595,237 @@ def _stage_speed(a: dict, c: Sd15Config) -> dict:
             "image_shape": list(images.shape)}
 
 
+# --- throughput at real batch sizes (the GPU check) ------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (a multiply-add = 2), by device name.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+                   "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0,
+                   "RTX 3090": 71.0, "V100": 125.0}
+
+
+def peak_tflops(device) -> tuple[float | None, float]:
+    """(the data sheet's dense bf16 peak, or None when the device is not in the table; a bf16 matmul measured
+    here), TFLOP/s."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    sheet = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return sheet, 2 * n**3 / best / 1e12
+
+
+def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resolutions: tuple[int, ...],
+               label_batch: int, train_batch: dict[int, int], steps: int, device_name: str) -> dict:
+    """Labels/s (the teacher's UNet forward in the labelling dtype, fp16 on GPU) and training steps/s (bf16
+    autocast, AdamW, EMA, as `sdit train` on GPU) of each preset at each resolution, with peak memory and
+    TFLOP/s. A batch that runs out of GPU memory is halved until it fits (and said so)."""
+    import torch
+
+    from pipeline.train import TrainConfig, Workers, make_state
+    from sdit.devices import resolve_device, resolve_dtype
+    from sdit.dit import build_student
+    from sdit.flops import TRAIN_STEP_FORWARDS, student_flops, unet_flops
+    from sdit.teacher import load_teacher
+    from sdit.training import update_ema
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.bfloat16
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    factor, channels = vae_factor(config_dir)
+    text_dim = json.loads((config_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
+    sheet, matmul = peak_tflops(device)
+
+    def measure(step, batch: int) -> tuple[float, float]:
+        """(seconds per call after 2 warm-up calls, peak GB)"""
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            step(batch)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        sync()
+        seconds = (time.perf_counter() - t0) / steps
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        return seconds, peak
+
+    def fitting(step, batch: int) -> dict:
+        while True:
+            try:
+                seconds, peak = measure(step, batch)
+                return {"batch": batch, "seconds": seconds, "peak_gb": peak}
+            except torch.cuda.OutOfMemoryError:
+                if batch == 1:
+                    return {"batch": 0, "seconds": None, "peak_gb": None, "oom": True}
+                batch //= 2
+
+    rows = []
+    unet = load_teacher(folder, components=("unet",), device=device, dtype=dtype).unet
+    for res in resolutions:
+        latent = res // factor
+
+        @torch.no_grad()
+        def label_step(b: int) -> None:
+            x = torch.randn(b, channels, latent, latent, device=device, dtype=dtype)
+            unet(x, torch.randint(0, 1000, (b,), device=device),
+                 encoder_hidden_states=torch.randn(b, 77, text_dim, device=device, dtype=dtype))
+
+        r = fitting(label_step, label_batch)
+        flops = unet_flops(config_dir, sample_size=latent)
+        rows.append(r | {"model": "sd15_unet labels", "resolution": res, "per_s": r["batch"] / r["seconds"]
+                         if r["seconds"] else None, "tflops": flops * r["batch"] / r["seconds"] / 1e12
+                         if r["seconds"] else None})
+    del unet
+    for preset in presets:
+        for res in resolutions:
+            latent = res // factor
+            torch.manual_seed(0)
+            student = build_student(preset, sample_size=latent, in_channels=channels, text_dim=text_dim)
+            state = make_state(student, TrainConfig(store="-", out="-"), device, Workers())
+
+            def train_step(b: int) -> None:
+                x = torch.randn(b, channels, latent, latent, device=device)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    eps = state.model(x, torch.randint(0, 1000, (b,), device=device),
+                                      torch.randn(b, 77, text_dim, device=device))
+                loss = torch.nn.functional.mse_loss(eps.float(), x)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
+                state.optimizer.step()
+                update_ema(state.ema, state.model, 0.999)
+
+            r = fitting(train_step, train_batch[res])
+            flops = TRAIN_STEP_FORWARDS * student_flops(preset, sample_size=latent, in_channels=channels,
+                                                        text_dim=text_dim)
+            rows.append(r | {"model": preset, "resolution": res, "per_s": 1 / r["seconds"] if r["seconds"] else None,
+                             "tflops": flops * r["batch"] / r["seconds"] / 1e12 if r["seconds"] else None})
+            del state, student
+    return {"rows": rows, "peak_tflops_sheet": sheet, "peak_tflops_matmul": matmul,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "teacher_dtype": str(dtype).removeprefix("torch.")}
+
+
+def _stage_throughput(a: dict, c: Sd15Config) -> dict:
+    return throughput(a["folder"], Path(c.config_dir), c.throughput_presets, c.throughput_resolutions,
+                      c.label_batch, {r: b for r, b in zip(c.throughput_resolutions, c.train_batches)},
+                      c.throughput_steps, c.device)
+
+
+def format_throughput_table(t: dict) -> str:
+    peak = t["peak_tflops_sheet"] or t["peak_tflops_matmul"]
+    lines = [f"throughput on {t['device']}: bf16 matmul {t['peak_tflops_matmul']:.1f} TFLOP/s measured, data sheet "
+             f"{t['peak_tflops_sheet'] or '-'} TFLOP/s; labels in {t['teacher_dtype']}, training in bf16 autocast",
+             f"{'model':<20}{'px':>5}{'batch':>6}{'per s':>10}{'peak GB':>9}{'TFLOP/s':>9}{'of peak':>9}"]
+    for r in t["rows"]:
+        what = "labels/s" if "labels" in r["model"] else "steps/s"
+        if r["seconds"] is None:
+            lines.append(f"{r['model']:<20}{r['resolution']:>5}  out of memory at batch 1")
+            continue
+        lines.append(f"{r['model']:<20}{r['resolution']:>5}{r['batch']:>6}{r['per_s']:>10.2f}{r['peak_gb']:>9.1f}"
+                     f"{r['tflops']:>9.2f}{r['tflops'] / peak:>9.1%}  {what}")
+    return "\n".join(lines)
+
+
+# --- precision paths --------------------------------------------------------------------------------------------
+
+# Relative RMS error, |ε_low − ε_fp32| / |ε_fp32|, allowed for each reduced-precision path. fp16 keeps 11 bits of
+# mantissa, bf16 8: a deep network's outputs move by about their unit roundoff times a small factor.
+TOLERANCES = {"teacher_fp16": 1e-2, "teacher_bf16": 5e-2, "student_bf16_autocast": 5e-2}
+
+
+def relative_error(low, high) -> float:
+    high = high.float()
+    return float((low.float() - high).norm() / high.norm().clamp_min(1e-12))
+
+
+def precision_paths(folder: str, config_dir: Path, presets: tuple[str, ...], latent: int, fp16_latent: int,
+                    threads: int | None = None) -> dict:
+    """Each reduced-precision path against fp32 on the same inputs, on the CPU: the teacher's UNet loaded in fp16
+    (at `fp16_latent`: this CPU has no fp16 kernels and runs them about 100x slower than fp32) and in bf16, and each
+    student's forward under bf16 autocast (`trained_like`). Returns per path: the relative RMS error, whether the low-precision output is finite, both times, and
+    whether it is within `TOLERANCES`."""
+    import torch
+
+    from sdit.dit import build_student
+    from sdit.teacher import load_teacher
+
+    if threads:
+        torch.set_num_threads(threads)
+    factor, channels = vae_factor(config_dir)
+    g = torch.Generator().manual_seed(0)
+    text_dim = json.loads((config_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
+    results = {}
+
+    def compare(name: str, run_low, run_high, inputs) -> None:
+        t0 = time.perf_counter()
+        high = run_high(*inputs)
+        t1 = time.perf_counter()
+        low = run_low(*inputs)
+        t2 = time.perf_counter()
+        err = relative_error(low, high)
+        results[name] = {"relative_error": err, "finite": bool(torch.isfinite(low).all()), "fp32_seconds": t1 - t0,
+                         "low_seconds": t2 - t1, "tolerance": TOLERANCES[name.split(" ")[0]],
+                         "ok": bool(torch.isfinite(low).all()) and err <= TOLERANCES[name.split(" ")[0]]}
+
+    def unet_inputs(side: int):
+        return (torch.randn(1, channels, side, side, generator=g), torch.tensor([500]),
+                torch.randn(1, 77, text_dim, generator=g))
+
+    with torch.no_grad():
+        unet32 = load_teacher(folder, components=("unet",)).unet
+        for dtype, side in ((torch.float16, fp16_latent), (torch.bfloat16, latent)):
+            low = load_teacher(folder, components=("unet",), dtype=dtype).unet
+            compare(f"teacher_{'fp16' if dtype == torch.float16 else 'bf16'} ({side}x{side} latents)",
+                    lambda x, t, c, m=low, d=dtype: m(x.to(d), t, encoder_hidden_states=c.to(d)).sample,
+                    lambda x, t, c: unet32(x, t, encoder_hidden_states=c).sample, unet_inputs(side))
+            del low
+        del unet32
+        for preset in presets:
+            torch.manual_seed(0)
+            student = build_student(preset, sample_size=latent, in_channels=channels, text_dim=text_dim).eval()
+            trained_like(student)
+
+            def autocast(x, t, c, m=student):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return m(x, t, c)
+
+            compare(f"student_bf16_autocast {preset}", autocast, lambda x, t, c, m=student: m(x, t, c),
+                    unet_inputs(latent))
+            del student
+    return results
+
+
+def trained_like(student) -> None:
+    """Random weights where a fresh student has zeros (each block's adaLN-Zero modulation, the final layer), so
+    that every block acts and ε is not 0: what a precision check needs."""
+    import torch
+
+    for layer in [b.adaLN_modulation[-1] for b in student.blocks] + [student.final_layer.adaLN_modulation[-1],
+                                                                      student.final_layer.linear]:
+        torch.nn.init.normal_(layer.weight, std=0.02)
+
+
+def _stage_precision(a: dict, c: Sd15Config) -> dict:
+    factor, _ = vae_factor(Path(c.config_dir))
+    latent = c.resolution // factor
+    return {"paths": precision_paths(a["folder"], Path(c.config_dir), c.students, latent, c.fp16_latent)}
+
+
 def _attention_share(prof) -> float:
     """The share of self CPU time spent in attention kernels (SDPA and its math path's pieces)."""
     total = attention = 0.0
@@ -579,7 +852,8 @@ def _store_outputs(store: str, group: str, arrays: tuple[str, ...]) -> dict:
 
 
 STAGE_FUNCTIONS = {"teacher": _stage_teacher, "encode": _stage_encode, "label": _stage_label,
-                   "train": _stage_train, "sample": _stage_sample, "eval": _stage_eval, "speed": _stage_speed}
+                   "train": _stage_train, "sample": _stage_sample, "eval": _stage_eval, "speed": _stage_speed,
+                   "precision": _stage_precision, "throughput": _stage_throughput}
 
 
 if __name__ == "__main__":
