@@ -71,6 +71,8 @@ class Sd15Config:
     batch_size: int = 2
     sample_steps: int = 2
     guidance: float = 7.5
+    sample_guidance: tuple[float, ...] = (7.5, 1.0)  # one `sdit sample` run each: guided, unguided
+    eval: bool = True
     scheduler: str = "ddim"
     speed_students: tuple[str, ...] = ("SDiT-S/2", "SDiT-B/2")
     speed_images: int = 1  # batch of the side-by-side sampling
@@ -314,15 +316,16 @@ def bench_sd15(config: Sd15Config, on_stage=None) -> dict:
                 grid=not runs)
             runs.setdefault(preset, str(out / "runs" / tag))
     first = runs[config.students[0]]
-    for guidance in (config.guidance, 1.0):
+    for guidance in config.sample_guidance:
         run("sample", f"sample {config.students[0]} {'guided' if guidance != 1 else 'unguided'}", run_dir=first,
             guidance=guidance, preset=config.students[0], samples=str(out / f"samples-w{guidance:g}"))
-    run("eval", f"eval {config.students[0]}", run_dir=first, preset=config.students[0])
+    if config.eval:
+        run("eval", f"eval {config.students[0]}", run_dir=first, preset=config.students[0])
     speed_runs = {p: runs.get(p) or str(out / "runs" / f"speed-{p.replace('/', '-')}") for p in config.speed_students}
-    speed = run("speed", "speed: students against the teacher", speed_runs=speed_runs)
+    speed = run("speed", "speed: students against the teacher", speed_runs=speed_runs) if speed_runs else None
     precision = run("precision", "precision: fp16/bf16 paths against fp32")["outputs"] if config.precision else None
     rates = run("throughput", "throughput at real batch sizes")["outputs"] if config.throughput_presets else None
-    return {"stages": stages, "speed": speed["outputs"], "precision": precision, "throughput": rates,
+    return {"stages": stages, "speed": speed and speed["outputs"], "precision": precision, "throughput": rates,
             "matmul_gflops": matmul, "flops": flops,
             "device": config.device, "config": asdict(config)}
 
@@ -362,8 +365,8 @@ def format_sd15_table(result: dict) -> str:
         rate = f"{s['gflops']:>9.1f}{s['of_matmul']:>10.2f}" if s["gflops"] else f"{'-':>9}{'-':>10}"
         lines.append(f"{s['stage']:<58}{s['seconds']:>9.1f}{s['peak_rss_mb']:>8.0f} MB{s['gflop']:>10.0f}{rate}  "
                      f"{describe_outputs(s['outputs'])}")
-    sp = result["speed"]
-    lines += ["", f"sampling side by side: {sp['images']} image(s) at {sp['resolution']} px, {sp['steps']} "
+    sp = result["speed"] or {"models": {}}
+    lines += [] if not result["speed"] else ["", f"sampling side by side: {sp['images']} image(s) at {sp['resolution']} px, {sp['steps']} "
               f"{sp['scheduler']} steps, guidance {sp['guidance']:g}; text encoder {sp['text_seconds']:.2f} s and "
               f"VAE decode {sp['decode_seconds']:.1f} s, the same for every model",
               f"{'model':<12}{'s/step':>9}{'attention':>11}{'images/s':>11}{'vs SD 1.5':>11}{'loop vs SD 1.5':>16}"
