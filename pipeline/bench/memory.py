@@ -30,6 +30,7 @@ from sdit.errors import SDiTError
 from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS
 
 BYTES_PER_PARAM = 20  # weights 4 + EMA 4 + gradients 4 + AdamW moments 8, all fp32
+GRAD_BYTES = 4  # what forward+backward holds beyond activations: the fp32 gradients
 CUDA_OVERHEAD_GB = 1.5  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
 GPU_SIZES_GB = (24, 40, 80)
 GIB = 2**30
@@ -39,6 +40,7 @@ GIB = 2**30
 class MemoryConfig:
     presets: tuple[str, ...] = DEFAULT_PRESETS
     batches: tuple[int, ...] = (1, 2, 4)
+    max_batch: dict | None = None  # preset -> the largest batch to run (the rest extrapolated), e.g. to save time
     checkpointing: tuple[bool, ...] = (False, True)
     sample_size: int = 64  # latent side: 512 px
     text_dim: int = 768
@@ -69,6 +71,7 @@ def bench_memory(config: MemoryConfig, on_result=None) -> dict:
                 step_flops = batch * flops * (TRAIN_STEP_FORWARDS + checkpointing)
                 predicted = _predict(measured, batch)
                 slow = rate is not None and step_flops / rate > config.max_step_seconds
+                slow = slow or batch > (config.max_batch or {}).get(preset, batch)
                 if predicted is not None and (predicted["rss_before_gb"] + predicted["step_gb"] > config.max_rss_gb
                                               or slow):
                     row = predicted | {"measured": False, "why": "memory" if not slow else "time"}
@@ -85,27 +88,39 @@ def bench_memory(config: MemoryConfig, on_result=None) -> dict:
 
 
 def _predict(measured: list[dict], batch: int) -> dict | None:
-    """Linear in the batch through the two largest measured batches; None with fewer than two."""
-    if len(measured) < 2:
+    """Linear in the batch through the two largest measured batches; from one, through it and the gradients
+    alone (4 bytes a parameter: what forward+backward holds at batch 0); None from none."""
+    if not measured:
         return None
-    a, b = measured[-2], measured[-1]
+    b = measured[-1]
     out = {"parameters": b["parameters"], "rss_before_gb": b["rss_before_gb"]}
     for key in ("fwd_bwd_gb", "step_gb"):
-        slope = (b[key] - a[key]) / (b["batch"] - a["batch"])
+        if len(measured) >= 2:
+            a = measured[-2]
+            slope = (b[key] - a[key]) / (b["batch"] - a["batch"])
+        else:
+            slope = (b["fwd_bwd_gb"] - GRAD_BYTES * b["parameters"] / GIB) / b["batch"]
         out[key] = b[key] + slope * (batch - b["batch"])
     return out
 
 
 def per_sample(rows: list[dict]) -> dict:
-    """GB of activations per sample and the intercept, per preset and mode, from the measured rows."""
+    """GB of activations per sample and the intercept, per preset and mode, from the measured rows: through the
+    smallest and largest measured batch, or with one, through it and the gradients alone (see `_predict`)."""
     out = {}
-    for key in {(r["preset"], r["checkpointing"]) for r in rows}:
-        pts = sorted((r["batch"], r["fwd_bwd_gb"]) for r in rows if (r["preset"], r["checkpointing"]) == key
-                     and r["measured"])
-        if len(pts) >= 2:
-            (b0, m0), (b1, m1) = pts[0], pts[-1]
-            slope = (m1 - m0) / (b1 - b0)
-            out[f"{key[0]}{' ckpt' if key[1] else ''}"] = {"per_sample_gb": slope, "intercept_gb": m0 - slope * b0}
+    for key in dict.fromkeys((r["preset"], r["checkpointing"]) for r in rows):
+        measured = sorted((r for r in rows if (r["preset"], r["checkpointing"]) == key and r["measured"]),
+                          key=lambda r: r["batch"])
+        if not measured:
+            continue
+        lo, hi = measured[0], measured[-1]
+        if len(measured) >= 2:
+            slope = (hi["fwd_bwd_gb"] - lo["fwd_bwd_gb"]) / (hi["batch"] - lo["batch"])
+        else:
+            slope = (hi["fwd_bwd_gb"] - GRAD_BYTES * hi["parameters"] / GIB) / hi["batch"]
+        out[f"{key[0]}{' ckpt' if key[1] else ''}"] = {"per_sample_gb": slope,
+                                                       "intercept_gb": lo["fwd_bwd_gb"] - slope * lo["batch"],
+                                                       "points": len(measured)}
     return out
 
 
@@ -115,7 +130,9 @@ def gpu_batches(rows: list[dict]) -> dict:
     out = {}
     for name, fit in per_sample(rows).items():
         preset = name.split()[0]
-        fixed = BYTES_PER_PARAM * params[preset] / GIB + CUDA_OVERHEAD_GB + max(fit["intercept_gb"], 0)
+        # the intercept is mostly the gradients, already in BYTES_PER_PARAM
+        extra = max(fit["intercept_gb"] - GRAD_BYTES * params[preset] / GIB, 0)
+        fixed = BYTES_PER_PARAM * params[preset] / GIB + CUDA_OVERHEAD_GB + extra
         out[name] = {str(g): max(int((g * 1e9 / GIB - fixed) // fit["per_sample_gb"]), 0) for g in GPU_SIZES_GB}
     return out
 

@@ -36,15 +36,16 @@ def test_what_would_not_fit_is_extrapolated_not_run(monkeypatch):
     assert [rows[b]["measured"] for b in (1, 2, 4, 16)] == [True, True, True, False]
     assert rows[16]["why"] == "memory" and rows[16]["step_gb"] == 16.5
     assert result["per_sample"]["SDiT-S/2"]["per_sample_gb"] == 1.0
-    fixed = BYTES_PER_PARAM * 10**8 / 2**30 + 1.5
+    fixed = BYTES_PER_PARAM * 10**8 / 2**30 + 1.5  # the intercept (0) is below the gradients
     assert result["gpu_batches"]["SDiT-S/2"]["80"] == int((80e9 / 2**30 - fixed) // 1.0)
 
 
 def test_prediction_is_linear_through_the_two_largest_batches():
     rows = [{"batch": 1, "fwd_bwd_gb": 1.0, "step_gb": 2.0, "parameters": 5, "rss_before_gb": 1.0},
             {"batch": 2, "fwd_bwd_gb": 1.5, "step_gb": 2.5, "parameters": 5, "rss_before_gb": 1.0}]
-    assert _predict(rows[:1], 4) is None
+    assert _predict([], 4) is None
+    assert _predict(rows[:1], 4)["fwd_bwd_gb"] == pytest.approx(4.0)  # through (1, 1.0) and the gradients (~0)
     assert _predict(rows, 4)["fwd_bwd_gb"] == 2.5
     fit = per_sample([r | {"preset": "P", "checkpointing": False, "measured": True} for r in rows])
-    assert fit == {"P": {"per_sample_gb": 0.5, "intercept_gb": 0.5}}
+    assert fit == {"P": {"per_sample_gb": 0.5, "intercept_gb": 0.5, "points": 2}}
     assert gpu_batches([r | {"preset": "P", "checkpointing": False, "measured": True} for r in rows])["P"]["24"] > 0
