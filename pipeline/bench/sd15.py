@@ -313,7 +313,7 @@ def bench_sd15(config: Sd15Config, on_stage=None) -> dict:
             tag = f"{preset.replace('/', '-')}{'-ckpt' if checkpointing else ''}"
             name = f"init + train {preset}{' +ckpt' if checkpointing else ''}"
             run("train", name, preset=preset, run_dir=str(out / "runs" / tag), checkpointing=checkpointing,
-                grid=not runs)
+                grid=False)
             runs.setdefault(preset, str(out / "runs" / tag))
     first = runs[config.students[0]]
     for guidance in config.sample_guidance:
