@@ -5,7 +5,8 @@ Each (preset, batch, checkpointing) runs in a child process that builds the stud
 train` does (`pipeline.train.make_state`: AdamW, fp32), notes its resident memory, resets the kernel's high-water
 mark (`/proc/self/clear_refs`), and runs one step on random inputs: forward, loss, backward, clipping, AdamW, EMA.
 It reports the high-water mark above the resident memory before the step, during forward+backward (activations
-and gradients) and over the whole step (then AdamW's two moments join the gradients). A configuration whose peak
+and gradients) and over the whole step (then AdamW's two moments join the gradients). L/2 and XL/2 (`by_depth`)
+are measured cut to 1 and 2 blocks and extrapolated to their depth, each block holding the same. A configuration whose peak
 the ones already measured predict above `max_rss_gb`, or whose step would take longer than `max_step_seconds`, is
 not run; its figures are extrapolated linearly in the batch from the two largest measured batches of the same
 preset and mode (marked so).
@@ -41,6 +42,9 @@ class MemoryConfig:
     presets: tuple[str, ...] = DEFAULT_PRESETS
     batches: tuple[int, ...] = (1, 2, 4)
     max_batch: dict | None = None  # preset -> the largest batch to run (the rest extrapolated), e.g. to save time
+    # Presets measured with 1 and 2 of their blocks, the full depth extrapolated (every block holds the same
+    # activations and parameters): a twelfth of the compute of L/2 or XL/2, whose steps take minutes on a CPU.
+    by_depth: tuple[str, ...] = ("SDiT-L/2", "SDiT-XL/2")
     checkpointing: tuple[bool, ...] = (False, True)
     sample_size: int = 64  # latent side: 512 px
     text_dim: int = 768
@@ -75,6 +79,9 @@ def bench_memory(config: MemoryConfig, on_result=None) -> dict:
                 if predicted is not None and (predicted["rss_before_gb"] + predicted["step_gb"] > config.max_rss_gb
                                               or slow):
                     row = predicted | {"measured": False, "why": "memory" if not slow else "time"}
+                elif preset in config.by_depth:
+                    row = _by_depth(preset, batch, checkpointing, config)
+                    measured.append(row)
                 else:
                     row = _child(preset, batch, checkpointing, config) | {"measured": True}
                     rate = step_flops / row["seconds"]
@@ -141,7 +148,7 @@ def format_memory_table(result: dict) -> str:
     lines = ["peak memory above the model's weights and EMA copy, one training step at 512 px (fp32, CPU RSS):",
              f"{'student':<12}{'ckpt':>5}{'batch':>6}{'fwd+bwd GB':>12}{'step GB':>10}{'seconds':>9}  how"]
     for r in result["rows"]:
-        how = "measured" if r["measured"] else f"extrapolated ({r['why']})"
+        how = r.get("how", "measured") if r["measured"] else f"extrapolated ({r['why']})"
         seconds = f"{r['seconds']:>9.1f}" if r.get("seconds") else f"{'-':>9}"
         lines.append(f"{r['preset']:<12}{'yes' if r['checkpointing'] else 'no':>5}{r['batch']:>6}"
                      f"{r['fwd_bwd_gb']:>12.2f}{r['step_gb']:>10.2f}{seconds}  {how}")
@@ -153,8 +160,22 @@ def format_memory_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _child(preset: str, batch: int, checkpointing: bool, config: MemoryConfig) -> dict:
-    args = {"preset": preset, "batch": batch, "checkpointing": checkpointing, "config": asdict(config)}
+def _by_depth(preset: str, batch: int, checkpointing: bool, config: MemoryConfig) -> dict:
+    """The full-depth figures from steps of the same preset cut to 1 and 2 blocks: v(D) = v(1) + (D − 1)·(v(2) − v(1))."""
+    from sdit.dit import PRESETS
+
+    depth = PRESETS[preset].depth
+    one, two = (_child(preset, batch, checkpointing, config, depth=d) for d in (1, 2))
+    row = {"measured": True, "how": "depth 1 and 2", "batch": batch, "seconds": one["seconds"] + two["seconds"]}
+    for key in ("parameters", "rss_before_gb", "fwd_bwd_gb", "step_gb"):
+        row[key] = one[key] + (depth - 1) * (two[key] - one[key])
+    row["parameters"] = int(row["parameters"])
+    return row
+
+
+def _child(preset: str, batch: int, checkpointing: bool, config: MemoryConfig, depth: int | None = None) -> dict:
+    args = {"preset": preset, "batch": batch, "checkpointing": checkpointing, "config": asdict(config),
+            "depth": depth}
     proc = subprocess.run([sys.executable, "-m", "pipeline.bench.memory", json.dumps(args)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[2])
     if proc.returncode:
@@ -177,7 +198,7 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
-def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig) -> dict:
+def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig, depth: int | None = None) -> dict:
     import torch
 
     from pipeline.train import TrainConfig, Workers, make_state
@@ -186,7 +207,8 @@ def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig) 
 
     torch.set_num_threads(c.threads or os.cpu_count())
     torch.manual_seed(0)
-    student = build_student(preset, sample_size=c.sample_size, in_channels=4, text_dim=c.text_dim)
+    student = build_student(preset, sample_size=c.sample_size, in_channels=4, text_dim=c.text_dim,
+                            **({"depth": depth} if depth else {}))
     config = TrainConfig(store="-", out="-", gradient_checkpointing=checkpointing)
     state = make_state(student, config, torch.device("cpu"), Workers())
     x = torch.randn(batch, 4, c.sample_size, c.sample_size)
@@ -211,4 +233,4 @@ def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig) 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
     cfg = MemoryConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a["config"].items()})
-    print(json.dumps(measure_step(a["preset"], a["batch"], a["checkpointing"], cfg)))
+    print(json.dumps(measure_step(a["preset"], a["batch"], a["checkpointing"], cfg, a.get("depth"))))
