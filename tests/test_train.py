@@ -268,3 +268,9 @@ def test_a_fresh_student_from_a_single_file_teacher_never_reads_its_unet(labelle
     assert {k.split(".")[0] for k in read} == {"first_stage_model", "cond_stage_model"}
     assert any(k.startswith(VAE_PREFIX) for k in read) and any(k.startswith(TEXT_PREFIX) for k in read)
     assert read_run(tmp_path / "run")["teacher"]["layout"] == "single_file"
+
+
+def test_sample_prompts_0_trains_without_sample_grids(labelled_store, tmp_path):
+    run = tmp_path / "run"
+    summary = _train(labelled_store, run, steps=2, sample_every=1, sample_prompts=0)
+    assert summary["steps"] == 2 and summary["samples"] is None and not (run / "samples").exists()
