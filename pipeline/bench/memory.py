@@ -108,6 +108,7 @@ def _predict(measured: list[dict], batch: int) -> dict | None:
         else:
             slope = (b["fwd_bwd_gb"] - GRAD_BYTES * b["parameters"] / GIB) / b["batch"]
         out[key] = b[key] + slope * (batch - b["batch"])
+    out["step_gb"] = max(out["step_gb"], out["fwd_bwd_gb"])  # the step's peak is forward+backward's or AdamW's
     return out
 
 
