@@ -74,10 +74,11 @@ def bench_memory(config: MemoryConfig, on_result=None) -> dict:
             for batch in sorted(config.batches):
                 step_flops = batch * flops * (TRAIN_STEP_FORWARDS + checkpointing)
                 predicted = _predict(measured, batch)
-                slow = rate is not None and step_flops / rate > config.max_step_seconds
+                slow = rate is not None and preset not in config.by_depth and step_flops / rate > config.max_step_seconds
                 slow = slow or batch > (config.max_batch or {}).get(preset, batch)
-                if predicted is not None and (predicted["rss_before_gb"] + predicted["step_gb"] > config.max_rss_gb
-                                              or slow):
+                too_big = (predicted is not None and preset not in config.by_depth  # cut to 2 blocks, it fits
+                           and predicted["rss_before_gb"] + predicted["step_gb"] > config.max_rss_gb)
+                if predicted is not None and (too_big or slow):
                     row = predicted | {"measured": False, "why": "memory" if not slow else "time"}
                 elif preset in config.by_depth:
                     row = _by_depth(preset, batch, checkpointing, config)
