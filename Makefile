@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-sd15 bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,14 @@ bench: install
 	$(BIN)/sdit bench train --json runs/bench-train.json
 	$(BIN)/sdit bench sample --json runs/bench-sample.json
 	$(BIN)/sdit bench distill --json runs/bench-distill.json
+
+# SD 1.5's architecture with random weights at 512 px: every stage, the students' speed against the teacher's.
+bench-sd15: install
+	$(BIN)/sdit bench sd15 --json runs/bench-sd15.json
+
+# The same on one GPU at real batch sizes (about 8 minutes), plus labels/s and train steps/s of S/2 to XL/2.
+bench-gpu: install
+	$(BIN)/sdit bench sd15 --device cuda --out runs/bench-sd15-gpu --json runs/bench-sd15-gpu.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -19,7 +19,9 @@ from pipeline.bench.distill import DistillConfig
 from pipeline.bench.substitution import SubstitutionConfig
 from pipeline.bench.encode import BenchEncodeConfig
 from pipeline.bench.label import BenchLabelConfig
+from pipeline.bench.memory import MemoryConfig
 from pipeline.bench.sample import BenchSampleConfig
+from pipeline.bench.sd15 import Sd15Config
 from pipeline.bench.train import BenchTrainConfig
 from pipeline.encode import EncodeConfig
 from pipeline.evaluate import EvalConfig
@@ -273,7 +275,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = TrainConfig.checkpoint_every,
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = TrainConfig.keep_checkpoints,
     sample_every: Annotated[int, typer.Option(min=0, help="Steps between sample grids (0: at the end only).")] = TrainConfig.sample_every,
-    sample_prompts: Annotated[int, typer.Option(min=1, help="Captions in a sample grid (the store's first).")] = TrainConfig.sample_prompts,
+    sample_prompts: Annotated[int, typer.Option(min=0, help="Captions in a sample grid (the store's first); 0: no grids.")] = TrainConfig.sample_prompts,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations of the EMA student on held-out draws (needs --holdout), logged to metrics.jsonl and the loss plot; 0: never.")] = TrainConfig.eval_every,
     eval_draws: Annotated[int, typer.Option(min=1, help="Held-out draws per evaluation (the same ones each time).")] = TrainConfig.eval_draws,
     eval_clip: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: each evaluation also gives the CLIP score of the EMA student's samples of the sample captions.")] = None,
@@ -369,6 +371,63 @@ def bench_label(
                                   draws=draws, batch_size=batch_size, project_images=project_images,
                                   project_draws=project_draws, device=device, dtype=dtype))
     _report(format_label_table(result), result, json_out)
+
+
+@bench_app.command("sd15")
+@command
+def bench_sd15(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the photographs, store, runs and samples.")] = Sd15Config.out,
+    cache: Annotated[Optional[str], typer.Option(help="Where the random SD 1.5 is built once, in both layouts [default: OUT/teacher].")] = None,
+    records: Annotated[Optional[int], typer.Option(min=1, help=f"Photographs to encode [default: {Sd15Config.records}; on GPU 256].")] = None,
+    resolution: Annotated[int, typer.Option(help="Image side in pixels (a multiple of 8 x the students' patch).")] = Sd15Config.resolution,
+    draws: Annotated[Optional[int], typer.Option(min=1, help=f"Teacher draws per record [default: {Sd15Config.draws}; on GPU 4].")] = None,
+    synthesize: Annotated[Optional[int], typer.Option(min=0, help=f"Teacher samples per prompt of the bank, 0: none [default: {Sd15Config.synthesize}].")] = None,
+    student: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students to init and train (repeatable) [default: {', '.join(Sd15Config.students)}].")] = None,
+    speed_student: Annotated[Optional[list[str]], typer.Option("--speed-student", help=f"Students timed against the teacher (repeatable) [default: {', '.join(Sd15Config.speed_students)}; on GPU S/2 to XL/2].")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(min=1, help=f"[default: {Sd15Config.train_steps}; on GPU 20].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Training batch [default: {Sd15Config.batch_size}; on GPU 32].")] = None,
+    speed_steps: Annotated[Optional[int], typer.Option(min=1, help=f"Sampling steps of the side-by-side timing [default: {Sd15Config.speed_steps}; on GPU 25].")] = None,
+    speed_images: Annotated[Optional[int], typer.Option(min=1, help=f"Batch of the side-by-side timing [default: {Sd15Config.speed_images}; on GPU 8].")] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: the same stages at real batch sizes, plus labels/s and train steps/s of S/2 to XL/2 at 256 and 512 px in bf16.")] = Sd15Config.device,
+    dtype: DType = Sd15Config.dtype,
+    json_out: JsonOut = None,
+):
+    """Every stage with SD 1.5's real architecture (seeded random weights, no download) at 512 px: time, peak RSS,
+    GFLOP/s and output shapes per stage, the students' sampling speed against SD 1.5's, the precision paths."""
+    from pipeline.bench.sd15 import bench_sd15 as run, format_sd15_table
+
+    options = {k: v for k, v in dict(records=records, draws=draws, synthesize=synthesize, train_steps=train_steps,
+                                     batch_size=batch_size, speed_steps=speed_steps, speed_images=speed_images).items()
+               if v is not None}
+    options |= {"students": tuple(student)} if student else {}
+    options |= {"speed_students": tuple(speed_student)} if speed_student else {}
+    config = Sd15Config.for_device(device, out=out, cache=cache, resolution=resolution, dtype=dtype, **options)
+    result = run(config, on_stage=lambda name: typer.echo(name, err=True))
+    _report(format_sd15_table(result), result, json_out)
+
+
+@bench_app.command("memory")
+@command
+def bench_memory(
+    preset: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students (repeatable) [default: {', '.join(MemoryConfig.presets)}].")] = None,
+    batch: Annotated[Optional[list[int]], typer.Option("--batch", help=f"Batches (repeatable) [default: {', '.join(map(str, MemoryConfig.batches))}].")] = None,
+    sample_size: Annotated[int, typer.Option(min=1, help="Latent side (64: 512 px).")] = MemoryConfig.sample_size,
+    max_rss_gb: Annotated[float, typer.Option(min=1, help="Never run a step predicted to need more; extrapolate it.")] = MemoryConfig.max_rss_gb,
+    max_step_seconds: Annotated[float, typer.Option(min=1, help="Nor one predicted to take longer.")] = MemoryConfig.max_step_seconds,
+    json_out: JsonOut = None,
+):
+    """Peak memory of one training step of each student at 512 px, by batch, with and without gradient
+    checkpointing, and the per-GPU batch it implies for 24, 40 and 80 GB."""
+    from pipeline.bench.memory import bench_memory as run, format_memory_table
+
+    options = {"presets": tuple(preset)} if preset else {}
+    options |= {"batches": tuple(batch)} if batch else {}
+    result = run(MemoryConfig(sample_size=sample_size, max_rss_gb=max_rss_gb, max_step_seconds=max_step_seconds,
+                              **options),
+                 on_result=lambda r: typer.echo(f"{r['preset']} batch {r['batch']}{' ckpt' if r['checkpointing'] else ''}: "
+                                                f"{r['step_gb']:.2f} GB" + ("" if r["measured"] else " (extrapolated)"),
+                                                err=True))
+    _report(format_memory_table(result), result, json_out)
 
 
 # --- sampling and evaluation ----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
-    sample_prompts: int = 8
+    sample_prompts: int = 8  # 0: no sample grids
     sample_steps: int = 25
     sample_guidance: float = 4.0
     eval_every: int = 0  # 0: never; else teacher agreement on held-out draws every N steps
@@ -330,7 +330,7 @@ class Trainer:
             self.log(metrics)
             if s.step % c.checkpoint_every == 0 or s.step == c.steps:
                 self.save()
-            if c.sample_every and s.step % c.sample_every == 0 and self.workers.main:
+            if c.sample_every and c.sample_prompts and s.step % c.sample_every == 0 and self.workers.main:
                 self.sample_grid()
             if on_step:
                 on_step(metrics)
@@ -535,7 +535,7 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
                    "steps_per_s": (state.step - first) / seconds if seconds else None,
                    "draws": stream.total, "run": str(out)}
         if workers.main:
-            summary["samples"] = str(trainer.sample_grid())
+            summary["samples"] = str(trainer.sample_grid()) if config.sample_prompts else None
             plot_losses(out / METRICS, out / "loss.png")
             update_run(out, train=read_run(out)["train"] | {"step": state.step, "status": "complete"})
     finally:

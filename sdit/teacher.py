@@ -13,7 +13,7 @@ import hashlib
 import json
 import pickle
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,12 +141,13 @@ def _load_diffusers_folder(path: Path, components: tuple[str, ...]) -> dict[str,
     return models
 
 
-def read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None,
+                    check: Callable[[dict[str, tuple[int, ...]]], None] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a single-file checkpoint whose keys start with one of `prefixes` (every tensor when None).
 
     A `.safetensors` file is read tensor by tensor, so the others are never read from disk (a student's init
     reads the VAE and text encoder of an SD file without its UNet). Pickles load with weights_only=True (no
-    code runs), memory-mapped when they are zip files.
+    code runs), memory-mapped when they are zip files. `check` sees every tensor's shape before any is read.
     """
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise SDiTError(f"{path}: not a checkpoint (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
@@ -156,6 +157,8 @@ def read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict
             with safe_open(path, framework="pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
                 check_sd1_layout(path, shapes)
+                if check is not None:
+                    check(shapes)
                 return {k: f.get_tensor(k) for k in shapes if wanted(k)}
         except SDiTError:
             raise
@@ -174,7 +177,10 @@ def read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SDiTError(f"{path}: not a state dict of tensors")
-    check_sd1_layout(path, {k: tuple(v.shape) for k, v in state.items()})
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    check_sd1_layout(path, shapes)
+    if check is not None:
+        check(shapes)
     return {k: v for k, v in state.items() if wanted(k)}
 
 
@@ -194,9 +200,54 @@ def check_sd1_layout(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
                         "depth model?); only text-to-image models with 4 latent channels are supported")
 
 
+def expected_shapes(cfg: Path, components: tuple[str, ...]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per component, the original-layout shape of every tensor the configs in `cfg` describe (models built on
+    the meta device: no memory, about a second for SD 1.5)."""
+    from sdit.convert import text_encoder_to_original, unet_to_original, vae_to_original
+
+    builders = {
+        "unet": lambda: unet_to_original(UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(cfg / "unet"))),
+        "vae": lambda: vae_to_original(AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))),
+        "text_encoder": lambda: text_encoder_to_original(CLIPTextModel(
+            CLIPTextConfig.from_pretrained(cfg / "text_encoder", local_files_only=True))),
+    }
+    with torch.device("meta"):
+        return {name: {k: tuple(v.shape) for k, v in builders[name]().items() if not k.endswith("position_ids")}
+                for name in components}
+
+
+def check_shapes(path: Path, cfg: Path, expected: dict[str, dict[str, tuple[int, ...]]],
+                 shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, in one line naming the first tensor that differs, a file whose tensors do not fit the configs in
+    `cfg`, before any is read. Trailing 1s are ignored (the VAE's attention projections are 1x1 convolutions in
+    some files and matrices in others); a UNet kept only as EMA weights is checked when it loads."""
+    for name, wanted in expected.items():
+        if name == "text_encoder" and not any(k.startswith(TEXT_PREFIX) for k in shapes):
+            continue  # an older file (cond_stage_model.transformer.*): checked as it loads
+        if name == "unet" and not any(k.startswith(UNET_PREFIX) for k in shapes):
+            continue
+        for key, shape in wanted.items():
+            found = shapes.get(key)
+            if found is None:
+                raise SDiTError(f"{path}: the {name} weights do not fit {cfg / name}/config.json (the file has no "
+                                f"{key}); pass --teacher-config for other shapes")
+            if _squeeze(found) != _squeeze(shape):
+                raise SDiTError(f"{path}: the {name} weights do not fit {cfg / name}/config.json ({key} is "
+                                f"{list(found)} in the file, {list(shape)} there); pass --teacher-config for other shapes")
+
+
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def _load_single_file(path: Path, cfg: Path, components: tuple[str, ...],
                       use_ema: bool) -> dict[str, torch.nn.Module]:
-    state = read_state_dict(path, tuple(p for name in components for p in PREFIXES[name]))
+    expected = expected_shapes(cfg, components)
+    state = read_state_dict(path, tuple(p for name in components for p in PREFIXES[name]),
+                            check=lambda shapes: check_shapes(path, cfg, expected, shapes))
     models = {}
     for name in components:
         if name == "text_encoder":

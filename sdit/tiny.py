@@ -40,11 +40,12 @@ def build_tiny_components(seed: int = 0) -> dict[str, torch.nn.Module]:
     }
 
 
-def save_configs(models: dict[str, torch.nn.Module], out: Path) -> None:
-    """The config folder of a pipeline: model_index, component configs, tokenizer, scheduler."""
+def save_configs(models: dict[str, torch.nn.Module], out: Path, source: Path = SD15_CONFIG_DIR) -> None:
+    """The config folder of a pipeline: model_index, component configs, and the tokenizer and scheduler of
+    `source` (SD 1.5's by default)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("model_index.json", "scheduler", "tokenizer"):
-        src = SD15_CONFIG_DIR / name
+        src = source / name
         if src.is_dir():
             shutil.copytree(src, out / name, dirs_exist_ok=True)
         else:

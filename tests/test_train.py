@@ -327,3 +327,9 @@ def test_tensorboard_event_files_hold_the_metrics_and_sample_grids(labelled_stor
     np.testing.assert_allclose([v for _, v in losses], [v for _, v in logged], rtol=1e-6)
     assert [e.step for e in events.Scalars("eval/teacher_mse")] == [2, 4]
     assert [e.step for e in events.Images("samples")] == [2, 4, 4]  # every 2 steps, and the final grid
+
+
+def test_sample_prompts_0_trains_without_sample_grids(labelled_store, tmp_path):
+    run = tmp_path / "run"
+    summary = _train(labelled_store, run, steps=2, sample_every=1, sample_prompts=0)
+    assert summary["steps"] == 2 and summary["samples"] is None and not (run / "samples").exists()

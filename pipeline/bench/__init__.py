@@ -4,6 +4,8 @@
     label.py      `sdit bench label`
     train.py      `sdit bench train`
     sample.py     `sdit bench sample`
+    sd15.py       `sdit bench sd15` (every stage with SD 1.5's architecture at 512 px; the GPU check)
+    memory.py     `sdit bench memory` (peak memory of a training step at 512 px; per-GPU batches)
     distill.py    `sdit bench distill` (the shapes world: students with and without the teacher)
     evaluator.py  `sdit bench evaluator` (the shapes world's attribute evaluator)
 
