@@ -5,11 +5,13 @@ Each (preset, batch, checkpointing) runs in a child process that builds the stud
 train` does (`pipeline.train.make_state`: AdamW, fp32), notes its resident memory, resets the kernel's high-water
 mark (`/proc/self/clear_refs`), and runs one step on random inputs: forward, loss, backward, clipping, AdamW, EMA.
 It reports the high-water mark above the resident memory before the step, during forward+backward (activations
-and gradients) and over the whole step (then AdamW's two moments join the gradients). L/2 and XL/2 (`by_depth`)
-are measured cut to 1 and 2 blocks and extrapolated to their depth, each block holding the same. A configuration whose peak
+and gradients) and over the whole step (then AdamW's two moments join the gradients). A configuration whose peak
 the ones already measured predict above `max_rss_gb`, or whose step would take longer than `max_step_seconds`, is
 not run; its figures are extrapolated linearly in the batch from the two largest measured batches of the same
-preset and mode (marked so).
+preset and mode (marked so). A preset whose weights, EMA copy, gradients and AdamW moments alone (20 bytes a
+parameter) exceed `max_rss_gb` is not run at all (L/2 and XL/2 on a 12 GiB budget): its activations per sample
+are scaled from the last measured preset of the same mode by depth × width, since at a fixed token count a
+block saves activations in proportion to its width (marked "scaled").
 
 The GPU table: the step needs 20 bytes per parameter that do not depend on the batch (fp32 weights, EMA copy,
 gradients, AdamW's two moments) plus the activations, b x (per-sample activation memory) + the measured
@@ -42,9 +44,6 @@ class MemoryConfig:
     presets: tuple[str, ...] = DEFAULT_PRESETS
     batches: tuple[int, ...] = (1, 2, 4)
     max_batch: dict | None = None  # preset -> the largest batch to run (the rest extrapolated), e.g. to save time
-    # Presets measured with 1 and 2 of their blocks, the full depth extrapolated (every block holds the same
-    # activations and parameters): a twelfth of the compute of L/2 or XL/2, whose steps take minutes on a CPU.
-    by_depth: tuple[str, ...] = ("SDiT-L/2", "SDiT-XL/2")
     checkpointing: tuple[bool, ...] = (False, True)
     sample_size: int = 64  # latent side: 512 px
     text_dim: int = 768
@@ -67,22 +66,23 @@ def bench_memory(config: MemoryConfig, on_result=None) -> dict:
 
     config.check()
     rows, rate = [], None  # rate: FLOP/s of the last measured step, to predict the next one's time
+    parameters = {preset: _parameters(preset, config) for preset in config.presets}
+    too_large = [p for p in config.presets if BYTES_PER_PARAM * parameters[p] / GIB > config.max_rss_gb]
     for preset in config.presets:
+        if preset in too_large:
+            continue
         flops = student_flops(preset, sample_size=config.sample_size, text_dim=config.text_dim, tokens=config.tokens)
         for checkpointing in config.checkpointing:
             measured = []
             for batch in sorted(config.batches):
                 step_flops = batch * flops * (TRAIN_STEP_FORWARDS + checkpointing)
                 predicted = _predict(measured, batch)
-                slow = rate is not None and preset not in config.by_depth and step_flops / rate > config.max_step_seconds
+                slow = rate is not None and step_flops / rate > config.max_step_seconds
                 slow = slow or batch > (config.max_batch or {}).get(preset, batch)
-                too_big = (predicted is not None and preset not in config.by_depth  # cut to 2 blocks, it fits
+                too_big = (predicted is not None
                            and predicted["rss_before_gb"] + predicted["step_gb"] > config.max_rss_gb)
                 if predicted is not None and (too_big or slow):
                     row = predicted | {"measured": False, "why": "memory" if not slow else "time"}
-                elif preset in config.by_depth:
-                    row = _by_depth(preset, batch, checkpointing, config)
-                    measured.append(row)
                 else:
                     row = _child(preset, batch, checkpointing, config) | {"measured": True}
                     rate = step_flops / row["seconds"]
@@ -91,8 +91,39 @@ def bench_memory(config: MemoryConfig, on_result=None) -> dict:
                 rows.append(row)
                 if on_result:
                     on_result(row)
-    return {"rows": rows, "per_sample": per_sample(rows), "gpu_batches": gpu_batches(rows),
+    fits = per_sample(rows) | scaled_per_sample(per_sample(rows), too_large, config)
+    return {"rows": rows, "per_sample": fits, "gpu_batches": gpu_batches(fits, parameters), "parameters": parameters,
             "bytes_per_param": BYTES_PER_PARAM, "cuda_overhead_gb": CUDA_OVERHEAD_GB, "config": asdict(config)}
+
+
+def _parameters(preset: str, config: MemoryConfig) -> int:
+    """The student's parameter count, built on the meta device (no memory, no time)."""
+    import torch
+
+    from sdit.dit import build_student, count_parameters
+
+    with torch.device("meta"):
+        student = build_student(preset, sample_size=config.sample_size, in_channels=4, text_dim=config.text_dim)
+    return count_parameters(student)["total"]
+
+
+def scaled_per_sample(fits: dict, presets: list[str], config: MemoryConfig) -> dict:
+    """Activations per sample of presets too large to run, from the last measured preset of the same mode,
+    times the ratio of depth × width."""
+    from sdit.dit import PRESETS
+
+    out = {}
+    for preset in presets:
+        for checkpointing in config.checkpointing:
+            suffix = " ckpt" if checkpointing else ""
+            measured = [p for p in config.presets if p + suffix in fits]
+            if not measured:
+                continue
+            ref, big = PRESETS[measured[-1]], PRESETS[preset]
+            ratio = big.depth * big.hidden_size / (ref.depth * ref.hidden_size)
+            out[preset + suffix] = {"per_sample_gb": fits[measured[-1] + suffix]["per_sample_gb"] * ratio,
+                                    "intercept_gb": 0.0, "points": 0, "scaled_from": measured[-1]}
+    return out
 
 
 def _predict(measured: list[dict], batch: int) -> dict | None:
@@ -133,11 +164,10 @@ def per_sample(rows: list[dict]) -> dict:
     return out
 
 
-def gpu_batches(rows: list[dict]) -> dict:
+def gpu_batches(fits: dict, params: dict[str, int]) -> dict:
     """The largest per-GPU batch for each GPU size: (size − 20 B/param − CUDA overhead − intercept) / per sample."""
-    params = {r["preset"]: r["parameters"] for r in rows}
     out = {}
-    for name, fit in per_sample(rows).items():
+    for name, fit in fits.items():
         preset = name.split()[0]
         # the intercept is mostly the gradients, already in BYTES_PER_PARAM
         extra = max(fit["intercept_gb"] - GRAD_BYTES * params[preset] / GIB, 0)
@@ -158,26 +188,14 @@ def format_memory_table(result: dict) -> str:
               f"{'student':<16}{'GB/sample':>10}" + "".join(f"{str(g) + ' GB':>8}" for g in GPU_SIZES_GB)]
     for name, batches in result["gpu_batches"].items():
         fit = result["per_sample"][name]
-        lines.append(f"{name:<16}{fit['per_sample_gb']:>10.2f}" + "".join(f"{batches[str(g)]:>8}" for g in GPU_SIZES_GB))
+        how = f"  scaled from {fit['scaled_from']}" if "scaled_from" in fit else ""
+        lines.append(f"{name:<16}{fit['per_sample_gb']:>10.2f}" + "".join(f"{batches[str(g)]:>8}" for g in GPU_SIZES_GB)
+                     + how)
     return "\n".join(lines)
 
 
-def _by_depth(preset: str, batch: int, checkpointing: bool, config: MemoryConfig) -> dict:
-    """The full-depth figures from steps of the same preset cut to 1 and 2 blocks: v(D) = v(1) + (D − 1)·(v(2) − v(1))."""
-    from sdit.dit import PRESETS
-
-    depth = PRESETS[preset].depth
-    one, two = (_child(preset, batch, checkpointing, config, depth=d) for d in (1, 2))
-    row = {"measured": True, "how": "depth 1 and 2", "batch": batch, "seconds": one["seconds"] + two["seconds"]}
-    for key in ("parameters", "rss_before_gb", "fwd_bwd_gb", "step_gb"):
-        row[key] = one[key] + (depth - 1) * (two[key] - one[key])
-    row["parameters"] = int(row["parameters"])
-    return row
-
-
-def _child(preset: str, batch: int, checkpointing: bool, config: MemoryConfig, depth: int | None = None) -> dict:
-    args = {"preset": preset, "batch": batch, "checkpointing": checkpointing, "config": asdict(config),
-            "depth": depth}
+def _child(preset: str, batch: int, checkpointing: bool, config: MemoryConfig) -> dict:
+    args = {"preset": preset, "batch": batch, "checkpointing": checkpointing, "config": asdict(config)}
     proc = subprocess.run([sys.executable, "-m", "pipeline.bench.memory", json.dumps(args)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[2])
     if proc.returncode:
@@ -200,7 +218,7 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
-def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig, depth: int | None = None) -> dict:
+def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig) -> dict:
     import torch
 
     from pipeline.train import TrainConfig, Workers, make_state
@@ -209,8 +227,7 @@ def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig, 
 
     torch.set_num_threads(c.threads or os.cpu_count())
     torch.manual_seed(0)
-    student = build_student(preset, sample_size=c.sample_size, in_channels=4, text_dim=c.text_dim,
-                            **({"depth": depth} if depth else {}))
+    student = build_student(preset, sample_size=c.sample_size, in_channels=4, text_dim=c.text_dim)
     config = TrainConfig(store="-", out="-", gradient_checkpointing=checkpointing)
     state = make_state(student, config, torch.device("cpu"), Workers())
     x = torch.randn(batch, 4, c.sample_size, c.sample_size)
@@ -235,4 +252,4 @@ def measure_step(preset: str, batch: int, checkpointing: bool, c: MemoryConfig, 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
     cfg = MemoryConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a["config"].items()})
-    print(json.dumps(measure_step(a["preset"], a["batch"], a["checkpointing"], cfg, a.get("depth"))))
+    print(json.dumps(measure_step(a["preset"], a["batch"], a["checkpointing"], cfg)))

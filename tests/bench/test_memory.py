@@ -36,7 +36,7 @@ def test_what_would_not_fit_is_extrapolated_not_run(monkeypatch):
     assert [rows[b]["measured"] for b in (1, 2, 4, 16)] == [True, True, True, False]
     assert rows[16]["why"] == "memory" and rows[16]["step_gb"] == 16.5
     assert result["per_sample"]["SDiT-S/2"]["per_sample_gb"] == 1.0
-    fixed = BYTES_PER_PARAM * 10**8 / 2**30 + 1.5  # the intercept (0) is below the gradients
+    fixed = BYTES_PER_PARAM * result["parameters"]["SDiT-S/2"] / 2**30 + 1.5  # the intercept is below the gradients
     assert result["gpu_batches"]["SDiT-S/2"]["80"] == int((80e9 / 2**30 - fixed) // 1.0)
 
 
@@ -48,4 +48,22 @@ def test_prediction_is_linear_through_the_two_largest_batches():
     assert _predict(rows, 4)["fwd_bwd_gb"] == 2.5
     fit = per_sample([r | {"preset": "P", "checkpointing": False, "measured": True} for r in rows])
     assert fit == {"P": {"per_sample_gb": 0.5, "intercept_gb": 0.5, "points": 2}}
-    assert gpu_batches([r | {"preset": "P", "checkpointing": False, "measured": True} for r in rows])["P"]["24"] > 0
+    assert gpu_batches(fit, {"P": 5})["P"]["24"] > 0
+
+
+def test_a_student_too_large_to_run_is_scaled_by_depth_times_width(monkeypatch):
+    import pipeline.bench.memory as memory
+
+    def fake_child(preset, batch, checkpointing, config):
+        assert preset == "SDiT-S/2"  # B/2's 20 bytes a parameter (3.4 GB) alone exceed the 3 GB budget
+        return {"parameters": 10**7, "rss_before_gb": 0.5, "fwd_bwd_gb": 0.5 * batch, "step_gb": 0.5 * batch,
+                "seconds": 1.0, "batch": batch}
+
+    monkeypatch.setattr(memory, "_child", fake_child)
+    result = bench_memory(MemoryConfig(presets=("SDiT-S/2", "SDiT-B/2"), batches=(1, 2), checkpointing=(False,),
+                                       max_rss_gb=3))
+    assert {r["preset"] for r in result["rows"]} == {"SDiT-S/2"}
+    scaled = result["per_sample"]["SDiT-B/2"]
+    assert scaled["scaled_from"] == "SDiT-S/2" and scaled["per_sample_gb"] == pytest.approx(2 * 0.5)  # 768/384
+    assert result["gpu_batches"]["SDiT-B/2"]["80"] < result["gpu_batches"]["SDiT-S/2"]["80"]
+    assert "scaled from SDiT-S/2" in memory.format_memory_table(result)
