@@ -1,6 +1,5 @@
 import io
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from conftest import SAMPLES, cli_command, kill_when
+from conftest import SAMPLES, child_env, cli_command, kill_when
 from pipeline.bench import generate_images
 from pipeline.encode import EncodeConfig, EncodeSummary, encode
 from sdit.errors import SDiTError
@@ -221,7 +220,7 @@ def test_sigkill_and_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
     images = generate_images(tmp_path / "images", 240, 64)
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    env = child_env()  # the same thread count in every process: the same rounding
     subprocess.run(cli_command(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
     done = killed / "_done" / "records"
@@ -241,7 +240,7 @@ def test_a_full_disk_stops_encode_in_one_line_and_a_rerun_finishes_the_same_stor
     images = generate_images(tmp_path / "images", 96, 64)
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    env = child_env()  # the same thread count in every process: the same rounding
     subprocess.run(cli_command(*args, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
 
     def small_files():  # in the child: no file may grow past 20 kB (a shard's text_emb is 39 kB): EFBIG
@@ -266,7 +265,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tiny_teacher, tmp_path)
     images = generate_images(tmp_path / "images", 96, 64)
     args = ["encode", str(images), "--teacher", str(tiny_teacher), "--resolution", "64", "--shard-size", "8",
             "--batch-size", "4"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    env = child_env()  # the same thread count in every process: the same rounding
     subprocess.run(cli_command(*args, "--out", str(tmp_path / "alone")), check=True, env=env, capture_output=True)
     shared = tmp_path / "shared"
     first = subprocess.Popen(cli_command(*args, "--out", str(shared)), env=env, stdout=subprocess.DEVNULL,
