@@ -64,12 +64,13 @@ def generate_images(folder: Path, n: int, resolution: int, seed: int = 0) -> Pat
     return folder
 
 
-def matmul_gflops(device, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's practical ceiling: a large fp32 matmul (TF32 off on GPU), best of `repeats`."""
+def matmul_gflops(device, n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """The machine's practical ceiling: a large matmul (fp32 unless `dtype` says otherwise; TF32 off on GPU),
+    best of `repeats`."""
     import torch
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":

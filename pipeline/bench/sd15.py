@@ -611,21 +611,12 @@ def peak_tflops(device) -> tuple[float | None, float]:
     here), TFLOP/s."""
     import torch
 
+    from pipeline.bench import matmul_gflops
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sheet = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
     n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return sheet, 2 * n**3 / best / 1e12
+    return sheet, matmul_gflops(device, n, dtype=torch.bfloat16) / 1000
 
 
 def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resolutions: tuple[int, ...],
