@@ -83,8 +83,6 @@ def matmul_gflops(device, n: int = 2048, repeats: int = 5, dtype=None) -> float:
     return 2 * n**3 / best / 1e9
 
 
-
-
 def checksum_seconds(store_url: str, groups: list[str], repeats: int = 3) -> dict:
     """Seconds per record that the CRC32C of every chunk adds to writing and to reading the finished shards of
     `groups`: the same arrays written to a scratch store with and without the checksum, then read back whole,

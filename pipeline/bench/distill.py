@@ -59,6 +59,7 @@ from sdit import sampling
 from sdit.shapes import evaluator, world
 from sdit.dit import PRESETS
 from sdit.errors import SDiTError
+from sdit.files import replace_text, replacing
 from sdit.perturb import PerturbConfig
 from sdit.images import captioned_grid
 from sdit.pipeline_sdit import SDiTPipeline
@@ -160,8 +161,8 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
         add_curves(config, out, results, teacher)
     report = {"runs": {n: results[n] for n in config.runs}, "teacher": results["teacher"],
               "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config))}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(format_report(report) + "\n")
+    replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    replace_text(out / "report.md", format_report(report) + "\n")
     return report
 
 
@@ -337,6 +338,14 @@ def steps_to_reach(curve: list[dict], target: float, key: str = "seen_acc") -> f
 
 def plot_curves(png: Path, curves: dict[str, list[dict]], teacher: dict) -> None:
     """Step on x; the fair held-out score and the seen accuracy on y; a line per run, the teacher dashed."""
+    plot_scores(png, {name: [(p["step"], p) for p in curve] for name, curve in curves.items()}, teacher,
+                "training step")
+
+
+def plot_scores(png: Path, lines: dict[str, list[tuple[float, dict]]], teacher: dict, xlabel: str,
+                log_x: bool = False) -> None:
+    """Two panels, the fair held-out score and the seen accuracy, against x: a line of (x, figures) points per
+    run, the teacher's figure dashed (the learning curves, and the substitution curve on log records)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,16 +354,19 @@ def plot_curves(png: Path, curves: dict[str, list[dict]], teacher: dict) -> None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key, title in ((axes[0], "heldout_acc", "held-out concepts (fair: hit - false positive)"),
                            (axes[1], "seen_acc", "seen prompts: shape and colour")):
-        for k, (name, curve) in enumerate(curves.items()):
-            ax.plot([p["step"] for p in curve], [p[key] for p in curve], marker="o", markersize=3,
-                    label=name, color=f"C{k}")
+        for k, (name, points) in enumerate(lines.items()):
+            ax.plot([x for x, _ in points], [f[key] for _, f in points], marker="o", markersize=3, label=name,
+                    color=f"C{k}")
         ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
-        ax.set_xlabel("training step")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png)
+    with replacing(png) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -403,7 +415,8 @@ def write_grid(path: Path, images: dict, prompts: dict, per_prompt: int, columns
     rows = {name: [images[name][split][i * per_prompt] for split, idx in picks.items() for i in idx]
             for name in images}
     captions = [prompts[split][i].text for split, idx in picks.items() for i in idx]
-    captioned_grid(rows, captions, columns).save(path)
+    with replacing(path) as tmp:
+        captioned_grid(rows, captions, columns).save(tmp)
 
 
 def format_report(report: dict) -> str:

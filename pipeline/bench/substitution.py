@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.bench.distill import DistillConfig, Progress, distill
+from pipeline.bench.distill import DistillConfig, Progress, distill, plot_scores
 from sdit.errors import SDiTError
-from sdit.files import replace_text, replacing
+from sdit.files import replace_text
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
         "no_teacher_records_needed": needed, "largest": config.sizes[-1],
         "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
     }
-    plot_substitution(out / "substitution.png", curves, per_size[config.sizes[-1]]["teacher"])
+    plot_scores(out / "substitution.png", curves, per_size[config.sizes[-1]]["teacher"],
+                "records in the limited split", log_x=True)
     replace_text(out / "substitution.json", json.dumps(result, indent=2) + "\n")
     replace_text(out / "substitution.md", format_substitution(result) + "\n")
     return result
@@ -85,31 +86,6 @@ def records_to_reach(points: list[tuple[int, float]], target: float) -> float | 
             share = (target - a0) / (a1 - a0)
             return math.exp(math.log(n0) + share * (math.log(n1) - math.log(n0)))
     return None
-
-
-def plot_substitution(png: Path, curves: dict[str, list[tuple[int, dict]]], teacher: dict) -> None:
-    """Records on a log x axis; the fair held-out score and the seen accuracy on y; a line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, key, title in ((axes[0], "heldout_acc", "held-out concepts (fair: hit - false positive)"),
-                           (axes[1], "seen_acc", "seen prompts: shape and colour")):
-        for k, (name, points) in enumerate(curves.items()):
-            ax.plot([n for n, _ in points], [f[key] for _, f in points], marker="o", markersize=4, label=name,
-                    color=f"C{k}")
-        ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
-        ax.set_xscale("log")
-        ax.set_xlabel("records in the limited split")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    with replacing(png) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
 
 
 def format_substitution(result: dict) -> str:
