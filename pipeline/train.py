@@ -114,6 +114,8 @@ class TrainConfig:
             raise SDiTError("--eval-every measures the student on held-out draws: give --holdout F (e.g. 0.01)")
         if self.eval_clip and not self.eval_every:
             raise SDiTError("--eval-clip scores samples at each evaluation: give --eval-every N too")
+        if self.eval_clip and not self.sample_prompts:
+            raise SDiTError("--eval-clip scores samples of the sample captions: --sample-prompts must be at least 1")
         if self.log not in LOGS:
             raise SDiTError(f"--log {self.log!r}: choose one of {', '.join(LOGS)}")
 

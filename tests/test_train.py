@@ -303,6 +303,9 @@ def test_eval_every_logs_held_out_agreement_and_clip_score(labelled_store, clip_
     assert Image.open(run / "loss.png").size[0] > 0
     with pytest.raises(SDiTError, match="--eval-every measures the student on held-out draws: give --holdout"):
         _train(labelled_store, tmp_path / "no-holdout", steps=2, eval_every=1)
+    with pytest.raises(SDiTError, match="--sample-prompts must be at least 1"):
+        _train(labelled_store, tmp_path / "no-prompts", steps=2, holdout=0.5, eval_every=1, eval_clip=str(clip_folder),
+               sample_prompts=0)
     with pytest.raises(SDiTError, match="--log 'wandb'"):
         _train(labelled_store, tmp_path / "wandb", steps=2, log="wandb")
 
