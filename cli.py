@@ -465,6 +465,7 @@ def bench_distill(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = DistillConfig.out,
     teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
     runs: Annotated[Optional[str], typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided [default: all; with --sizes no_teacher,kd_perturb].")] = None,
+    variants: Annotated[Optional[str], typer.Option(help="A TOML file of more runs, each a run above with some options changed (the tuning tables in docs/tuning/).")] = None,
     synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = DistillConfig.synth_samples,
     bank_per_pair: Annotated[int, typer.Option(min=0, max=54, help="The prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs; 0: all 1,944.")] = DistillConfig.bank_per_pair,
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = DistillConfig.records,
@@ -490,11 +491,12 @@ def bench_distill(
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
     with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
-    from pipeline.bench.distill import distill, format_report
+    from pipeline.bench.distill import distill, format_report, load_variants
     from pipeline.bench.substitution import format_substitution, substitution
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
-    config = DistillConfig(out=out, teacher=teacher, runs=tuple(runs.split(",")) if runs else default_runs,
+    config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else tuple(filter(None, runs.split(","))),
+                           variants=load_variants(variants) if variants else {},
                            records=records, draws=draws,
                            student=student, steps=steps, batch_size=batch_size, lr=lr, per_prompt=per_prompt,
                            sample_steps=sample_steps, guidance=guidance, seed=seed,

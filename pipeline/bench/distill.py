@@ -40,11 +40,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import numpy as np
 import torch
@@ -61,6 +67,8 @@ from sdit.dit import PRESETS
 from sdit.errors import SDiTError
 from sdit.files import replace_text, replacing
 from sdit.perturb import PerturbConfig
+from sdit.run import RUN_FILE, read_run
+from sdit.store import Store
 from sdit.images import captioned_grid
 from sdit.pipeline_sdit import SDiTPipeline
 from sdit.synthesize import SynthesisConfig
@@ -75,7 +83,7 @@ PERTURBED = PerturbConfig()  # the default mix: none, input, swap, mix, null (sw
 
 @dataclass(frozen=True)
 class Recipe:
-    labels: str  # which labelling of the store the run trains on
+    labels: str  # the kind of labelling the run trains on: plain, perturbed, synthetic or guided
     kd_weight: float
     task_weight: float = 1.0
 
@@ -89,12 +97,21 @@ RECIPES = {
 }
 GUIDED_LABELS = "guided"
 
+# What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
+# training's. Each takes the type given.
+LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str}
+TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "high_noise_weight": float, "kd_weight": float,
+                 "task_weight": float, "student": str}
+
 
 @dataclass(frozen=True)
 class DistillConfig:
     out: str = "runs/distill"
     teacher: str = str(TOY_TEACHER)
     runs: tuple[str, ...] = tuple(RECIPES)
+    # More runs, each a recipe of RECIPES with some options changed: name -> {"from": recipe, option: value}
+    # (LABEL_OPTIONS, TRAIN_OPTIONS). The tuning tables are such files (`load_variants`).
+    variants: dict[str, dict] = field(default_factory=dict)
     synth_samples: int = 1  # teacher samples per prompt for kd_synth
     # The prompt bank: this many prompts of each of the 36 shape-colour pairs (None: all 1,944). 12 (432 prompts)
     # covers the world evenly at 4.5x fewer teacher forwards for kd_synth's samples.
@@ -118,10 +135,18 @@ class DistillConfig:
     curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
     curve_prompts: int = 2  # per shape-colour pair of the evaluation prompts (of 6), for the curves
     jobs: int = 0  # runs trained side by side, each in its own process (0: as many as runs, up to the cores)
+    # The teacher's samples, kept for reruns with the same teacher, prompts, noise and sampler (None: in OUT).
+    teacher_samples: str | None = None
 
     def check(self) -> None:
         if unknown := [r for r in self.runs if r not in RECIPES]:
             raise SDiTError(f"unknown runs {unknown}; choose from {list(RECIPES)}")
+        if not self.runs and not self.variants:
+            raise SDiTError("no runs: name some with --runs or give --variants")
+        for name, options in self.variants.items():
+            check_variant(name, options)
+        if clash := set(self.runs) & set(self.variants):
+            raise SDiTError(f"variants {sorted(clash)} are also runs of --runs: give them other names")
         if self.student not in PRESETS:
             raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
         if self.jobs < 0:
@@ -131,6 +156,96 @@ class DistillConfig:
         if not Path(self.teacher).exists():
             raise SDiTError(f"teacher not found: {self.teacher} (the toy teacher ships in data/toy-sd)")
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every run of the experiment: --runs, then the variants."""
+        return (*self.runs, *self.variants)
+
+
+def check_variant(name: str, options: dict) -> None:
+    """A variant's name and options, refused in one line when wrong."""
+    if not name.replace("_", "").replace("-", "").isalnum() or name in RECIPES or name.startswith("init"):
+        raise SDiTError(f"variant {name!r}: use letters, digits, '_' and '-', and not a run's name or 'init...'")
+    if options.get("from") not in RECIPES:
+        raise SDiTError(f"variant {name!r}: say which run it changes, from = one of {list(RECIPES)}")
+    allowed = LABEL_OPTIONS | TRAIN_OPTIONS
+    for key, value in options.items():
+        if key == "from":
+            continue
+        if key not in allowed:
+            raise SDiTError(f"variant {name!r}: unknown option {key!r}; choose from {', '.join(allowed)}")
+        kind = allowed[key]
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
+    if "student" in options and options["student"] not in PRESETS:
+        raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
+
+
+def load_variants(path: str) -> dict[str, dict]:
+    """A TOML file of variants, one table each: `[name]`, `from = "kd_perturb"`, then the options it changes."""
+    try:
+        variants = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise SDiTError(f"--variants {path}: {err}") from None
+    for name, options in variants.items():
+        if not isinstance(options, dict):
+            raise SDiTError(f"--variants {path}: {name!r} is not a table; write [{name}] and its options under it")
+        check_variant(name, options)
+    return variants
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """One labelling of the store: its kind and what its draws were made with."""
+    kind: str  # plain, perturbed, synthetic or guided (Recipe.labels)
+    perturb: PerturbConfig
+    draws: int
+    guidance: tuple[float, float] | None  # guided targets: w drawn per draw in this window
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student of the experiment: the labelling it trains on, where it starts, what its training changes."""
+    recipe: str
+    labels: str  # the labelling's name in the store
+    init: str  # the folder (in OUT) of its initial weights, shared by every run of its student and kind
+    options: dict  # TrainConfig fields set for this run: its recipe's weights, a variant's training options
+
+
+def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
+    """The labellings the runs need (runs that would draw the same share one) and each run."""
+    labellings: dict[str, Labelling] = {}
+    runs: dict[str, Run] = {}
+    for name in config.names:
+        options = config.variants.get(name, {"from": name})
+        recipe = RECIPES[options["from"]]
+        labelling = _labelling(config, recipe.labels, options)
+        labels = next((k for k, v in labellings.items() if v == labelling), None)
+        if labels is None:  # a recipe's own labelling keeps its kind's name; a variant's takes the variant's
+            labels = recipe.labels if labelling == _labelling(config, recipe.labels, {}) else name
+            labellings[labels] = labelling
+        student = options.get("student", config.student)
+        init = "init" + ("-guided" if recipe.labels == GUIDED_LABELS else "") + (
+            "" if student == config.student else "-" + student.replace("/", "-"))
+        runs[name] = Run(options["from"], labels, init, {"kd_weight": recipe.kd_weight,
+                                                         "task_weight": recipe.task_weight} |
+                         {k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"} |
+                         {"student": student})
+    return labellings, runs
+
+
+def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
+    perturb = PLAIN if kind == "plain" else config.perturb
+    if "perturb" in options:
+        perturb = PerturbConfig.from_option(options["perturb"], input_gamma=perturb.input_gamma,
+                                            caption_min_t=perturb.caption_min_t, prompt_share=perturb.prompt_share)
+    perturb = replace(perturb, **{k: options[k] for k in ("caption_min_t", "prompt_share") if k in options})
+    guidance = None
+    if kind == GUIDED_LABELS:
+        guidance = LabelConfig.parse_guidance(options["guidance_range"]) if "guidance_range" in options \
+            else config.guidance_range
+    return Labelling(kind, perturb, options.get("draws", config.draws), guidance)
+
 
 Progress = Callable[[str], None]
 
@@ -138,50 +253,60 @@ Progress = Callable[[str], None]
 def distill(config: DistillConfig, progress: Progress = lambda _: None,
             on_step: Callable[[dict], None] | None = None) -> dict:
     """Every stage of the experiment into `config.out`; returns the report (also report.json). `progress` hears
-    each stage's name, `on_step` each training step's metrics."""
+    each stage's name, `on_step` each training step's metrics. A rerun into the same folder picks up where the
+    last one stopped: finished stages are kept, training resumes from each run's last checkpoint."""
     config.check()
     out = Path(config.out)
-    runs = train_configs(config, out / "store")
-    for run in runs.values():  # refuse bad training options before any work
-        run.check()
+    labellings, runs = plan(config)
+    trainings = train_configs(config, out / "store", runs)
+    for training in trainings.values():  # refuse bad training options before any work
+        training.check()
     started = time.perf_counter()
-    store = prepare_store(config, out, progress)
-    inits = {}  # every run starts from the same weights; a guided student's carry a guidance embedding besides
-    for name in config.runs:
-        inits.setdefault(RECIPES[name].labels == GUIDED_LABELS, RECIPES[name].labels)
-    for guided, labels in inits.items():
-        init_for_store(str(store), labels, str(init_folder(out, guided)), config.student, teacher=config.teacher,
-                       seed=config.seed)
-    train_side_by_side(runs, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), progress, on_step)
+    store = prepare_store(config, out, labellings, progress)
+    for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind start from one init
+        if not (out / run.init).exists():
+            init_for_store(str(store), run.labels, str(out / run.init), run.options["student"],
+                           teacher=config.teacher, seed=config.seed)
+    train_side_by_side(trainings, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), progress, on_step)
     progress("sample and evaluate")
     teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
-    results = score_all(config, out, store, teacher)
+    results = score_all(config, out, store, teacher, labellings, runs)
     if config.curve_points:
         progress("learning curves")
-        add_curves(config, out, results, teacher)
-    report = {"runs": {n: results[n] for n in config.runs}, "teacher": results["teacher"],
+        add_curves(config, out, results, teacher, runs)
+    report = {"runs": {n: results[n] for n in config.names}, "teacher": results["teacher"],
               "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config))}
     replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     replace_text(out / "report.md", format_report(report) + "\n")
     return report
 
 
-def train_configs(config: DistillConfig, store: Path) -> dict[str, TrainConfig]:
-    """Each run's training options: the same for every run but its labels and KD weight."""
-    return {name: TrainConfig(store=str(store), out=str(Path(config.out) / name), labels=RECIPES[name].labels,
-                              init=str(init_folder(Path(config.out), RECIPES[name].labels == GUIDED_LABELS)),
-                              steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
-                              ema_decay=config.ema_decay, kd_weight=RECIPES[name].kd_weight,
-                              task_weight=RECIPES[name].task_weight,
-                              high_noise_weight=config.high_noise_weight, holdout=config.holdout, seed=config.seed,
-                              # curve_points checkpoints, the last at the final step (none a few steps apart)
-                              checkpoint_every=-(-config.steps // max(config.curve_points, 1)),
-                              keep_checkpoints=max(config.curve_points, 1), sample_every=0)
-            for name in config.runs}
+def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> dict[str, TrainConfig]:
+    """Each run's training options: the experiment's, but for its labels, initial weights and its own options.
+    A run folder trained before (an interrupted experiment) resumes."""
+    trainings = {}
+    for name, run in runs.items():
+        options = dict(run.options)
+        del options["student"]  # the init folder holds it
+        steps = options.get("steps", config.steps)
+        out = Path(config.out) / name
+        trainings[name] = TrainConfig(
+            store=str(store), out=str(out), labels=run.labels, init=str(Path(config.out) / run.init),
+            steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
+            ema_decay=config.ema_decay, high_noise_weight=config.high_noise_weight, holdout=config.holdout,
+            seed=config.seed, sample_every=0, resume=trained_before(out),
+            # curve_points checkpoints, the last at the final step (none a few steps apart)
+            checkpoint_every=-(-steps // max(config.curve_points, 1)), keep_checkpoints=max(config.curve_points, 1))
+        trainings[name] = replace(trainings[name], **options)
+    return trainings
 
 
-def init_folder(out: Path, guided: bool) -> Path:
-    return out / ("init-guided" if guided else "init")
+def trained_before(folder: Path) -> bool:
+    """Whether a run folder holds training to resume; one an interrupted start left with none is removed."""
+    if (folder / RUN_FILE).exists() and "train" in read_run(folder):
+        return True
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
 
 
 def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progress,
@@ -208,8 +333,8 @@ def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progre
                 on_step({"step": min(len(read_metrics(Path(run.out) / METRICS)) for run in runs.values())})
 
 
-def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
-    """The limited split and the world's prompt bank, encoded; one labelling per mix the runs need."""
+def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], progress: Progress) -> Path:
+    """The limited split and the world's prompt bank, encoded, and each labelling the runs need."""
     data, store = out / "data", out / "store"
     if not (data / "images").exists():
         progress("write the limited split and the prompt bank")
@@ -218,45 +343,68 @@ def prepare_store(config: DistillConfig, out: Path, progress: Progress) -> Path:
     progress("encode")
     encode(EncodeConfig(source=str(data / "images"), teacher=config.teacher, out=str(store), resolution=64,
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))
-    for name in sorted({RECIPES[r].labels for r in config.runs}):
+    for name, labelling in sorted(labellings.items()):
         progress(f"teacher-label {name}")
         # The teacher samples with the sampler whose accuracy the report's teacher row measures.
         synthesis = SynthesisConfig(samples=config.synth_samples, steps=config.sample_steps, guidance=config.guidance,
-                                    seed=config.seed, scheduler="ddim") if name == "synthetic" else None
-        label(LabelConfig(store=str(store), teacher=config.teacher, name=name, draws=config.draws,
-                          perturb=PLAIN if name == "plain" else config.perturb, seed=config.seed, synthesis=synthesis,
-                          guidance=config.guidance_range if name == GUIDED_LABELS else None))
+                                    seed=config.seed, scheduler="ddim") if labelling.kind == "synthetic" else None
+        label(LabelConfig(store=str(store), teacher=config.teacher, name=name, draws=labelling.draws,
+                          perturb=labelling.perturb, seed=config.seed, synthesis=synthesis,
+                          guidance=labelling.guidance))
     return store
 
 
-def score_all(config: DistillConfig, out: Path, store: Path, teacher) -> dict[str, dict]:
+def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings: dict[str, Labelling],
+              runs: dict[str, Run]) -> dict[str, dict]:
     """Samples of the teacher and every student from the same noise; fair held-out scores, attribute accuracy
     on held-out and seen prompts; teacher agreement on held-out draws."""
     prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
-    models = ["teacher", *config.runs]
-    images: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in models}
-    seconds = dict.fromkeys(models, 0.0)
-    for split, plist in prompts.items():
-        texts = [p.text for p in plist for _ in range(config.per_prompt)]
-        for name in models:
-            started = time.perf_counter()
-            images[name][split] = _sample(config, out / name if name != "teacher" else None, teacher, texts)
-            seconds[name] += time.perf_counter() - started
+    texts = {split: [p.text for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    images, seconds = {}, {}
+    images["teacher"], seconds["teacher"] = teacher_samples(config, out, store, teacher, texts)
+    for name in config.names:
+        started = time.perf_counter()
+        images[name] = {split: _sample(config, out / name, teacher, t) for split, t in texts.items()}
+        seconds[name] = time.perf_counter() - started
     asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     results = {}
-    for name in models:
+    for name in images:
         readings = {split: evaluator.evaluate_batch(images[name][split]) for split in prompts}
         results[name] = scores(readings, asked)
         results[name]["sample_s_per_image"] = seconds[name] / sum(len(a) for a in asked.values())
         results[name]["sample_forwards"] = config.sample_steps * (1 if distilled(out, name) else 2)
         if name != "teacher":
-            # on held-out draws of real pairs; a guided student against guided targets, its own kind
-            labels = GUIDED_LABELS if RECIPES[name].labels == GUIDED_LABELS else "plain"
-            agreement = evaluate(EvalConfig(run=str(out / name), store=str(store), labels=labels))
+            # on held-out draws of real pairs where the experiment has them; a guided student against guided
+            # targets, its own kind
+            run = runs[name]
+            plain = "plain" in labellings and labellings[run.labels].kind != GUIDED_LABELS
+            agreement = evaluate(EvalConfig(run=str(out / name), store=str(store),
+                                            labels="plain" if plain else run.labels))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
-            results[name]["teacher_forwards"] = teacher_forwards(store, RECIPES[name])
+            results[name]["teacher_forwards"] = teacher_forwards(store, run)
     write_grid(out / "grid.png", images, prompts, config.per_prompt)
     return results
+
+
+def teacher_samples(config: DistillConfig, out: Path, store: Path, teacher,
+                    texts: dict[str, list[str]]) -> tuple[dict[str, list[np.ndarray]], float]:
+    """The teacher's samples of `texts` and the seconds they took: read from `config.teacher_samples` (default
+    OUT/teacher-samples.npz) when that file was made by the same teacher, prompts, noise and sampler, else
+    made and kept there. The substitution curve's sizes share one file: the teacher does not change with them."""
+    path = Path(config.teacher_samples or out / "teacher-samples.npz")
+    key = json.dumps({"teacher": Store(str(store)).manifest().teacher["hashes"], "texts": texts,
+                      "steps": config.sample_steps, "guidance": config.guidance, "seed": config.seed}, sort_keys=True)
+    if path.exists():
+        with np.load(path) as kept:
+            if str(kept["key"]) == key:
+                return {split: list(kept[split]) for split in texts}, float(kept["seconds"])
+    started = time.perf_counter()
+    images = {split: _sample(config, None, teacher, t) for split, t in texts.items()}
+    seconds = time.perf_counter() - started
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), seconds=np.array(seconds), **{s: np.stack(i) for s, i in images.items()})
+    return images, seconds
 
 
 def distilled(out: Path, name: str) -> bool:
@@ -293,7 +441,7 @@ def curve_prompts(config: DistillConfig) -> dict[str, list[world.Prompt]]:
             for split, plist in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts()))}
 
 
-def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher) -> None:
+def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher, runs: dict[str, Run]) -> None:
     """Score the EMA weights of every checkpoint of every run (and the shared initial weights at step 0) on the
     curve prompts, from the same noise each time; the teacher on them too, as the reference line. Adds `curves`
     and `speedup` to each run's results and writes curves.png."""
@@ -308,20 +456,20 @@ def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teach
         return {"heldout_acc": figures["heldout_acc"], "seen_acc": figures["seen_acc"]}
 
     starts = {}  # step 0 of every run that starts from the same weights
-    for name in config.runs:
-        init = init_folder(out, RECIPES[name].labels == GUIDED_LABELS)
+    for name in config.names:
+        init = out / runs[name].init
         if init not in starts:
             starts[init] = {"step": 0} | point(init)
         results[name]["curves"] = [starts[init]] + [
             {"step": int(folder.name.removeprefix("step-"))} | point(out / name, folder / "ema.safetensors")
             for folder in checkpoint_dirs(out / name)]
     reference = point(None)
-    for name in config.runs:  # against the no-teacher run's final seen accuracy, when it is one of the runs
+    for name in config.names:  # against the no-teacher run's final seen accuracy, when it is one of the runs
         baseline = results["no_teacher"]["curves"][-1] if "no_teacher" in config.runs else None
         needed = steps_to_reach(results[name]["curves"], baseline["seen_acc"]) if baseline else None
         results[name]["speedup"] = baseline["step"] / needed if needed else None
     results["teacher"]["curve_reference"] = reference
-    plot_curves(out / "curves.png", {name: results[name]["curves"] for name in config.runs}, reference)
+    plot_curves(out / "curves.png", {name: results[name]["curves"] for name in config.names}, reference)
 
 
 def steps_to_reach(curve: list[dict], target: float, key: str = "seen_acc") -> float | None:
@@ -370,11 +518,11 @@ def plot_scores(png: Path, lines: dict[str, list[tuple[float, dict]]], teacher: 
     plt.close(fig)
 
 
-def teacher_forwards(store: Path, recipe: Recipe) -> int:
+def teacher_forwards(store: Path, run: Run) -> int:
     """What a run's labels cost in teacher UNet forwards (0 without the teacher: its ε_T goes unused)."""
-    if recipe.kd_weight == 0:
+    if run.options["kd_weight"] == 0:
         return 0
-    counts = json.loads((store / "labels" / recipe.labels / "manifest.json").read_text())["counts"]
+    counts = json.loads((store / "labels" / run.labels / "manifest.json").read_text())["counts"]
     return int(counts["teacher_forwards"]["total"])
 
 
@@ -442,6 +590,9 @@ def format_report(report: dict) -> str:
                                                  for c in cells) + " |")
     c = report["config"]
     lines.append("")
+    for name, options in c["variants"].items():
+        changes = ", ".join(f"{k}={v}" for k, v in options.items() if k != "from")
+        lines.append(f"{name}: {options['from']} with {changes}.")
     lines.append(f"{c['student']}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "
                  f"{c['draws']} draws, {c['per_prompt']} samples per prompt (DDIM {c['sample_steps']}, guidance "
                  f"{c['guidance']}), high-noise weight {c['high_noise_weight']}; {report['seconds']:.0f} s in all.")

@@ -40,7 +40,7 @@ class SubstitutionConfig:
             raise SDiTError(f"--sizes {','.join(map(str, self.sizes))}: give two or more record counts, increasing")
         if self.multiplier_at not in self.sizes:
             raise SDiTError(f"--multiplier-at {self.multiplier_at} is not one of --sizes {list(self.sizes)}")
-        if not {"no_teacher", self.reference} <= set(self.distill.runs):
+        if not {"no_teacher", self.reference} <= set(self.distill.names):
             raise SDiTError(f"the data multiplier compares no_teacher with {self.reference}: both must be in --runs")
 
 
@@ -51,11 +51,12 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
     out = Path(config.distill.out)
     per_size = {}
     for records in config.sizes:
-        sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0)
+        sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0,
+                                    teacher_samples=config.distill.teacher_samples or str(out / "teacher-samples.npz"))
         report = distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"), on_step)
         per_size[records] = {name: _figures(run) for name, run in report["runs"].items()}
         per_size[records]["teacher"] = _figures(report["teacher"])
-    curves = {name: [(n, per_size[n][name]) for n in config.sizes] for name in config.distill.runs}
+    curves = {name: [(n, per_size[n][name]) for n in config.sizes] for name in config.distill.names}
     target = per_size[config.multiplier_at][config.reference]["seen_acc"]
     needed = records_to_reach([(n, f["seen_acc"]) for n, f in curves["no_teacher"]], target)
     result = {
