@@ -1,4 +1,5 @@
 import json
+import subprocess
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from conftest import child_env, cli_command, kill_paused_at
 from pipeline.bench.distill import train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics
@@ -99,3 +101,91 @@ def test_steps_to_reach_interpolates_between_curve_points():
     assert steps_to_reach(curve, 0.4) == pytest.approx(150)
     assert steps_to_reach(curve, 0.7) is None  # never reached: no speed-up
     assert steps_to_reach(curve, 0.0) is None  # reached before any step: no step count to compare
+
+
+VARIANTS = '''
+[swaps]  # another labelling: more swaps, at every timestep, fewer draws
+from = "kd_perturb"
+perturb = "none=0.5,swap=0.5"
+caption_min_t = 0
+draws = 3
+
+[longer]  # kd_perturb's own labelling, trained longer
+from = "kd_perturb"
+steps = 3
+'''
+
+
+def _variants_args(tiny_teacher, tmp_path, out) -> list:
+    variants = tmp_path / "variants.toml"
+    variants.write_text(VARIANTS)
+    return ["bench", "distill", "--out", out, "--teacher", tiny_teacher, "--runs", "no_teacher",
+            "--variants", variants, "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
+            "--per-prompt", "1", "--sample-steps", "2", "--curve-points", "2", "--jobs", "1"]
+
+
+def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_what_is_done(tiny_teacher, tmp_path):
+    out = tmp_path / "distill"
+    args = _variants_args(tiny_teacher, tmp_path, out)
+    result = CliRunner().invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["runs"]) == ["no_teacher", "swaps", "longer"]
+    longer, swaps = read_run(out / "longer")["train"], read_run(out / "swaps")["train"]
+    assert (longer["labels"], longer["step"], longer["config"]["kd_weight"]) == ("perturbed", 3, 1.0)
+    assert (swaps["labels"], swaps["step"]) == ("swaps", 2)
+    labels = LabelledStore(str(out / "store"), "swaps").labels
+    assert labels.draws == 3 and labels.perturb["caption_min_t"] == 0
+    assert labels.counts["kinds"]["mix"] == labels.counts["kinds"]["input"] == 0 < labels.counts["kinds"]["swap"]
+    assert sorted(p.name for p in (out / "store" / "labels").iterdir() if p.is_dir()) == ["perturbed", "plain", "swaps"]
+    assert ("swaps: kd_perturb with perturb=none=0.5,swap=0.5, caption_min_t=0, draws=3."
+            in (out / "report.md").read_text())
+
+    # A rerun keeps the store, the trained runs and the teacher's samples, and scores the same weights the same.
+    kept = {path: path.stat().st_mtime_ns for path in [out / "teacher-samples.npz",
+                                                        *out.glob("*/checkpoints/*/model.safetensors")]}
+    result = CliRunner().invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
+    again = json.loads((out / "report.json").read_text())
+    for name in report["runs"]:
+        assert {k: again["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")} == \
+            {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[a]\nsteps = 3\n', "say which run it changes, from = one of"),
+    ('[a]\nfrom = "kd"\nwarmup = 3\n', "unknown option 'warmup'"),
+    ('[a]\nfrom = "kd"\nsteps = "many"\n', "steps takes a int, not 'many'"),
+    ('[kd]\nfrom = "kd"\n', "not a run's name"),
+    ('a = 3\n', "'a' is not a table"),
+    ('[a\n', "--variants"),
+])
+def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_path, text, error):
+    variants, out = tmp_path / "variants.toml", tmp_path / "distill"
+    variants.write_text(text)
+    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
+                                      "--variants", str(variants)])
+    assert result.exit_code != 0 and error in result.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_experiment_killed_while_training_resumes_to_the_same_report(tiny_teacher, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = subprocess.run(cli_command(*_variants_args(tiny_teacher, tmp_path, whole)), env=child_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # torch.save writes each checkpoint's optimiser state: the third call is the swaps run's first checkpoint
+    kill_paused_at(_variants_args(tiny_teacher, tmp_path, killed), "torch:save", 3, tmp_path / "paused")
+    assert read_run(killed / "no_teacher")["train"]["status"] == "complete"
+    assert not (killed / "swaps" / "checkpoints" / "step-00000001").exists()
+    done = subprocess.run(cli_command(*_variants_args(tiny_teacher, tmp_path, killed)), env=child_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((folder / "report.json").read_text()) for folder in (whole, killed))
+    for name in one["runs"]:
+        assert [(m["step"], m["loss"]) for m in read_metrics(whole / name / "metrics.jsonl")] == \
+            [(m["step"], m["loss"]) for m in read_metrics(killed / name / "metrics.jsonl")]
+        assert {k: one["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves", "teacher_mse")} == \
+            {k: two["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves", "teacher_mse")}
