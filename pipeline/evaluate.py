@@ -193,7 +193,7 @@ def check_fit(data: LabelledStore, student, run: dict) -> None:
 def teacher_agreement(config: EvalConfig, split: HeldOut, run: dict, device: torch.device, dtype: torch.dtype,
                       progress: Callable[[int], None] | None = None,
                       on_total: Callable[[int], None] | None = None) -> dict:
-    from sdit.losses import true_noise_mask
+    from sdit.losses import draw_errors
     from sdit.run import load_student
 
     data = LabelledStore(config.store, split.labels)
@@ -208,19 +208,13 @@ def teacher_agreement(config: EvalConfig, split: HeldOut, run: dict, device: tor
     for batch in stream:
         if seen >= total:
             break
-        keep = min(len(batch), total - seen)
-        guidance = batch.guidance[:keep].to(device) if student.config.guidance_embed else None
-        eps = student(batch.x_t[:keep].to(device, dtype), batch.timesteps[:keep].to(device),
-                      batch.text[:keep].to(device, dtype), guidance=guidance).float().cpu()
-        eps_t, noise = batch.eps_teacher[:keep].float(), batch.noise[:keep].float()
-        mse = (eps - eps_t).pow(2).mean(dim=(1, 2, 3)).double().numpy()
-        mask = true_noise_mask(batch.kind[:keep], batch.guidance[:keep]).numpy()
-        task = (eps[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)).double().numpy()
-        task_teacher = (eps_t[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)).double().numpy()
-        sums.add(mse, batch.timesteps[:keep].numpy(), batch.kind[:keep].numpy(), task, task_teacher)
-        seen += keep
+        batch = batch.head(min(len(batch), total - seen))
+        errors = draw_errors(student, batch, device, dtype)
+        sums.add(errors.teacher.double().numpy(), batch.timesteps.numpy(), batch.kind.numpy(),
+                 errors.task.double().numpy(), errors.task_teacher.double().numpy())
+        seen += len(batch)
         if progress:
-            progress(keep)
+            progress(len(batch))
     return sums.result()
 
 

@@ -42,7 +42,7 @@ from sdit.errors import SDiTError
 from sdit.files import replace_text, replacing
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
-from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
+from sdit.losses import distillation_loss, draw_errors, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import load_student, read_run, save_student, student_folder, update_run
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
@@ -434,15 +434,11 @@ def held_out_agreement(model: SDiT, data: LabelledStore, config: TrainConfig, de
                         shuffle=False, repeat=False)
     kd, task, n, n_task = 0.0, 0.0, 0, 0
     for batch in stream:
-        keep = min(len(batch), config.eval_draws - n)
+        batch = batch.head(min(len(batch), config.eval_draws - n))
         with autocast:
-            eps = model(batch.x_t[:keep].to(device), batch.timesteps[:keep].to(device),
-                        batch.text[:keep].to(device).float(),
-                        guidance=batch.guidance[:keep].to(device) if data.labels.guided else None).float().cpu()
-        kd += float((eps - batch.eps_teacher[:keep].float()).pow(2).mean(dim=(1, 2, 3)).sum())
-        mask = true_noise_mask(batch.kind[:keep], batch.guidance[:keep])
-        task += float((eps[mask] - batch.noise[:keep][mask].float()).pow(2).mean(dim=(1, 2, 3)).sum())
-        n, n_task = n + keep, n_task + int(mask.sum())
+            errors = draw_errors(model, batch, device)
+        kd, task = kd + float(errors.teacher.sum()), task + float(errors.task.sum())
+        n, n_task = n + len(batch), n_task + len(errors.task)
         if n >= config.eval_draws:
             break
     if not n:

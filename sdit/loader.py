@@ -70,6 +70,9 @@ class Block:
     synthetic: bool = False  # a block of synthetic shard `shard`, not of records shard `shard`
 
 
+BATCH_TENSORS = ("x_t", "text", "timesteps", "guidance", "kind", "noise", "eps_teacher", "synthetic")
+
+
 @dataclass
 class Batch:
     """One batch of draws, everything on the CPU. B = draws in the batch (this worker's share of it)."""
@@ -87,10 +90,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def head(self, n: int) -> Batch:
+        """The first `n` draws."""
+        return Batch(**{name: getattr(self, name)[:n] for name in BATCH_TENSORS}, position=self.position)
+
     @staticmethod
     def cat(parts: list[Batch], position: Position) -> Batch:
-        names = ("x_t", "text", "timesteps", "guidance", "kind", "noise", "eps_teacher", "synthetic")
-        return Batch(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, position=position)
+        return Batch(**{n: torch.cat([getattr(p, n) for p in parts]) for n in BATCH_TENSORS}, position=position)
 
 
 class LabelledStore:

@@ -85,3 +85,28 @@ def distillation_loss(eps: torch.Tensor, noise: torch.Tensor, eps_teacher: torch
     n = len(eps)
     loss = task_weight * (w * task).sum() / n + kd_weight * (w * kd).sum() / n
     return Losses(loss, task.detach().sum(), mask.sum().float(), kd.detach().sum())
+
+
+@dataclass
+class DrawErrors:
+    """Per draw of a batch, each the mean over the latent's elements: what `sdit eval` and `train --eval-every`
+    average over held-out draws."""
+    teacher: torch.Tensor  # (B,) |ε_s − ε_T|²
+    true_noise: torch.Tensor  # (B,) bool: the draws whose true noise is a target (true_noise_mask)
+    task: torch.Tensor  # (n,) |ε_s − ε|² on those draws
+    task_teacher: torch.Tensor  # (n,) |ε_T − ε|² on those draws: the teacher's own error, for comparison
+
+
+@torch.no_grad()
+def draw_errors(student: torch.nn.Module, batch, device: torch.device, dtype: torch.dtype = torch.float32
+                ) -> DrawErrors:
+    """The student's errors on a batch of draws (sdit.loader.Batch), against the teacher's ε and the true noise.
+    Inputs go to `device` in `dtype`; under autocast the forward runs in autocast's precision."""
+    guidance = batch.guidance.to(device) if student.config.guidance_embed else None
+    eps = student(batch.x_t.to(device, dtype), batch.timesteps.to(device), batch.text.to(device, dtype),
+                  guidance=guidance).float().cpu()
+    eps_t, noise = batch.eps_teacher.float(), batch.noise.float()
+    mask = true_noise_mask(batch.kind, batch.guidance)
+    return DrawErrors((eps - eps_t).pow(2).mean(dim=(1, 2, 3)), mask,
+                      (eps[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)),
+                      (eps_t[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)))
