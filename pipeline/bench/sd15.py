@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -626,12 +627,12 @@ def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resoluti
     TFLOP/s. A batch that runs out of GPU memory is halved until it fits (and said so)."""
     import torch
 
-    from pipeline.train import TrainConfig, Workers, make_state
+    from pipeline.train import Trainer, TrainConfig, Workers, make_state
     from sdit.devices import resolve_device, resolve_dtype
+    from sdit.diffusion import NoiseSchedule
     from sdit.dit import build_student
     from sdit.flops import TRAIN_STEP_FORWARDS, student_flops, unet_flops
     from sdit.teacher import load_teacher
-    from sdit.training import update_ema
 
     device = resolve_device(device_name)
     dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.bfloat16
@@ -639,6 +640,9 @@ def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resoluti
     factor, channels = vae_factor(config_dir)
     text_dim = json.loads((config_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
     sheet, matmul = peak_tflops(device)
+    # What the trainer reads of a labelled store: the teacher's noise schedule, and that its targets are unguided
+    schedule = NoiseSchedule.from_config(json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text()))
+    plain_labels = SimpleNamespace(schedule=schedule, labels=SimpleNamespace(guided=False))
 
     def measure(step, batch: int) -> tuple[float, float]:
         """(seconds per call after 2 warm-up calls, peak GB)"""
@@ -689,29 +693,35 @@ def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resoluti
             latent = res // factor
             torch.manual_seed(0)
             student = build_student(preset, sample_size=latent, in_channels=channels, text_dim=text_dim)
-            state = make_state(student, TrainConfig(store="-", out="-"), device, Workers())
+            # `sdit train`'s own step (bf16 autocast, the loss with its high-noise weight, AdamW, clipping, EMA) on
+            # random draws of this size, copied to the device each step as the loader's batches are
+            config = TrainConfig(store="-", out="-", precision="bf16", high_noise_weight=5.0)
+            trainer = Trainer(config, make_state(student, config, device, Workers()), plain_labels, device)
 
             def train_step(b: int) -> None:
-                x = torch.randn(b, channels, latent, latent, device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    eps = state.model(x, torch.randint(0, 1000, (b,), device=device),
-                                      torch.randn(b, 77, text_dim, device=device))
-                loss = torch.nn.functional.mse_loss(eps.float(), x)
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
-                state.optimizer.step()
-                update_ema(state.ema, state.model, 0.999)
+                trainer.step(random_batch(b, channels, latent, text_dim))
 
             r = fitting(train_step, train_batch[res])
             flops = TRAIN_STEP_FORWARDS * student_flops(preset, sample_size=latent, in_channels=channels,
                                                         text_dim=text_dim)
             rows.append(r | {"model": preset, "resolution": res, "per_s": 1 / r["seconds"] if r["seconds"] else None,
                              "tflops": flops * r["batch"] / r["seconds"] / 1e12 if r["seconds"] else None})
-            del state, student
+            del trainer, student
     return {"rows": rows, "peak_tflops_sheet": sheet, "peak_tflops_matmul": matmul,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "teacher_dtype": str(dtype).removeprefix("torch.")}
+
+
+def random_batch(b: int, channels: int, latent: int, text_dim: int):
+    """A batch of `b` draws as the loader makes them (float32 inputs, float16 text and targets), random values."""
+    import torch
+
+    from sdit.loader import Batch
+
+    return Batch(x_t=torch.randn(b, channels, latent, latent), text=torch.randn(b, 77, text_dim).half(),
+                 timesteps=torch.randint(0, 1000, (b,)), guidance=torch.zeros(b), kind=torch.zeros(b, dtype=torch.long),
+                 noise=torch.randn(b, channels, latent, latent).half(),
+                 eps_teacher=torch.randn(b, channels, latent, latent).half(), synthetic=torch.zeros(b, dtype=torch.bool))
 
 
 def _stage_throughput(a: dict, c: Sd15Config) -> dict:
