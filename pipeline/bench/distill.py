@@ -209,7 +209,8 @@ class Run:
     recipe: str
     labels: str  # the labelling's name in the store
     init: str  # the folder (in OUT) of its initial weights, shared by every run of its student and kind
-    options: dict  # TrainConfig fields set for this run: its recipe's weights, a variant's training options
+    student: str  # its preset
+    training: dict  # TrainConfig fields set for this run: its recipe's weights, a variant's training options
 
 
 def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
@@ -227,10 +228,9 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
         student = options.get("student", config.student)
         init = "init" + ("-guided" if recipe.labels == GUIDED_LABELS else "") + (
             "" if student == config.student else "-" + student.replace("/", "-"))
-        runs[name] = Run(options["from"], labels, init, {"kd_weight": recipe.kd_weight,
-                                                         "task_weight": recipe.task_weight} |
-                         {k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"} |
-                         {"student": student})
+        training = {"kd_weight": recipe.kd_weight, "task_weight": recipe.task_weight} | {
+            k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"}
+        runs[name] = Run(options["from"], labels, init, student, training)
     return labellings, runs
 
 
@@ -265,8 +265,11 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
     store = prepare_store(config, out, labellings, progress)
     for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind start from one init
         if not (out / run.init).exists():
-            init_for_store(str(store), run.labels, str(out / run.init), run.options["student"],
-                           teacher=config.teacher, seed=config.seed)
+            init_for_store(str(store), run.labels, str(out / run.init), run.student, teacher=config.teacher,
+                           seed=config.seed)
+    for training in trainings.values():  # a folder left by a start that trained nothing begins again
+        if not training.resume:
+            shutil.rmtree(training.out, ignore_errors=True)
     train_side_by_side(trainings, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), progress, on_step)
     progress("sample and evaluate")
     teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
@@ -286,27 +289,17 @@ def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> d
     A run folder trained before (an interrupted experiment) resumes."""
     trainings = {}
     for name, run in runs.items():
-        options = dict(run.options)
-        del options["student"]  # the init folder holds it
-        steps = options.get("steps", config.steps)
+        steps = run.training.get("steps", config.steps)
         out = Path(config.out) / name
-        trainings[name] = TrainConfig(
+        trainings[name] = replace(TrainConfig(
             store=str(store), out=str(out), labels=run.labels, init=str(Path(config.out) / run.init),
             steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
             ema_decay=config.ema_decay, high_noise_weight=config.high_noise_weight, holdout=config.holdout,
-            seed=config.seed, sample_every=0, resume=trained_before(out),
+            seed=config.seed, sample_every=0, resume=(out / RUN_FILE).exists() and "train" in read_run(out),
             # curve_points checkpoints, the last at the final step (none a few steps apart)
-            checkpoint_every=-(-steps // max(config.curve_points, 1)), keep_checkpoints=max(config.curve_points, 1))
-        trainings[name] = replace(trainings[name], **options)
+            checkpoint_every=-(-steps // max(config.curve_points, 1)), keep_checkpoints=max(config.curve_points, 1)),
+            **run.training)
     return trainings
-
-
-def trained_before(folder: Path) -> bool:
-    """Whether a run folder holds training to resume; one an interrupted start left with none is removed."""
-    if (folder / RUN_FILE).exists() and "train" in read_run(folder):
-        return True
-    shutil.rmtree(folder, ignore_errors=True)
-    return False
 
 
 def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progress,
@@ -520,7 +513,7 @@ def plot_scores(png: Path, lines: dict[str, list[tuple[float, dict]]], teacher: 
 
 def teacher_forwards(store: Path, run: Run) -> int:
     """What a run's labels cost in teacher UNet forwards (0 without the teacher: its ε_T goes unused)."""
-    if run.options["kd_weight"] == 0:
+    if run.training["kd_weight"] == 0:
         return 0
     counts = json.loads((store / "labels" / run.labels / "manifest.json").read_text())["counts"]
     return int(counts["teacher_forwards"]["total"])
