@@ -4,6 +4,7 @@ Errors a user can cause (SDiTError) print as one line on stderr with exit code 2
 the traceback.
 """
 
+import contextlib
 import errno
 import dataclasses
 import functools
@@ -492,7 +493,6 @@ def bench_distill(
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
     with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
     from pipeline.bench.distill import distill, format_report, load_variants
-    from pipeline.bench.substitution import format_substitution, substitution
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
     config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else tuple(filter(None, runs.split(","))),
@@ -504,6 +504,61 @@ def bench_distill(
                            bank_per_pair=bank_per_pair or None, curve_points=curve_points, curve_prompts=curve_prompts,
                            jobs=jobs, guidance_range=LabelConfig.parse_guidance(guidance_range),
                            perturb=PerturbConfig.from_option(perturb, caption_min_t=caption_min_t))
+    if sizes:
+        _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
+                                         distill=dataclasses.replace(config, curve_points=0)), json_out)
+        return
+    with _stage_bars(steps) as (stage, on_step):
+        report = distill(config, stage, on_step)
+    _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
+    curves = f"; learning curves: {out}/curves.png" if curve_points else ""
+    typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md{curves}")
+
+
+@bench_app.command("substitution")
+@command
+def bench_substitution(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for each size's experiment and the curve.")] = SubstitutionConfig().distill.out,
+    teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
+    sizes: Annotated[str, typer.Option(help="Sizes of the limited split, increasing.")] = ",".join(map(str, SubstitutionConfig.sizes)),
+    multiplier_at: Annotated[int, typer.Option(help="The N of the data multiplier (one of the sizes).")] = SubstitutionConfig.multiplier_at,
+    runs: Annotated[str, typer.Option(help="Comma-separated runs of `bench distill` (no_teacher and kd_perturb at least).")] = ",".join(SubstitutionConfig().distill.runs),
+    variants: Annotated[Optional[str], typer.Option(help="A TOML file of more runs (see `bench distill --variants`).")] = None,
+    draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = DistillConfig.draws,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps of every run at every size.")] = DistillConfig.steps,
+    batch_size: Annotated[int, typer.Option(min=1)] = DistillConfig.batch_size,
+    per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = DistillConfig.per_prompt,
+    sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = DistillConfig.sample_steps,
+    seed: Annotated[int, typer.Option()] = DistillConfig.seed,
+    jobs: Annotated[int, typer.Option(min=0, help="Runs trained side by side, a process each (0: as many as runs, up to the cores).")] = DistillConfig.jobs,
+    json_out: JsonOut = None,
+):
+    """How many records the teacher is worth: `bench distill` at each size of the limited split (same student,
+    steps, seed and scoring), the figures per size and run, and the data multiplier. Every other option is
+    `bench distill`'s default; `bench distill --sizes` takes them all."""
+    from pipeline.bench.distill import load_variants
+
+    config = DistillConfig(out=out, teacher=teacher, runs=tuple(filter(None, runs.split(","))), draws=draws,
+                           steps=steps, batch_size=batch_size, per_prompt=per_prompt, sample_steps=sample_steps,
+                           seed=seed, jobs=jobs, curve_points=0, variants=load_variants(variants) if variants else {})
+    _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at, distill=config),
+                  json_out)
+
+
+def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
+    from pipeline.bench.substitution import format_substitution, substitution
+
+    with _stage_bars(config.distill.steps) as (stage, on_step):
+        result = substitution(config, stage, on_step)
+    _report(format_substitution(result), result, json_out)
+    out = config.distill.out
+    typer.echo(f"curve: {out}/substitution.png; report: {out}/substitution.md; each size: {out}/n<records>/")
+
+
+@contextlib.contextmanager
+def _stage_bars(steps: int):
+    """(stage, on_step) for a multi-stage experiment: each stage's name on stderr, a progress bar while runs
+    train (side by side, it shows the step every run has reached)."""
     bar = None
 
     def stage(name: str) -> None:
@@ -520,21 +575,11 @@ def bench_distill(
             bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
         bar.update(m["step"] - bar.n)
 
-    if sizes:
-        sized = SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
-                                   distill=dataclasses.replace(config, curve_points=0))
-        result = substitution(sized, stage, on_step)
+    try:
+        yield stage, on_step
+    finally:
         if bar is not None:
             bar.close()
-        _report(format_substitution(result), result, json_out)
-        typer.echo(f"curve: {out}/substitution.png; report: {out}/substitution.md; each size: {out}/n<records>/")
-        return
-    report = distill(config, stage, on_step)
-    if bar is not None:
-        bar.close()
-    _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
-    curves = f"; learning curves: {out}/curves.png" if curve_points else ""
-    typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md{curves}")
 
 
 @bench_app.command("evaluator")

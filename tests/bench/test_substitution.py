@@ -8,9 +8,9 @@ from cli import app
 from pipeline.bench.substitution import records_to_reach
 
 
-def test_bench_distill_sizes_writes_the_substitution_curve_and_the_multiplier(tiny_teacher, tmp_path):
+def test_bench_substitution_writes_the_curve_and_the_multiplier(tiny_teacher, tmp_path):
     out, figures = tmp_path / "sub", tmp_path / "sub.json"
-    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
+    result = CliRunner().invoke(app, ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--sizes", "12,24", "--multiplier-at", "12", "--draws", "2", "--steps", "2",
                                       "--batch-size", "8", "--per-prompt", "1", "--sample-steps", "2", "--jobs", "1",
                                       "--json", str(figures)])
@@ -37,9 +37,10 @@ def test_the_multiplier_interpolates_in_log_records():
     assert records_to_reach(points, 0.6) is None  # never reached within the largest size
 
 
-def test_bad_sizes_are_refused_in_one_line(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("command", ["substitution", "distill"])
+def test_bad_sizes_are_refused_in_one_line(tiny_teacher, tmp_path, command):
     for sizes, message in (("500,250", "increasing"), ("250,x", "whole numbers"), ("250,500", "--multiplier-at")):
-        result = CliRunner().invoke(app, ["bench", "distill", "--out", str(tmp_path / "x"), "--sizes", sizes,
+        result = CliRunner().invoke(app, ["bench", command, "--out", str(tmp_path / "x"), "--sizes", sizes,
                                           "--teacher", str(tiny_teacher)])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
