@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo bench bench-sd15 bench-gpu clean
+.PHONY: install test test-fast demo bench bench-substitution tune-labels-only bench-sd15 bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,15 @@ bench: install
 	$(BIN)/sdit bench train --json runs/bench-train.json
 	$(BIN)/sdit bench sample --json runs/bench-sample.json
 	$(BIN)/sdit bench distill --json runs/bench-distill.json
+
+# How many records the teacher is worth: bench distill's no_teacher and kd_perturb at 250 to 4,000 records.
+bench-substitution: install
+	$(BIN)/sdit bench substitution --json runs/substitution.json
+
+# The README's labels-only tuning table: variants of kd_perturb on bench distill's split and store.
+tune-labels-only: install
+	$(BIN)/sdit bench distill --runs "" --variants docs/tuning/labels-only.toml --curve-points 0 \
+		--out runs/labels-only --json runs/labels-only.json
 
 # SD 1.5's architecture with random weights at 512 px: every stage, the students' speed against the teacher's.
 bench-sd15: install
