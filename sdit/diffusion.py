@@ -1,6 +1,6 @@
 """The noise schedule and the one function that builds a noisy input from stored arrays.
 
-Invariant 1 of DESIGN.md: the student sees exactly what the teacher saw. Stage one (teacher-label) and stage
+Invariant 1 of docs/design.md: the student sees exactly what the teacher saw. Stage one (teacher-label) and stage
 two (train) both call `noisy_latents` on the latents and noise read from the store, so the two agree bit for
 bit whatever device each stage runs on: the arithmetic happens here, on the CPU in float32, in a fixed order,
 and only the result moves to the model's device and dtype.

@@ -1,7 +1,7 @@
 """Synthetic records: the teacher's own samples for the text-only prompt bank, drawn reproducibly.
 
 A text-only prompt has no image, and pairing it with another image's noisy latent teaches the student to
-ignore captions (FINDINGS). A synthetic record gives the prompt a latent of its own: a sample of the teacher
+ignore captions (sdit.perturb draws caption swaps at high noise only). A synthetic record gives the prompt a latent of its own: a sample of the teacher
 with its own scheduler and classifier-free guidance. It is then labelled like a real record, and its true
 noise is a valid target (the latent is a sample of the teacher's distribution for that caption).
 

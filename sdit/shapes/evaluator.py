@@ -603,7 +603,7 @@ class ConceptScore:
     """How often a concept is read where it was asked for, and where something else was.
 
     `fair` = hit - false_positive: an evaluator or model that sees the concept everywhere scores 0,
-    not 1 (FINDINGS: a student "drew" a held-out cross for 97.5% of cross prompts and 93% of others).
+    not 1 (in an early experiment a student "drew" a held-out cross for 97.5% of cross prompts and 93% of others).
     `score` reads x attribute by attribute against every prompt that did not ask for x;
     `fair_concepts` counts x only on a recognisable object, against prompts that asked for a rival value.
     """

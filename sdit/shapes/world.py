@@ -9,7 +9,7 @@ One image holds one flat-coloured shape on a plain background. Five attributes d
     size        small (7/32 of the image side: 14 px at 64), large (3/8: 24 px)
 
 Images are 64 px by default: SD's VAE downsamples 8x, so 64 px gives 8x8 latents, the size at
-which FINDINGS measured the tiny teacher, and room for a 3x3 grid with a small shape still 14 px
+which an early pixel-space experiment measured the tiny teacher, and room for a 3x3 grid with a small shape still 14 px
 (under 2 latent cells) across. At 32 px the latents would be 4x4 and a small shape 7 px.
 
 Shapes are drawn on a 4x canvas and box-downsampled, so edges are anti-aliased and every pixel is
