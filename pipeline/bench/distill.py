@@ -41,6 +41,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -315,8 +316,8 @@ def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progre
     progress(f"train {', '.join(runs)} ({jobs} side by side)")
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_training_process,
+                             initargs=(threads, os.getpid())) as pool:
         pending = {pool.submit(train, run) for run in runs.values()}
         while pending:
             done, pending = wait(pending, timeout=1.0)
@@ -324,6 +325,20 @@ def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progre
                 future.result()  # a run's error stops the experiment here
             if on_step:
                 on_step({"step": min(len(read_metrics(Path(run.out) / METRICS)) for run in runs.values())})
+
+
+def _training_process(threads: int, parent: int) -> None:
+    """Set up a process that trains runs side by side: its torch threads, and a watch that ends it when the
+    experiment's process is gone (killed, or stopped with Ctrl-C), so that no orphan goes on writing into a
+    run folder that a rerun resumes."""
+    torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], progress: Progress) -> Path:

@@ -1,6 +1,10 @@
 import json
+import os
+import signal
 import subprocess
+import time
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -189,3 +193,27 @@ def test_an_experiment_killed_while_training_resumes_to_the_same_report(tiny_tea
             [(m["step"], m["loss"]) for m in read_metrics(killed / name / "metrics.jsonl")]
         assert {k: one["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves", "teacher_mse")} == \
             {k: two["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves", "teacher_mse")}
+
+
+@pytest.mark.slow
+def test_killing_the_experiment_ends_the_runs_training_beside_it(tiny_teacher, tmp_path):
+    """A killed experiment leaves no orphan going on writing into a run folder that a rerun would resume."""
+    out = tmp_path / "distill"
+    metrics = [out / name / "metrics.jsonl" for name in ("no_teacher", "kd")]
+    proc = subprocess.Popen(cli_command("bench", "distill", "--out", out, "--teacher", tiny_teacher, "--runs",
+                                        "no_teacher,kd", "--records", "24", "--draws", "2", "--steps", "100000",
+                                        "--batch-size", "8", "--curve-points", "0", "--jobs", "2"),
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not all(m.exists() for m in metrics):  # both runs are training, each in a process of its own
+        assert proc.poll() is None and time.monotonic() < deadline, "the runs never started training"
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"still running after the experiment was killed: {[p.cmdline()[:3] for p in alive]}"
+    steps = [len(read_metrics(m)) for m in metrics]
+    time.sleep(1.0)
+    assert [len(read_metrics(m)) for m in metrics] == steps  # nothing writes there any more
