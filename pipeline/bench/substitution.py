@@ -4,10 +4,11 @@ The shapes-world experiment of `sdit bench distill` (same student, steps, seed a
 of the limited split: the no-teacher run and the teacher runs at each size. Its headline is the data
 multiplier at N records: the records the no-teacher run needs to reach what kd_perturb reaches with N (its
 seen accuracy), divided by N, interpolated in log records between the measured sizes; None when the
-no-teacher run never gets there within the largest size.
+no-teacher run never gets there within the largest size. The same on the fair held-out score is the held-out
+multiplier: what records of the seen concepts are worth against a teacher that knows the others.
 
 Each size is a `bench distill` run of its own under OUT/n<records> (its store, runs, grid and report), without
-learning curves; substitution.json, substitution.md and substitution.png (records on a log axis, the fair
+learning curves; a size whose report was written with the same options is read back, not run again; substitution.json, substitution.md and substitution.png (records on a log axis, the fair
 held-out score and the seen accuracy, a line per run, the teacher dashed) go in OUT.
 """
 
@@ -53,24 +54,41 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
     for records in config.sizes:
         sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0,
                                     teacher_samples=config.distill.teacher_samples or str(out / "teacher-samples.npz"))
-        report = distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"), on_step)
+        report = finished(sized) or distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"),
+                                            on_step)
         per_size[records] = {name: _figures(run) for name, run in report["runs"].items()}
         per_size[records]["teacher"] = _figures(report["teacher"])
     curves = {name: [(n, per_size[n][name]) for n in config.sizes] for name in config.distill.names}
-    target = per_size[config.multiplier_at][config.reference]["seen_acc"]
-    needed = records_to_reach([(n, f["seen_acc"]) for n, f in curves["no_teacher"]], target)
+    reference = per_size[config.multiplier_at][config.reference]
+    needed = {key: records_to_reach([(n, f[key]) for n, f in curves["no_teacher"]], reference[key])
+              for key in ("seen_acc", "heldout_acc")}
     result = {
         "sizes": {str(n): figures for n, figures in per_size.items()},
-        "multiplier": needed / config.multiplier_at if needed else None,
-        "multiplier_at": config.multiplier_at, "reference": config.reference, "reference_seen_acc": target,
-        "no_teacher_records_needed": needed, "largest": config.sizes[-1],
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "multiplier": needed["seen_acc"] / config.multiplier_at if needed["seen_acc"] else None,
+        "heldout_multiplier": needed["heldout_acc"] / config.multiplier_at if needed["heldout_acc"] else None,
+        "multiplier_at": config.multiplier_at, "reference": config.reference,
+        "reference_seen_acc": reference["seen_acc"], "reference_heldout_acc": reference["heldout_acc"],
+        "no_teacher_records_needed": needed["seen_acc"], "no_teacher_records_needed_heldout": needed["heldout_acc"],
+        "largest": config.sizes[-1], "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
     }
     plot_scores(out / "substitution.png", curves, per_size[config.sizes[-1]]["teacher"],
                 "records in the limited split", log_x=True)
     replace_text(out / "substitution.json", json.dumps(result, indent=2) + "\n")
     replace_text(out / "substitution.md", format_substitution(result) + "\n")
     return result
+
+
+def finished(config: DistillConfig) -> dict | None:
+    """The report of a size already measured with these options (a rerun after a crash, or to redraw the
+    curve), else None; the number of runs side by side may differ."""
+    path = Path(config.out) / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    options = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    same = {k: v for k, v in report["config"].items() if k != "jobs"} == {k: v for k, v in options.items()
+                                                                        if k != "jobs"}
+    return report if same else None
 
 
 def _figures(run: dict) -> dict:
@@ -98,11 +116,16 @@ def format_substitution(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{c['heldout_acc']:.3f} / {c['seen_acc']:.3f}" for c in cells)
                      + " |")
     n = result["multiplier_at"]
-    if result["multiplier"] is None:
-        verdict = f"more than {result['largest'] / n:g}x (not reached within {result['largest']:,} records)"
-    else:
-        verdict = f"{result['multiplier']:.2f}x ({result['no_teacher_records_needed']:,.0f} records)"
+
+    def verdict(multiplier: float | None, needed: float | None) -> str:
+        if multiplier is None:
+            return f"more than {result['largest'] / n:g}x (not reached within {result['largest']:,} records)"
+        return f"{multiplier:.2f}x ({needed:,.0f} records)"
+
     lines += ["", "Each cell: fair held-out score / seen shape+colour accuracy.", "",
-              f"Data multiplier at {n:,} records: no_teacher needs {verdict} to reach {result['reference']}'s seen "
-              f"accuracy {result['reference_seen_acc']:.3f}."]
+              f"Data multiplier at {n:,} records: no_teacher needs "
+              f"{verdict(result['multiplier'], result['no_teacher_records_needed'])} to reach {result['reference']}'s "
+              f"seen accuracy {result['reference_seen_acc']:.3f}; on held-out concepts it needs "
+              f"{verdict(result['heldout_multiplier'], result['no_teacher_records_needed_heldout'])} to reach its "
+              f"fair score {result['reference_heldout_acc']:.3f}."]
     return "\n".join(lines)

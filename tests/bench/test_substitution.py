@@ -44,3 +44,24 @@ def test_bad_sizes_are_refused_in_one_line(tiny_teacher, tmp_path, command):
                                           "--teacher", str(tiny_teacher)])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_rerun_reads_back_the_sizes_already_measured(tiny_teacher, tmp_path, monkeypatch):
+    from pipeline.bench import substitution as module
+
+    out = tmp_path / "sub"
+    args = ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher), "--sizes", "12,24",
+            "--multiplier-at", "12", "--draws", "2", "--steps", "2", "--batch-size", "8", "--per-prompt", "1",
+            "--sample-steps", "2", "--jobs", "1"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    first = json.loads((out / "substitution.json").read_text())
+    assert {"heldout_multiplier", "reference_heldout_acc", "no_teacher_records_needed_heldout"} <= set(first)
+    def run_again(*args, **kwargs):
+        raise RuntimeError("a measured size was run again")
+
+    monkeypatch.setattr(module, "distill", run_again)
+    result = CliRunner().invoke(app, [*args, "--jobs", "2"])  # side by side or not: the same measurement
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "substitution.json").read_text())["sizes"] == first["sizes"]
+    steps = CliRunner().invoke(app, [*args, "--steps", "3"])  # other options: measured again
+    assert steps.exit_code != 0 and "a measured size was run again" in str(steps.exception)
