@@ -506,6 +506,7 @@ def plot_scores(png: Path, lines: dict[str, list[tuple[float, dict]]], teacher: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key, title in ((axes[0], "heldout_acc", "held-out concepts (fair: hit - false positive)"),
@@ -514,8 +515,11 @@ def plot_scores(png: Path, lines: dict[str, list[tuple[float, dict]]], teacher: 
             ax.plot([x for x, _ in points], [f[key] for _, f in points], marker="o", markersize=3, label=name,
                     color=f"C{k}")
         ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
-        if log_x:
+        if log_x:  # a tick at each measured x, written out (not 2x10^3)
             ax.set_xscale("log")
+            xs = sorted({x for points in lines.values() for x, _ in points})
+            ax.set_xticks(xs, [f"{x:,.0f}" for x in xs])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
