@@ -110,6 +110,11 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
         raise SDiTError(f"{option} {text!r}: give whole numbers separated by commas, e.g. 250,500,1000") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list; "" is none."""
+    return tuple(filter(None, (part.strip() for part in text.split(","))))
+
+
 def _report(table: str, result: dict, json_out: Optional[Path]) -> None:
     """A benchmark's table on the terminal, and its figures as JSON when asked."""
     typer.echo(table)
@@ -495,8 +500,8 @@ def bench_distill(
     from pipeline.bench.distill import distill, format_report, load_variants
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
-    config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else tuple(filter(None, runs.split(","))),
-                           variants=load_variants(variants) if variants else {},
+    config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else _names(runs),
+                           variants=load_variants(variants),
                            records=records, draws=draws,
                            student=student, steps=steps, batch_size=batch_size, lr=lr, per_prompt=per_prompt,
                            sample_steps=sample_steps, guidance=guidance, seed=seed,
@@ -538,9 +543,9 @@ def bench_substitution(
     `bench distill`'s default; `bench distill --sizes` takes them all."""
     from pipeline.bench.distill import load_variants
 
-    config = DistillConfig(out=out, teacher=teacher, runs=tuple(filter(None, runs.split(","))), draws=draws,
-                           steps=steps, batch_size=batch_size, per_prompt=per_prompt, sample_steps=sample_steps,
-                           seed=seed, jobs=jobs, curve_points=0, variants=load_variants(variants) if variants else {})
+    config = DistillConfig(out=out, teacher=teacher, runs=_names(runs), draws=draws, steps=steps,
+                           batch_size=batch_size, per_prompt=per_prompt, sample_steps=sample_steps, seed=seed,
+                           jobs=jobs, curve_points=0, variants=load_variants(variants))
     _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at, distill=config),
                   json_out)
 

@@ -8,8 +8,9 @@ no-teacher run never gets there within the largest size. The same on the fair he
 multiplier: what records of the seen concepts are worth against a teacher that knows the others.
 
 Each size is a `bench distill` run of its own under OUT/n<records> (its store, runs, grid and report), without
-learning curves; a size whose report was written with the same options is read back, not run again; substitution.json, substitution.md and substitution.png (records on a log axis, the fair
-held-out score and the seen accuracy, a line per run, the teacher dashed) go in OUT.
+learning curves; a size whose report was written with the same options is read back, not run again.
+substitution.json, substitution.md and substitution.png (records on a log axis, the fair held-out score and the
+seen accuracy, a line per run, the teacher dashed) go in OUT.
 """
 
 from __future__ import annotations
