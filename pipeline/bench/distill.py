@@ -69,7 +69,6 @@ from sdit.errors import SDiTError
 from sdit.files import replace_text, replacing
 from sdit.perturb import PerturbConfig
 from sdit.run import RUN_FILE, read_run
-from sdit.store import Store
 from sdit.images import captioned_grid
 from sdit.pipeline_sdit import SDiTPipeline
 from sdit.synthesize import SynthesisConfig
@@ -281,7 +280,8 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
         progress("learning curves")
         add_curves(config, out, results, teacher, runs)
     report = {"runs": {n: results[n] for n in config.names}, "teacher": results["teacher"],
-              "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config))}
+              "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config)),
+              "teacher_hashes": teacher.identity.hashes}
     replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     replace_text(out / "report.md", format_report(report) + "\n")
     return report
@@ -371,7 +371,7 @@ def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings
     prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
     texts = {split: [p.text for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     images, seconds = {}, {}
-    images["teacher"], seconds["teacher"] = teacher_samples(config, out, store, teacher, texts)
+    images["teacher"], seconds["teacher"] = teacher_samples(config, out, teacher, texts)
     for name in config.names:
         started = time.perf_counter()
         images[name] = {split: _sample(config, out / name, teacher, t) for split, t in texts.items()}
@@ -396,13 +396,13 @@ def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings
     return results
 
 
-def teacher_samples(config: DistillConfig, out: Path, store: Path, teacher,
+def teacher_samples(config: DistillConfig, out: Path, teacher,
                     texts: dict[str, list[str]]) -> tuple[dict[str, list[np.ndarray]], float]:
     """The teacher's samples of `texts` and the seconds they took: read from `config.teacher_samples` (default
     OUT/teacher-samples.npz) when that file was made by the same teacher, prompts, noise and sampler, else
     made and kept there. The substitution curve's sizes share one file: the teacher does not change with them."""
     path = Path(config.teacher_samples or out / "teacher-samples.npz")
-    key = json.dumps({"teacher": Store(str(store)).manifest().teacher["hashes"], "texts": texts,
+    key = json.dumps({"teacher": teacher.identity.hashes, "texts": texts,
                       "steps": config.sample_steps, "guidance": config.guidance, "seed": config.seed}, sort_keys=True)
     if path.exists():
         with np.load(path) as kept:

@@ -8,7 +8,8 @@ no-teacher run never gets there within the largest size. The same on the fair he
 multiplier: what records of the seen concepts are worth against a teacher that knows the others.
 
 Each size is a `bench distill` run of its own under OUT/n<records> (its store, runs, grid and report), without
-learning curves; a size whose report was written with the same options is read back, not run again.
+learning curves; a size whose report was written with the same options and a teacher of the same weights is
+read back, not run again.
 substitution.json, substitution.md and substitution.png (records on a log axis, the fair held-out score and the
 seen accuracy, a line per run, the teacher dashed) go in OUT.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from pipeline.bench.distill import DistillConfig, Progress, distill, plot_scores
 from sdit.errors import SDiTError
 from sdit.files import replace_text
+from sdit.teacher import load_teacher
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,12 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
     """Every size's experiment, then the figures per size and run, the multiplier and the plot."""
     config.check()
     out = Path(config.distill.out)
+    hashes = load_teacher(config.distill.teacher).identity.hashes
     per_size = {}
     for records in config.sizes:
         sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0,
                                     teacher_samples=config.distill.teacher_samples or str(out / "teacher-samples.npz"))
-        report = finished(sized) or distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"),
+        report = finished(sized, hashes) or distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"),
                                             on_step)
         per_size[records] = {name: _figures(run) for name, run in report["runs"].items()}
         per_size[records]["teacher"] = _figures(report["teacher"])
@@ -79,17 +82,23 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
     return result
 
 
-def finished(config: DistillConfig) -> dict | None:
-    """The report of a size already measured with these options (a rerun after a crash, or to redraw the
-    curve), else None; the number of runs side by side may differ."""
+# Options that name where the files are, not what is measured: a folder moved, or the same teacher at another
+# path (compared by its weights instead), reads back as the same measurement; so does another count of runs side
+# by side.
+WHERE = ("out", "teacher", "teacher_samples", "jobs")
+
+
+def finished(config: DistillConfig, teacher_hashes: dict[str, str]) -> dict | None:
+    """The report of a size already measured with these options and a teacher of these weights (a rerun after
+    a crash, or to redraw the curve), else None."""
     path = Path(config.out) / "report.json"
     if not path.exists():
         return None
     report = json.loads(path.read_text())
     options = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    same = {k: v for k, v in report["config"].items() if k != "jobs"} == {k: v for k, v in options.items()
-                                                                        if k != "jobs"}
-    return report if same else None
+    same = ({k: v for k, v in report["config"].items() if k not in WHERE}
+            == {k: v for k, v in options.items() if k not in WHERE})
+    return report if same and report.get("teacher_hashes") == teacher_hashes else None
 
 
 def _figures(run: dict) -> dict:

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,13 +13,15 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
-from pipeline.bench.distill import train_side_by_side
+from pipeline.bench.distill import DistillConfig, teacher_samples, train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics
 from sdit.loader import LabelledStore
 from sdit.perturb import Kind
 from sdit.run import read_run
 from sdit.shapes import world
+from sdit.teacher import load_teacher
+from sdit.tiny import save_tiny_teacher
 
 
 def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
@@ -155,6 +158,21 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
     for name in report["runs"]:
         assert {k: again["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")} == \
             {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
+
+
+def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(tiny_teacher, tmp_path):
+    other = shutil.copytree(tiny_teacher, tmp_path / "other")  # the same VAE and text encoder
+    shutil.rmtree(other / "unet")
+    shutil.copytree(save_tiny_teacher(tmp_path / "seed1", seed=1) / "unet", other / "unet")
+    config = DistillConfig(out=str(tmp_path), sample_steps=2)
+    texts = {"heldout": ["a red circle", "a cyan star"]}
+    first, _ = teacher_samples(config, tmp_path, load_teacher(tiny_teacher), texts)
+    made = (tmp_path / "teacher-samples.npz").stat().st_mtime_ns
+    again, _ = teacher_samples(config, tmp_path, load_teacher(tiny_teacher), texts)
+    assert (tmp_path / "teacher-samples.npz").stat().st_mtime_ns == made  # read back
+    assert all((a == b).all() for a, b in zip(first["heldout"], again["heldout"]))
+    others, _ = teacher_samples(config, tmp_path, load_teacher(other), texts)
+    assert not any((a == b).all() for a, b in zip(first["heldout"], others["heldout"]))
 
 
 @pytest.mark.parametrize("text, error", [

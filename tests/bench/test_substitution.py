@@ -1,11 +1,13 @@
 import json
 import math
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
 from pipeline.bench.substitution import records_to_reach
+from sdit.tiny import save_tiny_teacher
 
 
 def test_bench_substitution_writes_the_curve_and_the_multiplier(tiny_teacher, tmp_path):
@@ -56,6 +58,7 @@ def test_a_rerun_reads_back_the_sizes_already_measured(tiny_teacher, tmp_path, m
     assert CliRunner().invoke(app, args).exit_code == 0
     first = json.loads((out / "substitution.json").read_text())
     assert {"heldout_multiplier", "reference_heldout_acc", "no_teacher_records_needed_heldout"} <= set(first)
+
     def run_again(*args, **kwargs):
         raise RuntimeError("a measured size was run again")
 
@@ -63,5 +66,12 @@ def test_a_rerun_reads_back_the_sizes_already_measured(tiny_teacher, tmp_path, m
     result = CliRunner().invoke(app, [*args, "--jobs", "2"])  # side by side or not: the same measurement
     assert result.exit_code == 0, result.output
     assert json.loads((out / "substitution.json").read_text())["sizes"] == first["sizes"]
-    steps = CliRunner().invoke(app, [*args, "--steps", "3"])  # other options: measured again
-    assert steps.exit_code != 0 and "a measured size was run again" in str(steps.exception)
+    # The folder moved and the same teacher copied elsewhere: still the same measurement.
+    moved, teacher = tmp_path / "moved", shutil.copytree(tiny_teacher, tmp_path / "copy" / "tiny-sd")
+    out.rename(moved)
+    elsewhere = [*args[:2], "--out", str(moved), "--teacher", str(teacher), *args[6:]]
+    assert CliRunner().invoke(app, elsewhere).exit_code == 0
+    assert json.loads((moved / "substitution.json").read_text())["sizes"] == first["sizes"]
+    for changed in (["--steps", "3"], ["--teacher", str(save_tiny_teacher(tmp_path / "other", seed=1))]):
+        again = CliRunner().invoke(app, [*elsewhere, *changed])  # other options or weights: measured again
+        assert again.exit_code != 0 and "a measured size was run again" in str(again.exception)
