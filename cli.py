@@ -513,7 +513,7 @@ def bench_distill(
         _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
                                          distill=dataclasses.replace(config, curve_points=0)), json_out)
         return
-    with _stage_bars(steps) as (stage, on_step):
+    with _stage_bars(_longest(config)) as (stage, on_step):
         report = distill(config, stage, on_step)
     _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
     curves = f"; learning curves: {out}/curves.png" if curve_points else ""
@@ -553,11 +553,16 @@ def bench_substitution(
 def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
     from pipeline.bench.substitution import format_substitution, substitution
 
-    with _stage_bars(config.distill.steps) as (stage, on_step):
+    with _stage_bars(_longest(config.distill)) as (stage, on_step):
         result = substitution(config, stage, on_step)
     _report(format_substitution(result), result, json_out)
     out = config.distill.out
     typer.echo(f"curve: {out}/substitution.png; report: {out}/substitution.md; each size: {out}/n<records>/")
+
+
+def _longest(config: DistillConfig) -> int:
+    """The steps of the longest-training run: a variant may train longer than the experiment's --steps."""
+    return max([config.steps] + [v["steps"] for v in config.variants.values() if "steps" in v])
 
 
 @contextlib.contextmanager
