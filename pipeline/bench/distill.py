@@ -557,8 +557,8 @@ def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str]
         noise = sampling.initial_noise(shape, gens, torch.device("cpu"))
         if pipe is None:
             scheduler = sampling.make_scheduler("ddim", teacher.scheduler_config)
-            made += list(sampling.teacher_images(teacher, chunk, None, noise, scheduler, config.sample_steps, config.guidance,
-                                        torch.device("cpu")))
+            made += list(sampling.teacher_images(teacher, chunk, None, noise, scheduler, config.sample_steps,
+                                                 config.guidance, torch.device("cpu")))
         else:
             made += [np.asarray(i) for i in pipe(chunk, latents=noise, num_inference_steps=config.sample_steps,
                                                   guidance_scale=config.guidance).images]
