@@ -562,6 +562,7 @@ def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
 
 def _longest(config: DistillConfig) -> int:
     """The steps of the longest-training run: a variant may train longer than the experiment's --steps."""
+    config.check()  # bad variants are refused in one line before their steps are read
     return max([config.steps] + [v["steps"] for v in config.variants.values() if "steps" in v])
 
 
