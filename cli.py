@@ -497,7 +497,7 @@ def bench_distill(
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
     with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
-    from pipeline.bench.distill import distill, format_report, load_variants
+    from pipeline.bench.distill import distill, format_report, load_variants, longest_steps
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
     config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else _names(runs),
@@ -513,7 +513,7 @@ def bench_distill(
         _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
                                          distill=dataclasses.replace(config, curve_points=0)), json_out)
         return
-    with _stage_bars(_longest(config)) as (stage, on_step):
+    with _stage_bars(longest_steps(config)) as (stage, on_step):
         report = distill(config, stage, on_step)
     _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
     curves = f"; learning curves: {out}/curves.png" if curve_points else ""
@@ -551,19 +551,14 @@ def bench_substitution(
 
 
 def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
+    from pipeline.bench.distill import longest_steps
     from pipeline.bench.substitution import format_substitution, substitution
 
-    with _stage_bars(_longest(config.distill)) as (stage, on_step):
+    with _stage_bars(longest_steps(config.distill)) as (stage, on_step):
         result = substitution(config, stage, on_step)
     _report(format_substitution(result), result, json_out)
     out = config.distill.out
     typer.echo(f"curve: {out}/substitution.png; report: {out}/substitution.md; each size: {out}/n<records>/")
-
-
-def _longest(config: DistillConfig) -> int:
-    """The steps of the longest-training run: a variant may train longer than the experiment's --steps."""
-    config.check()  # bad variants are refused in one line before their steps are read
-    return max([config.steps] + [v["steps"] for v in config.variants.values() if "steps" in v])
 
 
 @contextlib.contextmanager

@@ -292,7 +292,7 @@ def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> d
     A run folder trained before (an interrupted experiment) resumes."""
     trainings = {}
     for name, run in runs.items():
-        steps = run.training.get("steps", config.steps)
+        steps = run_steps(config, run)
         out = Path(config.out) / name
         trainings[name] = replace(TrainConfig(
             store=str(store), out=str(out), labels=run.labels, init=str(Path(config.out) / run.init),
@@ -303,6 +303,17 @@ def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> d
             checkpoint_every=-(-steps // max(config.curve_points, 1)), keep_checkpoints=max(config.curve_points, 1)),
             **run.training)
     return trainings
+
+
+def run_steps(config: DistillConfig, run: Run) -> int:
+    """The steps a run trains: the experiment's, or its variant's own."""
+    return run.training.get("steps", config.steps)
+
+
+def longest_steps(config: DistillConfig) -> int:
+    """The steps of the longest-training run of the experiment (a variant may train longer than --steps)."""
+    config.check()  # bad variants are refused in one line before their steps are read
+    return max(run_steps(config, run) for run in plan(config)[1].values())
 
 
 def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, progress: Progress,

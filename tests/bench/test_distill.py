@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
-from pipeline.bench.distill import DistillConfig, teacher_samples, train_side_by_side
+from pipeline.bench.distill import DistillConfig, longest_steps, teacher_samples, train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics
 from sdit.loader import LabelledStore
@@ -158,6 +158,12 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
     for name in report["runs"]:
         assert {k: again["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")} == \
             {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
+
+
+def test_the_longest_run_sets_the_progress_bars_steps():
+    assert longest_steps(DistillConfig(runs=("kd",), steps=40)) == 40
+    longer = {"longer": {"from": "no_teacher", "steps": 90}, "shorter": {"from": "kd", "steps": 10}}
+    assert longest_steps(DistillConfig(runs=("kd",), steps=40, variants=longer)) == 90
 
 
 def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(tiny_teacher, tmp_path):
