@@ -41,8 +41,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdit.shapes import evaluator, world
+from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.latents import to_latent_space
+from sdit.losses import high_noise_weight
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
 from sdit.text import tokenize
 from sdit.tiny import save_configs
@@ -140,6 +142,9 @@ class UNetConfig:
     # rows every step costs about 20% of a step, so by default only the transformer layers learn.
     train_token_embedding: bool = False
     offset_noise: float = 0.0  # per-channel noise offset (0 = plain SD); recorded in the teacher's README
+    # γ: each draw's ε loss weighted by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight), a weighted mean; 0: plain
+    # SD. The position of the shape is decided at the highest noise, where the plain ε loss barely depends on it.
+    high_noise_weight: float = 0.0
     checkpoint_every: int = 500
     seed: int = 2
 
@@ -353,7 +358,11 @@ def diffusion_loss(models: ToyModels, latents: Latents, idx: torch.Tensor, cfg: 
     with torch.set_grad_enabled(cfg.train_text and torch.is_grad_enabled()):
         text = models.text_encoder(ids)[0]  # (B, 77, D)
     eps = models.unet(noisy, t, text).sample
-    return F.mse_loss(eps, noise)
+    if not cfg.high_noise_weight:
+        return F.mse_loss(eps, noise)
+    schedule = NoiseSchedule(scheduler.alphas_cumprod.to(torch.float32), "epsilon")
+    weight = high_noise_weight(schedule, t, cfg.high_noise_weight)  # (B,)
+    return (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).sum() / weight.sum()
 
 
 def _trained(models: ToyModels, cfg: UNetConfig) -> dict[str, torch.nn.Module]:

@@ -67,6 +67,21 @@ def test_diffusion_loss_falls_on_a_fixed_batch(latents, train_text):
     assert changed == train_text  # the UNet's loss reaches the text encoder only when asked to
 
 
+def test_high_noise_weight_is_a_weighted_mean_of_the_plain_loss(latents):
+    models = toy.build_models("test")
+    scheduler, empty = toy.noise_scheduler(), toy.caption_ids(models.tokenizer, [""])[0]
+    idx = torch.arange(8)
+
+    def loss(gamma: float) -> float:
+        cfg = replace(UNET, high_noise_weight=gamma)
+        with torch.no_grad():
+            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, torch.Generator().manual_seed(0)).item()
+
+    plain = loss(0.0)
+    assert loss(1.0) == pytest.approx(plain, rel=1e-6)  # every weight min(1/ᾱ_t, 1) = 1
+    assert loss(1e4) != pytest.approx(plain, rel=1e-3)  # uncapped, high-noise draws dominate
+
+
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
