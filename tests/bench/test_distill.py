@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
-from pipeline.bench.distill import DistillConfig, longest_steps, teacher_samples, train_side_by_side
+from pipeline.bench.distill import DistillConfig, load_variants, longest_steps, teacher_samples, train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics
 from sdit.loader import LabelledStore
@@ -164,6 +165,14 @@ def test_the_longest_run_sets_the_progress_bars_steps():
     assert longest_steps(DistillConfig(runs=("kd",), steps=40)) == 40
     longer = {"longer": {"from": "no_teacher", "steps": 90}, "shorter": {"from": "kd", "steps": 10}}
     assert longest_steps(DistillConfig(runs=("kd",), steps=40, variants=longer)) == 90
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "docs" / "tuning").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_tuning_tables_are_valid_variants(path):
+    variants = load_variants(str(path))
+    assert variants
+    DistillConfig(runs=(), variants=variants).check()  # the README's commands would not refuse them
 
 
 def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(tiny_teacher, tmp_path):
