@@ -781,7 +781,7 @@ def toy_train(
     unet_steps: Annotated[int, typer.Option(min=0)] = toy.UNetConfig.steps,
     frozen_text: Annotated[bool, typer.Option(help="Keep the text encoder random and frozen.")] = False,
     offset_noise: Annotated[float, typer.Option(min=0)] = toy.UNetConfig.offset_noise,
-    high_noise_weight: Annotated[float, typer.Option(min=0, help="γ: weight the UNet's ε loss by min(1/ᾱ_t, γ), so the highest noise levels (where the caption decides the layout) count; 0: SD's plain loss.")] = toy.UNetConfig.high_noise_weight,
+    high_noise_weight: Annotated[float, typer.Option(min=0, help="γ: weight the UNet's ε loss by min(1/ᾱ_t, γ), so the highest noise levels count more; 0: SD's plain loss.")] = toy.UNetConfig.high_noise_weight,
     threads: Annotated[int, typer.Option(min=1, help="Torch CPU threads (part of the config: rounding depends on it).")] = toy.ToyConfig.threads,
     dtype: Annotated[str, typer.Option(help="Weights of the written teacher: fp16 (as data/toy-sd ships) or fp32.")] = "fp16",
 ):
