@@ -42,7 +42,8 @@ from sdit.errors import SDiTError
 from sdit.files import replace_text, replacing
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
-from sdit.losses import distillation_loss, draw_errors, draw_weight, timestep_weight, true_noise_mask
+from sdit.losses import (check_high_noise_weight, distillation_loss, draw_errors, draw_weight, timestep_weight,
+                         true_noise_mask)
 from sdit.run import load_student, read_run, save_student, student_folder, update_run
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
@@ -96,8 +97,7 @@ class TrainConfig:
             raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
         if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
             raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
-        if self.high_noise_weight and self.high_noise_weight < 1:
-            raise SDiTError(f"--high-noise-weight {self.high_noise_weight}: a cap of at least 1 (e.g. 5), or 0 (off)")
+        check_high_noise_weight(self.high_noise_weight)
         if self.min_snr < 0:
             raise SDiTError(f"--min-snr {self.min_snr}: a γ above 0 (e.g. 5), or 0 (off)")
         if self.synthetic_weight < 0:

@@ -44,7 +44,7 @@ from sdit.shapes import evaluator, world
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.latents import to_latent_space
-from sdit.losses import high_noise_weight
+from sdit.losses import check_high_noise_weight, high_noise_weight
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
 from sdit.text import tokenize
 from sdit.tiny import save_configs
@@ -452,6 +452,7 @@ def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | N
 
     `minutes` caps the wall time: the VAE gets a quarter of it, the UNet what is left; a stage cut short
     saves its checkpoint, and the summary says how many steps it did."""
+    check_high_noise_weight(config.unet.high_noise_weight)
     out = Path(out)
     work = Path(work) if work is not None else out.with_name(out.name + "-work")
     work.mkdir(parents=True, exist_ok=True)

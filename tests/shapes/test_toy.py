@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sdit.shapes import evaluator, toy
 from sdit.convert import to_original_layout
+from sdit.errors import SDiTError
 from sdit.teacher import DATA_DIR, load_teacher
 
 DATA = toy.DataConfig(images=32, resolution=32, check_images=8)
@@ -80,6 +81,13 @@ def test_high_noise_weight_is_a_weighted_mean_of_the_plain_loss(latents):
     plain = loss(0.0)
     assert loss(1.0) == pytest.approx(plain, rel=1e-6)  # every weight min(1/ᾱ_t, 1) = 1
     assert loss(1e4) != pytest.approx(plain, rel=1e-3)  # uncapped, high-noise draws dominate
+
+
+def test_a_high_noise_cap_below_one_is_refused_before_any_work(tmp_path):
+    config = replace(CONFIG, unet=replace(UNET, high_noise_weight=0.5))
+    with pytest.raises(SDiTError, match="--high-noise-weight 0.5: a cap of at least 1"):
+        toy.train(tmp_path / "teacher", config, work=tmp_path / "work")
+    assert not (tmp_path / "work").exists()
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
