@@ -27,7 +27,7 @@ from sdit.teacher import SD15_CONFIG_DIR, load_teacher
 @dataclass(frozen=True)
 class InitConfig:
     teacher: str
-    student: str  # a preset of sdit.dit.PRESETS
+    student: str  # a preset of sdit.presets.PRESETS
     out: str
     teacher_config: str | None = None
     sample_size: int | None = None  # latent side the student is built for; None: the teacher UNet's

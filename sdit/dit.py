@@ -13,7 +13,7 @@ the noise schedule and samplers live elsewhere (diffusers' schedulers).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from sdit.errors import SDiTError
+from sdit.presets import PRESETS, Preset
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width fed to the timestep and guidance MLPs (DiT's value)
 MAX_PERIOD = 10_000  # longest sinusoid period, for timesteps, guidance and positions alike
@@ -349,32 +350,6 @@ def sincos_2d_embedding(dim: int, grid_h: int, grid_w: int, device: torch.device
 
 
 # ---- Sizes and presets -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preset:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-    mlp_ratio: float = 4.0
-
-
-_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
-
-PRESETS: dict[str, Preset] = {
-    **{
-        f"SDiT-{size}/{patch}": Preset(depth, hidden, heads, patch)
-        for size, (depth, hidden, heads) in _DIT_SIZES.items()
-        for patch in (2, 4, 8)
-    },
-    # The shapes-world demo (8×8 latents), sized to train on a CPU: about 2.7M parameters
-    # and 60 ms per forward+backward of 16 samples; depth before width, for composition.
-    "SDiT-T/2": Preset(depth=6, hidden_size=128, num_heads=4, patch_size=2),
-    "SDiT-T/4": Preset(depth=6, hidden_size=128, num_heads=4, patch_size=4),
-    # Unit tests only.
-    "SDiT-Nano/2": Preset(depth=2, hidden_size=32, num_heads=2, patch_size=2),
-}
 
 
 def check_sizes(*, sample_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:

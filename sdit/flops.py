@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdit.dit import build_student
+from sdit.presets import DEFAULT_PRESETS
 from sdit.teacher import SD15_CONFIG_DIR
 
 # One training step costs about 3 forwards: the backward computes, for each matrix product,
@@ -35,8 +36,6 @@ from sdit.teacher import SD15_CONFIG_DIR
 # the forward product (Kaplan et al. 2020's 6·N FLOPs per token = 2·N forward + 4·N backward).
 # Gradient checkpointing adds one more forward (4); the teacher's forward, if run online, is extra.
 TRAIN_STEP_FORWARDS = 3
-
-DEFAULT_PRESETS = ("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")
 
 
 def forward_flops(model: torch.nn.Module, *args, **kwargs) -> int:

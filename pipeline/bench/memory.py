@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdit.errors import SDiTError
-from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS
+from sdit.flops import TRAIN_STEP_FORWARDS
+from sdit.presets import DEFAULT_PRESETS
 
 BYTES_PER_PARAM = 20  # weights 4 + EMA 4 + gradients 4 + AdamW moments 8, all fp32
 GRAD_BYTES = 4  # what forward+backward holds beyond activations: the fp32 gradients

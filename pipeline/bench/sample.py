@@ -23,7 +23,8 @@ import torch
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.dit import PRESETS
 from sdit.errors import SDiTError
-from sdit.flops import DEFAULT_PRESETS, forward_flops, student_flops, unet_flops
+from sdit.flops import forward_flops, student_flops, unet_flops
+from sdit.presets import DEFAULT_PRESETS
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE
 from sdit.run import read_run
 from sdit.sampling import SCHEDULERS, make_scheduler

@@ -24,7 +24,8 @@ from pipeline.bench import checksum_seconds, encoded_store, tiny_teacher
 from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
-from sdit.flops import DEFAULT_PRESETS, TRAIN_STEP_FORWARDS, flops_table
+from sdit.flops import TRAIN_STEP_FORWARDS, flops_table
+from sdit.presets import DEFAULT_PRESETS
 from sdit.loader import DrawStream, LabelledStore, Position
 from sdit.run import load_student
 
