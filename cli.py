@@ -15,28 +15,16 @@ from typing import Annotated, Optional
 
 import typer
 
-# Option defaults and choices come from the library's config classes and registries, never typed here twice.
-from pipeline.bench.distill import DistillConfig
-from pipeline.bench.substitution import SubstitutionConfig
-from pipeline.bench.encode import BenchEncodeConfig
-from pipeline.bench.label import BenchLabelConfig
-from pipeline.bench.memory import MemoryConfig
-from pipeline.bench.sample import BenchSampleConfig
-from pipeline.bench.sd15 import Sd15Config
-from pipeline.bench.train import BenchTrainConfig
-from pipeline.encode import EncodeConfig
-from pipeline.evaluate import EvalConfig
-from pipeline.init import InitConfig
-from pipeline.label import TIMESTEP_SAMPLING, LabelConfig
-from pipeline.sample import SampleConfig
-from pipeline.synthesize import InspectConfig
-from pipeline.train import TrainConfig
-from sdit.dit import PRESETS
+# Option defaults and choices come from torch-free config modules, never typed here twice; each command imports
+# the stage it runs (torch, diffusers, transformers) only when it runs.
+from pipeline.bench.config import (BenchEncodeConfig, BenchLabelConfig, BenchSampleConfig, BenchTrainConfig,
+                                   DistillConfig, MemoryConfig, Sd15Config, SubstitutionConfig)
+from pipeline.config import (EncodeConfig, EvalConfig, InitConfig, InspectConfig, LabelConfig, SampleConfig,
+                             TIMESTEP_SAMPLING, TrainConfig)
+from sdit.config import SCHEDULERS, PerturbConfig, SynthesisConfig
 from sdit.errors import SDiTError
-from sdit.perturb import PerturbConfig
-from sdit.shapes import toy
-from sdit.sampling import SCHEDULERS
-from sdit.synthesize import SynthesisConfig
+from sdit.presets import PRESETS
+from sdit.shapes import config as toy
 
 app = typer.Typer(name="sdit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Distil a Stable Diffusion teacher into a Diffusion Transformer.")
@@ -791,6 +779,8 @@ def toy_train(
 
     import torch
 
+    from sdit.shapes.toy import train as train_toy
+
     config = toy.ToyConfig(size, toy.DataConfig(images=images),
                            replace(toy.VAEConfig(), steps=vae_steps, object_weight=vae_object_weight),
                            replace(toy.UNetConfig(), steps=unet_steps, train_text=not frozen_text,
@@ -808,7 +798,7 @@ def toy_train(
     dtypes = {"fp16": torch.float16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise SDiTError(f"--dtype {dtype!r}: fp16 or fp32")
-    summary = toy.train(out, config, work_dir, resume, minutes, progress, dtype=dtypes[dtype])
+    summary = train_toy(out, config, work_dir, resume, minutes, progress, dtype=dtypes[dtype])
     for bar in bars.values():
         bar.close()
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
@@ -829,8 +819,10 @@ def toy_eval(
     from dataclasses import asdict
 
     start = time.monotonic()
-    scores = toy.evaluate_teacher(teacher, per_prompt, guidance, steps, seed)
-    _report(toy.format_scores(scores), {k: asdict(v) for k, v in scores.items()}, json_out)
+    from sdit.shapes.toy import evaluate_teacher, format_scores
+
+    scores = evaluate_teacher(teacher, per_prompt, guidance, steps, seed)
+    _report(format_scores(scores), {k: asdict(v) for k, v in scores.items()}, json_out)
     typer.echo(f"({time.monotonic() - start:.0f} s; DDIM {steps} steps, guidance {guidance}, {per_prompt} images "
                "per prompt)")
 

@@ -27,49 +27,9 @@ from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, op
 from sdit.store import Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize
+from pipeline.config import EncodeConfig
 
 Progress = Callable[[int], None]  # called with the number of source items just finished
-
-
-@dataclass(frozen=True)
-class EncodeConfig:
-    source: str
-    teacher: str
-    out: str
-    teacher_config: str | None = None
-    prompts: str | None = None  # a text file (one prompt a line) or a parquet file with `prompt_column`
-    prompt_column: str = "text"
-    resolution: int = 512
-    min_size: int | None = None  # smallest accepted short side; default resolution // 4
-    batch_size: int = 16
-    shard_size: int = 1024
-    limit: int | None = None  # encode only the first N source items
-    strict: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    image_column: str = "image"
-    caption_column: str = "text"
-    id_column: str | None = None
-    caption_key: str | None = None
-    ray_address: str | None = None
-    num_workers: int | None = None
-    # Torch threads per CPU worker. CPU convolutions round differently with another thread count, so
-    # every executor uses the same one (default: this machine's) and writes the same bytes.
-    threads: int | None = None
-
-    def check(self) -> None:
-        if self.resolution <= 0 or self.resolution % 8:
-            raise SDiTError(f"--resolution {self.resolution}: must be a positive multiple of 8")
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise SDiTError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.limit is not None and self.limit < 0:
-            raise SDiTError("--limit must not be negative")
-
-    @property
-    def min_short_side(self) -> int:
-        return self.resolution // 4 if self.min_size is None else self.min_size
 
 
 @dataclass

@@ -30,72 +30,11 @@ from sdit.perturb import Kind
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE
 from sdit.run import read_run
 from sdit.sampling import SCHEDULERS
+from pipeline.config import EvalConfig
 
 CLIP_FILES = ("config.json", "preprocessor_config.json")
 CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CLIP_TOKENIZER = (("vocab.json", "merges.txt"), ("tokenizer.json",))
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    run: str
-    store: str | None = None  # teacher agreement on the store's held-out draws
-    labels: str | None = None  # default: the labels the run trained on
-    holdout: float | None = None  # default: the run's --holdout
-    split_seed: int | None = None  # default: the run's split seed
-    buckets: int = 10  # timestep buckets of equal width over [0, T)
-    batch_size: int = 64
-    limit: int | None = None  # at most this many held-out draws
-    device: str = "auto"
-    dtype: str = "fp32"  # the student's; MSEs are accumulated in float64 whatever it is
-    # the sampling protocol (pipeline/eval_samples.py)
-    prompts: str | None = None  # a text file (one a line) or parquet; default: the captions of `references`
-    prompt_column: str = "text"
-    references: str | None = None  # images (folder, parquet, webdataset): FID statistics, and captions
-    num: int = 64  # images per model: image i shows prompt i mod P from seed `seed + i`
-    teacher: str | None = None  # also sample the teacher the same way
-    teacher_config: str | None = None
-    out: str | None = None  # the samples' folder; default RUN/eval-samples
-    resolution: int | None = None  # pixels, square; default the student's training size
-    steps: int = 25
-    guidance: float = DEFAULT_GUIDANCE
-    scheduler: str = "ddim"
-    seed: int = 0
-    sample_batch_size: int = 8
-    clip_model: str | None = None
-    fid_inception: str | None = None  # NVlabs' inception-2015-12-05.pt (sdit.fid)
-    fid_stats: str | None = None  # published statistics (.npz with mu, sigma) instead of `references`
-    fid_size: int | None = None  # images become fid_size² before the extractor; default: the samples' size
-    fid_resize: str = "legacy"  # sdit.fid.RESIZES
-    fid_references: int | None = None  # at most this many reference images in the statistics
-    fid_cache: str | None = None  # where reference statistics are cached; default ~/.cache/sdit/fid-stats
-
-    @property
-    def sampling(self) -> bool:
-        return bool(self.prompts or self.references)
-
-    def check(self) -> None:
-        from sdit.fid import check_resize
-
-        if min(self.buckets, self.batch_size, self.num, self.steps, self.sample_batch_size) < 1:
-            raise SDiTError("--buckets, --batch-size, --num, --steps and --sample-batch-size must be at least 1")
-        if self.holdout is not None and not 0 < self.holdout < 1:
-            raise SDiTError(f"--holdout {self.holdout}: a fraction in (0, 1)")
-        if not self.store and not self.sampling:
-            raise SDiTError("nothing to evaluate: give STORE (teacher agreement on held-out draws) and/or "
-                            "--prompts FILE or --references IMAGES (samples: FID, CLIP score)")
-        if (self.clip_model or self.teacher or self.fid_inception) and not self.sampling:
-            raise SDiTError("--clip-model, --teacher and --fid-inception score samples: give --prompts FILE "
-                            "(or --references with captions) to say what to sample")
-        if self.fid_inception and not (self.fid_stats or self.references):
-            raise SDiTError("FID needs statistics to compare with: --fid-stats FILE.npz, or --references IMAGES")
-        if self.fid_stats and not self.fid_inception:
-            raise SDiTError("--fid-stats needs --fid-inception (the extractor the samples' features come from)")
-        if self.fid_size is not None and self.fid_size < 8:
-            raise SDiTError(f"--fid-size {self.fid_size}: at least 8 pixels")
-        check_resize(self.fid_resize)
-        if self.scheduler not in SCHEDULERS:
-            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass(frozen=True)

@@ -22,23 +22,7 @@ from sdit.labels import read_labels
 from sdit.run import LatentSpace, write_run
 from sdit.store import Store
 from sdit.teacher import SD15_CONFIG_DIR, load_teacher
-
-
-@dataclass(frozen=True)
-class InitConfig:
-    teacher: str
-    student: str  # a preset of sdit.presets.PRESETS
-    out: str
-    teacher_config: str | None = None
-    sample_size: int | None = None  # latent side the student is built for; None: the teacher UNet's
-    guidance_embed: bool = False  # a guidance-distilled student: it takes the CFG scale w (for guided labels)
-    seed: int = 0  # of the student's initial weights
-
-    def check(self) -> None:
-        if self.student not in PRESETS:
-            raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
-        if self.sample_size is not None and self.sample_size < 1:
-            raise SDiTError(f"--sample-size {self.sample_size}: at least 1")
+from pipeline.config import InitConfig
 
 
 @dataclass(frozen=True)

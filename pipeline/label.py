@@ -32,61 +32,7 @@ from sdit.store import LABEL_COLUMNS, Store, write_shard
 from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, read_synthetic,
                              synthetic_draw_generator)
 from sdit.teacher import Teacher, load_teacher
-
-TIMESTEP_SAMPLING = ("uniform", "stratified")
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    store: str
-    teacher: str
-    teacher_config: str | None = None
-    name: str = "default"
-    draws: int = 4
-    timesteps: str = "uniform"
-    perturb: PerturbConfig = dataclasses.field(default_factory=PerturbConfig)
-    guidance: tuple[float, float] | None = None  # (w_min, w_max): store ε_u + w(ε_c − ε_u)
-    seed: int = 0
-    batch_size: int = 64
-    max_dropped: float = 0.01  # stop when more than this fraction of draws has a non-finite teacher output
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    threads: int | None = None
-    ray_address: str | None = None
-    num_workers: int | None = None
-    synthesis: SynthesisConfig | None = None  # also make and label the teacher's samples for the prompt bank
-
-    def check(self) -> None:
-        if self.draws < 1 or self.batch_size < 1:
-            raise SDiTError("--draws and --batch-size must be at least 1")
-        if self.timesteps not in TIMESTEP_SAMPLING:
-            raise SDiTError(f"--timesteps {self.timesteps!r}: choose {' or '.join(TIMESTEP_SAMPLING)}")
-        if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
-            raise SDiTError(f"--guidance {self.guidance}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
-        if not self.name or "/" in self.name:
-            raise SDiTError(f"--labels {self.name!r}: a plain name, no '/'")
-        if self.synthesis is not None:
-            self.synthesis.check()
-
-    @property
-    def group(self) -> str:
-        return labels_group(self.name)
-
-    @staticmethod
-    def parse_guidance(text: str | None) -> tuple[float, float] | None:
-        """`--guidance W_MIN:W_MAX` as a (w_min, w_max) window; None for unguided targets."""
-        if not text:
-            return None
-        try:
-            low, high = (float(x) for x in text.split(":"))
-        except ValueError:
-            raise SDiTError(f"--guidance {text!r}: give W_MIN:W_MAX, e.g. 2:8") from None
-        return low, high
-
-    def label_group(self, group: str) -> str:
-        """Where the labels of a records ("records") or synthetic ("synthetic") shard go."""
-        return self.group if group == "records" else f"{self.group}/{group}"
+from pipeline.config import TIMESTEP_SAMPLING, LabelConfig
 
 
 @dataclass(frozen=True)

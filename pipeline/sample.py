@@ -26,41 +26,9 @@ from sdit.files import replacing
 from sdit.images import captioned_grid, save_png
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE, SDiTPipeline, load_pipeline
 from sdit.teacher import Teacher, load_teacher
+from pipeline.config import SampleConfig
 
 MODELS = ("student", "teacher")
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    run: str
-    out: str
-    prompts: tuple[str, ...] = ()
-    prompts_file: str | None = None  # one prompt a line; blank lines are skipped
-    negative_prompt: str | None = None
-    num_images: int = 1  # per prompt
-    height: int | None = None  # pixels; default: the student's training size
-    width: int | None = None
-    steps: int = 25
-    guidance: float = DEFAULT_GUIDANCE
-    scheduler: str = "ddim"
-    seed: int = 0
-    batch_size: int = 8
-    columns: int = 8  # of the grid
-    compare_teacher: str | None = None
-    teacher_config: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def check(self) -> None:
-        if self.scheduler not in sampling.SCHEDULERS:
-            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(sampling.SCHEDULERS)}")
-        for name in ("num_images", "steps", "batch_size", "columns"):
-            if getattr(self, name) < 1:
-                raise SDiTError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.guidance < 0:
-            raise SDiTError(f"--guidance {self.guidance}: the CFG scale cannot be negative")
-        if self.teacher_config and not self.compare_teacher:
-            raise SDiTError("--teacher-config describes the --compare-teacher file; give that too")
 
 
 @dataclass(frozen=True)

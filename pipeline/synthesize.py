@@ -32,6 +32,7 @@ from sdit.store import Manifest, Store, write_shard
 from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, forwards_per_sample, initial_noise,
                              make_sampler, prompts_per_shard, read_prompts, read_synthetic, write_synthetic)
 from sdit.teacher import Teacher
+from pipeline.config import InspectConfig
 
 
 class ShardSynthesizer:
@@ -170,23 +171,6 @@ def _difference(key: str, old, new) -> str:
 
 
 # --- looking at what the student learns from ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InspectConfig:
-    store: str
-    out: str
-    synthetic: bool = False  # the teacher's samples (synthetic/) rather than the encoded images (records/)
-    limit: int = 32  # the first records of the group, in store order
-    vae: str | None = None  # a teacher (diffusers folder or single file) or a run folder; default: the store's teacher
-    teacher_config: str | None = None
-    columns: int = 8
-    batch_size: int = 16
-    device: str = "auto"
-
-    def check(self) -> None:
-        if min(self.limit, self.columns, self.batch_size) < 1:
-            raise SDiTError("--limit, --columns and --batch-size must be at least 1")
 
 
 def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None = None) -> dict:

@@ -47,77 +47,12 @@ from sdit.losses import (check_high_noise_weight, distillation_loss, draw_errors
 from sdit.run import load_student, read_run, save_student, student_folder, update_run
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
+from pipeline.config import LOGS, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 TENSORBOARD = "tensorboard"
-LOGS = ("jsonl", "tensorboard")  # metrics.jsonl always; tensorboard adds event files beside it
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    store: str
-    out: str
-    labels: str = "default"
-    init: str | None = None  # a run folder from `sdit init`, copied into `out`; None: `train`'s make_run makes it
-    steps: int = 10_000
-    batch_size: int = 64  # global: split over data-parallel workers
-    lr: float = 1e-4
-    warmup: int = 500
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    task_weight: float = 1.0
-    kd_weight: float = 1.0
-    min_snr: float = 0.0  # γ of min-SNR timestep weighting; 0: off, every timestep counts the same
-    high_noise_weight: float = 0.0  # γ: weight draws by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight); 0: off
-    synthetic_weight: float = 1.0  # scales the loss (task and KD) of synthetic records' draws
-    holdout: float = 0.0  # fraction of records held out for `sdit eval`
-    seed: int = 0
-    buffer_records: int = 1024  # records in the shuffle window
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    sample_every: int = 0  # 0: only at the end
-    sample_prompts: int = 8  # 0: no sample grids
-    sample_steps: int = 25
-    sample_guidance: float = 4.0
-    eval_every: int = 0  # 0: never; else teacher agreement on held-out draws every N steps
-    eval_draws: int = 256  # held-out draws per evaluation (the same ones every time)
-    eval_clip: str | None = None  # a local CLIPModel folder: also the CLIP score of the sample captions
-    log: str = "jsonl"
-    gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16
-    device: str = "auto"
-    threads: int | None = None
-    resume: bool = False
-
-    def check(self) -> None:
-        if min(self.steps, self.batch_size, self.checkpoint_every, self.keep_checkpoints) < 1:
-            raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
-        if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
-            raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
-        check_high_noise_weight(self.high_noise_weight)
-        if self.min_snr < 0:
-            raise SDiTError(f"--min-snr {self.min_snr}: a γ above 0 (e.g. 5), or 0 (off)")
-        if self.synthetic_weight < 0:
-            raise SDiTError(f"--synthetic-weight {self.synthetic_weight}: must be >= 0")
-        if not 0 <= self.holdout < 1:
-            raise SDiTError(f"--holdout {self.holdout}: a fraction in [0, 1)")
-        if not 0 <= self.ema_decay < 1:
-            raise SDiTError(f"--ema-decay {self.ema_decay}: in [0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise SDiTError(f"--precision {self.precision!r}: auto, fp32 or bf16")
-        if self.eval_every < 0 or self.eval_draws < 1:
-            raise SDiTError("--eval-every must be >= 0 and --eval-draws at least 1")
-        if self.eval_every and not self.holdout:
-            raise SDiTError("--eval-every measures the student on held-out draws: give --holdout F (e.g. 0.01)")
-        if self.eval_clip and not self.eval_every:
-            raise SDiTError("--eval-clip scores samples at each evaluation: give --eval-every N too")
-        if self.eval_clip and not self.sample_prompts:
-            raise SDiTError("--eval-clip scores samples of the sample captions: --sample-prompts must be at least 1")
-        if self.log not in LOGS:
-            raise SDiTError(f"--log {self.log!r}: choose one of {', '.join(LOGS)}")
 
 
 # Options a resumed run may change; any other change would make it another run.

@@ -20,6 +20,7 @@ import torch
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
 from sdit.store import CHUNK_RECORDS, Store, from_versioned
+from sdit.config import labels_group
 
 LABELS_MANIFEST = "manifest.json"
 LABELS_VERSION = 1
@@ -55,10 +56,6 @@ class LabelsManifest:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def labels_group(name: str) -> str:
-    return f"labels/{name}"
 
 
 def read_labels(store: Store, name: str) -> LabelsManifest | None:

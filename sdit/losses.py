@@ -19,6 +19,7 @@ import torch
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.perturb import TRUE_NOISE_KINDS
+from sdit.config import check_high_noise_weight
 
 
 @dataclass
@@ -52,12 +53,6 @@ def high_noise_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: f
     """
     a = schedule.alphas_cumprod[timesteps.cpu()]
     return (1 / a).clamp(max=gamma).to(timesteps.device)
-
-
-def check_high_noise_weight(gamma: float) -> None:
-    """γ of `high_noise_weight` is a cap of at least 1, or 0 (off): below 1 it would weigh every draw alike."""
-    if gamma and gamma < 1:
-        raise SDiTError(f"--high-noise-weight {gamma}: a cap of at least 1 (e.g. 5), or 0 (off)")
 
 
 def timestep_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, min_snr: float,

@@ -15,14 +15,8 @@ import torch
 from sdit.errors import SDiTError
 from sdit.latents import from_latent_space
 from sdit.text import encode_text
+from sdit.config import SCHEDULERS
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-}
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, text) -> ε
 

@@ -26,6 +26,7 @@ import torch
 from sdit import sampling
 from sdit.errors import SDiTError
 from sdit.store import Store, from_versioned
+from sdit.config import SynthesisConfig
 
 SYNTHETIC = "synthetic"  # the store group of synthetic records
 SYNTHETIC_MANIFEST = "manifest.json"  # synthetic/manifest.json: the set's provenance and counts
@@ -35,29 +36,6 @@ SYNTHETIC_STREAM = 0x53594E44  # "SYND": label draws of synthetic shards, apart 
 # Schedulers whose step draws fresh noise from global state: a sample would depend on its batch and on
 # whatever ran before it, so they are refused.
 STOCHASTIC = ("DDPMScheduler", "Ancestral", "SDE", "LCMScheduler", "TCDScheduler")
-
-
-@dataclass(frozen=True)
-class SynthesisConfig:
-    """How the teacher samples the prompt bank (`sdit teacher-label --synthesize N --synth-*`)."""
-
-    samples: int  # per prompt
-    steps: int = 25
-    guidance: float = 7.5  # classifier-free guidance w, against the store's empty-caption embedding
-    seed: int = 0
-    scheduler: str | None = None  # a name of sdit.sampling.SCHEDULERS; None: the teacher's own class
-
-    def check(self) -> None:
-        if self.samples < 1 or self.steps < 1:
-            raise SDiTError("--synthesize and --synth-steps must be at least 1")
-        if self.guidance < 0:
-            raise SDiTError(f"--synth-guidance {self.guidance}: the CFG scale cannot be negative")
-        if self.scheduler is not None and self.scheduler not in sampling.SCHEDULERS:
-            raise SDiTError(f"--synth-scheduler {self.scheduler!r}: choose one of {', '.join(sampling.SCHEDULERS)}")
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance != 1.0
 
 
 @dataclass(frozen=True)

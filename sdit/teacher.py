@@ -22,11 +22,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdit.config import DATA_DIR, SD15_CONFIG_DIR
 from sdit.convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdit.errors import SDiTError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SD15_CONFIG_DIR = DATA_DIR / "sd15"
 COMPONENTS = ("vae", "text_encoder", "unet")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 OLD_TEXT_PREFIX = "cond_stage_model.transformer."  # older files lack the `text_model.` level

@@ -21,19 +21,7 @@ import numpy as np
 
 from pipeline.bench import checksum_seconds, generate_images, tiny_teacher
 from sdit.errors import SDiTError
-
-
-@dataclass(frozen=True)
-class BenchEncodeConfig:
-    source: str | None = None  # default: `images * 2` generated images
-    teacher: str | None = None  # default: a tiny random SD-shaped teacher
-    teacher_config: str | None = None
-    images: int = 1024  # the small run; the large run encodes twice as many
-    resolution: int = 128  # at 64 px the tiny VAE's forward costs less than decoding a PNG
-    batch_size: int = 32
-    shard_size: int = 512
-    device: str = "auto"
-    dtype: str = "auto"
+from pipeline.bench.config import BenchEncodeConfig
 
 
 def bench_encode(config: BenchEncodeConfig) -> dict:

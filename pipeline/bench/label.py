@@ -9,21 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench import encoded_store, matmul_gflops, tiny_teacher
-
-
-@dataclass(frozen=True)
-class BenchLabelConfig:
-    store: str | None = None  # default: generated images encoded with the teacher
-    teacher: str | None = None  # default: a tiny random SD-shaped teacher
-    teacher_config: str | None = None
-    images: int = 256
-    resolution: int = 64
-    draws: int = 4
-    batch_size: int = 64
-    project_images: int = 1_000_000  # for the projected wall time
-    project_draws: int = 4
-    device: str = "auto"
-    dtype: str = "auto"
+from pipeline.bench.config import BenchLabelConfig
 
 
 def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:

@@ -32,34 +32,13 @@ from pathlib import Path
 from sdit.errors import SDiTError
 from sdit.flops import TRAIN_STEP_FORWARDS
 from sdit.presets import DEFAULT_PRESETS
+from pipeline.bench.config import MemoryConfig
 
 BYTES_PER_PARAM = 20  # weights 4 + EMA 4 + gradients 4 + AdamW moments 8, all fp32
 GRAD_BYTES = 4  # what forward+backward holds beyond activations: the fp32 gradients
 CUDA_OVERHEAD_GB = 1.5  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
 GPU_SIZES_GB = (24, 40, 80)
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    presets: tuple[str, ...] = DEFAULT_PRESETS
-    batches: tuple[int, ...] = (1, 2, 4)
-    max_batch: dict | None = None  # preset -> the largest batch to run (the rest extrapolated), e.g. to save time
-    checkpointing: tuple[bool, ...] = (False, True)
-    sample_size: int = 64  # latent side: 512 px
-    text_dim: int = 768
-    tokens: int = 77
-    max_rss_gb: float = 11.0  # never start a child predicted to go above this
-    max_step_seconds: float = 400.0  # nor one whose step is predicted to take longer
-    threads: int | None = None
-
-    def check(self) -> None:
-        from sdit.dit import PRESETS
-
-        if unknown := [p for p in self.presets if p not in PRESETS]:
-            raise SDiTError(f"unknown student presets {unknown}; choose from: {', '.join(PRESETS)}")
-        if not self.batches or min(self.batches) < 1:
-            raise SDiTError("--batch: each at least 1")
 
 
 def bench_memory(config: MemoryConfig, on_result=None) -> dict:

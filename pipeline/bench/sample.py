@@ -28,36 +28,11 @@ from sdit.presets import DEFAULT_PRESETS
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE
 from sdit.run import read_run
 from sdit.sampling import SCHEDULERS, make_scheduler
+from pipeline.bench.config import BenchSampleConfig
 
 PROMPTS = ("a red circle on a white background", "a small blue square", "a green star, top left",
            "a large yellow triangle")
 GUIDED_FORWARDS = 2  # classifier-free guidance: text and empty caption each step
-
-
-@dataclass(frozen=True)
-class BenchSampleConfig:
-    run: str | None = None  # default: an untrained `student` beside the tiny teacher
-    teacher: str | None = None  # default: the run's teacher, or the tiny one
-    teacher_config: str | None = None
-    student: str = "SDiT-T/2"  # preset of the default run
-    images: int = 8  # per timed run, in one batch
-    steps: int = 20
-    scheduler: str = "ddim"
-    guidance: float = DEFAULT_GUIDANCE
-    resolution: int | None = None  # pixels; default: the student's
-    repeats: int = 3
-    presets: tuple[str, ...] = DEFAULT_PRESETS
-    flops_latent: int = 64  # SD 1.5's latent side at 512 px
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def check(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        if min(self.images, self.steps, self.repeats) < 1:
-            raise SDiTError("--images, --steps and --repeats must be at least 1")
-        if unknown := [p for p in (self.student, *self.presets) if p not in PRESETS]:
-            raise SDiTError(f"unknown student presets {unknown}; choose from: {', '.join(PRESETS)}")
 
 
 def bench_sample(config: BenchSampleConfig) -> dict:

@@ -42,6 +42,8 @@ import numpy as np
 
 from sdit.errors import SDiTError
 from sdit.teacher import SD15_CONFIG_DIR
+from pipeline.bench.config import Sd15Config
+from sdit.config import vae_factor
 
 CACHE_DTYPE = "fp16"  # the cache's weights on disk: half the bytes of fp32; loaded in the stage's dtype
 SINGLE_FILE = "sd15-random.safetensors"
@@ -51,97 +53,6 @@ CAPTIONS = ("a black and white portrait photograph of a woman in uniform",
 PROMPT_BANK = ("a photograph of an astronaut riding a horse", "a red sports car parked by the sea",
                "a bowl of fruit on a wooden table", "a lighthouse at sunset")
 STAGES = ("teacher", "encode", "teacher-label", "train", "sample", "eval", "speed")
-
-
-@dataclass(frozen=True)
-class Sd15Config:
-    out: str = "runs/bench-sd15"  # photographs, store, runs, samples
-    cache: str | None = None  # the random teacher, built once; default: OUT/teacher
-    config_dir: str = str(SD15_CONFIG_DIR)  # the architecture (tests pass a tiny one)
-    seed: int = 0  # of the random teacher's weights
-    records: int = 8
-    resolution: int = 512
-    draws: int = 2
-    prompts: int = 1  # the text-only prompt bank, each sampled `synthesize` times by the teacher
-    synthesize: int = 1
-    synth_steps: int = 2
-    synth_scheduler: str = "ddim"  # 2 steps = 4 guided forwards (PNDM's extra first step would add 2)
-    students: tuple[str, ...] = ("SDiT-S/2", "SDiT-B/2")
-    checkpointing: tuple[bool, ...] = (False, True)
-    train_steps: int = 2
-    batch_size: int = 2
-    sample_steps: int = 2
-    guidance: float = 7.5
-    sample_guidance: tuple[float, ...] = (7.5, 1.0)  # one `sdit sample` run each: guided, unguided
-    eval: bool = True
-    scheduler: str = "ddim"
-    speed_students: tuple[str, ...] = ("SDiT-S/2", "SDiT-B/2")
-    speed_images: int = 1  # batch of the side-by-side sampling
-    speed_steps: int = 2
-    project_steps: int = 25  # images/s projected to this many steps from the parts' timings
-    precision: bool = True  # the fp16/bf16 paths against fp32 (on CPU)
-    fp16_latent: int = 8  # the fp16 teacher's latent side on CPU, where fp16 has no fast kernels
-    # throughput at real batch sizes (the GPU check; none on CPU by default)
-    throughput_presets: tuple[str, ...] = ()
-    throughput_resolutions: tuple[int, ...] = (256, 512)
-    train_batches: tuple[int, ...] = (64, 32)  # per resolution
-    label_batch: int = 64
-    throughput_steps: int = 10  # timed calls after 2 warm-up calls
-
-    @classmethod
-    def for_device(cls, device: str, **options) -> "Sd15Config":
-        """The CPU defaults, or on a GPU the same stages at real batch sizes plus the throughput of every preset,
-        sized to take about 8 minutes on one GPU; `options` override either."""
-        if device.startswith("cuda"):
-            options = dict(records=256, draws=4, prompts=16, synth_steps=25, synth_scheduler="pndm", train_steps=20,
-                           batch_size=32, sample_steps=25, speed_images=8, speed_steps=25,
-                           speed_students=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2"), precision=False,
-                           throughput_presets=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")) | options
-        return cls(device=device, **options)
-    device: str = "cpu"
-    dtype: str = "auto"
-    threads: int | None = None  # torch threads of every child; default: this machine's cores
-
-    def check(self) -> None:
-        from sdit.dit import PRESETS
-        from sdit.sampling import SCHEDULERS
-
-        factor, latent_channels = vae_factor(Path(self.config_dir))
-        if self.resolution <= 0 or self.resolution % factor:
-            raise SDiTError(f"--resolution {self.resolution}: the VAE divides images by {factor}; use a positive "
-                            f"multiple of {factor} (512 for SD 1.5)")
-        if len(self.train_batches) != len(self.throughput_resolutions):
-            raise SDiTError("one training batch per throughput resolution")
-        for res in self.throughput_resolutions:
-            if res % (factor * 8):
-                raise SDiTError(f"throughput resolution {res}: a multiple of {factor * 8}")
-        if unknown := [p for p in (*self.students, *self.speed_students, *self.throughput_presets)
-                       if p not in PRESETS]:
-            raise SDiTError(f"unknown student presets {unknown}; choose from: {', '.join(PRESETS)}")
-        latent = self.resolution // factor
-        for preset in (*self.students, *self.speed_students):
-            if latent % PRESETS[preset].patch_size:
-                raise SDiTError(f"{preset}: its patch {PRESETS[preset].patch_size} does not divide the "
-                                f"{latent}x{latent} latent grid of {self.resolution} px; pick another --resolution "
-                                f"(a multiple of {factor * PRESETS[preset].patch_size}) or patch")
-        if min(self.records, self.draws, self.train_steps, self.batch_size, self.sample_steps, self.speed_images,
-               self.speed_steps) < 1:
-            raise SDiTError("--records, --draws, --train-steps, --batch-size, --sample-steps, --speed-images and "
-                            "--speed-steps must be at least 1")
-        for name in (self.scheduler, self.synth_scheduler):
-            if name not in SCHEDULERS:
-                raise SDiTError(f"scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-
-    @property
-    def teacher_config(self) -> str | None:
-        """--teacher-config of the single file: none for SD 1.5's own configs."""
-        return None if Path(self.config_dir).resolve() == SD15_CONFIG_DIR.resolve() else self.config_dir
-
-
-def vae_factor(config_dir: Path) -> tuple[int, int]:
-    """(image side / latent side, latent channels) from a VAE config."""
-    vae = json.loads((config_dir / "vae" / "config.json").read_text())
-    return 2 ** (len(vae["block_out_channels"]) - 1), int(vae["latent_channels"])
 
 
 # --- the random teacher, built once ----------------------------------------------------------------------------

@@ -27,25 +27,7 @@ from pipeline.bench.distill import DistillConfig, Progress, distill, plot_scores
 from sdit.errors import SDiTError
 from sdit.files import replace_text
 from sdit.teacher import load_teacher
-
-
-@dataclass(frozen=True)
-class SubstitutionConfig:
-    sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000)  # records in the limited split
-    multiplier_at: int = 1000  # N of the data multiplier: one of the sizes
-    reference: str = "kd_perturb"  # the teacher run whose seen accuracy at N the no-teacher run must reach
-    # Everything else as `bench distill` (runs, steps, student, seed, ...), without curves.
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(
-        out="runs/substitution", runs=("no_teacher", "kd_perturb"), curve_points=0))
-
-    def check(self) -> None:
-        self.distill.check()
-        if len(self.sizes) < 2 or sorted(set(self.sizes)) != list(self.sizes) or self.sizes[0] < 1:
-            raise SDiTError(f"--sizes {','.join(map(str, self.sizes))}: give two or more record counts, increasing")
-        if self.multiplier_at not in self.sizes:
-            raise SDiTError(f"--multiplier-at {self.multiplier_at} is not one of --sizes {list(self.sizes)}")
-        if not {"no_teacher", self.reference} <= set(self.distill.names):
-            raise SDiTError(f"the data multiplier compares no_teacher with {self.reference}: both must be in --runs")
+from pipeline.bench.config import SubstitutionConfig
 
 
 def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None,

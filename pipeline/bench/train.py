@@ -28,20 +28,7 @@ from sdit.flops import TRAIN_STEP_FORWARDS, flops_table
 from sdit.presets import DEFAULT_PRESETS
 from sdit.loader import DrawStream, LabelledStore, Position
 from sdit.run import load_student
-
-@dataclass(frozen=True)
-class BenchTrainConfig:
-    store: str | None = None  # a labelled store; default: generated images, encoded and labelled
-    teacher: str | None = None  # default: a tiny random SD-shaped teacher (the online step runs its UNet)
-    teacher_config: str | None = None
-    student: str = "SDiT-T/2"  # the demo's student
-    images: int = 1024  # 4x the shuffle window, so that the timed steps read most of the store
-    draws: int = 4
-    batch_size: int = 64
-    buffer_records: int = 256  # the loader's shuffle window
-    steps: int = 64  # timed steps per measurement (1,024 records x 4 draws / 64: one pass over the store)
-    warmup: int = 3  # untimed steps first, on in-memory batches: the store is read cold in the timed steps
-    device: str = "auto"
+from pipeline.bench.config import BenchTrainConfig
 
 
 def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
