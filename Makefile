@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo bench bench-substitution tune-labels-only tune-best-run bench-sd15 bench-gpu clean
+.PHONY: install test test-fast demo docs results bench bench-substitution tune-labels-only tune-best-run bench-sd15 bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,14 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The docs site (mkdocs.yml, Material theme) into site/; the CLI reference is rendered from the typer app.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Every measured table in README.md and docs/ rendered again from its JSON in docs/results/.
+results: install
+	$(BIN)/python docs/results.py
 
 DEMO := runs/demo
 # The shapes world with the toy teacher in data/toy-sd: write the limited split and a small balanced prompt bank
