@@ -1,7 +1,9 @@
 """`sdit`: one thin command per stage. Options -> a frozen config -> one pipeline function.
 
-Errors a user can cause (SDiTError) print as one line on stderr with exit code 2; set SDIT_DEBUG=1 for
-the traceback.
+Starting is quick: option defaults and choices come from torch-free config modules, and each command imports the
+stage it runs (torch, diffusers, transformers) only when it runs. Every mistake a user can make prints one line on
+stderr, `error: ...`, and exits 2: usage errors (a bad number, choice or option) and SDiTError from the library
+alike; set SDIT_DEBUG=1 for the traceback.
 """
 
 import contextlib
@@ -10,10 +12,18 @@ import dataclasses
 import functools
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+# typer carries its own click: its exceptions, context and parameter sources live in typer._click.
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.core import ParameterSource
+from typer._click.globals import get_current_context
+from typer._click.formatting import HelpFormatter
+from typer.core import TyperCommand, TyperGroup
+from typer.models import Context as TyperContext
 
 # Option defaults and choices come from torch-free config modules, never typed here twice; each command imports
 # the stage it runs (torch, diffusers, transformers) only when it runs.
@@ -21,27 +31,151 @@ from pipeline.bench.config import (BenchEncodeConfig, BenchLabelConfig, BenchSam
                                    DistillConfig, MemoryConfig, Sd15Config, SubstitutionConfig)
 from pipeline.config import (EncodeConfig, EvalConfig, InitConfig, InspectConfig, LabelConfig, SampleConfig,
                              TIMESTEP_SAMPLING, TrainConfig)
-from sdit.config import SCHEDULERS, PerturbConfig, SynthesisConfig
+from sdit.config import SCHEDULERS, TOY_TEACHER, PerturbConfig, SynthesisConfig
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
+from sdit.progress import progress_bar
 from sdit.shapes import config as toy
 
-app = typer.Typer(name="sdit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Distil a Stable Diffusion teacher into a Diffusion Transformer.")
-bench_app = typer.Typer(no_args_is_help=True, help="Measure a stage's speed and memory on this machine.")
+
+
+class Commands(TyperGroup):
+    """Usage errors (a bad number or choice, a missing or unknown option) in one line and exit 2, like SDiTError,
+    instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:  # `sdit` or `sdit bench` alone: its help (rich has printed it)
+            if err.format_message():
+                typer.echo(err.format_message())
+            code = err.exit_code
+        except typer.TyperException as err:
+            if os.environ.get("SDIT_DEBUG"):
+                raise
+            typer.echo(f"error: {_one_line(err)}", err=True)
+            code = err.exit_code
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code or 0)
+        return code
+
+
+def _one_line(err: typer.TyperException) -> str:
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message
+
+
+# Rarely used options go under a heading of their own, after the common ones, in this order.
+COLUMNS, PERTURB, SYNTH, LOSS, SCHEDULE, MONITOR, SAMPLING = (
+    "Source columns", "Perturbations", "Synthetic records", "Loss", "Schedule and checkpoints", "Monitoring",
+    "Sampling")
+HARDWARE, SCALE, ADVANCED = "Hardware", "Scale out", "Advanced"
+PANELS = ("Arguments", "Options", COLUMNS, PERTURB, SYNTH, LOSS, SCHEDULE, MONITOR, SAMPLING, HARDWARE, SCALE,
+          ADVANCED)
+# What an option's value is, in its help: N for whole numbers, X for real ones, TEXT for the rest (paths, names).
+METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
+
+
+class Formatter(HelpFormatter):
+    """Click's help layout, wrapping at spaces only: preset names (SDiT-XL/2) and hyphenated words stay whole."""
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        first = min(max(len(term) for term, _ in rows), col_max) + col_spacing
+        width = max(self.width - first - self.current_indent, 10)
+        for term, text in rows:
+            lines = textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False) or [""]
+            self.write(" " * self.current_indent + term)
+            if len(term) + col_spacing > first:  # a long name: its help starts on the next line
+                self.write("\n" + " " * (first + self.current_indent))
+            else:
+                self.write(" " * (first - len(term)))
+            self.write(lines[0] + "\n")
+            for line in lines[1:]:
+                self.write(" " * (first + self.current_indent) + line + "\n")
+
+
+class Context(TyperContext):
+    formatter_class = Formatter
+
+
+class Command(TyperCommand):
+    """Help in plain text, as written (no markup), never cut at any width; rarely used options under a heading
+    of their own (`rich_help_panel=...`)."""
+
+    context_class = Context
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument":
+                param.metavar = param.name.upper()
+            elif param.is_flag:
+                param.show_default = False  # a flag's default is its absence
+            elif param.metavar is None:
+                param.metavar = METAVARS.get(param.type_descriptor.annotation, "TEXT")
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list] = {"Arguments": [], "Options": []}
+        for param in self.get_params(ctx):
+            if (record := param.get_help_record(ctx)) is None:
+                continue
+            default = "Options"
+            if param.param_type_name == "argument":
+                default, record = "Arguments", (param.metavar, record[1])
+            sections.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
+        for name, records in sorted(sections.items(), key=lambda item: PANELS.index(item[0])):
+            if records:
+                with formatter.section(name):
+                    formatter.write_dl(records)
+
+
+Commands.context_class = Context
+
+
+def _typer(**options) -> typer.Typer:
+    app = typer.Typer(cls=Commands, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                      **options)
+    app.command = functools.partial(app.command, cls=Command)
+    return app
+
+
+app = _typer(name="sdit", help="Distil a Stable Diffusion teacher into a Diffusion Transformer.")
+bench_app = _typer(help="Measure a stage's speed and memory, and run the shapes-world experiments.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        import sdit
+
+        typer.echo(f"sdit {sdit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Distil a Stable Diffusion teacher into a Diffusion Transformer."""
+
+
 app.add_typer(bench_app, name="bench")
 
 # --- shared options -------------------------------------------------------------------------------------
 Teacher = Annotated[str, typer.Option("--teacher", "-t", help="SD model: a diffusers folder or a .safetensors/.ckpt file.")]
-TeacherConfig = Annotated[Optional[str], typer.Option(
+TeacherConfig = Annotated[Optional[str], typer.Option(rich_help_panel=ADVANCED,
     help="Diffusers folder whose configs describe a single-file teacher (default: SD 1.5's, shipped in data/).")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DType = Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16.")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Records per model forward.")]
-RayAddress = Annotated[Optional[str], typer.Option(
+Device = Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto (CUDA when there is one), cpu, cuda or cuda:N.")]
+DType = Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16.")]
+BatchSize = Annotated[int, typer.Option(min=1, rich_help_panel=HARDWARE, help="Records per model forward.")]
+RayAddress = Annotated[Optional[str], typer.Option(rich_help_panel=SCALE,
     help="Run shards on Ray: 'local' starts one for this run; 'auto' or 'ray://host:port' joins a cluster.")]
+NumWorkers = Annotated[Optional[int], typer.Option(min=1, rich_help_panel=SCALE, help="Ray actors (default: one per GPU, else per CPU).")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")]
-BenchTeacher = Annotated[Optional[str], typer.Option(help="Teacher [default: a tiny random SD-shaped one].")]
+BenchTeacher = Annotated[Optional[str], typer.Option(help="Teacher (default: a tiny random SD-shaped one).")]
 # Choices are listed from the registries; the library checks them and refuses others in one line.
 PRESET_NAMES = ", ".join(PRESETS)
 Student = Annotated[str, typer.Option("--student", "-s", help=f"Student preset: {PRESET_NAMES}.")]
@@ -104,24 +238,38 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _report(table: str, result: dict, json_out: Optional[Path]) -> None:
-    """A benchmark's table on the terminal, and its figures as JSON when asked."""
+    """A command's table on the terminal, and its figures as JSON when asked, with the command that made them."""
     typer.echo(table)
     if json_out:
         from pipeline.bench import write_json
 
-        write_json(result, json_out)
+        write_json({"command": command_line(), **result}, json_out)
+
+
+def command_line() -> str:
+    """The running command as a user would type it: the options given on the command line, none of the defaults."""
+    import shlex
+
+    ctx = get_current_context()
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":
+            words += map(str, values)
+        elif param.is_flag:
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            words += [w for v in values for w in (param.opts[0], str(v))]
+    return shlex.join(words)
 
 
 def _main_process() -> bool:
     from pipeline.train import Workers
 
     return Workers.from_env().main
-
-
-def progress_bar(desc: str, unit: str):
-    from tqdm import tqdm
-
-    return tqdm(desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1, disable=None, file=sys.stderr)
 
 
 # --- stage one ------------------------------------------------------------------------------------------
@@ -132,32 +280,33 @@ def encode(
     teacher: Teacher,
     out: Annotated[str, typer.Option("--out", "-o", help="Store to write: a folder or an fsspec URL.")],
     teacher_config: TeacherConfig = None,
-    prompts: Annotated[Optional[str], typer.Option(help="Text-only prompt bank: a text file (one a line) or parquet.")] = None,
-    prompt_column: Annotated[str, typer.Option(help="Column of a parquet prompt bank.")] = EncodeConfig.prompt_column,
-    resolution: Annotated[int, typer.Option(help="Square image side after resize and centre crop (multiple of 8).")] = EncodeConfig.resolution,
-    min_size: Annotated[Optional[int], typer.Option(help="Reject images whose short side is smaller [default: resolution/4].")] = None,
+    prompt_bank: Annotated[Optional[str], typer.Option(help="Text-only prompts the teacher is asked about: a text file (one a line) or parquet.")] = None,
+    prompt_column: Annotated[str, typer.Option(rich_help_panel=COLUMNS, help="Column of a parquet prompt bank.")] = EncodeConfig.prompt_column,
+    resolution: Annotated[Optional[int], typer.Option(help="Square image side after resize and centre crop, a multiple of 8 (default: the teacher VAE's sample_size, 512 for SD 1.5).")] = None,
+    min_size: Annotated[Optional[int], typer.Option(help="Reject images whose short side is smaller (default: resolution/4).")] = None,
     batch_size: BatchSize = EncodeConfig.batch_size,
-    shard_size: Annotated[int, typer.Option(min=1, help="Source items per shard (the unit of work and of resume).")] = EncodeConfig.shard_size,
-    limit: Annotated[Optional[int], typer.Option(min=0, help="Encode only the first N source items.")] = None,
-    strict: Annotated[bool, typer.Option(help="Stop at the first rejected input instead of skipping it.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out and start again.")] = False,
+    shard_size: Annotated[int, typer.Option(min=1, rich_help_panel=ADVANCED, help="Source items per shard (the unit of work and of resume).")] = EncodeConfig.shard_size,
+    limit: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, min=0, help="Encode only the first N source items.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first rejected input instead of skipping it.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out and start again.")] = False,
     device: Device = EncodeConfig.device,
     dtype: DType = EncodeConfig.dtype,
-    image_column: Annotated[str, typer.Option(help="Parquet: the image struct column.")] = EncodeConfig.image_column,
-    caption_column: Annotated[str, typer.Option(help="Parquet/metadata: the caption column.")] = EncodeConfig.caption_column,
-    id_column: Annotated[Optional[str], typer.Option(help="Parquet: a column of record ids.")] = None,
-    caption_key: Annotated[Optional[str], typer.Option(help="Webdataset .json: the caption key [default: caption, then text].")] = None,
+    image_column: Annotated[str, typer.Option(rich_help_panel=COLUMNS, help="Parquet: the image struct column.")] = EncodeConfig.image_column,
+    caption_column: Annotated[str, typer.Option(rich_help_panel=COLUMNS, help="Parquet/metadata: the caption column.")] = EncodeConfig.caption_column,
+    id_column: Annotated[Optional[str], typer.Option(rich_help_panel=COLUMNS, help="Parquet: a column of record ids.")] = None,
+    caption_key: Annotated[Optional[str], typer.Option(rich_help_panel=COLUMNS, help="Webdataset .json: the caption key (default: caption, then text).")] = None,
     ray_address: RayAddress = None,
-    num_workers: Annotated[Optional[int], typer.Option(min=1, help="Ray actors [default: one per GPU, else per CPU].")] = None,
+    num_workers: NumWorkers = None,
 ):
     """Encode image-caption pairs into a store: scaled VAE latents and CLIP text embeddings."""
     from pipeline.encode import encode as run_encode
 
-    config = EncodeConfig(source=source, teacher=teacher, out=out, teacher_config=teacher_config, prompts=prompts,
-                          prompt_column=prompt_column, resolution=resolution, min_size=min_size, batch_size=batch_size,
+    config = EncodeConfig(source=source, teacher=teacher, out=out, teacher_config=teacher_config, prompts=prompt_bank,
+                          prompt_column=prompt_column, min_size=min_size, batch_size=batch_size,
                           shard_size=shard_size, limit=limit, strict=strict, overwrite=overwrite, device=device,
                           dtype=dtype, image_column=image_column, caption_column=caption_column, id_column=id_column,
-                          caption_key=caption_key, ray_address=ray_address, num_workers=num_workers)
+                          caption_key=caption_key, ray_address=ray_address, num_workers=num_workers,
+                          **({} if resolution is None else {"resolution": resolution}))
     with progress_bar("encode", "item") as bar:
         summary = run_encode(config, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
     typer.echo(summary.line())
@@ -172,24 +321,24 @@ def teacher_label(
     labels: Annotated[str, typer.Option(help="Name of this labelling: labels/NAME in the store.")] = LabelConfig.name,
     draws: Annotated[int, typer.Option(min=1, help="Labelled draws per record.")] = LabelConfig.draws,
     timesteps: Annotated[str, typer.Option(help=f"{' or '.join(TIMESTEP_SAMPLING)}: stratified spreads a record's draws across [0, T).")] = LabelConfig.timesteps,
-    perturb: Annotated[Optional[str], typer.Option(help="Perturbation mix, e.g. none=0.4,input=0.1,swap=0.3,mix=0.1,null=0.1, or a .json config file [default: that mix].")] = None,
-    input_gamma: Annotated[float, typer.Option(min=0, help="γ of input perturbation: the input uses ε + γ·ξ.")] = PerturbConfig.input_gamma,
-    caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = PerturbConfig.caption_min_t,
-    prompt_share: Annotated[float, typer.Option(min=0, max=1, help="Share of swap/mix captions from the prompt bank.")] = PerturbConfig.prompt_share,
+    perturb: Annotated[Optional[str], typer.Option(help="Perturbation mix, e.g. none=0.4,input=0.1,swap=0.3,mix=0.1,null=0.1, or a .json config file (default: that mix).")] = None,
+    input_gamma: Annotated[float, typer.Option(rich_help_panel=PERTURB, min=0, help="γ of input perturbation: the input uses ε + γ·ξ.")] = PerturbConfig.input_gamma,
+    caption_min_t: Annotated[int, typer.Option(rich_help_panel=PERTURB, min=0, help="Swap and mix captions only at timesteps from here up.")] = PerturbConfig.caption_min_t,
+    prompt_share: Annotated[float, typer.Option(rich_help_panel=PERTURB, min=0, max=1, help="Share of swap/mix captions from the prompt bank.")] = PerturbConfig.prompt_share,
     guidance: Annotated[Optional[str], typer.Option(help="W_MIN:W_MAX: store guided targets ε_u + w(ε_c − ε_u) with w stored.")] = None,
     seed: Annotated[int, typer.Option(help="Same seed, same draws, whatever the executor or batch size.")] = LabelConfig.seed,
     batch_size: BatchSize = LabelConfig.batch_size,
-    max_dropped: Annotated[float, typer.Option(min=0, max=1, help="Stop when more draws than this get a NaN/inf teacher output.")] = LabelConfig.max_dropped,
-    overwrite: Annotated[bool, typer.Option(help="Delete labels of the same name and start again.")] = False,
+    max_dropped: Annotated[float, typer.Option(rich_help_panel=ADVANCED, min=0, max=1, help="Stop when more draws than this get a NaN/inf teacher output.")] = LabelConfig.max_dropped,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete labels of the same name and start again.")] = False,
     synthesize: Annotated[int, typer.Option(min=0, help="First sample the teacher N times per prompt of the store's prompt bank (synthetic records, store/synthetic), then label those too; 0: real records only.")] = 0,
-    synth_steps: Annotated[int, typer.Option(min=1, help="Sampling steps of each synthetic record.")] = SynthesisConfig.steps,
-    synth_guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of each synthetic record (1: none).")] = SynthesisConfig.guidance,
-    synth_seed: Annotated[int, typer.Option(help="Seeds each synthetic record's initial noise from (seed, prompt, sample).")] = SynthesisConfig.seed,
-    synth_scheduler: Annotated[Optional[str], typer.Option(help=f"Sampler of the synthetic records: {', '.join(SCHEDULERS)} [default: the teacher's own].")] = None,
+    synth_steps: Annotated[int, typer.Option(rich_help_panel=SYNTH, min=1, help="Sampling steps of each synthetic record.")] = SynthesisConfig.steps,
+    synth_guidance: Annotated[float, typer.Option(rich_help_panel=SYNTH, min=0, help="Classifier-free guidance of each synthetic record (1: none).")] = SynthesisConfig.guidance,
+    synth_seed: Annotated[int, typer.Option(rich_help_panel=SYNTH, help="Seeds each synthetic record's initial noise from (seed, prompt, sample).")] = SynthesisConfig.seed,
+    synth_scheduler: Annotated[Optional[str], typer.Option(rich_help_panel=SYNTH, help=f"Sampler of the synthetic records: {', '.join(SCHEDULERS)} (default: the teacher's own).")] = None,
     device: Device = LabelConfig.device,
     dtype: DType = LabelConfig.dtype,
     ray_address: RayAddress = None,
-    num_workers: Annotated[Optional[int], typer.Option(min=1, help="Ray actors [default: one per GPU, else per CPU].")] = None,
+    num_workers: NumWorkers = None,
 ):
     """Run the teacher's UNet once over a store: K draws per record (timestep, noise, perturbation) and ε_T.
     With --synthesize N it first samples the prompt bank into synthetic records and labels them as well."""
@@ -229,8 +378,8 @@ def init(
     student: Student,
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder to write.")],
     teacher_config: TeacherConfig = None,
-    sample_size: Annotated[Optional[int], typer.Option(min=1, help="Latent side the student is built for [default: the teacher UNet's].")] = None,
-    guidance_embed: Annotated[bool, typer.Option(help="A guidance-distilled student: it takes the CFG scale w (for guided labels).")] = False,
+    sample_size: Annotated[Optional[int], typer.Option(min=1, help="Latent side the student is built for (default: the teacher UNet's).")] = None,
+    guidance_embed: Annotated[bool, typer.Option("--guidance-embed", help="A guidance-distilled student: it takes the CFG scale w (for guided labels).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the student's initial weights.")] = InitConfig.seed,
 ):
     """Write an untrained run folder: a fresh student beside the teacher's VAE, text encoder, tokenizer and scheduler."""
@@ -248,36 +397,36 @@ def train(
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder: the student pipeline, checkpoints, metrics, samples.")],
     init: Annotated[Optional[str], typer.Option(help="Start from this run folder (from `sdit init`).")] = None,
     student: Annotated[Optional[str], typer.Option("--student", "-s", help=f"Or start a fresh student of this preset ({PRESET_NAMES} (`sdit init` for the store's teacher, then train).")] = None,
-    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="With --student: the teacher whose VAE and text encoder go into the run [default: the store's].")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="With --student: the teacher whose VAE and text encoder go into the run (default: the store's).")] = None,
     teacher_config: TeacherConfig = None,
     labels: Annotated[str, typer.Option(help="Which labels of the store: labels/NAME.")] = TrainConfig.labels,
     steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in all (a resumed run may raise it).")] = TrainConfig.steps,
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per step, over all workers.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(min=0, help="AdamW learning rate after warm-up.")] = TrainConfig.lr,
-    warmup: Annotated[int, typer.Option(min=0, help="Steps of linear learning-rate warm-up.")] = TrainConfig.warmup,
-    weight_decay: Annotated[float, typer.Option(min=0)] = TrainConfig.weight_decay,
-    grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient's norm to this.")] = TrainConfig.grad_clip,
-    ema_decay: Annotated[float, typer.Option(min=0, max=1, help="EMA of the weights (what the run folder holds).")] = TrainConfig.ema_decay,
-    task_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε|² on draws whose true noise is a target.")] = TrainConfig.task_weight,
-    kd_weight: Annotated[float, typer.Option(min=0, help="Weight of |ε_s − ε_T|²; 0 trains without the teacher.")] = TrainConfig.kd_weight,
-    min_snr: Annotated[float, typer.Option(min=0, help="Min-SNR-γ timestep weighting (e.g. 5); 0: off.")] = TrainConfig.min_snr,
-    high_noise_weight: Annotated[float, typer.Option(min=0, help="Weight draws by min(1/ᾱ_t, γ): counts high-noise draws, where the caption decides the image, up to γ times more (e.g. 5); 0: off.")] = TrainConfig.high_noise_weight,
-    synthetic_weight: Annotated[float, typer.Option(min=0, help="Scales the loss (task and KD) of synthetic records' draws (labels made with --synthesize).")] = TrainConfig.synthetic_weight,
+    warmup: Annotated[int, typer.Option(rich_help_panel=SCHEDULE, min=0, help="Steps of linear learning-rate warm-up.")] = TrainConfig.warmup,
+    weight_decay: Annotated[float, typer.Option(rich_help_panel=SCHEDULE, min=0, help="AdamW's decoupled weight decay.")] = TrainConfig.weight_decay,
+    grad_clip: Annotated[float, typer.Option(rich_help_panel=SCHEDULE, min=0, help="Clip the gradient's norm to this.")] = TrainConfig.grad_clip,
+    ema_decay: Annotated[float, typer.Option(rich_help_panel=SCHEDULE, min=0, max=1, help="EMA of the weights (what the run folder holds).")] = TrainConfig.ema_decay,
+    task_weight: Annotated[float, typer.Option(rich_help_panel=LOSS, min=0, help="Weight of |ε_s − ε|² on draws whose true noise is a target.")] = TrainConfig.task_weight,
+    kd_weight: Annotated[float, typer.Option(rich_help_panel=LOSS, min=0, help="Weight of |ε_s − ε_T|²; 0 trains without the teacher.")] = TrainConfig.kd_weight,
+    min_snr: Annotated[float, typer.Option(rich_help_panel=LOSS, min=0, help="Min-SNR-γ timestep weighting (e.g. 5); 0: off.")] = TrainConfig.min_snr,
+    high_noise_weight: Annotated[float, typer.Option(rich_help_panel=LOSS, min=0, help="Weight draws by min(1/ᾱ_t, γ): counts high-noise draws, where the caption decides the image, up to γ times more (e.g. 5); 0: off.")] = TrainConfig.high_noise_weight,
+    synthetic_weight: Annotated[float, typer.Option(rich_help_panel=LOSS, min=0, help="Scales the loss (task and KD) of synthetic records' draws (labels made with --synthesize).")] = TrainConfig.synthetic_weight,
     holdout: Annotated[float, typer.Option(min=0, max=0.99, help="Fraction of records held out for `sdit eval`.")] = TrainConfig.holdout,
     seed: Annotated[int, typer.Option(help="Seeds the data order, the held-out split and a fresh student.")] = TrainConfig.seed,
-    buffer_records: Annotated[int, typer.Option(min=1, help="Records in the shuffle window.")] = TrainConfig.buffer_records,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = TrainConfig.checkpoint_every,
-    keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = TrainConfig.keep_checkpoints,
-    sample_every: Annotated[int, typer.Option(min=0, help="Steps between sample grids (0: at the end only).")] = TrainConfig.sample_every,
-    sample_prompts: Annotated[int, typer.Option(min=0, help="Captions in a sample grid (the store's first); 0: no grids.")] = TrainConfig.sample_prompts,
-    eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations of the EMA student on held-out draws (needs --holdout), logged to metrics.jsonl and the loss plot; 0: never.")] = TrainConfig.eval_every,
-    eval_draws: Annotated[int, typer.Option(min=1, help="Held-out draws per evaluation (the same ones each time).")] = TrainConfig.eval_draws,
-    eval_clip: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: each evaluation also gives the CLIP score of the EMA student's samples of the sample captions.")] = None,
-    log: Annotated[str, typer.Option(help="jsonl (metrics.jsonl), or tensorboard: also event files in RUN/tensorboard (losses, lr, throughput, evaluations, sample grids).")] = TrainConfig.log,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,
+    buffer_records: Annotated[int, typer.Option(rich_help_panel=SCHEDULE, min=1, help="Records in the shuffle window.")] = TrainConfig.buffer_records,
+    checkpoint_every: Annotated[int, typer.Option(rich_help_panel=SCHEDULE, min=1, help="Steps between checkpoints.")] = TrainConfig.checkpoint_every,
+    keep_checkpoints: Annotated[int, typer.Option(rich_help_panel=SCHEDULE, min=1, help="Checkpoints kept.")] = TrainConfig.keep_checkpoints,
+    sample_every: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=0, help="Steps between sample grids (0: at the end only).")] = TrainConfig.sample_every,
+    sample_prompts: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=0, help="Captions in a sample grid (the store's first); 0: no grids.")] = TrainConfig.sample_prompts,
+    eval_every: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=0, help="Steps between evaluations of the EMA student on held-out draws (needs --holdout), logged to metrics.jsonl and the loss plot; 0: never.")] = TrainConfig.eval_every,
+    eval_draws: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=1, help="Held-out draws per evaluation (the same ones each time).")] = TrainConfig.eval_draws,
+    eval_clip: Annotated[Optional[str], typer.Option(rich_help_panel=MONITOR, help="A transformers CLIPModel folder on local disk: each evaluation also gives the CLIP score of the EMA student's samples of the sample captions.")] = None,
+    log: Annotated[str, typer.Option(rich_help_panel=MONITOR, help="jsonl (metrics.jsonl), or tensorboard: also event files in RUN/tensorboard (losses, lr, throughput, evaluations, sample grids).")] = TrainConfig.log,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", rich_help_panel=HARDWARE, help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
+    dtype: Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,
     device: Device = TrainConfig.device,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
 ):
     """Train the student from the store alone (the teacher's UNet is never loaded). Data-parallel under torchrun."""
     from pipeline.train import train as run_train
@@ -291,7 +440,7 @@ def train(
                          seed=seed, buffer_records=buffer_records, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
                          eval_every=eval_every, eval_draws=eval_draws, eval_clip=eval_clip, log=log,
-                         gradient_checkpointing=gradient_checkpointing, precision=precision, device=device,
+                         gradient_checkpointing=gradient_checkpointing, precision=dtype, device=device,
                          resume=resume)
     make_run = None
     if student is not None:
@@ -323,7 +472,7 @@ def _fmt(value: Optional[float]) -> str:
 @bench_app.command("encode")
 @command
 def bench_encode(
-    source: Annotated[Optional[str], typer.Argument(help="Data to encode [default: generated images].")] = None,
+    source: Annotated[Optional[str], typer.Argument(help="Data to encode (default: generated images).")] = None,
     teacher: BenchTeacher = None,
     teacher_config: TeacherConfig = None,
     images: Annotated[int, typer.Option(min=8, help="Generated images in the small run; the large run has twice as many.")] = BenchEncodeConfig.images,
@@ -346,7 +495,7 @@ def bench_encode(
 @bench_app.command("label")
 @command
 def bench_label(
-    store: Annotated[Optional[str], typer.Argument(help="An encoded store [default: generated images].")] = None,
+    store: Annotated[Optional[str], typer.Argument(help="An encoded store (default: generated images).")] = None,
     teacher: BenchTeacher = None,
     teacher_config: TeacherConfig = None,
     images: Annotated[int, typer.Option(min=1, help="Generated images to label.")] = BenchLabelConfig.images,
@@ -371,18 +520,18 @@ def bench_label(
 @command
 def bench_sd15(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the photographs, store, runs and samples.")] = Sd15Config.out,
-    cache: Annotated[Optional[str], typer.Option(help="Where the random SD 1.5 is built once, in both layouts [default: OUT/teacher].")] = None,
-    records: Annotated[Optional[int], typer.Option(min=1, help=f"Photographs to encode [default: {Sd15Config.records}; on GPU 256].")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Where the random SD 1.5 is built once, in both layouts (default: OUT/teacher).")] = None,
+    records: Annotated[Optional[int], typer.Option(min=1, help=f"Photographs to encode (default: {Sd15Config.records}; on GPU 256).")] = None,
     resolution: Annotated[int, typer.Option(help="Image side in pixels (a multiple of 8 x the students' patch).")] = Sd15Config.resolution,
-    draws: Annotated[Optional[int], typer.Option(min=1, help=f"Teacher draws per record [default: {Sd15Config.draws}; on GPU 4].")] = None,
-    synthesize: Annotated[Optional[int], typer.Option(min=0, help=f"Teacher samples per prompt of the bank, 0: none [default: {Sd15Config.synthesize}].")] = None,
-    student: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students to init and train (repeatable) [default: {', '.join(Sd15Config.students)}].")] = None,
-    speed_student: Annotated[Optional[list[str]], typer.Option("--speed-student", help=f"Students timed against the teacher (repeatable) [default: {', '.join(Sd15Config.speed_students)}; on GPU S/2 to XL/2].")] = None,
-    train_steps: Annotated[Optional[int], typer.Option(min=1, help=f"[default: {Sd15Config.train_steps}; on GPU 20].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Training batch [default: {Sd15Config.batch_size}; on GPU 32].")] = None,
-    speed_steps: Annotated[Optional[int], typer.Option(min=1, help=f"Sampling steps of the side-by-side timing [default: {Sd15Config.speed_steps}; on GPU 25].")] = None,
-    speed_images: Annotated[Optional[int], typer.Option(min=1, help=f"Batch of the side-by-side timing [default: {Sd15Config.speed_images}; on GPU 8].")] = None,
-    device: Annotated[str, typer.Option(help="cpu, or cuda: the same stages at real batch sizes, plus labels/s and train steps/s of S/2 to XL/2 at 256 and 512 px in bf16.")] = Sd15Config.device,
+    draws: Annotated[Optional[int], typer.Option(min=1, help=f"Teacher draws per record (default: {Sd15Config.draws}; on GPU 4).")] = None,
+    synthesize: Annotated[Optional[int], typer.Option(min=0, help=f"Teacher samples per prompt of the bank, 0: none (default: {Sd15Config.synthesize}).")] = None,
+    student: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students to init and train (repeatable) (default: {', '.join(Sd15Config.students)}).")] = None,
+    speed_student: Annotated[Optional[list[str]], typer.Option("--speed-student", help=f"Students timed against the teacher (repeatable) (default: {', '.join(Sd15Config.speed_students)}; on GPU S/2 to XL/2).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(min=1, help=f"(default: {Sd15Config.train_steps}; on GPU 20).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Training batch (default: {Sd15Config.batch_size}; on GPU 32).")] = None,
+    speed_steps: Annotated[Optional[int], typer.Option(min=1, help=f"Sampling steps of the side-by-side timing (default: {Sd15Config.speed_steps}; on GPU 25).")] = None,
+    speed_images: Annotated[Optional[int], typer.Option(min=1, help=f"Batch of the side-by-side timing (default: {Sd15Config.speed_images}; on GPU 8).")] = None,
+    device: Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto, cpu or cuda; on CUDA the same stages at real batch sizes, plus labels/s and train steps/s of S/2 to XL/2 at 256 and 512 px in bf16.")] = Sd15Config.device,
     dtype: DType = Sd15Config.dtype,
     json_out: JsonOut = None,
 ):
@@ -403,8 +552,8 @@ def bench_sd15(
 @bench_app.command("memory")
 @command
 def bench_memory(
-    preset: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students (repeatable) [default: {', '.join(MemoryConfig.presets)}].")] = None,
-    batch: Annotated[Optional[list[int]], typer.Option("--batch", help=f"Batches (repeatable) [default: {', '.join(map(str, MemoryConfig.batches))}].")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option("--student", help=f"Students (repeatable) (default: {', '.join(MemoryConfig.presets)}).")] = None,
+    batch: Annotated[Optional[list[int]], typer.Option("--batch", help=f"Batches (repeatable) (default: {', '.join(map(str, MemoryConfig.batches))}).")] = None,
     sample_size: Annotated[int, typer.Option(min=1, help="Latent side (64: 512 px).")] = MemoryConfig.sample_size,
     max_rss_gb: Annotated[float, typer.Option(min=1, help="Never run a step predicted to need more; extrapolate it.")] = MemoryConfig.max_rss_gb,
     max_step_seconds: Annotated[float, typer.Option(min=1, help="Nor one predicted to take longer.")] = MemoryConfig.max_step_seconds,
@@ -433,7 +582,7 @@ Guidance = Annotated[float, typer.Option(min=0, help="Classifier-free guidance s
 @bench_app.command("train")
 @command
 def bench_train(
-    store: Annotated[Optional[str], typer.Argument(help="A labelled store [default: generated images, encoded and labelled].")] = None,
+    store: Annotated[Optional[str], typer.Argument(help="A labelled store (default: generated images, encoded and labelled).")] = None,
     teacher: BenchTeacher = None,
     teacher_config: TeacherConfig = None,
     student: Student = BenchTrainConfig.student,
@@ -457,8 +606,8 @@ def bench_train(
 @command
 def bench_distill(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = DistillConfig.out,
-    teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
-    runs: Annotated[Optional[str], typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided [default: all; with --sizes no_teacher,kd_perturb].")] = None,
+    teacher: Annotated[str, typer.Option("--teacher", "-t", show_default="data/toy-sd", help="The teacher.")] = DistillConfig.teacher,
+    runs: Annotated[Optional[str], typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided (default: all; with --sizes no_teacher,kd_perturb).")] = None,
     variants: Annotated[Optional[str], typer.Option(help="A TOML file of more runs, each a run above with some options changed (the tuning tables in docs/tuning/).")] = None,
     synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = DistillConfig.synth_samples,
     bank_per_pair: Annotated[int, typer.Option(min=0, max=54, help="The prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs; 0: all 1,944.")] = DistillConfig.bank_per_pair,
@@ -466,16 +615,16 @@ def bench_distill(
     draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = DistillConfig.draws,
     student: Student = DistillConfig.student,
     steps: Annotated[int, typer.Option(min=1, help="Training steps of every run.")] = DistillConfig.steps,
-    batch_size: Annotated[int, typer.Option(min=1)] = DistillConfig.batch_size,
-    lr: Annotated[float, typer.Option(min=0)] = DistillConfig.lr,
+    batch_size: Annotated[int, typer.Option(min=1, help="Draws per training step of every run.")] = DistillConfig.batch_size,
+    lr: Annotated[float, typer.Option(min=0, help="Learning rate of every run.")] = DistillConfig.lr,
     high_noise_weight: Annotated[float, typer.Option(min=0, help="Every run's `train --high-noise-weight` (0: off).")] = DistillConfig.high_noise_weight,
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = DistillConfig.per_prompt,
     sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = DistillConfig.sample_steps,
     guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of every sample.")] = DistillConfig.guidance,
     guidance_range: Annotated[str, typer.Option(help="kd_guided's labels: W_MIN:W_MAX, w drawn per draw.")] = "{:g}:{:g}".format(*DistillConfig.guidance_range),
-    perturb: Annotated[Optional[str], typer.Option(help="The kd_perturb run's mix, e.g. none=0.4,input=0.1,swap=0.3,mix=0.1,null=0.1 [default: that mix].")] = None,
+    perturb: Annotated[Optional[str], typer.Option(help="The kd_perturb run's mix, e.g. none=0.4,input=0.1,swap=0.3,mix=0.1,null=0.1 (default: that mix).")] = None,
     caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = PerturbConfig.caption_min_t,
-    seed: Annotated[int, typer.Option()] = DistillConfig.seed,
+    seed: Annotated[int, typer.Option(help="Seeds the split, the labels, the students and the samples.")] = DistillConfig.seed,
     curve_points: Annotated[int, typer.Option(min=0, help="Checkpoints of each run scored for its learning curve (0: none).")] = DistillConfig.curve_points,
     curve_prompts: Annotated[int, typer.Option(min=1, max=6, help="Prompts per shape-colour pair (of 6) the curves score.")] = DistillConfig.curve_prompts,
     jobs: Annotated[int, typer.Option(min=0, help="Runs trained side by side, a process each (0: as many as runs, up to the cores).")] = DistillConfig.jobs,
@@ -512,17 +661,17 @@ def bench_distill(
 @command
 def bench_substitution(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for each size's experiment and the curve.")] = SubstitutionConfig().distill.out,
-    teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher (the toy teacher ships in data/toy-sd).")] = DistillConfig.teacher,
+    teacher: Annotated[str, typer.Option("--teacher", "-t", show_default="data/toy-sd", help="The teacher.")] = DistillConfig.teacher,
     sizes: Annotated[str, typer.Option(help="Sizes of the limited split, increasing.")] = ",".join(map(str, SubstitutionConfig.sizes)),
     multiplier_at: Annotated[int, typer.Option(help="The N of the data multiplier (one of the sizes).")] = SubstitutionConfig.multiplier_at,
     runs: Annotated[str, typer.Option(help="Comma-separated runs of `bench distill` (no_teacher and kd_perturb at least).")] = ",".join(SubstitutionConfig().distill.runs),
     variants: Annotated[Optional[str], typer.Option(help="A TOML file of more runs (see `bench distill --variants`).")] = None,
     draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = DistillConfig.draws,
     steps: Annotated[int, typer.Option(min=1, help="Training steps of every run at every size.")] = DistillConfig.steps,
-    batch_size: Annotated[int, typer.Option(min=1)] = DistillConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(min=1, help="Draws per training step of every run.")] = DistillConfig.batch_size,
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = DistillConfig.per_prompt,
     sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = DistillConfig.sample_steps,
-    seed: Annotated[int, typer.Option()] = DistillConfig.seed,
+    seed: Annotated[int, typer.Option(help="Seeds the split, the labels, the students and the samples.")] = DistillConfig.seed,
     jobs: Annotated[int, typer.Option(min=0, help="Runs trained side by side, a process each (0: as many as runs, up to the cores).")] = DistillConfig.jobs,
     json_out: JsonOut = None,
 ):
@@ -580,7 +729,7 @@ def _stage_bars(steps: int):
 @command
 def bench_evaluator(
     images: Annotated[int, typer.Option(min=10, help="Renders per condition (a tenth as many of each no-shape kind).")] = 3000,
-    seed: Annotated[int, typer.Option()] = 12345,
+    seed: Annotated[int, typer.Option(help="Seed of the renders.")] = 12345,
     json_out: JsonOut = None,
 ):
     """The shapes world's attribute evaluator: accuracy per attribute on clean, noisy, blurred and independently
@@ -597,16 +746,16 @@ def sample(
     run: Run,
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and grid.png.")],
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
-    prompts_file: Annotated[Optional[str], typer.Option(help="A text file of prompts, one a line.")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option(help="Replaces the empty caption of the guidance's unconditional branch.")] = None,
-    num_images: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = SampleConfig.num_images,
-    height: Annotated[Optional[int], typer.Option(help="Pixels, a multiple of VAE factor x patch size [default: the student's training size].")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Pixels, as --height.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="A text file of prompts, one a line.")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(rich_help_panel=SAMPLING, help="Replaces the empty caption of the guidance's unconditional branch.")] = None,
+    per_prompt: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = SampleConfig.num_images,
+    height: Annotated[Optional[int], typer.Option(rich_help_panel=SAMPLING, help="Pixels, a multiple of VAE factor x patch size (default: the student's training size).")] = None,
+    width: Annotated[Optional[int], typer.Option(rich_help_panel=SAMPLING, help="Pixels, as --height.")] = None,
     steps: Steps = SampleConfig.steps,
     guidance: Guidance = SampleConfig.guidance,
     scheduler: Scheduler = SampleConfig.scheduler,
     seed: Annotated[int, typer.Option(help="Image i uses seed + i, whatever the batch size.")] = SampleConfig.seed,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = SampleConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(rich_help_panel=HARDWARE, min=1, help="Images per batch.")] = SampleConfig.batch_size,
     compare_teacher: Annotated[Optional[str], typer.Option(help="Also sample this SD teacher from the same prompts, seeds, noise, scheduler and steps; the grid shows a student row above a teacher row.")] = None,
     teacher_config: TeacherConfig = None,
     device: Device = SampleConfig.device,
@@ -615,8 +764,8 @@ def sample(
     """Images from a run folder: one PNG each (prompt and settings in its text chunk) and a captioned grid."""
     from pipeline.sample import sample as run_sample
 
-    config = SampleConfig(run=run, out=out, prompts=tuple(prompt or ()), prompts_file=prompts_file,
-                          negative_prompt=negative_prompt, num_images=num_images, height=height, width=width,
+    config = SampleConfig(run=run, out=out, prompts=tuple(prompt or ()), prompts_file=prompts,
+                          negative_prompt=negative_prompt, num_images=per_prompt, height=height, width=width,
                           steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
                           compare_teacher=compare_teacher, teacher_config=teacher_config, device=device, dtype=dtype)
     with progress_bar("sample", "image") as bar:
@@ -629,9 +778,9 @@ def sample(
 def inspect_store(
     store: Annotated[str, typer.Argument(help="A store (from `sdit encode`, with `sdit teacher-label --synthesize`).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs and grid.png.")],
-    synthetic: Annotated[bool, typer.Option(help="The teacher's samples (synthetic records) rather than the encoded images.")] = False,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="The teacher's samples (synthetic records) rather than the encoded images.")] = False,
     limit: Annotated[int, typer.Option(min=1, help="Decode the first N records of the group.")] = InspectConfig.limit,
-    vae: Annotated[Optional[str], typer.Option(help="A teacher or run folder whose VAE decodes [default: the store's teacher].")] = None,
+    vae: Annotated[Optional[str], typer.Option(help="A teacher or run folder whose VAE decodes (default: the store's teacher).")] = None,
     teacher_config: TeacherConfig = None,
     columns: Annotated[int, typer.Option(min=1, help="Images per row of the grid.")] = InspectConfig.columns,
     device: Device = InspectConfig.device,
@@ -670,34 +819,34 @@ def verify(
 def evaluate(
     run: Run,
     store: Annotated[Optional[str], typer.Argument(help="The labelled store the run was trained on: teacher agreement on its held-out draws.")] = None,
-    labels: Annotated[Optional[str], typer.Option(help="Which labels of the store [default: the run's].")] = None,
-    holdout: Annotated[Optional[float], typer.Option(min=0, max=0.99, help="Held-out fraction of records [default: the run's --holdout].")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out split [default: the run's].")] = None,
-    buckets: Annotated[int, typer.Option(min=1, help="Timestep buckets of equal width.")] = EvalConfig.buckets,
+    labels: Annotated[Optional[str], typer.Option(rich_help_panel=ADVANCED, help="Which labels of the store (default: the run's).")] = None,
+    holdout: Annotated[Optional[float], typer.Option(rich_help_panel=ADVANCED, min=0, max=0.99, help="Held-out fraction of records (default: the run's --holdout).")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, help="Seed of the held-out split (default: the run's).")] = None,
+    buckets: Annotated[int, typer.Option(rich_help_panel=ADVANCED, min=1, help="Timestep buckets of equal width.")] = EvalConfig.buckets,
     batch_size: BatchSize = EvalConfig.batch_size,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many held-out draws.")] = None,
-    prompts: Annotated[Optional[str], typer.Option(help="Prompts to sample: a text file (one a line) or parquet (--prompt-column) [default: the captions of --references].")] = None,
-    prompt_column: Annotated[str, typer.Option(help="Column of a parquet --prompts file.")] = EvalConfig.prompt_column,
+    limit: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, min=1, help="Evaluate at most this many held-out draws.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompts to sample: a text file (one a line) or parquet (--prompt-column) (default: the captions of --references).")] = None,
+    prompt_column: Annotated[str, typer.Option(rich_help_panel=ADVANCED, help="Column of a parquet --prompts file.")] = EvalConfig.prompt_column,
     references: Annotated[Optional[str], typer.Option(help="Reference images (folder, parquet or webdataset): FID statistics (cached), and captions to sample when --prompts is not given.")] = None,
-    num: Annotated[int, typer.Option("--num", "--samples", min=1, help="Images per model: image i shows prompt i mod P from seed --seed + i.")] = EvalConfig.num,
+    num_images: Annotated[int, typer.Option(min=1, help="Images per model in all: image i shows prompt i mod P from seed --seed + i.")] = EvalConfig.num,
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Also sample this SD teacher (same prompts, seeds, noise, scheduler, steps, guidance) and score it beside the student.")] = None,
     teacher_config: TeacherConfig = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder of the samples; a rerun reuses the images already there [default: RUN/eval-samples].")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Side of the samples in pixels [default: the student's training size].")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder of the samples; a rerun reuses the images already there (default: RUN/eval-samples).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(rich_help_panel=SAMPLING, help="Side of the samples in pixels (default: the student's training size).")] = None,
     steps: Steps = EvalConfig.steps,
     guidance: Guidance = EvalConfig.guidance,
     scheduler: Scheduler = EvalConfig.scheduler,
     seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = EvalConfig.seed,
-    sample_batch_size: Annotated[int, typer.Option(min=1, help="Images per sampling batch (recorded: it moves FID through float rounding).")] = EvalConfig.sample_batch_size,
+    sample_batch_size: Annotated[int, typer.Option(rich_help_panel=SAMPLING, min=1, help="Images per sampling batch (recorded: it moves FID through float rounding).")] = EvalConfig.sample_batch_size,
     clip_model: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: adds the CLIP score.")] = None,
     fid_inception: Annotated[Optional[str], typer.Option(help="NVlabs' TorchScript inception-2015-12-05.pt on local disk: adds FID.")] = None,
     fid_stats: Annotated[Optional[str], typer.Option(help="Reference statistics to compare with (.npz with mu and sigma, e.g. pytorch-fid's) instead of --references.")] = None,
-    fid_size: Annotated[Optional[int], typer.Option(help="Images (samples and references) become this square size before the extractor, PIL bicubic [default: the samples' size].")] = None,
-    fid_resize: Annotated[str, typer.Option(help="legacy (the extractor resizes to 299 itself, as TensorFlow, StyleGAN, pytorch-fid) or clean (clean-fid's PIL bicubic in float).")] = EvalConfig.fid_resize,
-    fid_references: Annotated[Optional[int], typer.Option(min=2, help="At most this many reference images in the statistics [default: all].")] = None,
-    fid_cache: Annotated[Optional[str], typer.Option(help="Folder of cached reference statistics [default: ~/.cache/sdit/fid-stats].")] = None,
+    fid_size: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, help="Images (samples and references) become this square size before the extractor, PIL bicubic (default: the samples' size).")] = None,
+    fid_resize: Annotated[str, typer.Option(rich_help_panel=ADVANCED, help="legacy (the extractor resizes to 299 itself, as TensorFlow, StyleGAN, pytorch-fid) or clean (clean-fid's PIL bicubic in float).")] = EvalConfig.fid_resize,
+    fid_references: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, min=2, help="At most this many reference images in the statistics (default: all).")] = None,
+    fid_cache: Annotated[Optional[str], typer.Option(rich_help_panel=ADVANCED, help="Folder of cached reference statistics (default: ~/.cache/sdit/fid-stats).")] = None,
     device: Device = EvalConfig.device,
-    dtype: Annotated[str, typer.Option(help="The student's (and teacher's): fp32, fp16 or bf16.")] = EvalConfig.dtype,
+    dtype: DType = EvalConfig.dtype,
     json_out: JsonOut = None,
 ):
     """The student in the field's units: teacher agreement on held-out draws (STORE), FID and CLIP score of its
@@ -706,7 +855,7 @@ def evaluate(
 
     config = EvalConfig(run=run, store=store, labels=labels, holdout=holdout, split_seed=split_seed, buckets=buckets,
                         batch_size=batch_size, limit=limit, device=device, dtype=dtype, prompts=prompts,
-                        prompt_column=prompt_column, references=references, num=num, teacher=teacher,
+                        prompt_column=prompt_column, references=references, num=num_images, teacher=teacher,
                         teacher_config=teacher_config, out=out, resolution=resolution, steps=steps, guidance=guidance,
                         scheduler=scheduler, seed=seed, sample_batch_size=sample_batch_size, clip_model=clip_model,
                         fid_inception=fid_inception, fid_stats=fid_stats, fid_size=fid_size, fid_resize=fid_resize,
@@ -726,16 +875,16 @@ def evaluate(
 @bench_app.command("sample")
 @command
 def bench_sample(
-    run: Annotated[Optional[str], typer.Argument(help="A run folder [default: an untrained --student beside the teacher].")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher [default: the run's, or a tiny random SD-shaped one].")] = None,
+    run: Annotated[Optional[str], typer.Argument(help="A run folder (default: an untrained --student beside the teacher).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher (default: the run's, or a tiny random SD-shaped one).")] = None,
     teacher_config: TeacherConfig = None,
     student: Student = BenchSampleConfig.student,
     images: Annotated[int, typer.Option(min=1, help="Images per timed run, in one batch.")] = BenchSampleConfig.images,
     steps: Steps = BenchSampleConfig.steps,
     scheduler: Scheduler = BenchSampleConfig.scheduler,
     guidance: Guidance = BenchSampleConfig.guidance,
-    resolution: Annotated[Optional[int], typer.Option(help="Image side in pixels [default: the student's].")] = None,
-    preset: Annotated[Optional[list[str]], typer.Option("--preset", help=f"Presets of the FLOPs table (repeatable) [default: {', '.join(BenchSampleConfig.presets)}].")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Image side in pixels (default: the student's).")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option("--preset", help=f"Presets of the FLOPs table (repeatable) (default: {', '.join(BenchSampleConfig.presets)}).")] = None,
     device: Device = BenchSampleConfig.device,
     dtype: DType = BenchSampleConfig.dtype,
     json_out: JsonOut = None,
@@ -751,27 +900,28 @@ def bench_sample(
 
 
 # --- the shapes world's toy teacher ---------------------------------------------------------------------
-toy_app = typer.Typer(no_args_is_help=True, help="The shapes world's toy SD teacher: train it, score its samples.")
+toy_app = _typer(help="The shapes world's toy SD teacher: train it, score its samples.")
 app.add_typer(toy_app, name="toy")
 
 
 @toy_app.command("train")
 @command
 def toy_train(
-    out: Annotated[str, typer.Argument(help="Teacher folder to write (diffusers layout, as data/toy-sd).")],
-    work_dir: Annotated[Optional[str], typer.Option(help="Renders and checkpoints [default: OUT-work].")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="Teacher folder to write (diffusers layout, as data/toy-sd).")],
+    work_dir: Annotated[Optional[str], typer.Option(help="Renders and checkpoints (default: OUT-work).")] = None,
     minutes: Annotated[Optional[float], typer.Option(min=0, help="Wall-time cap for the whole run.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the work folder's checkpoints (only --unet-steps may grow).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the work folder's checkpoints (only --unet-steps may grow).")] = False,
     size: Annotated[str, typer.Option(help=f"Component sizes: {', '.join(toy.SIZES)}.")] = toy.ToyConfig.size,
     images: Annotated[int, typer.Option(min=1, help="Renders of the whole world to train on.")] = toy.DataConfig.images,
-    vae_steps: Annotated[int, typer.Option(min=0)] = toy.VAEConfig.steps,
+    vae_steps: Annotated[int, typer.Option(min=0, help="Training steps of the VAE.")] = toy.VAEConfig.steps,
     vae_object_weight: Annotated[float, typer.Option(min=0, help="Extra weight of the shape's pixels in the VAE's MSE.")] = toy.VAEConfig.object_weight,
-    unet_steps: Annotated[int, typer.Option(min=0)] = toy.UNetConfig.steps,
-    frozen_text: Annotated[bool, typer.Option(help="Keep the text encoder random and frozen.")] = False,
-    offset_noise: Annotated[float, typer.Option(min=0)] = toy.UNetConfig.offset_noise,
+    unet_steps: Annotated[int, typer.Option(min=0, help="Training steps of the UNet (and text encoder).")] = toy.UNetConfig.steps,
+    frozen_text: Annotated[bool, typer.Option("--frozen-text", help="Keep the text encoder random and frozen.")] = False,
+    offset_noise: Annotated[float, typer.Option(min=0, help="Per-channel noise offset added to the UNet's training noise; 0: SD's plain noise.")] = toy.UNetConfig.offset_noise,
     high_noise_weight: Annotated[float, typer.Option(min=0, help="γ: weight the UNet's ε loss by min(1/ᾱ_t, γ), so the highest noise levels count more; 0: SD's plain loss.")] = toy.UNetConfig.high_noise_weight,
     threads: Annotated[int, typer.Option(min=1, help="Torch CPU threads (part of the config: rounding depends on it).")] = toy.ToyConfig.threads,
     dtype: Annotated[str, typer.Option(help="Weights of the written teacher: fp16 (as data/toy-sd ships) or fp32.")] = "fp16",
+    json_out: JsonOut = None,
 ):
     """Train the toy teacher on the whole shapes world (VAE, then UNet and text encoder) and write it to OUT."""
     import json
@@ -801,17 +951,18 @@ def toy_train(
     summary = train_toy(out, config, work_dir, resume, minutes, progress, dtype=dtypes[dtype])
     for bar in bars.values():
         bar.close()
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    figures = {k: v for k, v in summary.items() if k != "config"}
+    _report(json.dumps(figures, indent=2), figures, json_out)
 
 
 @toy_app.command("eval")
 @command
 def toy_eval(
-    teacher: Annotated[str, typer.Argument(help="A toy teacher folder (e.g. data/toy-sd).")],
+    teacher: Annotated[str, typer.Option("--teacher", "-t", show_default="data/toy-sd", help="A toy teacher folder.")] = str(TOY_TEACHER),
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen).")] = 4,
     guidance: Guidance = 5.0,
     steps: Steps = 25,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Image i of a prompt uses noise from seed + i.")] = 0,
     json_out: JsonOut = None,
 ):
     """Sample the teacher for held-out and seen prompts and read the samples: accuracy per attribute."""

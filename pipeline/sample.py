@@ -63,7 +63,7 @@ def read_prompts(config: SampleConfig) -> list[str]:
             raise SDiTError(f"prompts file {path} has no prompts (one a line)")
         prompts += from_file
     if not prompts:
-        raise SDiTError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise SDiTError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
 
 

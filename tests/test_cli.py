@@ -1,5 +1,11 @@
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from cli import app
@@ -101,7 +107,7 @@ def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple[str, list[str]
          "unknown student preset"),
         ("bench label: a missing store", ["bench", "label", str(root / "missing"), *teacher], "not an SDiT store"),
         ("bench sample: an unknown preset", ["bench", "sample", "--preset", "SDiT-Q/2"], "unknown student presets"),
-        ("toy eval: a missing teacher", ["toy", "eval", str(root / "missing")], "teacher not found"),
+        ("toy eval: a missing teacher", ["toy", "eval", "--teacher", str(root / "missing")], "teacher not found"),
     ]
 
 
@@ -122,3 +128,82 @@ def test_every_command_refuses_bad_input_in_one_line(tiny_teacher, labelled_stor
                 and fragment in lines[0] and "Traceback" not in result.output):
             failures.append(f"{case}: exit {result.exit_code}: {result.output[-300:]!r} {result.exception!r}")
     assert not failures, "\n".join(failures)
+
+
+# --- start-up, help, conventions -------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _commands(group=None, path=()):
+    """(path, click command) of every command of `sdit`, groups included."""
+    group = group or typer.main.get_command(app)
+    yield path, group
+    for name, sub in getattr(group, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_import_cli_loads_no_torch_diffusers_or_transformers():
+    heavy = subprocess.run([sys.executable, "-c", "import sys, cli; print(sorted({m.split('.')[0] for m in sys.modules}"
+                            " & {'torch', 'diffusers', 'transformers'}))"], cwd=REPO, capture_output=True, text=True,
+                           check=True)
+    assert heavy.stdout.strip() == "[]"
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("path", [path for path, _ in _commands()], ids=lambda p: " ".join(p) or "sdit")
+def test_help_renders_every_option_as_written_and_whole_at_80_columns(path):
+    command = dict(_commands())[path]
+    result = runner.invoke(app, [*path, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert max(map(len, result.output.splitlines())) <= 80
+    help_text = _flat(result.output)
+    for param in command.params:
+        if getattr(param, "hidden", False):
+            continue
+        assert param.help, f"{' '.join(path)} {param.name}: no help"
+        assert _flat(param.help) in help_text, f"{' '.join(path)} {param.name}: help not shown as written"
+        for name in (*param.opts, *param.secondary_opts):
+            if param.param_type_name == "option":
+                assert re.search(rf"(^|[\s,]){re.escape(name)}([\s,]|$)", result.output, re.M), name
+    assert "…" not in result.output
+
+
+def test_version_and_python_m_sdit():
+    import sdit
+
+    assert runner.invoke(app, ["--version"]).output.strip() == f"sdit {sdit.__version__}"
+    module = subprocess.run([sys.executable, "-m", "sdit", "--version"], cwd=REPO, capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout.strip() == f"sdit {sdit.__version__}"
+
+
+def test_shell_completion_is_offered():
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["teacher-label", "s", "-t", "x", "--draws", "0"], "'--draws'"),
+    (["encode", "s", "-t", "x"], "Missing option '--out'"),
+    (["encode", "s", "-t", "x", "-o", "o", "--resolution", "abc"], "'--resolution'"),
+    (["train", "s", "-o", "o", "--no-such-option"], "No such option"),
+    (["sample", "r", "-o", "o", "--scheduler"], "requires an argument"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(args, fragment):
+    result = runner.invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and fragment in lines[0] and f"sdit {args[0]} --help" in lines[0]
+
+
+def test_no_command_prints_the_help():
+    result = runner.invoke(app, ["bench"])
+    assert "Commands:" in result.output and "distill" in result.output
+
+
+def test_json_figures_name_the_command_that_wrote_them(tmp_path):
+    out = tmp_path / "figures.json"
+    result = runner.invoke(app, ["bench", "evaluator", "--images", "10", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["command"] == f"sdit bench evaluator --images 10 --json {out}"

@@ -138,14 +138,18 @@ class Sd15Config:
     @classmethod
     def for_device(cls, device: str, **options) -> "Sd15Config":
         """The CPU defaults, or on a GPU the same stages at real batch sizes plus the throughput of every preset,
-        sized to take about 8 minutes on one GPU; `options` override either."""
+        sized to take about 8 minutes on one GPU; `options` override either. `auto` is CUDA when there is one."""
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
             options = dict(records=256, draws=4, prompts=16, synth_steps=25, synth_scheduler="pndm", train_steps=20,
                            batch_size=32, sample_steps=25, speed_images=8, speed_steps=25,
                            speed_students=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2"), precision=False,
                            throughput_presets=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")) | options
         return cls(device=device, **options)
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None  # torch threads of every child; default: this machine's cores
 

@@ -109,7 +109,7 @@ def test_the_gpu_profile_runs_every_preset_at_real_batch_sizes():
     assert gpu.throughput_presets == ("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")
     assert gpu.throughput_resolutions == (256, 512) and len(gpu.train_batches) == 2
     gpu.check()
-    assert Sd15Config.for_device("cpu") == Sd15Config()
+    assert Sd15Config.for_device("cpu") == Sd15Config(device="cpu")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
