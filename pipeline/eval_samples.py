@@ -6,7 +6,7 @@
     OUT/teacher/000000.png     with --teacher: the same prompt, seed, initial noise, scheduler, steps, guidance
 
 Resumable: an image whose PNGs exist (written whole: a temporary name, then a rename) is not sampled again,
-so an interrupted run goes on where it stopped, and a larger --num adds images to a finished one. The metrics
+so an interrupted run goes on where it stopped, and a larger --num-images adds images to a finished one. The metrics
 read the PNGs back, so they are the same whether an image was sampled now or in an earlier run.
 """
 

@@ -47,7 +47,7 @@ class ShardSynthesizer:
         self.shape = tuple(manifest.latent_shape)
         self.per_shard = prompts_per_shard(manifest.shard_size, config.samples)
         self.num_prompts = sum(r["count"] for r in store.finished("prompts").values())
-        self.null = store.root_group()["null_text_emb"][:]
+        self.null = store.null_embedding()
 
     @torch.inference_mode()
     def sample(self, noise: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -111,7 +111,7 @@ def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> S
     prompts = sum(r["count"] for r in store.finished("prompts").values())
     if not prompts:
         raise SDiTError(f"--synthesize needs a text-only prompt bank, and {store.url} has none; encode the store "
-                        "with `sdit encode ... --prompts FILE`")
+                        "with `sdit encode ... --prompt-bank FILE`")
     sampler = make_sampler(teacher.scheduler_config, config.scheduler)
     per_shard = prompts_per_shard(manifest.shard_size, config.samples)
     meta = SyntheticManifest(

@@ -128,7 +128,7 @@ def test_the_commands(run, tiny_teacher, tmp_path):
 
     runner = CliRunner()
     result = runner.invoke(app, ["sample", str(run), "--prompt", "a red circle", "-p", "a blue square", "--out",
-                                 str(tmp_path / "out"), "--steps", "2", "--num-images", "2", "--scheduler", "dpm++",
+                                 str(tmp_path / "out"), "--steps", "2", "--per-prompt", "2", "--scheduler", "dpm++",
                                  "--compare-teacher", str(tiny_teacher)])
     assert result.exit_code == 0, result.output
     assert "wrote 4 images beside the teacher's" in result.output
