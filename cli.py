@@ -899,6 +899,20 @@ def bench_sample(
     _report(format_sample_table(result), result, json_out)
 
 
+@bench_app.command("startup")
+@command
+def bench_startup(
+    repeats: Annotated[int, typer.Option(min=1, help="Fresh interpreters per call; the table shows the median.")] = 5,
+    json_out: JsonOut = None,
+):
+    """Seconds from `sdit --help` (and other calls) to the answer, each in a fresh interpreter; and whether
+    `import cli` loads torch, diffusers or transformers (it should not)."""
+    from pipeline.bench.startup import bench_startup as run, format_startup_table
+
+    result = run(repeats)
+    _report(format_startup_table(result), result, json_out)
+
+
 # --- the shapes world's toy teacher ---------------------------------------------------------------------
 toy_app = _typer(help="The shapes world's toy SD teacher: train it, score its samples.")
 app.add_typer(toy_app, name="toy")

@@ -8,6 +8,7 @@
     memory.py     `sdit bench memory` (peak memory of a training step at 512 px; per-GPU batches)
     distill.py    `sdit bench distill` (the shapes world: students with and without the teacher)
     evaluator.py  `sdit bench evaluator` (the shapes world's attribute evaluator)
+    startup.py    `sdit bench startup` (seconds from `sdit --help` to its answer)
 
 What they share lives here: the default tiny teacher and generated store, the matmul ceiling, JSON output.
 """
