@@ -1,4 +1,4 @@
-"""`sdit bench`: what each stage costs on this machine, and the shapes-world experiment.
+"""`sdit bench`: what each stage costs where it runs, and the shapes-world experiment.
 
     encode.py     `sdit bench encode`
     label.py      `sdit bench label`

@@ -244,11 +244,11 @@ class DistillConfig:
     lr: float = 3e-3  # 3e-3 learnt shapes sooner than 1e-3 for both kinds of student (1,000-step runs)
     warmup: int = 100
     ema_decay: float = 0.999
-    high_noise_weight: float = 5.0  # every run's (0: off); measured to help every student (README)
+    high_noise_weight: float = 5.0  # every run's (0: off); it helped every student (docs/shapes-world.md)
     holdout: float = 0.05  # records kept out of training, for the teacher-agreement figure
     per_prompt: int = 2  # samples per evaluation prompt
     sample_steps: int = 25
-    guidance: float = 3.0  # students and teacher; measured better than 5 for both (README)
+    guidance: float = 3.0  # students and teacher; better than 5 for both (docs/shapes-world.md)
     guidance_range: tuple[float, float] = (1.0, 5.0)  # kd_guided's labels: w drawn per draw from this window
     seed: int = 0
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)

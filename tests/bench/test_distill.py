@@ -172,7 +172,7 @@ def test_the_longest_run_sets_the_progress_bars_steps():
 def test_the_shipped_tuning_tables_are_valid_variants(path):
     variants = load_variants(str(path))
     assert variants
-    DistillConfig(runs=(), variants=variants).check()  # the README's commands would not refuse them
+    DistillConfig(runs=(), variants=variants).check()  # the shipped tuning commands would not refuse them
 
 
 def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(tiny_teacher, tmp_path):
