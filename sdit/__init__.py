@@ -7,8 +7,9 @@ __all__ = ["SDiT", "SDiTError", "SDiTPipeline", "__version__"]
 
 
 def __getattr__(name: str):
-    # Run folders name their student class as ("sdit", "SDiT") in model_index.json, so diffusers finds it here;
-    # imported lazily so `import sdit` stays cheap for the CLI and library users that need no torch model.
+    # Imported lazily, so `import sdit` stays cheap for the CLI and library users that need no torch model. A run
+    # folder that carries no code names its student ("sdit", "SDiT") in model_index.json: diffusers finds it here
+    # once sdit is imported (`SDiTPipeline.from_pretrained` needs none of this).
     if name == "SDiT":
         from sdit.dit import SDiT
 
@@ -19,7 +20,7 @@ def __getattr__(name: str):
         return SDiTPipeline
     if name == "ModelMixin":
         # diffusers picks a component's loader by checking its class against `<library>.ModelMixin`, and the
-        # library of a run folder's transformer is "sdit": without this a run folder cannot load as a pipeline.
+        # library of such a run folder's transformer is "sdit": without this it cannot load through diffusers.
         from diffusers import ModelMixin
 
         return ModelMixin

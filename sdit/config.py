@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdit.errors import SDiTError
+# A relative import: run folders carry a copy of this module (sdit.sampling imports it), which loads where sdit
+# is not installed.
+from .errors import SDiTError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SD15_CONFIG_DIR = DATA_DIR / "sd15"  # SD 1.5's component configs and tokenizer, for offline loading

@@ -22,8 +22,10 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from sdit.errors import SDiTError
-from sdit.presets import PRESETS, Preset
+# Relative imports, of modules that import only torch, diffusers, transformers, numpy and PIL: run folders carry
+# a copy of this module and of what it imports (sdit.run), which loads where sdit is not installed.
+from .errors import SDiTError
+from .presets import PRESETS, Preset
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width fed to the timestep and guidance MLPs (DiT's value)
 MAX_PERIOD = 10_000  # longest sinusoid period, for timesteps, guidance and positions alike

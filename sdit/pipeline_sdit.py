@@ -1,16 +1,19 @@
 """SDiTPipeline: prompt -> CLIP embedding -> student ε with classifier-free guidance -> scheduler -> VAE -> images.
 
-A run folder is a diffusers pipeline folder, so it loads like any other:
+A run folder is a diffusers pipeline folder. With sdit installed:
 
     pipe = SDiTPipeline.from_pretrained("runs/my-run")      # offline: a local folder
-    pipe.use_scheduler("dpm++")                             # any name of sdit.sampling.SCHEDULERS
+    pipe.use_scheduler("dpm++")                             # any name of sdit.config.SCHEDULERS
     images = pipe(["a red circle"], num_images_per_prompt=4, generator=torch.Generator().manual_seed(0)).images
 
-`DiffusionPipeline.from_pretrained(run)` cannot find this class by itself: diffusers resolves a folder's
-`_class_name` only as an attribute of the `diffusers` package (or from a `.py` file inside the folder, which
-would make a checkpoint carry code). Name the class, or point diffusers at this file:
+Where sdit is not installed (torch, diffusers and transformers suffice), the folder's own copy of this module and
+of the model loads it, as diffusers' custom components load:
 
-    DiffusionPipeline.from_pretrained(run, custom_pipeline=sdit.pipeline_sdit.__file__)
+    pipe = DiffusionPipeline.from_pretrained("runs/my-run", trust_remote_code=True)
+
+This module is that copy's source (sdit.run writes it into run folders), so it imports only torch, diffusers,
+transformers, numpy, PIL and, with relative imports, the sdit modules that do the same. diffusers copies only the
+modules this file imports itself, so it imports each one those import as well (tests/test_run.py checks it).
 
 Randomness: each image draws its initial noise from its own generator (on the CPU), so image i is the same
 whatever the batch it is sampled in, and on whatever device the network runs.
@@ -22,19 +25,28 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
-from sdit import sampling
-from sdit.errors import SDiTError
-from sdit.run import MODEL_INDEX, PIPELINE_CLASS, read_run
-from sdit.text import encode_text
+from . import sampling
+from .config import DEFAULT_GUIDANCE
+from .dit import SDiT
+from .errors import SDiTError
+from .sampling import EpsModel  # `from .sampling import`: the form diffusers follows, so it copies sampling.py
+from .text import encode_text
 
+# What the modules above import in turn, imported here only so that diffusers copies them too.
+from .latents import from_latent_space  # noqa: F401
+from .presets import PRESETS  # noqa: F401
+
+MODEL_INDEX = "model_index.json"
+TRANSFORMER = "transformer"
 OUTPUT_TYPES = ("pil", "np", "latent")
-DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default CFG scale
 SEED_RANGE = 2**62  # per-image seeds drawn from one generator lie in [0, SEED_RANGE)
 
 
@@ -62,6 +74,35 @@ def expand(values: str | list[str] | None, n_prompts: int, per_prompt: int, what
     return [v for v in values for _ in range(per_prompt)]
 
 
+def read_index(run: Path, pipeline_class: str) -> dict:
+    """A run folder's model_index.json; a one-line SDiTError where `run` holds no `pipeline_class`."""
+    if not run.exists():
+        raise SDiTError(f"run folder not found: {run}")
+    if not (run / MODEL_INDEX).is_file():
+        raise SDiTError(f"{run} is not an SDiT run folder (no {MODEL_INDEX}); make one with `sdit init` or "
+                        "`sdit train`")
+    index = json.loads((run / MODEL_INDEX).read_text())
+    name = index.get("_class_name")
+    name = name[-1] if isinstance(name, list) else name  # [module file, class] where the folder carries its code
+    if name != pipeline_class:
+        raise SDiTError(f"{run} holds a {name}, not an {pipeline_class}: give a run folder from `sdit init` or "
+                        "`sdit train`")
+    return index
+
+
+def load_part(folder: Path, library: str, class_name: str):
+    """One part of a run folder: the student with this module's SDiT, whatever module the folder names for it;
+    any other part with its diffusers or transformers class."""
+    if folder.name == TRANSFORMER:
+        return SDiT.from_pretrained(folder)
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    part = getattr(libraries[library], class_name, None) if library in libraries else None
+    if part is None:
+        raise SDiTError(f"{folder.parent}: {MODEL_INDEX} names {library}.{class_name} for {folder.name}; an SDiT "
+                        "run folder holds diffusers and transformers parts besides its student")
+    return part.from_pretrained(folder)
+
+
 class SDiTPipeline(DiffusionPipeline):
     """Text-to-image with an SDiT student and the teacher's VAE, text encoder, tokenizer and scheduler."""
 
@@ -73,23 +114,18 @@ class SDiTPipeline(DiffusionPipeline):
                               scheduler=scheduler)
 
     @classmethod
-    def from_pretrained(cls, run: str | Path, **kwargs) -> SDiTPipeline:
-        """Load a run folder (or a folder this pipeline's save_pretrained wrote) from local disk, never from a
-        hub; a one-line SDiTError if it is neither."""
+    def from_pretrained(cls, run: str | Path, torch_dtype: torch.dtype | None = None) -> SDiTPipeline:
+        """Load a run folder (or a folder this pipeline's save_pretrained wrote) from local disk, each part with
+        the classes this module imports: the folder's own code never runs here. A one-line SDiTError if it is
+        no such folder."""
         run = Path(run)
-        if not run.exists():
-            raise SDiTError(f"run folder not found: {run}")
-        if not (run / MODEL_INDEX).is_file():
-            read_run(run)  # raises: says what a run folder is
-        name = json.loads((run / MODEL_INDEX).read_text()).get("_class_name")
-        if name != PIPELINE_CLASS:
-            raise SDiTError(f"{run} holds a {name}, not an {PIPELINE_CLASS}: give a run folder from `sdit init` or "
-                            "`sdit train`")
-        kwargs.setdefault("local_files_only", True)
+        index = read_index(run, cls.__name__)
         try:
-            return super().from_pretrained(run, **kwargs)
+            parts = {name: load_part(run / name, *entry) for name, entry in index.items() if not name.startswith("_")}
         except (OSError, ValueError) as err:
             raise SDiTError(f"cannot load run folder {run}: {str(err).strip().splitlines()[0]}") from err
+        pipe = cls(**parts)
+        return pipe if torch_dtype is None else pipe.to(torch_dtype)
 
     # --- sizes -----------------------------------------------------------------------------------------
     @property
@@ -115,14 +151,14 @@ class SDiTPipeline(DiffusionPipeline):
         return height // f, width // f
 
     def use_scheduler(self, name: str) -> None:
-        """Swap the sampler by name (sdit.sampling.SCHEDULERS), built from the run's noise schedule."""
+        """Swap the sampler by name (sdit.config.SCHEDULERS), built from the run's noise schedule."""
         self.scheduler = sampling.make_scheduler(name, dict(self.scheduler.config))
 
     # --- the steps ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         return encode_text(self.tokenizer, self.text_encoder, prompts, self._execution_device)
 
-    def eps_model(self, guidance_scale: float) -> sampling.EpsModel:
+    def eps_model(self, guidance_scale: float) -> EpsModel:
         """ε(x, t, text) in float32 from the student in its own dtype; a guidance-distilled student takes w."""
         model = self.transformer
         dtype = model.dtype

@@ -1,19 +1,25 @@
 """The run folder: a trained (or untrained) student as a self-contained diffusers pipeline folder.
 
-    model_index.json        SDiTPipeline and its components, as diffusers writes it
-    transformer/            the SDiT student (EMA weights once trained): config.json + safetensors
+    model_index.json        SDiTPipeline and its components, as diffusers reads it
+    pipeline_sdit.py ...    the pipeline's code: sdit/pipeline_sdit.py and the sdit modules it imports
+    transformer/            the SDiT student (EMA weights once trained): config.json + safetensors, and its code
+                            (modeling_sdit.py, a copy of sdit/dit.py, and the modules that imports)
     vae/ text_encoder/      the teacher's, saved in the diffusers layout (its UNet is never loaded)
-    tokenizer/ scheduler/   the teacher's CLIP tokenizer and noise schedule
+    tokenizer/ scheduler/   the teacher's CLIP tokenizer, and its noise schedule as the sampler `sdit sample`
+                            uses by default
     sdit_run.json           provenance: the teacher's identity, the student preset, the training config
                             and progress (what `sdit train` writes is in pipeline/train.py)
 
 It is the counterpart of the seed's `sdit.ckpt` (an SD checkpoint with a DiT attached): sampling needs
-nothing else. `write_run` writes one from its parts; the init stage (pipeline/init.py, `sdit init`) makes the
-parts. Nothing here loads a teacher: stage two imports this module.
+nothing else. With sdit installed `SDiTPipeline.from_pretrained(run)` loads it with sdit's own classes; without,
+`DiffusionPipeline.from_pretrained(run, trust_remote_code=True)` loads it with the code it carries (diffusers'
+custom components). `write_run` writes one from its parts; the init stage (pipeline/init.py, `sdit init`) makes
+the parts. Nothing here loads a teacher: stage two imports this module.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -24,18 +30,23 @@ from typing import TYPE_CHECKING
 
 import diffusers
 
+from sdit import dit, pipeline_sdit
+from sdit.config import DEFAULT_SCHEDULER
 from sdit.dit import SDiT
-from sdit.errors import SDiTError
+from sdit.errors import SDiTError, brief
 from sdit.files import replace_text
+from sdit.pipeline_sdit import MODEL_INDEX, TRANSFORMER, SDiTPipeline
+from sdit.sampling import SCHEDULERS, make_scheduler
 
 if TYPE_CHECKING:  # for annotations only: importing the teacher loader here would put it into stage two
     from sdit.teacher import Teacher
 
 RUN_FILE = "sdit_run.json"
 RUN_VERSION = 1
-MODEL_INDEX = "model_index.json"
-TRANSFORMER = "transformer"
-PIPELINE_CLASS = "SDiTPipeline"
+# The module files of the folder's code: diffusers looks for a component's code in its own folder, under the name
+# model_index.json gives; "dit" would name diffusers' own DiT pipeline module instead.
+PIPELINE_MODULE = "pipeline_sdit"
+MODEL_MODULE = "modeling_sdit"
 
 
 @dataclass(frozen=True)
@@ -48,29 +59,30 @@ class LatentSpace:
 
 
 def write_run(out: str | Path, student: SDiT, teacher: Teacher, provenance: dict) -> Path:
-    """Every part of a run folder, written beside `out` and moved into place whole: the student, and the
-    teacher's VAE, text encoder, tokenizer and scheduler (`teacher` needs no UNet)."""
+    """Every part of a run folder, written beside `out` and moved into place whole: the student, the teacher's
+    VAE, text encoder and tokenizer (`teacher` needs no UNet), its noise schedule as `sdit sample`'s default
+    sampler, and the code that loads them."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SDiTError(f"{out} exists and is not empty; choose another folder or remove it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    student.save_pretrained(tmp / TRANSFORMER, safe_serialization=True)
+    save_student_folder(tmp / TRANSFORMER, student)
     teacher.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     teacher.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     teacher.tokenizer.save_pretrained(tmp / "tokenizer")
-    config = teacher.scheduler_config
-    scheduler_class = config.get("_class_name", "PNDMScheduler")
-    getattr(diffusers, scheduler_class).from_config(config).save_pretrained(tmp / "scheduler")
+    scheduler = make_scheduler(DEFAULT_SCHEDULER, teacher.scheduler_config)
+    scheduler.save_pretrained(tmp / "scheduler")
+    copy_code(Path(pipeline_sdit.__file__), tmp / f"{PIPELINE_MODULE}.py")
     index = {
-        "_class_name": PIPELINE_CLASS,
+        "_class_name": [PIPELINE_MODULE, SDiTPipeline.__name__],
         "_diffusers_version": diffusers.__version__,
-        TRANSFORMER: ["sdit", "SDiT"],
+        TRANSFORMER: [MODEL_MODULE, SDiT.__name__],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", scheduler_class],
+        "scheduler": ["diffusers", SCHEDULERS[DEFAULT_SCHEDULER]],
     }
     (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     run = {"schema_version": RUN_VERSION, "teacher": teacher.identity.to_json(),
@@ -82,13 +94,34 @@ def write_run(out: str | Path, student: SDiT, teacher: Teacher, provenance: dict
     return out
 
 
+def copy_code(module: Path, target: Path) -> list[Path]:
+    """`module` (a file of this package) as `target`, and beside it the modules it imports relatively: what
+    diffusers copies when it loads `target` with trust_remote_code. Returns the files written."""
+    written = [Path(shutil.copyfile(module, target))]
+    for name in relative_imports(module):
+        written.append(Path(shutil.copyfile(module.with_name(f"{name}.py"), target.with_name(f"{name}.py"))))
+    return written
+
+
+def relative_imports(module: Path) -> list[str]:
+    """The modules `module` imports as `from .name import ...` (the form diffusers follows)."""
+    tree = ast.parse(Path(module).read_text())
+    return [node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+
+
 def read_run(run: str | Path) -> dict:
     """The run's provenance; a one-line error if `run` is not a run folder."""
     run = Path(run)
     if not (run / MODEL_INDEX).exists() or not (run / RUN_FILE).exists():
         raise SDiTError(f"{run} is not an SDiT run folder (no {MODEL_INDEX} / {RUN_FILE}); make one with "
                         "`sdit init` or `sdit train`")
-    data = json.loads((run / RUN_FILE).read_text())
+    try:
+        data = json.loads((run / RUN_FILE).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:  # cut short, or bytes changed on disk
+        raise SDiTError(f"{run / RUN_FILE} is damaged ({brief(err)}); restore the run folder from a copy") from None
     if data.get("schema_version") != RUN_VERSION:
         raise SDiTError(f"{run}: run folder version {data.get('schema_version')}, this SDiT reads version "
                         f"{RUN_VERSION}")
@@ -126,8 +159,14 @@ def save_student(run: str | Path, student: SDiT) -> None:
     tmp, old = run / f".{TRANSFORMER}.tmp", run / f".{TRANSFORMER}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
+    save_student_folder(tmp, student)
     if (run / TRANSFORMER).exists():
         os.replace(run / TRANSFORMER, old)
     os.replace(tmp, run / TRANSFORMER)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_student_folder(folder: Path, student: SDiT) -> None:
+    """The student's config and weights, and its code (sdit/dit.py as MODEL_MODULE, with what that imports)."""
+    student.save_pretrained(folder, safe_serialization=True)
+    copy_code(Path(dit.__file__), folder / f"{MODEL_MODULE}.py")

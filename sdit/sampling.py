@@ -12,10 +12,12 @@ import diffusers
 import numpy as np
 import torch
 
-from sdit.errors import SDiTError
-from sdit.latents import from_latent_space
-from sdit.text import encode_text
-from sdit.config import SCHEDULERS
+# Relative imports: run folders carry a copy of this module (sdit.pipeline_sdit imports it), which loads where
+# sdit is not installed.
+from .config import SCHEDULERS
+from .errors import SDiTError
+from .latents import from_latent_space
+from .text import encode_text
 
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, text) -> ε

@@ -1,14 +1,17 @@
 """SDiTPipeline: loading a run folder, seeds per image, schedulers by name, guidance, sizes, errors."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import new_run
+from sdit import sampling
 from sdit.errors import SDiTError
 from sdit.pipeline_sdit import SDiTPipeline
 from sdit.run import load_student, save_student
-from sdit import sampling
 from sdit.sampling import SCHEDULERS
 
 PROMPTS = ["a red circle", "a blue square on a white background", "a green star", "a yellow triangle"]
@@ -172,16 +175,21 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     assert torch.equal(a, b)
 
 
-def test_diffusion_pipeline_loads_it_by_file(run, pipe):
-    import sdit.pipeline_sdit
-    from diffusers import DiffusionPipeline
-
-    other = DiffusionPipeline.from_pretrained(run, custom_pipeline=sdit.pipeline_sdit.__file__,
-                                              trust_remote_code=True)
-    assert type(other).__name__ == "SDiTPipeline"
-    other.use_scheduler("ddim")
+def test_it_loads_with_sdits_classes_never_the_folders_code(run, pipe, tmp_path):
+    """The folder's code is for diffusers where sdit is not installed (tests/test_run.py): here it is never run,
+    and a folder without it (model_index naming ("sdit", "SDiT"), a PNDM scheduler) loads the same."""
+    plain = shutil.copytree(run, tmp_path / "plain")
+    for code in [*plain.glob("*.py"), *plain.glob("transformer/*.py")]:
+        code.write_text("raise RuntimeError('the run folder's code ran')\n")
+    loaded = SDiTPipeline.from_pretrained(plain)
+    assert type(loaded) is SDiTPipeline and type(loaded.transformer) is type(pipe.transformer)
+    for code in [*plain.glob("*.py"), *plain.glob("transformer/*.py")]:
+        code.unlink()
+    index = json.loads((plain / "model_index.json").read_text())
+    index |= {"_class_name": "SDiTPipeline", "transformer": ["sdit", "SDiT"], "scheduler": ["diffusers", "PNDMScheduler"]}
+    (plain / "model_index.json").write_text(json.dumps(index))
+    loaded = SDiTPipeline.from_pretrained(plain)
+    loaded.use_scheduler("ddim")
     pipe.use_scheduler("ddim")
-    other.set_progress_bar_config(disable=True)
-    a = other(PROMPTS[0], generator=seeds(3), num_inference_steps=2, output_type="latent").images
-    b = pipe(PROMPTS[0], generator=seeds(3), num_inference_steps=2, output_type="latent").images
-    torch.testing.assert_close(a, b)
+    a, b = (p(PROMPTS[0], generator=seeds(3), num_inference_steps=2, output_type="latent").images for p in (loaded, pipe))
+    assert torch.equal(a, b)
