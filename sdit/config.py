@@ -62,6 +62,7 @@ TRUE_NOISE_KINDS = (Kind.NONE, Kind.INPUT, Kind.NULL)
 # Tuned with `sdit bench distill` (README): a caption perturbation in about a quarter of the draws, from the
 # prompt bank, where the teacher knows what the limited data lacks.
 DEFAULT_MIX = {"none": 0.4, "input": 0.1, "swap": 0.3, "mix": 0.1, "null": 0.1}
+MIX_TOLERANCE = 1e-6  # how far a mix's sum may be from 1 (decimal fractions do not add up exactly in binary)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,12 @@ class PerturbConfig:
         unknown = set(self.mix) - {k.name.lower() for k in Kind}
         if unknown:
             raise SDiTError(f"unknown perturbations {sorted(unknown)}; choose from {[k.name.lower() for k in Kind]}")
-        if any(p < 0 for p in self.mix.values()) or sum(self.mix.values()) <= 0:
-            raise SDiTError("perturbation probabilities must be non-negative and not all zero")
+        if any(p < 0 for p in self.mix.values()):
+            raise SDiTError(f"--perturb {_mix_text(self.mix)}: probabilities cannot be negative")
+        total = sum(self.mix.values())
+        if abs(total - 1) > MIX_TOLERANCE:
+            raise SDiTError(f"--perturb {_mix_text(self.mix)} sums to {total:g}: probabilities must sum to 1"
+                            f"{_mix_fix(self.mix)}")
         if not 0 <= self.prompt_share <= 1 or self.input_gamma < 0:
             raise SDiTError("prompt share must lie in [0, 1] and input gamma must not be negative")
 
@@ -89,6 +94,8 @@ class PerturbConfig:
         except (OSError, ValueError, TypeError) as err:
             raise SDiTError(f"--perturb {path}: not a perturbation config ({err}); keys: "
                             f"{', '.join(cls.__dataclass_fields__)}") from None
+        except SDiTError as err:
+            raise SDiTError(f"{err} (in {path})") from None
 
     @classmethod
     def parse(cls, text: str, **options) -> "PerturbConfig":
@@ -122,6 +129,18 @@ class PerturbConfig:
         if p.sum() == 0:  # only caption perturbations were asked for, and none is allowed here
             p[Kind.NONE] = 1.0
         return p / p.sum()
+
+
+def _mix_text(mix: dict[str, float]) -> str:
+    return ",".join(f"{name}={p:g}" for name, p in mix.items())
+
+
+def _mix_fix(mix: dict[str, float]) -> str:
+    """A mix that sums to 1 by changing `none` alone, as an example; "" when there is none."""
+    rest = sum(p for name, p in mix.items() if name != "none")
+    if rest > 1 + MIX_TOLERANCE:
+        return ""
+    return f" (e.g. {_mix_text({'none': round(1 - rest, 6)} | {k: p for k, p in mix.items() if k != 'none'})})"
 
 
 @dataclass(frozen=True)

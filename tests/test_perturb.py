@@ -102,3 +102,22 @@ def test_config_file(tmp_path):
     path.write_text('{"mixes": {}}')
     with pytest.raises(SDiTError, match="not a perturbation config"):
         PerturbConfig.from_file(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("none=0.5,swap=0.2",
+     r"--perturb none=0.5,swap=0.2 sums to 0.7: probabilities must sum to 1 \(e.g. none=0.8,swap=0.2\)"),
+    ("swap=0.3,null=0.1", r"sums to 0.4: .* \(e.g. none=0.6,swap=0.3,null=0.1\)"),
+    ("swap=0.7,mix=0.6", r"sums to 1.3: probabilities must sum to 1$"),
+    ("none=1.5,swap=-0.5", "cannot be negative"),
+])
+def test_a_mix_that_does_not_sum_to_1_is_refused(text, message):
+    with pytest.raises(SDiTError, match=message):
+        PerturbConfig.parse(text)
+
+
+def test_decimal_mixes_that_sum_to_1_pass():
+    PerturbConfig.parse("none=0.2,input=0.1,swap=0.5,mix=0.1,null=0.1")  # 1.0000000000000002 in binary
+    PerturbConfig.parse("none=0.9,null=0.1")  # 0.9999999999999999
+    with pytest.raises(SDiTError, match="sums to 0.99"):
+        PerturbConfig.parse("none=0.89,null=0.1")

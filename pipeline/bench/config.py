@@ -299,6 +299,11 @@ def check_variant(name: str, options: dict) -> None:
             raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
     if "student" in options and options["student"] not in PRESETS:
         raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
+    if "perturb" in options:  # a mix that does not sum to 1 is refused before the experiment starts
+        try:
+            PerturbConfig.from_option(options["perturb"])
+        except SDiTError as err:
+            raise SDiTError(f"variant {name!r}: {err}") from None
 
 
 @dataclass(frozen=True)

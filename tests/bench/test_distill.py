@@ -197,6 +197,8 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[kd]\nfrom = "kd"\n', "not a run's name"),
     ('a = 3\n', "'a' is not a table"),
     ('[a\n', "--variants"),
+    ('[a]\nfrom = "kd_perturb"\nperturb = "none=0.5,swap=0.2"\n',
+     "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
 ])
 def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_path, text, error):
     variants, out = tmp_path / "variants.toml", tmp_path / "distill"
