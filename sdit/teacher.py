@@ -12,7 +12,6 @@ the same in either layout and any load dtype); stores record it as the teacher's
 import hashlib
 import json
 import pickle
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdit.config import DATA_DIR, SD15_CONFIG_DIR
 from sdit.convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdit.errors import SDiTError
+from sdit.pickles import load_pickle
 
 COMPONENTS = ("vae", "text_encoder", "unet")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -163,15 +163,7 @@ def read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None,
             raise
         except Exception as err:  # safetensors raises its own SafetensorError and OSError variants
             raise SDiTError(f"{path}: not a readable safetensors file ({_first_line(err)})") from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):  # the pickle names a callable: it would run code
-            raise SDiTError(f"{path}: refused: the pickle would run code or build objects other than "
-                            "tensors; convert it to .safetensors from a trusted environment") from err
-        raise SDiTError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise SDiTError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from err
+    state = load_pickle(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

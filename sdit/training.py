@@ -18,7 +18,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+
+from sdit.errors import SDiTError, brief
+from sdit.pickles import load_pickle
 
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
@@ -66,15 +70,33 @@ def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
 
 def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects (the RNG state too); returns its state."""
+    """Restore what `save_checkpoint` wrote into the given objects (the RNG state too); returns its state. A file
+    that does not read is refused in one line naming it, before anything is restored."""
     folder = Path(folder)
+    state, extra = _read_state(folder), load_pickle(folder / OPTIMIZER, "a checkpoint's optimiser state")
+    if not isinstance(extra, dict) or not {"optimizer", "scheduler", "torch_rng", "cuda_rng"} <= set(extra):
+        raise SDiTError(f"{folder / OPTIMIZER}: not a checkpoint's optimiser state (damaged, or from elsewhere)")
     for name, module in modules.items():
-        load_model(module, str(folder / f"{name}.safetensors"))
-    extra = torch.load(folder / OPTIMIZER, weights_only=True)  # data only: a pickle with code is refused
+        try:
+            load_model(module, str(folder / f"{name}.safetensors"))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise SDiTError(f"{folder / name}.safetensors: the checkpoint's {name} weights do not load "
+                            f"({brief(err)}); delete {folder} to resume from the checkpoint before it") from None
     optimizer.load_state_dict(extra["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
     if extra["cuda_rng"]:
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return json.loads((folder / STATE).read_text())
+    return state
+
+
+def _read_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError) as err:  # missing, cut short, or not UTF-8
+        raise SDiTError(f"{folder / STATE}: the checkpoint's state does not read ({brief(err)}); delete "
+                        f"{folder} to resume from the checkpoint before it") from None
+    if not isinstance(state, dict):
+        raise SDiTError(f"{folder / STATE}: not a checkpoint's state (a JSON object)")
+    return state

@@ -1,0 +1,55 @@
+"""Checkpoints (sdit.training): a round trip, and one-line refusals of files that do not read."""
+
+import json
+
+import pytest
+import torch
+
+from sdit.errors import SDiTError
+from sdit.training import OPTIMIZER, STATE, load_checkpoint, save_checkpoint
+
+
+def _parts(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_a_checkpoint_round_trips(tmp_path):
+    model, optimizer = _parts(0)
+    folder = save_checkpoint(tmp_path / "step-1", {"model": model}, optimizer, {"step": 1})
+    other, other_optimizer = _parts(1)
+    assert load_checkpoint(folder, {"model": other}, other_optimizer) == {"step": 1}
+    assert torch.equal(other.weight, model.weight)
+    assert other_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    (OPTIMIZER, lambda b: b[:len(b) // 2], "optimizer.pt: not a checkpoint's optimiser state, or a damaged one"),
+    (OPTIMIZER, lambda b: b"x" * 100, "optimizer.pt: not a checkpoint's optimiser state, or a damaged one"),
+    (STATE, lambda b: b[:5], "state.json: the checkpoint's state does not read"),
+    ("model.safetensors", lambda b: b[:len(b) // 2], "model.safetensors: the checkpoint's model weights do not load"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path, file, damage, message):
+    model, optimizer = _parts(0)
+    folder = save_checkpoint(tmp_path / "step-1", {"model": model}, optimizer, {"step": 1})
+    (folder / file).write_bytes(damage((folder / file).read_bytes()))
+    other, other_optimizer = _parts(1)
+    before = other.weight.detach().clone()
+    with pytest.raises(SDiTError, match=message) as err:
+        load_checkpoint(folder, {"model": other}, other_optimizer)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    if file != "model.safetensors":
+        assert torch.equal(other.weight, before)  # refused before anything was restored
+
+
+def test_an_optimizer_file_of_another_shape_is_refused(tmp_path):
+    model, optimizer = _parts(0)
+    folder = save_checkpoint(tmp_path / "step-1", {"model": model}, optimizer, {"step": 1})
+    torch.save({"something": torch.zeros(1)}, folder / OPTIMIZER)
+    (folder / STATE).write_text(json.dumps({"step": 1}))
+    with pytest.raises(SDiTError, match="not a checkpoint's optimiser state"):
+        load_checkpoint(folder, {"model": model}, optimizer)
