@@ -25,6 +25,7 @@ from PIL import Image
 
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
+from sdit.files import check_folder
 from sdit.loader import DrawStream, LabelledStore, Split
 from sdit.perturb import Kind
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE
@@ -212,6 +213,8 @@ def evaluate(config: EvalConfig, progress: Callable[[int], None] | None = None,
     """Teacher agreement on the held-out draws (with a store), then the sampling protocol (with prompts or
     references). `on_stage(name, total)` starts each stage, `progress(n)` counts its items."""
     config.check()
+    if config.out:
+        check_folder(config.out)
     if not Path(config.run).exists():
         raise SDiTError(f"run folder not found: {config.run}")
     run = read_run(config.run)

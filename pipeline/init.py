@@ -18,6 +18,7 @@ import torch
 
 from sdit.dit import PRESETS, build_student, count_parameters
 from sdit.errors import SDiTError
+from sdit.files import check_folder
 from sdit.labels import read_labels
 from sdit.run import LatentSpace, write_run
 from sdit.store import Store
@@ -55,6 +56,7 @@ def init(config: InitConfig, space: LatentSpace | None = None) -> InitSummary:
     """Write an untrained run folder: a fresh `config.student` (seeded) sized for `space` (default: the
     teacher's, from its configs), beside the teacher's VAE, text encoder, tokenizer and scheduler."""
     config.check()
+    check_folder(config.out)
     space = space or teacher_latent_space(config.teacher, config.teacher_config)
     if config.sample_size is not None:
         space = replace(space, sample_size=config.sample_size)

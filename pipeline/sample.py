@@ -22,7 +22,7 @@ import sdit
 from sdit import sampling
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
-from sdit.files import replacing
+from sdit.files import check_folder, replacing
 from sdit.images import captioned_grid, save_png
 from sdit.pipeline_sdit import DEFAULT_GUIDANCE, SDiTPipeline, load_pipeline
 from sdit.teacher import Teacher, load_teacher
@@ -75,6 +75,7 @@ def sample(config: SampleConfig, progress: Callable[[int], None] | None = None,
            on_total: Callable[[int], None] | None = None) -> SampleSummary:
     """Sample the run (and the teacher); `progress(n)` after every n images of either model."""
     config.check()
+    check_folder(config.out)
     jobs = plan(read_prompts(config), config.num_images, config.seed)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)

@@ -27,7 +27,7 @@ import torch
 import sdit
 from sdit import sampling
 from sdit.errors import SDiTError
-from sdit.files import replacing
+from sdit.files import check_folder, replacing
 from sdit.store import Manifest, Store, write_shard
 from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, forwards_per_sample, initial_noise,
                              make_sampler, prompts_per_shard, read_prompts, read_synthetic, write_synthetic)
@@ -180,6 +180,7 @@ def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None 
     from sdit.images import captioned_grid, save_png
 
     config.check()
+    check_folder(config.out)
     store = Store(config.store)
     manifest = store.manifest()
     group = SYNTHETIC if config.synthetic else "records"

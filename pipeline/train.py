@@ -39,7 +39,7 @@ from PIL import Image
 from sdit.devices import setup_worker
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
-from sdit.files import replace_text, replacing
+from sdit.files import check_folder, replace_text, replacing
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 from sdit.losses import (check_high_noise_weight, distillation_loss, draw_errors, draw_weight, timestep_weight,
@@ -431,6 +431,7 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     Without `config.init`, `make_run()` writes the untrained run folder at `config.out` (rank 0, and only for a
     new run): the CLI passes the init stage here, so this module never imports a teacher loader."""
     config.check()
+    check_folder(config.out)
     if config.log == "tensorboard":
         summary_writer()  # a missing package fails before any work
     workers = Workers.from_env()

@@ -66,7 +66,7 @@ from sdit import sampling
 from sdit.shapes import evaluator, world
 from sdit.dit import PRESETS
 from sdit.errors import SDiTError
-from sdit.files import replace_text, replacing
+from sdit.files import check_folder, replace_text, replacing
 from sdit.perturb import PerturbConfig
 from sdit.run import RUN_FILE, read_run
 from sdit.images import captioned_grid
@@ -156,7 +156,7 @@ def distill(config: DistillConfig, progress: Progress = lambda _: None,
     each stage's name, `on_step` each training step's metrics. A rerun into the same folder picks up where the
     last one stopped: finished stages are kept, training resumes from each run's last checkpoint."""
     config.check()
-    out = Path(config.out)
+    out = check_folder(config.out)
     labellings, runs = plan(config)
     trainings = train_configs(config, out / "store", runs)
     for training in trainings.values():  # refuse bad training options before any work

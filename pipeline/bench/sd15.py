@@ -41,6 +41,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from sdit.errors import SDiTError
+from sdit.files import check_folder
 from sdit.teacher import SD15_CONFIG_DIR
 from pipeline.bench.config import Sd15Config
 from sdit.config import vae_factor
@@ -190,7 +191,7 @@ def bench_sd15(config: Sd15Config, on_stage=None) -> dict:
 
     config.check()
     on_stage = on_stage or (lambda name: None)
-    out = Path(config.out)
+    out = check_folder(config.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = config.threads or os.cpu_count()
     torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.bench.distill import DistillConfig, Progress, distill, plot_scores
 from sdit.errors import SDiTError
-from sdit.files import replace_text
+from sdit.files import check_folder, replace_text
 from sdit.teacher import load_teacher
 from pipeline.bench.config import SubstitutionConfig
 
@@ -34,7 +34,7 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
                  on_step: Callable[[dict], None] | None = None) -> dict:
     """Every size's experiment, then the figures per size and run, the multiplier and the plot."""
     config.check()
-    out = Path(config.distill.out)
+    out = check_folder(config.distill.out)
     hashes = load_teacher(config.distill.teacher).identity.hashes
     per_size = {}
     for records in config.sizes:
