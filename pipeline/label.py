@@ -54,7 +54,7 @@ class ShardLabeler:
         self.store = Store(config.store)
         self.manifest = self.store.manifest()
         self.bank = CaptionBank(self.store)
-        self.null = self.store.root_group()["null_text_emb"][:]
+        self.null = self.store.null_embedding()
         self.synthesizer = ShardSynthesizer(self.store, config.synthesis, teacher, device, dtype, config.batch_size) \
             if config.synthesis else None
 
@@ -152,9 +152,7 @@ def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
     config.check()
     config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
     store = Store(config.store)
-    manifest = store.manifest()
-    if manifest.status != "complete":
-        raise SDiTError(f"{store.url} is not finished encoding; rerun `sdit encode` on it first")
+    manifest = store.encoded()
     teacher = load_teacher(config.teacher, config_dir=config.teacher_config)  # all parts: hashes and shapes
     check_teacher(manifest, teacher)
     synthetic = plan_synthesis(store, config.synthesis, teacher) if config.synthesis else None  # refusals first

@@ -3,17 +3,20 @@
 A store may hold days of teacher time. Every chunk carries a CRC32C checksum (sdit.store), so a flipped bit, a
 truncated file or a lost array is found here before a student trains on it. Each problem is one line naming
 the shard, the array, the records and what is wrong; unfinished shards (no completion record) are not read,
-as no stage reads them either.
+as no stage reads them either. JSON that does not parse (a manifest, a completion record, a zarr.json) is a
+problem of the store like a failed checksum; only a folder with no manifest at all is refused as no store.
 """
 
 from __future__ import annotations
+
+import json
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sdit.errors import SDiTError
 from sdit.labels import read_labels
-from sdit.store import CHUNK_RECORDS, Store, columns_of, shard_name
+from sdit.store import CHUNK_RECORDS, MANIFEST, Damaged, OtherVersion, Store, columns_of, json_problem, shard_name
 from sdit.synthesize import SYNTHETIC, read_synthetic
 
 
@@ -36,43 +39,63 @@ class Report:
 def groups(store: Store) -> list[str]:
     """Every group of shards the store has completion records for: records, prompts, synthetic, and each
     labelling's shards (of records and of synthetic records)."""
-    found = [g for g in ("records", "prompts", SYNTHETIC) if store.finished(g)]
+    candidates = ["records", "prompts", SYNTHETIC]
     for name in store.children("_done", "labels"):
-        found += [g for g in (f"labels/{name}", f"labels/{name}/{SYNTHETIC}") if store.finished(g)]
-    return found
+        candidates += [f"labels/{name}", f"labels/{name}/{SYNTHETIC}"]
+    return [g for g in candidates if store.children("_done", g)]
 
 
 def verify(url: str, progress: Callable[[int], None] | None = None) -> Report:
     store = Store(url)
     report = Report(store.url)
-    try:
-        store.manifest()
-    except SDiTError as err:
-        raise SDiTError(f"cannot verify: {err}") from None
+    if not store.exists(MANIFEST):
+        raise SDiTError(f"cannot verify: {store.url} is not an SDiT store (no {MANIFEST})")
     _check_manifests(store, report)
+    _check_null_embedding(store, report)
     for group in groups(store):
-        for index, record in store.finished(group).items():
+        damaged: list[Damaged] = []
+        for index, record in store.finished(group, damaged).items():
             report.shards += 1
             _check_shard(store, group, index, record, report)
             if progress:
                 progress(1)
+        report.problems += [_problem(err) for err in damaged]
     return report
 
 
 def count_shards(url: str) -> int:
     store = Store(url)
-    return sum(len(store.finished(g)) for g in groups(store))
+    return sum(len(store.finished(g, damaged=[])) for g in groups(store))
+
+
+def _problem(err: Damaged) -> str:
+    return f"{err.name}: damaged ({err.reason})"
 
 
 def _check_manifests(store: Store, report: Report) -> None:
-    readers = [("synthetic/manifest.json", lambda: read_synthetic(store))]
+    readers = [(MANIFEST, store.manifest), ("synthetic/manifest.json", lambda: read_synthetic(store))]
     for name in store.children("labels"):
         readers.append((f"labels/{name}/manifest.json", lambda name=name: read_labels(store, name)))
     for where, read in readers:
         try:
             read()
+        except Damaged as err:
+            report.problems.append(_problem(err))
+        except OtherVersion as err:
+            if where == MANIFEST:  # a store this SDiT does not read: no verdict on its data
+                raise SDiTError(f"cannot verify: {err}") from None
+            report.problems.append(f"{where}: unreadable ({err})")
         except (SDiTError, ValueError, KeyError, TypeError) as err:
             report.problems.append(f"{where}: unreadable ({err})")
+
+
+def _check_null_embedding(store: Store, report: Report) -> None:
+    try:
+        store.null_embedding()
+    except Damaged as err:
+        report.problems.append(_problem(err))
+    except Exception as err:  # zarr raises several kinds for a missing or damaged array
+        report.problems.append(f"null_text_emb: unreadable ({type(err).__name__})")
 
 
 def _check_shard(store: Store, group: str, index: int, record: dict, report: Report) -> None:
@@ -80,13 +103,16 @@ def _check_shard(store: Store, group: str, index: int, record: dict, report: Rep
     try:
         shard = store.shard_group(group, index)
     except Exception as err:  # zarr raises several kinds for a missing or damaged group
-        report.problems.append(f"{where}: the shard cannot be opened ({type(err).__name__}: {err})")
+        report.problems.append(f"{where}: the shard cannot be opened ({_why(err)})")
         return
     for name, column in columns_of(group).items():
         try:
             array = shard[name]
         except KeyError:
             report.problems.append(f"{where} {name}: missing")
+            continue
+        except Exception as err:  # its zarr.json does not parse, or describes no array zarr can open
+            report.problems.append(f"{where} {name}: the array cannot be opened ({_why(err)})")
             continue
         rows = array.shape[0]
         if column.per_record and rows != record["count"]:
@@ -99,3 +125,10 @@ def _check_shard(store: Store, group: str, index: int, record: dict, report: Rep
             except Exception as err:  # a failed checksum (ValueError), a truncated or missing chunk file, ...
                 what = "fails its checksum" if "checksum" in str(err) else f"unreadable ({type(err).__name__})"
                 report.problems.append(f"{where} {name} records {start}..{stop}: {what}")
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+        return f"its zarr.json is damaged: {json_problem(err)}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

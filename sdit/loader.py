@@ -104,9 +104,7 @@ class LabelledStore:
 
     def __init__(self, url: str, labels: str = "default"):
         self.store = Store(url)
-        self.manifest: Manifest = self.store.manifest()
-        if self.manifest.status != "complete":
-            raise SDiTError(f"{self.store.url} is not finished encoding; rerun `sdit encode` on it first")
+        self.manifest: Manifest = self.store.encoded()
         meta = read_labels(self.store, labels)
         if meta is None:
             raise SDiTError(f"{self.store.url} has no labels {labels!r}; run `sdit teacher-label` on it first")
@@ -121,7 +119,7 @@ class LabelledStore:
         self.counts = {i: r["count"] for i, r in self.store.finished(self.group).items()}
         self.synthetic_counts = self._synthetic_counts(labels)
         self.bank = CaptionBank(self.store)
-        self.null = self.store.root_group()["null_text_emb"][:]
+        self.null = self.store.null_embedding()
 
     def _synthetic_counts(self, labels: str) -> dict[int, int]:
         """Synthetic records per labelled synthetic shard; refuses labels of a synthetic set since replaced."""

@@ -22,7 +22,8 @@ most unfinished shards, which a rerun deletes and redoes. Readers trust only sha
 
 Every chunk of every array carries a CRC32C checksum (Zarr v3's `crc32c` codec; the shard index has one too),
 so a flipped bit is found when the chunk is read: readers go through `Store.checked`, which turns it into a
-one-line error naming the shard, and `sdit verify` reads every chunk of a store.
+one-line error naming the shard, and `sdit verify` reads every chunk of a store. JSON (manifests, completion
+records, Zarr metadata) that does not parse raises `Damaged`, one line naming the file.
 """
 
 import contextlib
@@ -32,7 +33,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import PurePath, PurePosixPath
 
 import fsspec
@@ -50,6 +51,28 @@ STORAGE_DTYPE = np.float16  # latents and embeddings: fp16 barely compresses, so
 # Records per Zarr chunk inside a shard: the unit a reader decodes (zarr pays ~0.4 ms per chunk).
 CHUNK_RECORDS = 64
 CHECKSUM = (Crc32cCodec(),)  # every chunk's bytes-to-bytes codecs: a checksum, no compression
+
+
+class OtherVersion(SDiTError):
+    """A record written with another schema version than this SDiT reads: not damage, but not readable here."""
+
+
+class Damaged(SDiTError):
+    """A file of a store that does not read (cut short, or bytes changed on disk): `name` says which, relative to
+    the store, and `reason` what is wrong; `sdit verify` reports it as a problem of the store."""
+
+    def __init__(self, url: str, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"{url}: {name} is damaged ({reason}); `sdit verify {url}` lists every damaged part")
+
+
+def json_problem(err: ValueError) -> str:
+    """What is wrong with bytes that do not parse as JSON, in a few words."""
+    if isinstance(err, UnicodeDecodeError):
+        return "not JSON: bytes that are not UTF-8 text"
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+    return f"not valid JSON: {err}"
 
 
 @dataclass(frozen=True)
@@ -120,18 +143,23 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict, where: str = "") -> "Manifest":
         if data.get("schema_version") == 1:
-            raise SDiTError(f"{where}: store schema version 1 (written before chunks carried checksums), this SDiT "
-                            f"reads version {SCHEMA_VERSION}; encode it again with `sdit encode ... --overwrite`")
+            raise OtherVersion(f"{where}: store schema version 1 (written before chunks carried checksums), this "
+                               f"SDiT reads version {SCHEMA_VERSION}; encode it again with "
+                               "`sdit encode ... --overwrite`")
         manifest = from_versioned(cls, data, SCHEMA_VERSION, f"{where}: store schema")
         return replace(manifest, latent_shape=tuple(manifest.latent_shape), text_shape=tuple(manifest.text_shape))
 
 
 def from_versioned(cls, data: dict, version: int, what: str):
     """A stage-owned JSON record as the frozen dataclass `cls`, refused in one line when it was written with
-    another `schema_version` than this SDiT reads (`what` names it: "STORE: store schema")."""
+    another `schema_version` than this SDiT reads, or lacks a field (`what` names it: "STORE: store schema")."""
     found = data.get("schema_version")
     if found != version:
-        raise SDiTError(f"{what} version {found}, this SDiT reads version {version}")
+        raise OtherVersion(f"{what} version {found}, this SDiT reads version {version}")
+    missing = [f.name for f in fields(cls)
+               if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
+    if missing:
+        raise SDiTError(f"{what} version {version}: the file lacks {', '.join(missing)} (damaged or edited)")
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -155,7 +183,14 @@ class Store:
         return self.fs.exists(self._path(*parts))
 
     def read_json(self, *parts: str) -> dict:
-        return json.loads(self.fs.cat_file(self._path(*parts)))
+        """A JSON object the stages wrote; one that does not parse raises `Damaged`."""
+        try:
+            data = json.loads(self.fs.cat_file(self._path(*parts)))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise Damaged(self.url, "/".join(parts), json_problem(err)) from None
+        if not isinstance(data, dict):
+            raise Damaged(self.url, "/".join(parts), f"a JSON {type(data).__name__}, not an object")
+        return data
 
     def write_json(self, obj: dict, *parts: str) -> None:
         """Atomic: a reader sees the old file or the new one, never half of one."""
@@ -234,6 +269,19 @@ class Store:
             raise SDiTError(f"{self.url} is not an SDiT store (no {MANIFEST}); create one with `sdit encode`")
         return Manifest.from_json(self.read_json(MANIFEST), self.url)
 
+    def encoded(self) -> Manifest:
+        """The manifest of a store `sdit encode` finished, refused in one line when it is unfinished or holds no
+        records (every image was rejected)."""
+        manifest = self.manifest()
+        if manifest.status != "complete":
+            if manifest.counts and not manifest.counts.get("records"):
+                raise SDiTError(f"{self.url} holds no records: `sdit encode` rejected every image (see "
+                                f"{self.url}/rejects.jsonl); encode images it accepts with --overwrite")
+            raise SDiTError(f"{self.url} is not finished encoding; rerun `sdit encode` on it first")
+        if not manifest.counts.get("records"):
+            raise SDiTError(f"{self.url} holds no records; encode images into it with `sdit encode --overwrite`")
+        return manifest
+
     def write_manifest(self, manifest: Manifest) -> None:
         self.write_json(manifest.to_json(), MANIFEST)
 
@@ -241,8 +289,9 @@ class Store:
     def root_group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.url, mode=mode, zarr_format=3)
 
-    def finished(self, group: str) -> dict[int, dict]:
-        """Completion records of the finished shards of `group`, by shard index."""
+    def finished(self, group: str, damaged: list[Damaged] | None = None) -> dict[int, dict]:
+        """Completion records of the finished shards of `group`, by shard index. A record that does not read
+        raises `Damaged`; given a `damaged` list, it goes there instead and its shard is left out."""
         folder = self._path("_done", group)
         if not self.fs.exists(folder):
             return {}
@@ -250,7 +299,12 @@ class Store:
         for path in self.fs.ls(folder, detail=False):
             name = PurePosixPath(path).name
             if name.endswith(".json") and name[:-5].isdigit():
-                out[int(name[:-5])] = json.loads(self.fs.cat_file(path))
+                try:
+                    out[int(name[:-5])] = self.read_json("_done", group, name)
+                except Damaged as err:
+                    if damaged is None:
+                        raise
+                    damaged.append(err)
         return dict(sorted(out.items()))
 
     def shard_group(self, group: str, index: int) -> zarr.Group:
@@ -258,14 +312,15 @@ class Store:
 
     @contextmanager
     def checked(self, group: str, index: int, what: str = ""):
-        """Reads inside this block that meet a chunk failing its checksum stop with a one-line error naming the
-        shard (`what` may add the array and rows)."""
+        """Reads inside this block that meet a chunk failing its checksum, or Zarr metadata (zarr.json) that
+        does not parse, stop with a one-line error naming the shard (`what` may add the array and rows)."""
+        where = f"{group}/{shard_name(index)}" + (f" {what}" if what else "")
         try:
-            yield
+            with self.parsing(f"{where}: a zarr.json"):
+                yield
         except ValueError as err:
             if "checksum" not in str(err):
                 raise
-            where = f"{group}/{shard_name(index)}" + (f" {what}" if what else "")
             raise SDiTError(f"{self.url}: {where}: a chunk fails its checksum (corrupted on disk); `sdit verify "
                             f"{self.url}` lists every damaged shard; re-make them (delete the shard's _done record "
                             "and rerun the stage that wrote it)") from None
@@ -273,9 +328,30 @@ class Store:
     def read(self, group: str, index: int, names: tuple[str, ...], start: int = 0,
              stop: int | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the named arrays of one shard, checksums checked."""
-        shard = self.shard_group(group, index)
         with self.checked(group, index, f"records {start}..{'' if stop is None else stop}"):
+            shard = self.shard_group(group, index)
             return {name: shard[name][start:stop] for name in names}
+
+    def null_embedding(self) -> np.ndarray:
+        """(L, D) the empty caption's text embedding; a damaged array raises `Damaged` naming its file."""
+        with self.parsing("zarr.json"):
+            root = self.root_group()
+        with self.parsing("null_text_emb/zarr.json"):
+            array = root["null_text_emb"]
+        try:
+            return array[:]
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+            raise Damaged(self.url, "null_text_emb", "a chunk fails its checksum") from None
+
+    @contextmanager
+    def parsing(self, name: str):
+        """Zarr metadata read inside this block that does not parse raises `Damaged` naming the file `name`."""
+        try:
+            yield
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise Damaged(self.url, name, json_problem(err)) from None
 
     def iter_shards(self, group: str = "records") -> Iterator[tuple[int, zarr.Group]]:
         for index in self.finished(group):

@@ -105,3 +105,84 @@ def test_one_writer_at_a_time_and_a_dead_writers_lock_is_taken_over(tmp_path):
     (tmp_path / "s" / "writer.lock").write_text(json.dumps(lock | {"pid": dead.pid}))
     with store.writer("teacher-label"):  # its process is gone: the rerun goes on
         assert json.loads((tmp_path / "s" / "writer.lock").read_text())["stage"] == "teacher-label"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda text: text[:len(text) // 2], "not valid JSON: .* \\(line [0-9]+, column [0-9]+\\)"),  # cut short
+    (lambda text: "\xff" + text[1:], "not JSON: bytes that are not UTF-8 text"),
+    (lambda text: "[1, 2]", "a JSON list, not an object"),
+])
+def test_a_damaged_manifest_is_refused_in_one_line_naming_it(tmp_path, damage, reason):
+    from sdit.store import Damaged
+
+    store = Store(str(tmp_path / "s"))
+    store.write_manifest(_manifest())
+    path = tmp_path / "s" / MANIFEST
+    path.write_bytes(damage(path.read_text()).encode("latin-1"))
+    with pytest.raises(Damaged, match=reason) as err:
+        store.manifest()
+    assert err.value.name == MANIFEST and "\n" not in str(err.value) and "sdit verify" in str(err.value)
+
+
+def test_a_manifest_missing_a_field_is_refused_in_one_line(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    store.write_manifest(_manifest())
+    data = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    del data["latent_shape"]
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(SDiTError, match="lacks latent_shape"):
+        store.manifest()
+
+
+def test_a_damaged_completion_record_is_refused_or_listed(tmp_path):
+    from sdit.store import Damaged
+
+    store = Store(str(tmp_path / "s"))
+    for index in range(2):
+        write_shard(store, "records", index, _columns(3, seed=index), {"rejects": []})
+    (tmp_path / "s" / "_done" / "records" / "00001.json").write_text('{"count": 3, "rej')
+    with pytest.raises(Damaged, match="_done/records/00001.json is damaged"):
+        store.finished("records")
+    damaged: list = []
+    assert list(store.finished("records", damaged)) == [0]
+    assert [err.name for err in damaged] == ["_done/records/00001.json"]
+
+
+def test_damaged_zarr_metadata_stops_a_reader_in_one_line(tmp_path):
+    from sdit.store import Damaged
+
+    store = Store(str(tmp_path / "s"))
+    write_shard(store, "records", 0, _columns(3), {"rejects": []})
+    metadata = tmp_path / "s" / "records" / "00000" / "latents" / "zarr.json"
+    metadata.write_bytes(b"\xff" + metadata.read_bytes()[1:])
+    with pytest.raises(Damaged, match="records/00000 .*a zarr.json is damaged"):
+        store.read("records", 0, ("latents",))
+    assert store.read("records", 0, ("ids",))["ids"].tolist() == ["id0", "id1", "id2"]
+
+
+def test_the_null_embedding_names_its_damaged_file(tmp_path):
+    from sdit.store import Damaged
+
+    store = Store(str(tmp_path / "s"))
+    root = store.root_group(mode="a")
+    root.create_array("null_text_emb", shape=(77, 32), dtype="float16", compressors=None)[:] = 1
+    assert store.null_embedding().shape == (77, 32)
+    metadata = tmp_path / "s" / "null_text_emb" / "zarr.json"
+    metadata.write_text(metadata.read_text()[:30])
+    with pytest.raises(Damaged, match="null_text_emb/zarr.json is damaged"):
+        store.null_embedding()
+
+
+def test_stages_read_only_stores_with_records(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    store.write_manifest(_manifest())
+    with pytest.raises(SDiTError, match="not finished encoding"):
+        store.encoded()
+    store.write_manifest(_manifest(counts={"records": 0, "rejects": 5}))  # what an encode that kept nothing leaves
+    with pytest.raises(SDiTError, match="holds no records: `sdit encode` rejected every image"):
+        store.encoded()
+    store.write_manifest(_manifest(counts={"records": 0}, status="complete"))
+    with pytest.raises(SDiTError, match="holds no records"):
+        store.encoded()
+    store.write_manifest(_manifest(counts={"records": 3}, status="complete"))
+    assert store.encoded().counts["records"] == 3

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.verify import verify
+from pipeline.verify import count_shards, verify
 from sdit.errors import SDiTError
 from sdit.store import Store
 
@@ -62,3 +62,41 @@ def test_stores_written_before_checksums_are_refused_with_how_to_upgrade(store):
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"schema_version": 1}))
     with pytest.raises(SDiTError, match="written before chunks carried checksums.*--overwrite"):
         Store(str(store)).manifest()
+
+
+def _train(store: Path, tmp_path: Path):
+    return CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "run"), "--student", "SDiT-Nano/2",
+                                    "--steps", "2", "--batch-size", "4"])
+
+
+@pytest.mark.parametrize("file, problem", [
+    ("records/00000/latents/zarr.json", "records/00000 latents: the array cannot be opened (its zarr.json is damaged"),
+    ("labels/default/00001/noise/zarr.json", "labels/default/00001 noise: the array cannot be opened"),
+    ("records/00002/zarr.json", "records/00002: the shard cannot be opened (its zarr.json is damaged"),
+    ("zarr.json", "zarr.json: damaged (not JSON: bytes that are not UTF-8 text)"),
+    ("null_text_emb/zarr.json", "null_text_emb/zarr.json: damaged"),
+])
+def test_a_flipped_byte_in_zarr_metadata_is_a_problem_of_the_store(store, file, problem, tmp_path):
+    _flip(store / file, offset=10)  # 0x7B ^ 0xFF and friends: no longer UTF-8
+    report = verify(str(store))
+    assert len(report.problems) == 1 and report.problems[0].startswith(problem), report.problems
+    result = CliRunner().invoke(app, ["verify", str(store)])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "1 problems" in result.output
+    result = _train(store, tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "is damaged" in message and "sdit verify" in message
+
+
+@pytest.mark.parametrize("file", ["manifest.json", "labels/default/manifest.json", "_done/records/00001.json",
+                                  "_done/labels/default/00000.json"])
+def test_json_cut_short_is_a_problem_of_the_store(store, file, tmp_path):
+    path = store / file
+    path.write_text(path.read_text()[:40])
+    shards = count_shards(str(store))
+    report = verify(str(store))
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"{file}: damaged (not valid JSON: ")
+    assert report.shards == shards  # every other shard is still read
+    result = _train(store, tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {store}: {file} is damaged")
