@@ -23,7 +23,7 @@ class EncodeConfig:
     teacher_config: str | None = None
     prompts: str | None = None  # a text file (one prompt a line) or a parquet file with `prompt_column`
     prompt_column: str = "text"
-    resolution: int = 512
+    resolution: int | None = None  # square image side; None: the teacher VAE's sample_size (`with_resolution`)
     min_size: int | None = None  # smallest accepted short side; default resolution // 4
     batch_size: int = 16
     shard_size: int = 1024
@@ -43,7 +43,7 @@ class EncodeConfig:
     threads: int | None = None
 
     def check(self) -> None:
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise SDiTError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
@@ -51,8 +51,13 @@ class EncodeConfig:
         if self.limit is not None and self.limit < 0:
             raise SDiTError("--limit must not be negative")
 
+    def with_resolution(self, sample_size: int) -> "EncodeConfig":
+        """This config with its resolution decided: `--resolution`, else the teacher VAE's `sample_size`."""
+        return self if self.resolution is not None else dataclasses.replace(self, resolution=int(sample_size))
+
     @property
     def min_short_side(self) -> int:
+        """The smallest accepted short side (of a config whose resolution is decided)."""
         return self.resolution // 4 if self.min_size is None else self.min_size
 
 

@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +21,10 @@ import sdit
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
+from sdit.files import check_folder
 from sdit.latents import to_latent_space
 from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, open_prompts, open_source
-from sdit.store import Manifest, Store, write_shard
+from sdit.store import MANIFEST, WRITER_LOCK, Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize
 from pipeline.config import EncodeConfig
@@ -162,14 +162,14 @@ def encode(config: EncodeConfig, progress: Progress | None = None,
     """Run stage one, part 1. Resumes a store left unfinished by the same configuration."""
     config.check()
     config = dataclasses.replace(config, threads=config.threads or torch.get_num_threads())
+    store = Store(config.out)
+    check_out(store)
     source = open_source(config.source, image_column=config.image_column, caption_column=config.caption_column,
                          id_column=config.id_column, caption_key=config.caption_key)
     prompts = open_prompts(config.prompts, config.prompt_column) if config.prompts else None
+    encoder = EncoderFactory(config)()  # the driver's copy: identity, shapes, the null embedding; the local worker
+    config = encoder.config = config.with_resolution(encoder.teacher.vae.config.sample_size)
     factory = EncoderFactory(config)
-    encoder = factory()  # the driver's copy: identity, shapes, the null embedding; the local worker
-    store = Store(config.out)
-    if isinstance(store.fs, LocalFileSystem) and Path(store.root).is_file():
-        raise SDiTError(f"--out {config.out} is a file; give a folder for the store")
     with store.writer("encode"):
         manifest = prepare_store(store, new_manifest(config, encoder, source.format), config.overwrite)
         _write_null_embedding(store, encoder)
@@ -185,7 +185,7 @@ def encode(config: EncodeConfig, progress: Progress | None = None,
         else:
             encoder.store = store
             _run(LocalExecutor(lambda: encoder), tasks, config, progress)
-        return finish(store, manifest, skipped=sum(len(d) for d in done.values()))
+        return finish(store, manifest, skipped=sum(len(d) for d in done.values()), min_size=config.min_short_side)
 
 
 def plan(config: EncodeConfig, source: Iterable[SourceItem],
@@ -258,7 +258,9 @@ def _run(executor, tasks: Iterable[ShardTask], config: EncodeConfig, progress: P
             progress(result["size"])
 
 
-def finish(store: Store, manifest: Manifest, skipped: int) -> EncodeSummary:
+def finish(store: Store, manifest: Manifest, skipped: int, min_size: int) -> EncodeSummary:
+    """Count what the shards hold and mark the store complete; a store with no records is refused in one line
+    that tallies why every item was rejected, and stays unfinished."""
     records, prompts = store.finished("records"), store.finished("prompts")
     rejects = sorted((r for d in (records, prompts) for rec in d.values() for r in rec["rejects"]),
                      key=lambda r: (r["group"], r["position"]))
@@ -273,12 +275,28 @@ def finish(store: Store, manifest: Manifest, skipped: int) -> EncodeSummary:
         "prompts_truncated": sum(r["truncated"] for r in prompts.values()),
         "reject_reasons": _tally(r["reason"] for r in rejects if r["group"] == "records"),
     }
+    if not counts["records"]:
+        store.write_manifest(dataclasses.replace(manifest, counts=counts))
+        raise SDiTError(nothing_encoded(counts["rejects"], counts["reject_reasons"], min_size, store.url))
     store.write_manifest(dataclasses.replace(manifest, counts=counts, status="complete"))
     return EncodeSummary(store.url, counts["records"], counts["rejects"], counts["truncated"], counts["prompts"],
                          counts["shards"], skipped)
 
 
 # --- the store's set-up -------------------------------------------------------------------------------
+def check_out(store: Store) -> None:
+    """--out must be a store, or a folder that is new or empty: anything else is refused (`--overwrite` or not)
+    before any work, so that files which are not a store's are never written into, nor deleted."""
+    if isinstance(store.fs, LocalFileSystem):
+        check_folder(store.root)
+    if store.exists(MANIFEST):
+        return
+    others = [name for name in store.children() if not name.startswith((WRITER_LOCK, MANIFEST))]
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise SDiTError(f"--out {store.url} holds files but no SDiT store ({listed}); give a new or empty folder")
+
+
 def latent_shape(teacher: Teacher, resolution: int) -> tuple[int, int, int]:
     factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     return (teacher.vae.config.latent_channels, resolution // factor, resolution // factor)
@@ -326,14 +344,12 @@ def prepare_store(store: Store, manifest: Manifest, overwrite: bool) -> Manifest
                 raise SDiTError(f"{store.url} was encoded with another teacher {part}; "
                                 "pass --overwrite to start again, or choose another --out")
         manifest = dataclasses.replace(manifest, created=old.created)
-    elif store.exists("zarr.json") or store.exists("records"):
-        raise SDiTError(f"{store.url} holds data but no SDiT manifest; choose another --out or pass --overwrite")
+    store.write_manifest(manifest)  # first: a kill from here on leaves a store that a rerun resumes
     root = store.root_group(mode="a")
     root.require_group("records")
     root.require_group("prompts")
     store.remove_unfinished("records")
     store.remove_unfinished("prompts")
-    store.write_manifest(manifest)
     return manifest
 
 
@@ -357,6 +373,22 @@ def _total(source, prompts: PromptSource | None, limit: int | None) -> int | Non
 
 def reject_entry(group: str, item: SourceItem, reason: str, detail: str = "") -> dict:
     return {"group": group, "id": item.id, "position": item.position, "reason": reason, "detail": detail}
+
+
+# How a reject reason reads in "all 16 images rejected: 11 smaller than --min-size 128, ...".
+_REASONS = {"too_small": "smaller than --min-size {min_size}", "unreadable_image": "unreadable",
+            "missing_image": "without an image", "missing_caption": "without a caption",
+            "empty_caption": "with an empty caption", "caption_not_utf8": "with a caption that is not UTF-8",
+            "duplicate_id": "with a duplicate id"}
+
+
+def nothing_encoded(rejected: int, reasons: dict[str, int], min_size: int, url: str) -> str:
+    """Why a store got no records, in one line: the rejects counted by reason, the most common first."""
+    if not rejected:
+        return "no source items to encode (the source is empty, or --limit is 0)"
+    tally = ", ".join(f"{n} {_REASONS.get(reason, reason).format(min_size=min_size)}"
+                      for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"all {rejected} images rejected: {tally} (each one in {url}/rejects.jsonl)"
 
 
 def describe_reject(entry: dict) -> str:

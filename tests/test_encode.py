@@ -304,3 +304,39 @@ def test_duplicate_ids_are_rejected_after_the_first(tiny_teacher, tmp_path):
     assert summary.records == 4 and summary.rejects == 2
     lines = [json.loads(line) for line in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["position"], r["reason"]) for r in lines] == [("a", 3, "duplicate_id"), ("c", 5, "duplicate_id")]
+
+
+def test_resolution_defaults_to_the_teacher_vae_sample_size(folder_store, tiny_teacher, tmp_path):
+    out = tmp_path / "s"
+    summary = encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), shard_size=4,
+                                  batch_size=3))  # the tiny VAE's sample_size is 64
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolution"] == 64 and manifest["source"]["min_size"] == 16
+    _assert_same(_arrays(folder_store), _arrays(out))
+    again = _encode(SAMPLES, tiny_teacher, out, shard_size=4, batch_size=3)  # --resolution 64 said aloud: the same
+    assert again.skipped_shards == summary.shards
+
+
+def test_a_store_that_gets_no_records_fails_and_says_why(tiny_teacher, tmp_path):
+    out = tmp_path / "s"
+    reasons = "all 16 images rejected: 11 smaller than --min-size 128, 2 unreadable, 1 with an empty caption"
+    for _ in range(2):  # a rerun says the same
+        with pytest.raises(SDiTError, match=reasons):
+            encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(out), resolution=512))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "in_progress" and manifest["counts"]["records"] == 0
+    assert len((out / "rejects.jsonl").read_text().splitlines()) == 16
+    with pytest.raises(SDiTError, match="no source items to encode"):
+        _encode(SAMPLES, tiny_teacher, tmp_path / "none", limit=0)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_not_a_store_is_never_written_into(tiny_teacher, tmp_path, overwrite):
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "thesis.txt").write_text("mine")
+    with pytest.raises(SDiTError, match=r"holds files but no SDiT store \(thesis.txt\)"):
+        _encode(SAMPLES, tiny_teacher, out, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["thesis.txt"]
+    with pytest.raises(SDiTError, match="is inside .*thesis.txt, a file"):
+        _encode(SAMPLES, tiny_teacher, out / "thesis.txt" / "store")
