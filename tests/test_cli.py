@@ -51,11 +51,19 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0 and "encode" in result.output and "bench" in result.output
 
 
-def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple[str, list[str], str]]:
-    """(case, arguments, what the one-line error must say) for every command."""
+DAMAGED = 1  # the exit code of `sdit verify` on a store it finds damaged; every other refusal exits 2
+
+
+def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple]:
+    """(case, arguments, what the one-line error must say[, exit code]) for every command; the code is 2 unless
+    given."""
     import shutil
 
     from PIL import Image
+
+    from conftest import new_run
+    from pipeline.encode import EncodeConfig, encode
+    from sdit.errors import SDiTError
 
     empty = root / "empty"
     empty.mkdir()
@@ -72,37 +80,82 @@ def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple[str, list[str]
     old = shutil.copytree(labelled_store, root / "old-store")
     manifest = old / "manifest.json"
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"schema_version": 1}))
+    cut = shutil.copytree(labelled_store, root / "cut-store")
+    (cut / "manifest.json").write_text((cut / "manifest.json").read_text()[:200])  # a manifest cut short
+    flipped = shutil.copytree(labelled_store, root / "flipped-store")
+    metadata = flipped / "records" / "00000" / "latents" / "zarr.json"
+    data = bytearray(metadata.read_bytes())
+    data[10] ^= 0xFF  # one flipped byte: no longer UTF-8
+    metadata.write_bytes(bytes(data))
+    nothing = root / "nothing-store"
+    try:  # at 512 px every bundled sample is under --min-size 128 or rejected for another reason
+        encode(EncodeConfig(source=str(SAMPLES), teacher=str(tiny_teacher), out=str(nothing), resolution=512))
+    except SDiTError:
+        pass
     no_weights = root / "no-weights"
     no_weights.mkdir()
     (no_weights / "model_index.json").write_text("{}")
     (no_weights / "sdit_run.json").write_text(json.dumps({"schema_version": 1}))
+    run = new_run(root / "run", tiny_teacher)
+    bad_ckpt = root / "bad.ckpt"
+    bad_ckpt.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip header, then nothing torch can read
+    not_a_store = root / "documents"
+    not_a_store.mkdir()
+    (not_a_store / "thesis.txt").write_text("not a store: never written into, nor deleted")
     teacher = ["--teacher", str(tiny_teacher)]
     out = ["--out", str(root / "out")]
+    student = ["--student", "SDiT-Nano/2"]
     return [
         ("encode: a missing source", ["encode", str(root / "missing"), *teacher, *out], "missing"),
         ("encode: an empty folder", ["encode", str(empty), *teacher, *out], "empty"),
         ("encode: a file where the store's folder goes", ["encode", str(SAMPLES), *teacher, "--out", str(a_file)],
          "a.txt"),
+        ("encode: a folder that is not a store", ["encode", str(SAMPLES), *teacher, "--out", str(not_a_store)],
+         "holds files but no SDiT store (thesis.txt)"),
         ("encode: non-UTF-8 captions", ["encode", str(bad_text), *teacher, *out, "--strict", "--resolution", "64"],
          "caption_not_utf8"),
         ("encode: a decompression bomb", ["encode", str(bomb), *teacher, *out, "--strict", "--resolution", "64"],
          "big"),
+        ("encode: every image rejected", ["encode", str(SAMPLES), *teacher, *out, "--resolution", "512"],
+         "all 16 images rejected: 11 smaller than --min-size 128, 2 unreadable"),
+        ("encode: --resolution abc", ["encode", str(SAMPLES), *teacher, *out, "--resolution", "abc"], "--resolution"),
+        ("encode: no --out", ["encode", str(SAMPLES), *teacher], "--out"),
         ("teacher-label: a missing store", ["teacher-label", str(root / "missing"), *teacher], "not an SDiT store"),
         ("teacher-label: a file for a store", ["teacher-label", str(a_file), *teacher], "not an SDiT store"),
         ("teacher-label: a store of another schema version", ["teacher-label", str(old), *teacher],
          "store schema version 1"),
-        ("init: a missing teacher", ["init", "--teacher", str(root / "missing"), "--student", "SDiT-Nano/2", *out],
-         "teacher not found"),
-        ("train: labels of another name", ["train", str(labelled_store), *out, "--student", "SDiT-Nano/2",
-                                           "--labels", "other"], "no labels 'other'"),
+        ("teacher-label: a store with no records", ["teacher-label", str(nothing), *teacher],
+         "holds no records: `sdit encode` rejected every image"),
+        ("teacher-label: --draws 0", ["teacher-label", str(labelled_store), *teacher, "--draws", "0"], "--draws"),
+        ("teacher-label: a mix that does not sum to 1",
+         ["teacher-label", str(labelled_store), *teacher, "--perturb", "none=0.5,swap=0.2"],
+         "--perturb none=0.5,swap=0.2 sums to 0.7: probabilities must sum to 1"),
+        ("init: a missing teacher", ["init", "--teacher", str(root / "missing"), *student, *out], "teacher not found"),
+        ("init: a damaged .ckpt", ["init", "--teacher", str(bad_ckpt), *student, *out],
+         "bad.ckpt: not a PyTorch checkpoint, or a damaged one"),
+        ("init: a file for --out", ["init", *teacher, *student, "--out", str(a_file)], "a.txt is a file"),
+        ("train: labels of another name", ["train", str(labelled_store), *out, *student, "--labels", "other"],
+         "no labels 'other'"),
         ("train: a run folder without weights", ["train", str(labelled_store), *out, "--init", str(no_weights)],
          "no-weights"),
+        ("train: a manifest cut short", ["train", str(cut), *out, *student], "manifest.json is damaged"),
+        ("train: a store with no records", ["train", str(nothing), *out, *student], "holds no records"),
+        ("train: --steps -5", ["train", str(labelled_store), *out, *student, "--steps", "-5"], "--steps"),
+        ("train: --holdout 1.5", ["train", str(labelled_store), *out, *student, "--holdout", "1.5"], "--holdout"),
+        ("train: a file for --out", ["train", str(labelled_store), "--out", str(a_file), "--init", str(run)],
+         "a.txt is a file"),
         ("sample: a run folder without weights", ["sample", str(no_weights), *out, "-p", "a red circle"],
          "no-weights"),
         ("sample: a missing run", ["sample", str(root / "missing"), *out, "-p", "a red circle"], "missing"),
+        ("sample: a file for --out", ["sample", str(run), "--out", str(a_file), "-p", "a red circle"],
+         "a.txt is a file"),
         ("inspect: a missing store", ["inspect", str(root / "missing"), *out], "not an SDiT store"),
+        ("inspect: a file for --out", ["inspect", str(labelled_store), "--out", str(a_file)], "a.txt is a file"),
         ("eval: a store for a run", ["eval", str(labelled_store), str(labelled_store)], "not an SDiT run folder"),
         ("verify: not a store", ["verify", str(empty)], "not an SDiT store"),
+        ("verify: a flipped byte in an array's zarr.json", ["verify", str(flipped)],
+         "records/00000 latents: the array cannot be opened (its zarr.json is damaged", DAMAGED),
+        ("verify: a manifest cut short", ["verify", str(cut)], "manifest.json: damaged (not valid JSON", DAMAGED),
         ("bench distill: an unknown student", ["bench", "distill", "--out", str(root / "d"), "--student", "SDiT-Q/2"],
          "unknown student preset"),
         ("bench label: a missing store", ["bench", "label", str(root / "missing"), *teacher], "not an SDiT store"),
@@ -111,23 +164,31 @@ def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple[str, list[str]
     ]
 
 
-BAD_INPUT_CASES = 20  # the README quotes this count
+def _refused_in_one_line(result, fragment: str, code: int) -> bool:
+    """Exit `code`, no traceback, nothing that tells the user to load pickles unsafely; an error (exit 2) is the
+    one line printed, a damaged store (exit 1) is one problem line beside `sdit verify`'s summary."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    if result.exit_code != code or "Traceback" in result.output or "weights_only" in result.output:
+        return False
+    if code == DAMAGED:
+        return len([line for line in lines if fragment in line]) == 1 and lines[-1].endswith("1 problems")
+    return len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
 
 
 def test_every_command_refuses_bad_input_in_one_line(tiny_teacher, labelled_store, tmp_path):
     cases = _bad_inputs(tmp_path, tiny_teacher, labelled_store)
-    assert len(cases) == BAD_INPUT_CASES
-    assert {args[0] if args[0] not in ("bench", "toy") else " ".join(args[:2]) for _, args, _ in cases} >= {
-        "encode", "teacher-label", "init", "train", "sample", "inspect", "eval", "verify"}
+    every_command = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands} | {
+        group.name for group in app.registered_groups}
+    assert {args[0] for _, args, *_ in cases} >= every_command
     failures = []
-    for k, (case, args, fragment) in enumerate(cases):
+    for k, (case, args, fragment, *code) in enumerate(cases):
         args = [str(tmp_path / f"out-{k}") if arg == str(tmp_path / "out") else arg for arg in args]
         result = runner.invoke(app, args)
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        if not (result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: ")
-                and fragment in lines[0] and "Traceback" not in result.output):
-            failures.append(f"{case}: exit {result.exit_code}: {result.output[-300:]!r} {result.exception!r}")
+        if not _refused_in_one_line(result, fragment, code[0] if code else 2):
+            failures.append(f"{case}: exit {result.exit_code}: {result.output[-400:]!r} {result.exception!r}")
     assert not failures, "\n".join(failures)
+    assert (tmp_path / "documents" / "thesis.txt").read_text().startswith("not a store")
+    assert not (tmp_path / "nothing-store" / "manifest.json").read_text().count('"complete"')
 
 
 # --- start-up, help, conventions -------------------------------------------------------------------------
