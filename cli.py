@@ -260,6 +260,7 @@ def init(
 @app.command()
 @command
 def train(
+    ctx: typer.Context,
     store: Annotated[str, typer.Argument(help="A labelled store (from `sdit teacher-label`).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder: the student pipeline, checkpoints, metrics, samples.")],
     init: Annotated[Optional[str], typer.Option(help="Start from this run folder (from `sdit init`).")] = None,
@@ -294,21 +295,30 @@ def train(
     dtype: Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,
     device: Device = TrainConfig.device,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    sample_steps: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=1, help="Denoising steps of the sample grids.")] = TrainConfig.sample_steps,
+    sample_guidance: Annotated[float, typer.Option(rich_help_panel=MONITOR, min=0, help="Classifier-free guidance scale of the sample grids (a guidance-distilled student takes it as w).")] = TrainConfig.sample_guidance,
+    sample_scheduler: Annotated[str, typer.Option(rich_help_panel=MONITOR, help=f"Sampler of the sample grids: {', '.join(SCHEDULERS)}.")] = TrainConfig.sample_scheduler,
 ):
     """Train the student from the store alone (the teacher's UNet is never loaded). Data-parallel under torchrun."""
-    from pipeline.train import train as run_train
+    from pipeline.train import resume_config, train as run_train
 
     if (init is None) == (student is None) and not resume:
         raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
-    config = TrainConfig(store=store, out=out, labels=labels, init=init, steps=steps, batch_size=batch_size, lr=lr,
-                         warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
-                         task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr,
-                         high_noise_weight=high_noise_weight, synthetic_weight=synthetic_weight, holdout=holdout,
-                         seed=seed, buffer_records=buffer_records, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints, sample_every=sample_every, sample_prompts=sample_prompts,
-                         eval_every=eval_every, eval_draws=eval_draws, eval_clip=eval_clip, log=log,
-                         gradient_checkpointing=gradient_checkpointing, precision=dtype, device=device,
-                         resume=resume)
+    options = dict(store=store, out=out, labels=labels, init=init, steps=steps, batch_size=batch_size, lr=lr,
+                   warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
+                   task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr, high_noise_weight=high_noise_weight,
+                   synthetic_weight=synthetic_weight, holdout=holdout, seed=seed, buffer_records=buffer_records,
+                   checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, sample_every=sample_every,
+                   sample_prompts=sample_prompts, sample_steps=sample_steps, sample_guidance=sample_guidance,
+                   sample_scheduler=sample_scheduler, eval_every=eval_every, eval_draws=eval_draws,
+                   eval_clip=eval_clip, log=log, gradient_checkpointing=gradient_checkpointing, precision=dtype,
+                   device=device)
+    if resume:  # the options the run records, with those given here on top; the library refuses what may not change
+        source = lambda name: ctx.get_parameter_source("dtype" if name == "precision" else name).name  # noqa: E731
+        given = (options | {"student": student}).items()
+        config = resume_config(out, {k: v for k, v in given if source(k) in ("COMMANDLINE", "ENVIRONMENT")})
+    else:
+        config = TrainConfig(**options)
     make_run = None
     if student is not None:
         from pipeline.init import init_for_store
@@ -317,7 +327,7 @@ def train(
                                      teacher_config=teacher_config, seed=seed)
     main = _main_process()
     with progress_bar("train", "step") as bar:
-        bar.total, bar.disable = steps, bar.disable or not main
+        bar.total, bar.disable = config.steps, bar.disable or not main
 
         def on_step(m: dict) -> None:
             held_out = f" held-out {m['eval_teacher_mse']:.4f}" if "eval_teacher_mse" in m else ""

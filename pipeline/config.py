@@ -162,8 +162,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 0  # 0: only at the end
     sample_prompts: int = 8  # 0: no sample grids
+    # How the sample grids (and --eval-clip's samples) are drawn: `sdit sample`'s defaults.
     sample_steps: int = 25
-    sample_guidance: float = 4.0
+    sample_guidance: float = DEFAULT_GUIDANCE
+    sample_scheduler: str = DEFAULT_SCHEDULER
     eval_every: int = 0  # 0: never; else teacher agreement on held-out draws every N steps
     eval_draws: int = 256  # held-out draws per evaluation (the same ones every time)
     eval_clip: str | None = None  # a local CLIPModel folder: also the CLIP score of the sample captions
@@ -198,6 +200,10 @@ class TrainConfig:
             raise SDiTError("--eval-clip scores samples at each evaluation: give --eval-every N too")
         if self.eval_clip and not self.sample_prompts:
             raise SDiTError("--eval-clip scores samples of the sample captions: --sample-prompts must be at least 1")
+        if self.sample_steps < 1 or self.sample_guidance < 0:
+            raise SDiTError("--sample-steps must be at least 1 and --sample-guidance at least 0")
+        if self.sample_scheduler not in SCHEDULERS:
+            raise SDiTError(f"--sample-scheduler {self.sample_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.log not in LOGS:
             raise SDiTError(f"--log {self.log!r}: choose one of {', '.join(LOGS)}")
 

@@ -44,7 +44,8 @@ from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 from sdit.losses import (check_high_noise_weight, distillation_loss, draw_errors, draw_weight, timestep_weight,
                          true_noise_mask)
-from sdit.run import load_student, read_run, save_student, student_folder, update_run
+from sdit.run import (load_student, location, read_run, same_location, save_student, student_folder,
+                      update_run)
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
 from pipeline.config import LOGS, TrainConfig
@@ -55,10 +56,13 @@ SAMPLES = "samples"
 TENSORBOARD = "tensorboard"
 
 
-# Options a resumed run may change; any other change would make it another run.
-RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
-             "sample_guidance", "device", "threads", "resume", "precision", "init", "eval_every", "eval_draws",
-             "eval_clip", "log"}
+# Options a resumed run may change; any other change would make it another run. `out` is where the run folder
+# is now, wherever it was trained, and `resume` says that it resumes: neither is compared.
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
+             "sample_guidance", "sample_scheduler", "eval_every", "eval_draws", "eval_clip", "log", "device",
+             "threads", "precision", "gradient_checkpointing")
+PATHS = ("store", "init", "out")  # recorded and compared as where they lead, not as written
+FLAGS = {"precision": "--dtype", "threads": None}  # the CLI's names where they differ from the field's; None: none
 
 
 # --- distribution ----------------------------------------------------------------------------------------------
@@ -102,15 +106,9 @@ def prepare_run(config: TrainConfig, make_run: Callable[[], object] | None) -> N
     """Rank 0: make (or check, when resuming) the run folder."""
     out = Path(config.out)
     if config.resume:
-        old = read_run(out).get("train", {}).get("config")
-        if old is None:
-            raise SDiTError(f"{out} has no training to resume; drop --resume")
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # options newer than the run
-        changed = sorted(k for k, v in dataclasses.asdict(config).items()
-                         if k not in RESUMABLE and old.get(k, defaults[k]) != v)
-        if changed:
-            raise SDiTError(f"{out} was trained with other {', '.join(changed)}; resume with the same options "
-                            "or train into a new --out")
+        train = read_run(out).get("train") or {}
+        check_resumable(out, recorded_config(out), dataclasses.asdict(config))
+        update_run(out, train=train | {"config": recorded(config)})  # a later --resume reads these options back
         return
     if out.exists() and any(out.iterdir()):
         raise SDiTError(f"{out} exists; pass --resume to continue its training, or choose a new --out")
@@ -122,9 +120,66 @@ def prepare_run(config: TrainConfig, make_run: Callable[[], object] | None) -> N
         make_run()
     else:
         raise SDiTError("give --init RUN_FOLDER (from `sdit init`) or --student PRESET")
-    update_run(out, train={"config": dataclasses.asdict(config), "store": str(config.store),
+    update_run(out, train={"config": recorded(config), "store": location(config.store),
                            "labels": config.labels, "holdout": config.holdout, "split_seed": config.seed, "step": 0,
                            "status": "started"})
+
+
+def resume_config(out: str | Path, given: dict) -> TrainConfig:
+    """The config that resumes the run in `out`: the options its folder records (an option newer than the run at
+    its default) with `given`, the options the user gave, on top. Only RESUMABLE options may differ from the
+    record; another is refused in one line naming it. `given` may hold `student`, the preset a new run would
+    start from, which must be the run's."""
+    given = dict(given)
+    if "student" in given:
+        check_resumable(out, {"student": read_run(out).get("student", {}).get("preset")},
+                        {"student": given.pop("student")})
+    config = recorded_config(out)
+    check_resumable(out, dataclasses.asdict(config), given)
+    return dataclasses.replace(config, **given | {"out": str(out), "resume": True})
+
+
+def recorded_config(out: str | Path) -> TrainConfig:
+    """The options the run in `out` was trained with, as its sdit_run.json records them."""
+    record = (read_run(out).get("train") or {}).get("config")
+    if record is None:
+        raise SDiTError(f"{out} has no training to resume; drop --resume")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in record.items() if k in names})
+
+
+def recorded(config: TrainConfig) -> dict:
+    """`config` as the run records it: its paths absolute, so the record means the same from any folder."""
+    return dataclasses.asdict(config) | {k: location(getattr(config, k)) for k in PATHS if getattr(config, k)}
+
+
+def check_resumable(out: str | Path, record: TrainConfig | dict, given: dict) -> None:
+    """Refuse, in one line naming them, the options in `given` that differ from the run's `record` and may not
+    change on resume."""
+    record = dataclasses.asdict(record) if isinstance(record, TrainConfig) else record
+    changed = [k for k, v in given.items() if k not in (*RESUMABLE, "out", "resume") and not same_option(
+        k, v, record.get(k))]
+    if changed:
+        raise SDiTError(f"{' '.join(option(k, given[k]) for k in changed)}: {out} was trained with "
+                        f"{' '.join(option(k, record.get(k)) for k in changed)}; only "
+                        f"{', '.join(option(k) for k in RESUMABLE if FLAGS.get(k, k))} may change on resume (train "
+                        "into a new --out to change the others)")
+
+
+def same_option(name: str, a, b) -> bool:
+    if name in PATHS and a is not None and b is not None:
+        return same_location(a, b)
+    return a == b
+
+
+def option(name: str, value=...) -> str:
+    """A field as its command-line option: `--batch-size 16`, `--init none`; a switch as `--flag` or `no --flag`."""
+    flag = FLAGS.get(name) or f"--{name.replace('_', '-')}"
+    if value is ...:
+        return flag
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {'none' if value is None else value}"
 
 
 def check_fit(data: LabelledStore, student: SDiT, run: dict, config: TrainConfig) -> None:
@@ -330,7 +385,7 @@ class Trainer:
         c = self.config
         text, null, captions = sample_captions(self.data, c.sample_prompts)
         ema = self.state.ema
-        scheduler = make_scheduler("ddim", self.data.labels.scheduler)
+        scheduler = make_scheduler(c.sample_scheduler, self.data.labels.scheduler)
         generators = [torch.Generator().manual_seed(c.seed * 1_000_003 + i) for i in range(len(text))]
         shape = tuple(self.data.manifest.latent_shape)
         noise = initial_noise(shape, generators, self.device)

@@ -128,6 +128,17 @@ def read_run(run: str | Path) -> dict:
     return data
 
 
+def location(path: str | Path) -> str:
+    """A path as a run records it: absolute, symlinks followed, on local disk; a URL (s3://...) as given."""
+    path = str(path)
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def same_location(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths lead to the same folder or file, however they are written."""
+    return location(a).rstrip("/") == location(b).rstrip("/")
+
+
 def update_run(run: str | Path, **fields) -> None:
     """Merge `fields` into sdit_run.json, atomically."""
     run = Path(run)

@@ -89,6 +89,64 @@ def test_a_run_started_before_an_option_existed_resumes_with_its_default(labelle
     assert read_run(run)["train"]["step"] == 2
 
 
+RESUME_FAST = ["--student", "SDiT-Nano/2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2", "--buffer-records",
+               "4", "--checkpoint-every", "2", "--sample-prompts", "2", "--sample-steps", "2"]
+
+
+def test_a_moved_run_resumes_from_its_own_record(labelled_store, tmp_path, monkeypatch):
+    """`--resume --steps N` alone: the options come from the run folder, wherever it has moved, and a store path
+    written otherwise (relative, through a link) that leads to the same store is the same; it goes on as the
+    uninterrupted run."""
+    runner = CliRunner()
+    for out, steps in ((tmp_path / "whole", "5"), (tmp_path / "run", "3")):
+        result = runner.invoke(app, ["train", str(labelled_store), "--out", str(out), "--steps", steps, *RESUME_FAST])
+        assert result.exit_code == 0, result.output
+    moved = Path(shutil.move(tmp_path / "run", tmp_path / "elsewhere" / "moved"))
+    (tmp_path / "link").symlink_to(labelled_store)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = runner.invoke(app, ["train", "../link", "--out", "moved", "--resume", "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert _losses(moved) == _losses(tmp_path / "whole")
+    record = read_run(moved)["train"]
+    assert record["step"] == 5 and record["config"]["steps"] == 5 and record["config"]["batch_size"] == 4
+    assert record["config"]["out"] == str(moved.resolve()) and record["config"]["store"] == str(labelled_store)
+    # The whole first command again, with --resume: the same options are no change.
+    result = runner.invoke(app, ["train", str(labelled_store), "--out", "moved", "--steps", "6", *RESUME_FAST,
+                                 "--resume"])
+    assert result.exit_code == 0, result.output
+    for extra, message in ((["--batch-size", "8"], "--batch-size 8: moved was trained with --batch-size 4; "),
+                           (["--student", "SDiT-T/2"], "--student SDiT-T/2: moved was trained with --student "
+                                                       "SDiT-Nano/2; ")):
+        result = runner.invoke(app, ["train", "../link", "--out", "moved", "--resume", "--steps", "7", *extra])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"error: {message}only --steps, --checkpoint-every, "), result.output
+    result = runner.invoke(app, ["train", str(tmp_path / "whole"), "--out", "moved", "--resume", "--steps", "7"])
+    assert result.exit_code == 2 and "--store " in result.output and "moved was trained with --store " in result.output
+
+
+def test_sample_grids_are_drawn_and_recorded_as_their_options_say(labelled_store, tmp_path, monkeypatch):
+    import pipeline.train as stage
+    from pipeline.config import SampleConfig
+
+    assert (TrainConfig.sample_steps, TrainConfig.sample_guidance, TrainConfig.sample_scheduler) == (
+        SampleConfig.steps, SampleConfig.guidance, SampleConfig.scheduler)  # `sdit sample`'s defaults
+    seen, make, denoise = [], stage.make_scheduler, stage.denoise
+
+    def spy(eps_model, scheduler, noise, text, null, steps, guidance, *args):
+        seen.append((type(scheduler).__name__, steps, guidance))
+        return denoise(eps_model, scheduler, noise, text, null, steps, guidance, *args)
+
+    monkeypatch.setattr(stage, "make_scheduler", lambda name, config: seen.append(name) or make(name, config))
+    monkeypatch.setattr(stage, "denoise", spy)
+    run = tmp_path / "run"
+    _train(labelled_store, run, steps=1, sample_scheduler="euler", sample_steps=3, sample_guidance=2.0)
+    assert seen == ["euler", ("EulerDiscreteScheduler", 3, 2.0)]
+    config = read_run(run)["train"]["config"]
+    assert (config["sample_scheduler"], config["sample_steps"], config["sample_guidance"]) == ("euler", 3, 2.0)
+    with pytest.raises(SDiTError, match="--sample-scheduler 'heun': choose one of ddim, "):
+        _train(labelled_store, tmp_path / "heun", steps=1, sample_scheduler="heun")
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(labelled_store, tmp_path, monkeypatch):
     forward, calls = SDiT.forward, []
 
@@ -113,7 +171,7 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
     _train(labelled_store, run, steps=1)
     with pytest.raises(SDiTError, match="exists; pass --resume"):
         _train(labelled_store, run, steps=2)
-    with pytest.raises(SDiTError, match="other lr"):
+    with pytest.raises(SDiTError, match=f"^--lr 0.5: {run} was trained with --lr 0.001; only --steps, "):
         _train(labelled_store, run, steps=2, lr=0.5, resume=True)
     with pytest.raises(SDiTError, match="give --init RUN_FOLDER"):
         train(TrainConfig(store=str(labelled_store), out=str(tmp_path / "x")))
