@@ -32,7 +32,8 @@ class Report:
         return not self.problems
 
     def summary(self) -> str:
-        verdict = "intact" if self.ok else f"{len(self.problems)} problems"
+        n = len(self.problems)
+        verdict = "intact" if self.ok else f"{n} problem{'' if n == 1 else 's'}"
         return f"{self.store}: {self.shards} shards, {self.chunks} chunks read: {verdict}"
 
 

@@ -171,7 +171,7 @@ def _refused_in_one_line(result, fragment: str, code: int) -> bool:
     if result.exit_code != code or "Traceback" in result.output or "weights_only" in result.output:
         return False
     if code == DAMAGED:
-        return len([line for line in lines if fragment in line]) == 1 and lines[-1].endswith("1 problems")
+        return len([line for line in lines if fragment in line]) == 1 and lines[-1].endswith(": 1 problem")
     return len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
 
 
