@@ -367,7 +367,9 @@ def memory_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
                      f"{fit['per_sample_gb']:.2f} GB{scaled}"])
     header = ["student", "parameters", "weights + EMA", "checkpointing", *(f"batch {b}" for b in batches),
               "activations per sample"]
-    return "\n".join([table(header, rows), "", "\\* extrapolated linearly in the batch from the measured ones."])
+    extrapolated = any(not row["measured"] for row in r["rows"])
+    note = ["", "\\* extrapolated linearly in the batch from the measured ones."] if extrapolated else []
+    return "\n".join([table(header, rows), *note])
 
 
 def gpu_batches_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
