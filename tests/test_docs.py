@@ -52,6 +52,12 @@ def test_readme_is_read_in_two_minutes():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
 
 
+def test_readme_links_reach_files_in_the_repository():
+    targets = re.findall(r"\]\(([^)#\s]+)[^)]*\)", (ROOT / "README.md").read_text())
+    assert "docs/shapes-world.md" in targets
+    assert [t for t in targets if "://" not in t and not (ROOT / t).exists()] == []
+
+
 def test_every_measured_table_is_what_its_json_renders():
     marked = [page for page in results.pages() if results.blocks(page.read_text())]
     assert ROOT / "README.md" in marked and len(marked) >= 3
