@@ -191,7 +191,7 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise SDiTError(f"--ema-decay {self.ema_decay}: in [0, 1)")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise SDiTError(f"--precision {self.precision!r}: auto, fp32 or bf16")
+            raise SDiTError(f"--dtype {self.precision!r}: auto, fp32 or bf16")
         if self.eval_every < 0 or self.eval_draws < 1:
             raise SDiTError("--eval-every must be >= 0 and --eval-draws at least 1")
         if self.eval_every and not self.holdout:
@@ -252,7 +252,7 @@ class EvalConfig:
     batch_size: int = 64
     limit: int | None = None  # at most this many held-out draws
     device: str = "auto"
-    dtype: str = "fp32"  # the student's; MSEs are accumulated in float64 whatever it is
+    dtype: str = "auto"  # the student's; MSEs are accumulated in float64 whatever it is
     # the sampling protocol (pipeline/eval_samples.py)
     prompts: str | None = None  # a text file (one a line) or parquet; default: the captions of `references`
     prompt_column: str = "text"

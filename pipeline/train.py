@@ -412,7 +412,7 @@ class Trainer:
 class NonFinite(SDiTError):
     def __init__(self, step: int, what: str):
         super().__init__(f"the {what} became NaN or inf at step {step}; stopped. The last checkpoint is intact: "
-                         "lower --lr, raise --warmup or use --precision fp32, then --resume")
+                         "lower --lr, raise --warmup or use --dtype fp32, then --resume")
 
 
 @torch.no_grad()

@@ -59,8 +59,8 @@ CAPTION_KINDS = (Kind.SWAP, Kind.MIX)
 TRUE_NOISE_KINDS = (Kind.NONE, Kind.INPUT, Kind.NULL)
 
 
-# Tuned with `sdit bench distill` (README): a caption perturbation in about a quarter of the draws, from the
-# prompt bank, where the teacher knows what the limited data lacks.
+# Tuned with `sdit bench distill` (docs/shapes-world.md): a caption perturbation in about a quarter of the draws,
+# from the prompt bank, where the teacher knows what the limited data lacks.
 DEFAULT_MIX = {"none": 0.4, "input": 0.1, "swap": 0.3, "mix": 0.1, "null": 0.1}
 MIX_TOLERANCE = 1e-6  # how far a mix's sum may be from 1 (decimal fractions do not add up exactly in binary)
 

@@ -108,7 +108,7 @@ class Commands(TyperGroup):
         except typer.TyperException as err:
             if os.environ.get("SDIT_DEBUG"):
                 raise
-            typer.echo(f"error: {_one_line(err)}", err=True)
+            typer.echo(f"error: {_one_line(err, self._path(args, prog_name))}", err=True)
             code = err.exit_code
         except typer.Abort:
             typer.echo("aborted", err=True)
@@ -118,10 +118,21 @@ class Commands(TyperGroup):
         return code
 
 
-def _one_line(err: typer.TyperException) -> str:
+    def _path(self, args, prog_name) -> str:
+        """`sdit bench distill`: the command the arguments name, for errors that come without a context."""
+        words, group = [prog_name or self.name or "sdit"], self
+        for arg in sys.argv[1:] if args is None else args:
+            group = getattr(group, "commands", {}).get(arg)
+            if group is None:
+                break
+            words.append(arg)
+        return " ".join(words)
+
+
+def _one_line(err: typer.TyperException, path: str) -> str:
     message = " ".join(err.format_message().split())
     ctx = getattr(err, "ctx", None)
-    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message
+    return f"{message} (see `{ctx.command_path if ctx is not None else path} --help`)"
 
 
 def typer_app(**options) -> typer.Typer:
