@@ -43,6 +43,7 @@ demo: install
 		--json $(DEMO)/figures.json
 
 bench: install
+	$(BIN)/sdit bench startup --json runs/bench-startup.json
 	$(BIN)/sdit bench encode --json runs/bench-encode.json
 	$(BIN)/sdit bench label --json runs/bench-label.json
 	$(BIN)/sdit bench train --json runs/bench-train.json

@@ -386,12 +386,22 @@ def gpu_batches_view(files: list[tuple[str, dict]], options: dict[str, str]) -> 
                   *(f"{g} GB GPU" for g in sizes)], rows)
 
 
+def startup_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """Seconds from each call to its answer in a fresh interpreter, beside Python's own start."""
+    (_, r), = files
+    rows = [["python -c pass", f"{r['python_s']['median']:.2f} s", f"{r['python_s']['min']:.2f} s"]]
+    rows += [[name, f"{t['median']:.2f} s", f"{t['min']:.2f} s"] for name, t in r["calls_s"].items()]
+    heavy = ", ".join(r["heavy_imports"]) or "none of torch, diffusers and transformers"
+    return "\n".join([table(["call", f"median of {r['repeats']}", "fastest"], rows), "",
+                      f"`import cli` loads {heavy}."])
+
+
 VIEWS = {
     "distill": distill_view, "concepts": concepts_view, "substitution": substitution_view,
     "evaluator": evaluator_view, "toy-eval": toy_eval_view,
     "encode": encode_view, "label": label_view, "train": train_view, "flops": flops_view, "sample": sample_view,
     "sd15-stages": sd15_stages_view, "sd15-speed": sd15_speed_view, "sd15-precision": sd15_precision_view,
-    "memory": memory_view, "gpu-batches": gpu_batches_view,
+    "memory": memory_view, "gpu-batches": gpu_batches_view, "startup": startup_view,
 }
 
 
