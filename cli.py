@@ -11,7 +11,6 @@ import errno
 import dataclasses
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SCHEDULERS, PerturbConfig, SynthesisConfig,
+from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, PerturbConfig, SynthesisConfig, check_scheduler,
                          check_high_noise_weight, labels_group)
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
@@ -202,8 +202,7 @@ class TrainConfig:
             raise SDiTError("--eval-clip scores samples of the sample captions: --sample-prompts must be at least 1")
         if self.sample_steps < 1 or self.sample_guidance < 0:
             raise SDiTError("--sample-steps must be at least 1 and --sample-guidance at least 0")
-        if self.sample_scheduler not in SCHEDULERS:
-            raise SDiTError(f"--sample-scheduler {self.sample_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        check_scheduler(self.sample_scheduler, "--sample-scheduler")
         if self.log not in LOGS:
             raise SDiTError(f"--log {self.log!r}: choose one of {', '.join(LOGS)}")
 
@@ -230,8 +229,7 @@ class SampleConfig:
     dtype: str = "auto"
 
     def check(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        check_scheduler(self.scheduler, "--scheduler")
         for name in ("num_images", "steps", "batch_size", "columns"):
             if getattr(self, name) < 1:
                 raise SDiTError(f"--{name.replace('_', '-')} must be at least 1")
@@ -299,8 +297,7 @@ class EvalConfig:
         if self.fid_size is not None and self.fid_size < 8:
             raise SDiTError(f"--fid-size {self.fid_size}: at least 8 pixels")
         check_resize(self.fid_resize)
-        if self.scheduler not in SCHEDULERS:
-            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        check_scheduler(self.scheduler, "--scheduler")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,7 @@ from sdit.errors import SDiTError
 from sdit.files import check_folder
 from sdit.loader import DrawStream, LabelledStore, Split
 from sdit.perturb import Kind
-from sdit.pipeline_sdit import DEFAULT_GUIDANCE
-from sdit.run import read_run
-from sdit.sampling import SCHEDULERS
+from sdit.run import read_run, same_location
 from pipeline.config import EvalConfig
 
 CLIP_FILES = ("config.json", "preprocessor_config.json")
@@ -57,17 +55,12 @@ def held_out(config: EvalConfig, run: dict) -> HeldOut:
     if holdout <= 0:
         raise SDiTError(f"{config.run} was trained on every record (--holdout 0): no draw is held out; retrain "
                         "with --holdout F, or pass --holdout F to evaluate on records it may have seen")
-    if config.holdout is None and train.get("store") and not same_store(train["store"], config.store):
+    if config.holdout is None and train.get("store") and not same_location(train["store"], config.store):
         raise SDiTError(f"{config.run} was trained on {train['store']}, not {config.store}: its held-out split "
                         "is only defined there (pass --holdout and --split-seed to evaluate on this store anyway)")
     seed = config.split_seed if config.split_seed is not None else int(train.get("split_seed", 0))
     labels = config.labels or train.get("labels") or "default"
     return HeldOut(labels, Split(float(holdout), seed), "options" if config.holdout is not None else "run")
-
-
-def same_store(a: str, b: str) -> bool:
-    local = ("://" not in a) and ("://" not in b)
-    return Path(a).resolve() == Path(b).resolve() if local else a.rstrip("/") == b.rstrip("/")
 
 
 # --- teacher agreement -----------------------------------------------------------------------------------

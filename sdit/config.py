@@ -36,6 +36,13 @@ SCHEDULERS = {
 }
 
 
+def check_scheduler(name: str, option: str | None = None) -> None:
+    """A sampler's name, refused in one line (naming the CLI `option` it came from) when not one of SCHEDULERS."""
+    if name not in SCHEDULERS:
+        said = f"{option} {name!r}" if option else f"unknown scheduler {name!r}"
+        raise SDiTError(f"{said}: choose one of {', '.join(SCHEDULERS)}")
+
+
 class Kind(IntEnum):
     NONE = 0
     INPUT = 1
@@ -158,8 +165,8 @@ class SynthesisConfig:
             raise SDiTError("--synthesize and --synth-steps must be at least 1")
         if self.guidance < 0:
             raise SDiTError(f"--synth-guidance {self.guidance}: the CFG scale cannot be negative")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise SDiTError(f"--synth-scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.scheduler is not None:
+            check_scheduler(self.scheduler, "--synth-scheduler")
 
     @property
     def guided(self) -> bool:

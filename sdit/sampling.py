@@ -14,8 +14,7 @@ import torch
 
 # Relative imports: run folders carry a copy of this module (sdit.pipeline_sdit imports it), which loads where
 # sdit is not installed.
-from .config import SCHEDULERS
-from .errors import SDiTError
+from .config import SCHEDULERS, check_scheduler
 from .latents import from_latent_space
 from .text import encode_text
 
@@ -24,8 +23,7 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 
 
 def make_scheduler(name: str, config: dict):
-    if name not in SCHEDULERS:
-        raise SDiTError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    check_scheduler(name)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 

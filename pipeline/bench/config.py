@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SCHEDULERS, SD15_CONFIG_DIR, TOY_TEACHER, PerturbConfig,
+from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SD15_CONFIG_DIR, TOY_TEACHER, PerturbConfig,
+                         check_scheduler,
                          vae_factor)
 from sdit.errors import SDiTError
 from sdit.presets import DEFAULT_PRESETS, PRESETS
@@ -72,8 +73,7 @@ class BenchSampleConfig:
     dtype: str = "auto"
 
     def check(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise SDiTError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        check_scheduler(self.scheduler, "--scheduler")
         if min(self.images, self.steps, self.repeats) < 1:
             raise SDiTError("--images, --steps and --repeats must be at least 1")
         if unknown := [p for p in (self.student, *self.presets) if p not in PRESETS]:
@@ -176,9 +176,8 @@ class Sd15Config:
                self.speed_steps) < 1:
             raise SDiTError("--records, --draws, --train-steps, --batch-size, --sample-steps, --speed-images and "
                             "--speed-steps must be at least 1")
-        for name in (self.scheduler, self.synth_scheduler):
-            if name not in SCHEDULERS:
-                raise SDiTError(f"scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+        check_scheduler(self.scheduler, "--scheduler")
+        check_scheduler(self.synth_scheduler, "--synth-scheduler")
 
     @property
     def teacher_config(self) -> str | None:
