@@ -18,8 +18,9 @@ import typer
 
 # Option defaults and choices come from torch-free config modules, never typed here twice; each command imports
 # the stage it runs (torch, diffusers, transformers) only when it runs.
-from pipeline.bench.config import (BenchEncodeConfig, BenchLabelConfig, BenchSampleConfig, BenchTrainConfig,
-                                   DistillConfig, MemoryConfig, Sd15Config, SubstitutionConfig)
+from pipeline.bench.config import (BenchEncodeConfig, BenchLabelConfig, BenchSampleConfig, BenchTrainConfig, MemoryConfig,
+                                   Sd15Config)
+from pipeline.experiments.config import DistillConfig, SubstitutionConfig
 from pipeline.config import (EncodeConfig, EvalConfig, InitConfig, InspectConfig, LabelConfig, SampleConfig,
                              TIMESTEP_SAMPLING, TrainConfig)
 from sdit.config import SCHEDULERS, TOY_TEACHER, PerturbConfig, SynthesisConfig
@@ -510,7 +511,7 @@ def bench_distill(
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
     with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
-    from pipeline.bench.distill import distill, format_report, load_variants, longest_steps
+    from pipeline.experiments.distill import distill, format_report, load_variants, longest_steps
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
     config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else _names(runs),
@@ -554,7 +555,7 @@ def bench_substitution(
     """How many records the teacher is worth: `bench distill` at each size of the limited split (same student,
     steps, seed and scoring), the figures per size and run, and the data multiplier. Every other option is
     `bench distill`'s default; `bench distill --sizes` takes them all."""
-    from pipeline.bench.distill import load_variants
+    from pipeline.experiments.distill import load_variants
 
     config = DistillConfig(out=out, teacher=teacher, runs=_names(runs), draws=draws, steps=steps,
                            batch_size=batch_size, per_prompt=per_prompt, sample_steps=sample_steps, seed=seed,
@@ -564,8 +565,8 @@ def bench_substitution(
 
 
 def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
-    from pipeline.bench.distill import longest_steps
-    from pipeline.bench.substitution import format_substitution, substitution
+    from pipeline.experiments.distill import longest_steps
+    from pipeline.experiments.substitution import format_substitution, substitution
 
     with _stage_bars(longest_steps(config.distill)) as (stage, on_step):
         result = substitution(config, stage, on_step)
@@ -610,7 +611,7 @@ def bench_evaluator(
 ):
     """The shapes world's attribute evaluator: accuracy per attribute on clean, noisy, blurred and independently
     drawn images; "none" on images that hold no single shape; images read per second."""
-    from pipeline.bench.evaluator import benchmark, format_evaluator_table
+    from pipeline.experiments.reader import benchmark, format_evaluator_table
 
     report = benchmark(images, seed)
     _report(format_evaluator_table(report), report, json_out)

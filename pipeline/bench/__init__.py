@@ -1,4 +1,4 @@
-"""`sdit bench`: what each stage costs where it runs, and the shapes-world experiment.
+"""`sdit bench`: what each stage costs where it runs (the shapes-world experiments are in pipeline/experiments).
 
     encode.py     `sdit bench encode`
     label.py      `sdit bench label`
@@ -6,8 +6,6 @@
     sample.py     `sdit bench sample`
     sd15.py       `sdit bench sd15` (every stage with SD 1.5's architecture at 512 px; the GPU check)
     memory.py     `sdit bench memory` (peak memory of a training step at 512 px; per-GPU batches)
-    distill.py    `sdit bench distill` (the shapes world: students with and without the teacher)
-    evaluator.py  `sdit bench evaluator` (the shapes world's attribute evaluator)
     startup.py    `sdit bench startup` (seconds from `sdit --help` to its answer)
 
 What they share lives here: the default tiny teacher and generated store, the matmul ceiling, JSON output.

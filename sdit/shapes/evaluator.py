@@ -53,7 +53,7 @@ CPU cores; the blank, noise, two-shape, blob, polygon and scribble rows are 300 
     (measured before the JPEG changes; with the cores loaded 3x over this run read 340/s, and old
     and new code timed side by side on that load did not differ beyond its noise)
 
-"independent" is 3,000 images drawn without the world's rasteriser (`pipeline.bench.evaluator.
+"independent" is 3,000 images drawn without the world's rasteriser (`pipeline.experiments.reader.
 independent_image`): whole-pixel ImageDraw outlines straight at 64 px, scaled 0.8 to 1.25x, turned
 up to 10 degrees, saved as JPEG 75. Its misses are "none", almost never another shape, and are small
 (11 to 17 px) rings and stars, mostly on grey, where JPEG's half-resolution chroma fills a ring's

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.bench import evaluator as robustness
+from pipeline.experiments import reader as robustness
 from sdit.errors import SDiTError
 from sdit.shapes import evaluator, world
 from sdit.shapes.evaluator import Reading

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.bench.distill import DistillConfig, Progress, distill, plot_scores
+from pipeline.experiments.distill import DistillConfig, Progress, distill, plot_scores
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replace_text
 from sdit.teacher import load_teacher
-from pipeline.bench.config import SubstitutionConfig
+from pipeline.experiments.config import SubstitutionConfig
 
 
 def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None,

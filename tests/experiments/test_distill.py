@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
-from pipeline.bench.distill import DistillConfig, load_variants, longest_steps, teacher_samples, train_side_by_side
+from pipeline.experiments.distill import DistillConfig, load_variants, longest_steps, teacher_samples, train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics
 from sdit.loader import LabelledStore
@@ -102,7 +102,7 @@ def test_bad_training_options_are_refused_before_any_work(tiny_teacher, tmp_path
 
 
 def test_steps_to_reach_interpolates_between_curve_points():
-    from pipeline.bench.distill import steps_to_reach
+    from pipeline.experiments.distill import steps_to_reach
 
     curve = [{"step": 0, "seen_acc": 0.0}, {"step": 100, "seen_acc": 0.2}, {"step": 200, "seen_acc": 0.6}]
     assert steps_to_reach(curve, 0.2) == 100

@@ -73,7 +73,7 @@ from sdit.images import captioned_grid
 from sdit.pipeline_sdit import SDiTPipeline
 from sdit.synthesize import SynthesisConfig
 from sdit.teacher import DATA_DIR, load_teacher
-from pipeline.bench.config import (GUIDED_LABELS, LABEL_OPTIONS, PERTURBED, PLAIN, PROMPTS_PER_PAIR, RECIPES,
+from pipeline.experiments.config import (GUIDED_LABELS, LABEL_OPTIONS, PERTURBED, PLAIN, PROMPTS_PER_PAIR, RECIPES,
                                    TRAIN_OPTIONS, DistillConfig, Recipe, check_variant)
 from sdit.config import TOY_TEACHER
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.bench.substitution import records_to_reach
+from pipeline.experiments.substitution import records_to_reach
 from sdit.tiny import save_tiny_teacher
 
 
@@ -49,7 +49,7 @@ def test_bad_sizes_are_refused_in_one_line(tiny_teacher, tmp_path, command):
 
 
 def test_a_rerun_reads_back_the_sizes_already_measured(tiny_teacher, tmp_path, monkeypatch):
-    from pipeline.bench import substitution as module
+    from pipeline.experiments import substitution as module
 
     out = tmp_path / "sub"
     args = ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher), "--sizes", "12,24",

@@ -1,0 +1,149 @@
+"""The shapes-world experiments' configs, without torch (the CLI reads their defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdit.config import TOY_TEACHER, PerturbConfig
+from sdit.errors import SDiTError
+from sdit.presets import PRESETS
+
+
+# Real pairs, with the empty caption one draw in ten so that every student can use classifier-free guidance.
+PLAIN = PerturbConfig(mix={"none": 0.9, "null": 0.1})
+
+
+PERTURBED = PerturbConfig()  # the default mix: none, input, swap, mix, null (swap and mix at high noise only)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    labels: str  # the kind of labelling the run trains on: plain, perturbed, synthetic or guided
+    kd_weight: float
+    task_weight: float = 1.0
+
+
+RECIPES = {
+    "no_teacher": Recipe("plain", 0.0),
+    "kd": Recipe("plain", 1.0),
+    "kd_perturb": Recipe("perturbed", 1.0),
+    "kd_synth": Recipe("synthetic", 1.0),
+    "kd_guided": Recipe("guided", 1.0, task_weight=0.0),  # guided targets: the true noise is no target
+}
+
+
+GUIDED_LABELS = "guided"
+
+
+# What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
+# training's. Each takes the type given.
+LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str}
+
+
+TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "high_noise_weight": float, "kd_weight": float,
+                 "task_weight": float, "student": str}
+
+
+PROMPTS_PER_PAIR = 6  # each shape-colour pair of the evaluation prompts: 3 backgrounds x 2 sizes
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    out: str = "runs/distill"
+    teacher: str = str(TOY_TEACHER)
+    runs: tuple[str, ...] = tuple(RECIPES)
+    # More runs, each a recipe of RECIPES with some options changed: name -> {"from": recipe, option: value}
+    # (LABEL_OPTIONS, TRAIN_OPTIONS). The tuning tables are such files (`load_variants`).
+    variants: dict[str, dict] = field(default_factory=dict)
+    synth_samples: int = 1  # teacher samples per prompt for kd_synth
+    # The prompt bank: this many prompts of each of the 36 shape-colour pairs (None: all 1,944). 12 (432 prompts)
+    # covers the world evenly at 4.5x fewer teacher forwards for kd_synth's samples.
+    bank_per_pair: int | None = 12
+    records: int = 1000  # the limited split
+    draws: int = 8
+    student: str = "SDiT-T/2"
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3  # 3e-3 learnt shapes sooner than 1e-3 for both kinds of student (1,000-step runs)
+    warmup: int = 100
+    ema_decay: float = 0.999
+    high_noise_weight: float = 5.0  # every run's (0: off); it helped every student (docs/shapes-world.md)
+    holdout: float = 0.05  # records kept out of training, for the teacher-agreement figure
+    per_prompt: int = 2  # samples per evaluation prompt
+    sample_steps: int = 25
+    guidance: float = 3.0  # students and teacher; better than 5 for both (docs/shapes-world.md)
+    guidance_range: tuple[float, float] = (1.0, 5.0)  # kd_guided's labels: w drawn per draw from this window
+    seed: int = 0
+    perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)
+    curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
+    curve_prompts: int = 2  # per shape-colour pair of the evaluation prompts (of 6), for the curves
+    jobs: int = 0  # runs trained side by side, each in its own process (0: as many as runs, up to the cores)
+    # The teacher's samples, kept for reruns with the same teacher, prompts, noise and sampler (None: in OUT).
+    teacher_samples: str | None = None
+
+    def check(self) -> None:
+        if unknown := [r for r in self.runs if r not in RECIPES]:
+            raise SDiTError(f"unknown runs {unknown}; choose from {list(RECIPES)}")
+        if not self.runs and not self.variants:
+            raise SDiTError("no runs: name some with --runs or give --variants")
+        for name, options in self.variants.items():
+            check_variant(name, options)
+        if clash := set(self.runs) & set(self.variants):
+            raise SDiTError(f"variants {sorted(clash)} are also runs of --runs: give them other names")
+        if self.student not in PRESETS:
+            raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
+        if self.jobs < 0:
+            raise SDiTError("--jobs must be at least 0 (0: as many as runs, up to the cores)")
+        if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR:
+            raise SDiTError(f"--curve-points must be >= 0 and --curve-prompts in 1..{PROMPTS_PER_PAIR}")
+        if not Path(self.teacher).exists():
+            raise SDiTError(f"teacher not found: {self.teacher} (the toy teacher ships in data/toy-sd)")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every run of the experiment: --runs, then the variants."""
+        return (*self.runs, *self.variants)
+
+
+def check_variant(name: str, options: dict) -> None:
+    """A variant's name and options, refused in one line when wrong."""
+    if not name.replace("_", "").replace("-", "").isalnum() or name in RECIPES or name.startswith("init"):
+        raise SDiTError(f"variant {name!r}: use letters, digits, '_' and '-', and not a run's name or 'init...'")
+    if options.get("from") not in RECIPES:
+        raise SDiTError(f"variant {name!r}: say which run it changes, from = one of {list(RECIPES)}")
+    allowed = LABEL_OPTIONS | TRAIN_OPTIONS
+    for key, value in options.items():
+        if key == "from":
+            continue
+        if key not in allowed:
+            raise SDiTError(f"variant {name!r}: unknown option {key!r}; choose from {', '.join(allowed)}")
+        kind = allowed[key]
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
+    if "student" in options and options["student"] not in PRESETS:
+        raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
+    if "perturb" in options:  # a mix that does not sum to 1 is refused before the experiment starts
+        try:
+            PerturbConfig.from_option(options["perturb"])
+        except SDiTError as err:
+            raise SDiTError(f"variant {name!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SubstitutionConfig:
+    sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000)  # records in the limited split
+    multiplier_at: int = 1000  # N of the data multiplier: one of the sizes
+    reference: str = "kd_perturb"  # the teacher run whose seen accuracy at N the no-teacher run must reach
+    # Everything else as `bench distill` (runs, steps, student, seed, ...), without curves.
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(
+        out="runs/substitution", runs=("no_teacher", "kd_perturb"), curve_points=0))
+
+    def check(self) -> None:
+        self.distill.check()
+        if len(self.sizes) < 2 or sorted(set(self.sizes)) != list(self.sizes) or self.sizes[0] < 1:
+            raise SDiTError(f"--sizes {','.join(map(str, self.sizes))}: give two or more record counts, increasing")
+        if self.multiplier_at not in self.sizes:
+            raise SDiTError(f"--multiplier-at {self.multiplier_at} is not one of --sizes {list(self.sizes)}")
+        if not {"no_teacher", self.reference} <= set(self.distill.names):
+            raise SDiTError(f"the data multiplier compares no_teacher with {self.reference}: both must be in --runs")
