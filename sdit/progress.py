@@ -1,6 +1,6 @@
 """How the CLI shows progress: a bar on a terminal, a plain line at a steady interval in a log.
 
-The library reports progress through callbacks; the CLI renders them with `progress_bar`. With stderr attached
+The library reports progress through a `Progress` callback; the CLI renders it with `progress_bar`. With stderr attached
 to a terminal that is tqdm's bar. Under SLURM, nohup or a pipe a bar would be one endless line of carriage
 returns (or nothing at all), so `LogProgress` writes a line every `SDIT_PROGRESS_INTERVAL` seconds (default 30)
 and one at the end: items done, rate, time left, and what the command shows beside the bar (the loss).
@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import IO
+
+Progress = Callable[[int], None]
+"""How long work reports progress: called with the number of units (images, steps, records) just finished."""
+
+
+def no_progress(done: int) -> None:
+    """A `Progress` for callers that show none."""
 
 INTERVAL_ENV = "SDIT_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL = 30.0  # seconds between two lines of a log
