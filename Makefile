@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo docs results bench bench-substitution tune-labels-only tune-best-run bench-sd15 bench-gpu clean
+.PHONY: install lint test test-fast demo docs results bench bench-substitution tune-labels-only tune-best-run bench-sd15 bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	touch $@
+
+# ruff's rules and settings are in pyproject.toml ([tool.ruff]).
+lint: install
+	$(BIN)/ruff check .
 
 test: install
 	$(BIN)/python -m pytest -q
