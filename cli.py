@@ -851,9 +851,9 @@ def toy_train(
 def toy_eval(
     teacher: Annotated[str, typer.Option("--teacher", "-t", show_default="data/toy-sd", help="A toy teacher folder.")] = str(TOY_TEACHER),
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen).")] = 4,
-    guidance: Guidance = 5.0,
-    steps: Steps = 25,
-    seed: Annotated[int, typer.Option(help="Image i of a prompt uses noise from seed + i.")] = 0,
+    guidance: Guidance = toy.EVAL_GUIDANCE,
+    steps: Steps = toy.EVAL_STEPS,
+    seed: Annotated[int, typer.Option(help="Image i of each prompt set uses noise from seed + i, as in bench distill.")] = 0,
     json_out: JsonOut = None,
 ):
     """Sample the teacher for held-out and seen prompts and read the samples: accuracy per attribute."""
@@ -861,9 +861,9 @@ def toy_eval(
     from dataclasses import asdict
 
     start = time.monotonic()
-    from sdit.shapes.toy import evaluate_teacher, format_scores
+    from sdit.shapes.samples import format_scores, score_teacher
 
-    scores = evaluate_teacher(teacher, per_prompt, guidance, steps, seed)
+    scores = score_teacher(teacher, per_prompt, guidance, steps, seed)
     _report(format_scores(scores), {k: asdict(v) for k, v in scores.items()}, json_out)
     typer.echo(f"({time.monotonic() - start:.0f} s; DDIM {steps} steps, guidance {guidance}, {per_prompt} images "
                "per prompt)")

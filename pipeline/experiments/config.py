@@ -8,6 +8,7 @@ from pathlib import Path
 from sdit.config import TOY_TEACHER, PerturbConfig
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
+from sdit.shapes.config import EVAL_GUIDANCE, EVAL_STEPS
 
 
 # Real pairs, with the empty caption one draw in ten so that every student can use classifier-free guidance.
@@ -71,8 +72,8 @@ class DistillConfig:
     high_noise_weight: float = 5.0  # every run's (0: off); it helped every student (docs/shapes-world.md)
     holdout: float = 0.05  # records kept out of training, for the teacher-agreement figure
     per_prompt: int = 2  # samples per evaluation prompt
-    sample_steps: int = 25
-    guidance: float = 3.0  # students and teacher; better than 5 for both (docs/shapes-world.md)
+    sample_steps: int = EVAL_STEPS
+    guidance: float = EVAL_GUIDANCE  # students and teacher
     guidance_range: tuple[float, float] = (1.0, 5.0)  # kd_guided's labels: w drawn per draw from this window
     seed: int = 0
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)

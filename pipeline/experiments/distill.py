@@ -62,8 +62,7 @@ from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
 from pipeline.train import METRICS, TrainConfig, checkpoint_dirs, read_metrics, train
-from sdit import sampling
-from sdit.shapes import evaluator, world
+from sdit.shapes import evaluator, samples, world
 from sdit.dit import PRESETS
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replace_text, replacing
@@ -451,24 +450,18 @@ def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str]
             ema: Path | None = None) -> list:
     """(H, W, 3) uint8 images of a student run (with the EMA weights of checkpoint file `ema` when given), or of
     the teacher (run=None); image i starts from the noise of seed config.seed + i whichever model draws it."""
-    pipe = SDiTPipeline.from_pretrained(run) if run is not None else None
-    if pipe is not None:
-        pipe.set_progress_bar_config(disable=True)
-        if ema is not None:
-            load_model(pipe.transformer, str(ema))
-    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
+    if run is None:
+        return samples.sample_teacher(teacher, prompts, config.sample_steps, config.guidance, config.seed, batch)
+    pipe = SDiTPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    if ema is not None:
+        load_model(pipe.transformer, str(ema))
     made = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        gens = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(chunk))]
-        noise = sampling.initial_noise(shape, gens, torch.device("cpu"))
-        if pipe is None:
-            scheduler = sampling.make_scheduler("ddim", teacher.scheduler_config)
-            made += list(sampling.teacher_images(teacher, chunk, None, noise, scheduler, config.sample_steps,
-                                                 config.guidance, torch.device("cpu")))
-        else:
-            made += [np.asarray(i) for i in pipe(chunk, latents=noise, num_inference_steps=config.sample_steps,
-                                                  guidance_scale=config.guidance).images]
+        noise = samples.seeded_noise(samples.latent_shape(teacher), config.seed, start, len(chunk))
+        made += [np.asarray(i) for i in pipe(chunk, latents=noise, num_inference_steps=config.sample_steps,
+                                              guidance_scale=config.guidance).images]
     return made
 
 

@@ -1,4 +1,5 @@
-"""The toy teacher's sizes and training configs, without torch (the CLI reads their defaults)."""
+"""The toy teacher's sizes and training configs, and the evaluation sampler's settings, without torch (the CLI
+reads their defaults)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from sdit.shapes import world
 
 
 TOKENS = 77  # CLIP's context; SD pads every caption to it, and so do we
+# Every evaluation sample (`sdit toy eval`, the experiment's teacher and students): DDIM steps and the guidance
+# scale, 3 rather than 5 for students and teacher alike (docs/shapes-world.md).
+EVAL_STEPS = 25
+EVAL_GUIDANCE = 3.0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ checkpointing atomically every `checkpoint_every` steps (a rerun with `resume` c
     save_teacher(models, out)          model_index.json, vae/, text_encoder/, tokenizer/, unet/, scheduler/
 
     sdit toy train OUT_DIR [--minutes M] [--resume] [--work-dir DIR]
-    sdit toy eval DIR [--per-prompt K] [--guidance W]
+    sdit toy eval [--teacher DIR] [--per-prompt K] [--guidance W]   (sdit.shapes.samples)
 
 Randomness: step k of a stage draws its batch, noise and timesteps from a generator seeded with
 (stage seed, k), so a resumed run repeats an uninterrupted one exactly.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -37,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdit.shapes import evaluator, world
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
+from sdit.files import replace_folder
 from sdit.latents import to_latent_space
 from sdit.losses import check_high_noise_weight, high_noise_weight
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
@@ -328,15 +328,7 @@ def save_teacher(models: ToyModels, out: Path, readme: str | None = None,
         (tmp / "README.md").write_text(readme)
     elif keep.exists():
         (tmp / "README.md").write_text(keep.read_text())
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out
+    return replace_folder(tmp, out)
 
 
 def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | None = None, resume: bool = False,
@@ -389,50 +381,3 @@ def _check_config(file: Path, config: ToyConfig, resume: bool) -> None:
 
 def parameter_counts(models: ToyModels) -> dict[str, int]:
     return {n: sum(p.numel() for p in getattr(models, n).parameters()) for n in ("vae", "text_encoder", "unet")}
-
-
-# --- evaluation -------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_images(teacher_dir: str | Path, prompts: list[str], per_prompt: int = 4, guidance: float = 5.0,
-                  steps: int = 25, seed: int = 0, batch_prompts: int = 64) -> list[np.ndarray]:
-    """DDIM samples from the teacher through diffusers' StableDiffusionPipeline: (H, W, 3) floats in [0, 1],
-    `per_prompt` per prompt, prompt-major."""
-    from diffusers import StableDiffusionPipeline
-
-    from sdit.teacher import load_teacher
-
-    t = load_teacher(teacher_dir)
-    pipe = StableDiffusionPipeline(vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=t.unet,
-                                   scheduler=DDIMScheduler.from_config(t.scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(seed)
-    out: list[np.ndarray] = []
-    for i in range(0, len(prompts), batch_prompts):
-        images = pipe(prompts[i:i + batch_prompts], num_images_per_prompt=per_prompt, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=g, output_type="np").images
-        out += list(images)
-    return out
-
-
-def evaluate_teacher(teacher_dir: str | Path, per_prompt: int = 4, guidance: float = 5.0, steps: int = 25,
-                     seed: int = 0) -> dict[str, evaluator.Score]:
-    """Per-attribute accuracy of the teacher's samples for held-out and seen evaluation prompts."""
-    scores = {}
-    for name, prompts in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts())):
-        images = sample_images(teacher_dir, [p.text for p in prompts], per_prompt, guidance, steps, seed)
-        asked = [p for p in prompts for _ in range(per_prompt)]
-        scores[name] = evaluator.score(evaluator.evaluate_batch(images), asked)
-    return scores
-
-
-def format_scores(scores: dict[str, evaluator.Score]) -> str:
-    """A markdown table: accuracy per attribute (with its standard error) for each prompt set."""
-    lines = ["| prompts | images | " + " | ".join(world.ATTRIBUTE_NAMES) + " |",
-             "|---|---|" + "---|" * len(world.ATTRIBUTE_NAMES)]
-    for name, s in scores.items():
-        cells = [f"{a:.3f} ± {math.sqrt(a * (1 - a) / s.count):.3f}" for a in s.accuracy.values()]
-        lines.append(f"| {name} | {s.count} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

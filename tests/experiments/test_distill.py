@@ -252,3 +252,27 @@ def test_killing_the_experiment_ends_the_runs_training_beside_it(tiny_teacher, t
     steps = [len(read_metrics(m)) for m in metrics]
     time.sleep(1.0)
     assert [len(read_metrics(m)) for m in metrics] == steps  # nothing writes there any more
+
+
+def test_toy_eval_scores_the_teacher_as_the_experiments_teacher_row(tmp_path):
+    """`sdit toy eval` and the teacher's row of the experiment sample one code path: same settings, same scores."""
+    import inspect
+
+    from cli import toy_eval
+    from pipeline.experiments.distill import scores
+    from sdit.shapes import evaluator, samples
+
+    defaults = {name: p.default for name, p in inspect.signature(toy_eval).parameters.items()}
+    assert (defaults["guidance"], defaults["steps"]) == (DistillConfig.guidance, DistillConfig.sample_steps)
+    assert defaults["teacher"] == DistillConfig.teacher
+    prompts = {"heldout": world.heldout_prompts()[::24], "seen": world.seen_prompts()[::30]}  # 4 of each
+    config = DistillConfig(out=str(tmp_path), per_prompt=1, sample_steps=5, seed=7)
+    toy = samples.score_teacher(config.teacher, config.per_prompt, config.guidance, config.sample_steps, config.seed,
+                                prompts)
+    asked = samples.repeat(prompts, config.per_prompt)
+    images, _ = teacher_samples(config, tmp_path, load_teacher(config.teacher),
+                                {split: [p.text for p in plist] for split, plist in asked.items()})
+    row = scores({split: evaluator.evaluate_batch(images[split]) for split in asked}, asked)
+    for split in asked:
+        assert json.dumps(row[f"{split}_attributes"]) == json.dumps(toy[split].accuracy)
+    assert row["seen_attributes"]["colour"] > 0.5  # a teacher that draws the world: the scores say something

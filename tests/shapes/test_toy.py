@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdit.shapes import evaluator, toy
+from sdit.shapes import evaluator, samples, toy
 from sdit.convert import to_original_layout
 from sdit.errors import SDiTError
 from sdit.teacher import DATA_DIR, load_teacher
@@ -146,9 +146,8 @@ def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
         assert _same(getattr(folder, name), getattr(single, name)), name
     assert single.identity.hashes == folder.identity.hashes
 
-    images = toy.sample_images(out, ["a red circle on a white background"], per_prompt=2, steps=2)
-    assert len(images) == 2 and images[0].shape == (32, 32, 3)
-    assert np.all((images[0] >= 0) & (images[0] <= 1))
+    images = samples.sample_teacher(folder, ["a red circle on a white background"] * 2, steps=2)
+    assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
 
 
 def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
@@ -159,7 +158,6 @@ def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
     file = tmp_path / "toy-sd.safetensors"
     save_file(to_original_layout(folder.unet, folder.vae, folder.text_encoder), file)
     assert load_teacher(file, config_dir=DATA_DIR / "toy-sd").identity.hashes == folder.identity.hashes
-    images = toy.sample_images(DATA_DIR / "toy-sd", ["a large red square in the center on a white background"],
-                               per_prompt=2, steps=20, guidance=5.0)
-    readings = evaluator.evaluate_batch([(i * 255).round().astype(np.uint8) for i in images])
+    images = samples.sample_teacher(folder, ["a large red square in the center on a white background"] * 2, steps=20)
+    readings = evaluator.evaluate_batch(images)
     assert [(r.shape, r.colour, r.background) for r in readings] == [("square", "red", "white")] * 2
