@@ -3,7 +3,7 @@
 Teacher agreement (with STORE): the student's ε on the held-out split of the store's labelled draws (the
 records that `sdit train --holdout F` kept out, chosen per record from the split seed), against the stored
 teacher ε_T: MSE over the latent's elements, per draw, averaged overall, per timestep bucket and per
-perturbation kind. The inputs are rebuilt exactly as the teacher saw them (sdit.loader): no teacher is loaded.
+perturbation kind. The inputs are rebuilt exactly as the teacher saw them (sdit.agreement): no teacher is loaded.
 
 The sampling protocol (with --prompts or --references; pipeline/eval_samples.py): the student, and with
 --teacher the teacher beside it from the same prompts, seeds, noise, scheduler, steps and guidance, sampled
@@ -16,18 +16,19 @@ moves those figures is recorded with them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sdit.agreement import agreement, check_fit
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
 from sdit.files import check_folder
-from sdit.loader import DrawStream, LabelledStore, Split
-from sdit.perturb import Kind
+from sdit.loader import LabelledStore, Split
+from sdit.progress import Progress, no_progress
 from sdit.run import read_run, same_location
 from pipeline.config import EvalConfig
 
@@ -64,91 +65,16 @@ def held_out(config: EvalConfig, run: dict) -> HeldOut:
 
 
 # --- teacher agreement -----------------------------------------------------------------------------------
-@dataclass
-class Agreement:
-    """Running sums of per-draw squared errors, by timestep bucket and by perturbation kind."""
-
-    buckets: int
-    timesteps: int  # T: the teacher's training steps
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n_kinds = len(Kind)
-        self.sums = {"bucket": np.zeros(self.buckets), "bucket_n": np.zeros(self.buckets, np.int64),
-                     "kind": np.zeros(n_kinds), "kind_n": np.zeros(n_kinds, np.int64),
-                     "task": np.zeros(2), "task_n": np.zeros(1, np.int64)}
-
-    def add(self, mse: np.ndarray, timesteps: np.ndarray, kind: np.ndarray, task: np.ndarray | None = None,
-            task_teacher: np.ndarray | None = None) -> None:
-        """mse, timesteps, kind: (B,); task, task_teacher: the student's and the teacher's MSE to the true
-        noise on the draws where it is a target."""
-        s = self.sums
-        bucket = np.minimum(timesteps * self.buckets // self.timesteps, self.buckets - 1)
-        np.add.at(s["bucket"], bucket, mse)
-        np.add.at(s["bucket_n"], bucket, 1)
-        np.add.at(s["kind"], kind, mse)
-        np.add.at(s["kind_n"], kind, 1)
-        if task is not None and len(task):
-            s["task"] += [task.sum(), task_teacher.sum()]
-            s["task_n"] += len(task)
-
-    def result(self) -> dict:
-        s, width = self.sums, self.timesteps / self.buckets
-        draws = int(s["bucket_n"].sum())
-        by_t = [{"from": int(round(i * width)), "to": int(round((i + 1) * width)) - 1, "draws": int(n),
-                 "mse": float(v / n) if n else None} for i, (v, n) in enumerate(zip(s["bucket"], s["bucket_n"]))]
-        by_kind = {k.name.lower(): {"draws": int(s["kind_n"][k]), "mse": float(s["kind"][k] / s["kind_n"][k])}
-                   for k in Kind if s["kind_n"][k]}
-        n_task = int(s["task_n"][0])
-        task = {"draws": n_task, "student_mse": float(s["task"][0] / n_task) if n_task else None,
-                "teacher_mse": float(s["task"][1] / n_task) if n_task else None}
-        return {"draws": draws, "mse": float(s["bucket"].sum() / draws) if draws else None,
-                "by_timestep": by_t, "by_kind": by_kind, "true_noise": task}
-
-
-def check_fit(data: LabelledStore, student, run: dict) -> None:
-    """One-line refusals where the student's ε cannot be compared with these labels."""
-    cfg = student.config
-    c, _, _ = data.manifest.latent_shape
-    if c != cfg.in_channels or data.manifest.text_shape[1] != cfg.text_dim:
-        raise SDiTError(f"the store's latents ({c} channels) and text ({data.manifest.text_shape[1]} wide) do not "
-                        f"fit the student ({cfg.in_channels} channels, text {cfg.text_dim} wide)")
-    for part in ("vae", "text_encoder"):
-        if run["teacher"]["hashes"].get(part) != data.manifest.teacher["hashes"].get(part):
-            raise SDiTError(f"the run's {part.replace('_', ' ')} is not the one the store was encoded with "
-                            f"({data.manifest.teacher['path']}): the student was not trained on this store")
-    if data.labels.guided != bool(cfg.guidance_embed):
-        raise SDiTError("guided labels need a guidance-distilled student, and only they do: this run and "
-                        f"labels {data.group.split('/')[-1]!r} do not belong together")
-
-
-@torch.no_grad()
 def teacher_agreement(config: EvalConfig, split: HeldOut, run: dict, device: torch.device, dtype: torch.dtype,
-                      progress: Callable[[int], None] | None = None,
-                      on_total: Callable[[int], None] | None = None) -> dict:
-    from sdit.losses import draw_errors
+                      progress: Progress = no_progress, on_total: Callable[[int], None] | None = None) -> dict:
+    """The run's student against the teacher on the held-out draws (sdit.agreement)."""
     from sdit.run import load_student
 
     data = LabelledStore(config.store, split.labels)
     student = load_student(config.run).to(device, dtype).eval()
     check_fit(data, student, run)
-    stream = DrawStream(data, config.batch_size, split=split.split, train=False, shuffle=False, repeat=False)
-    total = min(stream.total, config.limit) if config.limit else stream.total
-    if on_total:
-        on_total(total)
-    sums = Agreement(config.buckets, len(data.schedule.alphas_cumprod))
-    seen = 0
-    for batch in stream:
-        if seen >= total:
-            break
-        batch = batch.head(min(len(batch), total - seen))
-        errors = draw_errors(student, batch, device, dtype)
-        sums.add(errors.teacher.double().numpy(), batch.timesteps.numpy(), batch.kind.numpy(),
-                 errors.task.double().numpy(), errors.task_teacher.double().numpy())
-        seen += len(batch)
-        if progress:
-            progress(len(batch))
-    return sums.result()
+    return agreement(student, data, split.split, device, batch_size=config.batch_size, limit=config.limit,
+                     buckets=config.buckets, dtype=dtype, progress=progress, on_total=on_total)
 
 
 # --- CLIP score ------------------------------------------------------------------------------------------
@@ -201,7 +127,7 @@ def load_clip(folder: str | Path, device: torch.device) -> Clip:
 
 
 # --- the stage ---------------------------------------------------------------------------------------------
-def evaluate(config: EvalConfig, progress: Callable[[int], None] | None = None,
+def evaluate(config: EvalConfig, progress: Progress = no_progress,
              on_stage: Callable[[str, int], None] | None = None) -> dict:
     """Teacher agreement on the held-out draws (with a store), then the sampling protocol (with prompts or
     references). `on_stage(name, total)` starts each stage, `progress(n)` counts its items."""

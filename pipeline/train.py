@@ -36,19 +36,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdit.agreement import agreement, check_fit
 from sdit.devices import setup_worker
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replace_text, replacing
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
-from sdit.losses import (check_high_noise_weight, distillation_loss, draw_errors, draw_weight, timestep_weight,
-                         true_noise_mask)
+from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import (load_student, location, read_run, same_location, save_student, student_folder,
                       update_run)
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
-from pipeline.config import LOGS, TrainConfig
+from pipeline.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -182,26 +182,9 @@ def option(name: str, value=...) -> str:
     return f"{flag} {'none' if value is None else value}"
 
 
-def check_fit(data: LabelledStore, student: SDiT, run: dict, config: TrainConfig) -> None:
-    """One-line refusals for a store the student cannot learn from."""
-    c, h, w = data.manifest.latent_shape
-    cfg = student.config
-    if c != cfg.in_channels or h != cfg.sample_size or w != cfg.sample_size:
-        raise SDiTError(f"the store's latents are {c}x{h}x{w}; the student takes {cfg.in_channels}x{cfg.sample_size}"
-                        f"x{cfg.sample_size} (make the run with `sdit init` for this teacher, or --student)")
-    if data.manifest.text_shape[1] != cfg.text_dim:
-        raise SDiTError(f"the store's text embeddings are {data.manifest.text_shape[1]} wide; the student takes "
-                        f"{cfg.text_dim}")
-    for part in ("vae", "text_encoder"):
-        mine, theirs = run["teacher"]["hashes"].get(part), data.manifest.teacher["hashes"].get(part)
-        if mine != theirs:
-            raise SDiTError(f"the run folder's {part.replace('_', ' ')} is not the one the store was encoded with "
-                            f"({data.manifest.teacher['path']}); init the run from that teacher")
-    guided = data.labels.guided
-    if guided != cfg.guidance_embed:
-        raise SDiTError("guided labels need a guidance-distilled student (init with --guidance-embed), and only "
-                        "they do" if guided else "this student takes a guidance scale, but the labels are unguided")
-    if guided and config.task_weight > 0:
+def check_targets(data: LabelledStore, config: TrainConfig) -> None:
+    """Guided labels are no task target: a one-line refusal of --task-weight for them."""
+    if data.labels.guided and config.task_weight > 0:
         raise SDiTError(f"labels {config.labels!r} are guided (ε_T = ε_u + w·(ε_c − ε_u)), so the true noise is "
                         "no target for them: pass --task-weight 0")
 
@@ -415,25 +398,14 @@ class NonFinite(SDiTError):
                          "lower --lr, raise --warmup or use --dtype fp32, then --resume")
 
 
-@torch.no_grad()
 def held_out_agreement(model: SDiT, data: LabelledStore, config: TrainConfig, device: torch.device,
                        autocast) -> dict:
-    """Mean over the first `eval_draws` held-out draws of |ε_s − ε_T|² (and of |ε_s − ε|² where the true noise
-    is a target), per draw over the latent's elements: `sdit eval`'s overall figures, on fewer draws."""
-    stream = DrawStream(data, config.batch_size, split=Split(config.holdout, config.seed), train=False,
-                        shuffle=False, repeat=False)
-    kd, task, n, n_task = 0.0, 0.0, 0, 0
-    for batch in stream:
-        batch = batch.head(min(len(batch), config.eval_draws - n))
-        with autocast:
-            errors = draw_errors(model, batch, device)
-        kd, task = kd + float(errors.teacher.sum()), task + float(errors.task.sum())
-        n, n_task = n + len(batch), n_task + len(errors.task)
-        if n >= config.eval_draws:
-            break
-    if not n:
-        raise SDiTError("--eval-every: the held-out split has no valid draws; raise --holdout")
-    return {"eval_teacher_mse": kd / n, "eval_true_noise_mse": task / n_task if n_task else None, "eval_draws": n}
+    """The model's agreement with the teacher on the first `eval_draws` held-out draws (sdit.agreement), as
+    metrics.jsonl logs it: `sdit eval`'s overall figures, on fewer draws."""
+    figures = agreement(model, data, Split(config.holdout, config.seed), device, batch_size=config.batch_size,
+                        limit=config.eval_draws, autocast=autocast)
+    return {"eval_teacher_mse": figures["mse"], "eval_true_noise_mse": figures["true_noise"]["student_mse"],
+            "eval_draws": figures["draws"]}
 
 
 def summary_writer():
@@ -505,7 +477,8 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     out = Path(config.out)
     run = read_run(out)
     student = load_student(out)
-    check_fit(data, student, run, config)
+    check_fit(data, student, run, size=True)
+    check_targets(data, config)
     state = make_state(student, config, device, workers)
     if config.resume:
         resume(out, state)

@@ -183,10 +183,10 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
         _train(labelled_store, tmp_path / "y", init=str(other), student=None)
     good = new_run(tmp_path / "good", tiny_teacher, "SDiT-Nano/2")
     build_student("SDiT-Nano/2", sample_size=8, in_channels=4, text_dim=48).save_pretrained(good / "transformer")
-    with pytest.raises(SDiTError, match="text embeddings are 32 wide; the student takes 48"):
+    with pytest.raises(SDiTError, match="latents are 4x8x8 with text 32 wide; the student takes 4x8x8 with text 48 wide"):
         _train(labelled_store, tmp_path / "z", init=str(good), student=None)
     build_student("SDiT-Nano/2", sample_size=16, in_channels=4, text_dim=32).save_pretrained(good / "transformer")
-    with pytest.raises(SDiTError, match="latents are 4x8x8; the student takes 4x16x16"):
+    with pytest.raises(SDiTError, match="latents are 4x8x8 with text 32 wide; the student takes 4x16x16 with text 32"):
         _train(labelled_store, tmp_path / "w", init=str(good), student=None)
 
 
