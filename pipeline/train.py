@@ -40,7 +40,7 @@ from sdit.agreement import agreement, check_fit
 from sdit.devices import setup_worker
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
-from sdit.files import check_folder, replace_text, replacing
+from sdit.files import check_folder, recover_folder, replace_text, replacing
 from sdit.images import grid
 from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
@@ -108,6 +108,7 @@ def prepare_run(config: TrainConfig, make_run: Callable[[], object] | None) -> N
     if config.resume:
         train = read_run(out).get("train") or {}
         check_resumable(out, recorded_config(out), dataclasses.asdict(config))
+        tidy_checkpoints(out)
         update_run(out, train=train | {"config": recorded(config)})  # a later --resume reads these options back
         return
     if out.exists() and any(out.iterdir()):
@@ -208,6 +209,16 @@ def save_state(out: Path, state: TrainState, keep: int) -> Path:
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def tidy_checkpoints(out: Path) -> None:
+    """After a kill: a checkpoint whose replacement stopped between its renames is put back, and the folders of
+    writes that did not finish are deleted."""
+    folder = out / CHECKPOINTS
+    for aside in folder.glob(".step-*.old"):
+        recover_folder(folder / aside.name[1:-len(".old")])
+    for tmp in folder.glob(".step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_state(folder: Path, state: TrainState) -> None:
@@ -517,8 +528,6 @@ def resume(out: Path, state: TrainState) -> None:
     if metrics.exists() and Workers.from_env().main:
         kept = [row for row in read_metrics(metrics) if row["step"] <= state.step]
         replace_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
-    for tmp in (out / CHECKPOINTS).glob(".step-*"):  # a checkpoint whose write was killed
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from sdit import dit, pipeline_sdit
 from sdit.config import DEFAULT_SCHEDULER
 from sdit.dit import SDiT
 from sdit.errors import SDiTError, brief
-from sdit.files import replace_text
+from sdit.files import recover_folder, replace_text, writing_folder
 from sdit.pipeline_sdit import MODEL_INDEX, TRANSFORMER, SDiTPipeline
 from sdit.sampling import SCHEDULERS, make_scheduler
 
@@ -65,16 +64,19 @@ def write_run(out: str | Path, student: SDiT, teacher: Teacher, provenance: dict
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SDiTError(f"{out} exists and is not empty; choose another folder or remove it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_student_folder(tmp / TRANSFORMER, student)
-    teacher.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    teacher.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    teacher.tokenizer.save_pretrained(tmp / "tokenizer")
+    with writing_folder(out) as tmp:
+        _write_parts(tmp, student, teacher, provenance)
+    return out
+
+
+def _write_parts(folder: Path, student: SDiT, teacher: Teacher, provenance: dict) -> None:
+    save_student_folder(folder / TRANSFORMER, student)
+    teacher.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    teacher.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    teacher.tokenizer.save_pretrained(folder / "tokenizer")
     scheduler = make_scheduler(DEFAULT_SCHEDULER, teacher.scheduler_config)
-    scheduler.save_pretrained(tmp / "scheduler")
-    copy_code(Path(pipeline_sdit.__file__), tmp / f"{PIPELINE_MODULE}.py")
+    scheduler.save_pretrained(folder / "scheduler")
+    copy_code(Path(pipeline_sdit.__file__), folder / f"{PIPELINE_MODULE}.py")
     index = {
         "_class_name": [PIPELINE_MODULE, SDiTPipeline.__name__],
         "_diffusers_version": diffusers.__version__,
@@ -84,14 +86,10 @@ def write_run(out: str | Path, student: SDiT, teacher: Teacher, provenance: dict
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", SCHEDULERS[DEFAULT_SCHEDULER]],
     }
-    (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     run = {"schema_version": RUN_VERSION, "teacher": teacher.identity.to_json(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance}
-    (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
+    (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
 
 
 def copy_code(module: Path, target: Path) -> list[Path]:
@@ -148,10 +146,7 @@ def update_run(run: str | Path, **fields) -> None:
 def student_folder(run: str | Path) -> Path:
     """The run folder's transformer/, refused in one line when the run is no run folder or has no student."""
     read_run(run)
-    folder = Path(run) / TRANSFORMER
-    old = folder.with_name(f".{TRANSFORMER}.old")
-    if not folder.exists() and (old / "config.json").exists():  # killed inside save_student: the last weights
-        os.replace(old, folder)
+    folder = recover_folder(Path(run) / TRANSFORMER)  # killed inside save_student: the last weights
     if not (folder / "config.json").exists():
         raise SDiTError(f"{run} has no student ({TRANSFORMER}/config.json and weights); make the run folder with "
                         "`sdit init`")
@@ -165,16 +160,8 @@ def load_student(run: str | Path) -> SDiT:
 def save_student(run: str | Path, student: SDiT) -> None:
     """Replace transformer/ whole: a reader sees the old weights or the new ones (`student_folder` puts the old
     ones back when a kill lands between the two renames)."""
-    run = Path(run)
-    student_folder(run)
-    tmp, old = run / f".{TRANSFORMER}.tmp", run / f".{TRANSFORMER}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    save_student_folder(tmp, student)
-    if (run / TRANSFORMER).exists():
-        os.replace(run / TRANSFORMER, old)
-    os.replace(tmp, run / TRANSFORMER)
-    shutil.rmtree(old, ignore_errors=True)
+    with writing_folder(student_folder(run)) as tmp:
+        save_student_folder(tmp, student)
 
 
 def save_student_folder(folder: Path, student: SDiT) -> None:

@@ -2,8 +2,8 @@
 
 The student trainer (pipeline/train.py) and the toy teacher's trainer (sdit/shapes/toy.py) both use them.
 
-A checkpoint is a folder, written under a temporary name and renamed whole, so a kill leaves the old one or the
-new one, never half of one:
+A checkpoint is a folder written whole (sdit.files.writing_folder), so a kill leaves the old one or the new one,
+never half of one:
 
     NAME.safetensors   the weights of each module, by name (e.g. model, ema)
     optimizer.pt       optimiser and LR-schedule states and the torch RNG state (torch.load(weights_only=True))
@@ -13,8 +13,6 @@ new one, never half of one:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from sdit.errors import SDiTError, brief
+from sdit.files import writing_folder
 from sdit.pickles import load_pickle
 
 OPTIMIZER = "optimizer.pt"
@@ -49,22 +48,14 @@ def warmup_factor(step: int, warmup: int) -> float:
 def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                     state: dict, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> Path:
     """Write a checkpoint folder whole (see the module docstring); an existing one at `folder` is replaced."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, module in modules.items():
-        save_model(module, str(tmp / f"{name}.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps(state))
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with writing_folder(folder) as tmp:
+        for name, module in modules.items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps(state))
     return folder
 
 
