@@ -126,6 +126,38 @@ def test_clip_score_from_a_local_model(run, store, clip_folder, tmp_path):
     assert "CLIP score" in format_eval(result) and "reference images against their captions" in format_eval(result)
 
 
+# CLIP's pixel normalisation (OpenAI's mean and standard deviation per channel).
+CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+def test_the_clip_score_is_100_times_the_cosine_clamped_at_0(clip_folder):
+    """The score of each image against its caption is 100 * max(cos, 0) of the model's embeddings, computed here:
+    pixels normalised by hand (32x32 images, which the processor's resize and crop leave as they are), each
+    caption tokenised alone. Negating the text projection flips every cosine's sign: the scores that were
+    positive become 0 and the others 100 * |cos|."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPTokenizer
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    captions = ["a red circle", "a blue square on a white background", "a green star"]
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
+    x = torch.from_numpy((pixels / 255 - CLIP_MEAN) / CLIP_STD).permute(0, 3, 1, 2).float()  # (3, 3, 32, 32)
+    with torch.no_grad():
+        img = [model.get_image_features(pixel_values=x[i:i + 1]) for i in range(3)]
+        txt = [model.get_text_features(input_ids=torch.tensor([tokenizer(c)["input_ids"]])) for c in captions]
+    img, txt = ([getattr(f, "pooler_output", f)[0].double().numpy() for f in fs] for fs in (img, txt))
+    cos = np.array([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(img, txt)])
+    assert np.all(np.abs(cos) > 1e-4)  # every score tells a clamped cosine from a kept one
+
+    clip = load_clip(clip_folder, torch.device("cpu"))
+    images = [Image.fromarray(p) for p in pixels]
+    np.testing.assert_allclose(clip.score(images, captions), 100 * np.maximum(cos, 0), atol=1e-4)
+    with torch.no_grad():
+        clip.model.text_projection.weight.neg_()
+    np.testing.assert_allclose(clip.score(images, captions), 100 * np.maximum(-cos, 0), atol=1e-4)
+
+
 def test_samples_are_resumed_and_their_settings_checked(run, tiny_teacher, tmp_path):
     from dataclasses import replace
 
