@@ -40,7 +40,8 @@ def test_wrapping_keeps_hyphenated_words_whole():
     formatter.write_dl([("--student TEXT", "one of SDiT-S/2, SDiT-B/2, SDiT-L/2, SDiT-XL/2, SDiT-Nano/2")])
     lines = formatter.getvalue().splitlines()
     assert all(len(line) <= 40 for line in lines)
-    assert " ".join(" ".join(lines).split()) == "--student TEXT one of SDiT-S/2, SDiT-B/2, SDiT-L/2, SDiT-XL/2, SDiT-Nano/2"
+    assert " ".join(" ".join(lines).split()) == ("--student TEXT one of SDiT-S/2, SDiT-B/2, SDiT-L/2, SDiT-XL/2, "
+                                                 "SDiT-Nano/2")
 
 
 def test_usage_errors_take_one_line_and_exit_2():

@@ -43,7 +43,8 @@ def test_inputs_are_rounded_to_the_storage_dtype_first():
     schedule = NoiseSchedule.from_config(SD15_SCHEDULER)
     latents, noise, t = _arrays()
     fine = latents.astype(np.float32) + 1e-4  # below fp16's resolution near 1: rounds back to the stored value
-    assert torch.equal(noisy_latents(schedule, fine, noise, t), noisy_latents(schedule, fine.astype(np.float16), noise, t))
+    assert torch.equal(noisy_latents(schedule, fine, noise, t),
+                       noisy_latents(schedule, fine.astype(np.float16), noise, t))
 
 
 def test_v_prediction_converts_to_epsilon():

@@ -45,7 +45,8 @@ PROCESS = ("was lent", "not lent", "the aim", "our aim", "earlier version", "pre
            "this project's machine", "project's machines", "we measured", "measured here", "not measured yet",
            "the issue", "session")
 # A table cell that is a bare figure: 0.591, 1,024, 85%, 3.04x, 4.4 GB, 220.9 records/s ...
-FIGURE = re.compile(r"^\**[-+]?[\d,]*\d(\.\d+)?(e[-+]?\d+)?\s*(%|x|×|[kMG]?B|G|s|ms|records/s|draws/s|steps/s|images/s)?\**$")
+FIGURE = re.compile(r"^\**[-+]?[\d,]*\d(\.\d+)?(e[-+]?\d+)?\s*"
+                    r"(%|x|×|[kMG]?B|G|s|ms|records/s|draws/s|steps/s|images/s)?\**$")
 
 
 def test_readme_is_read_in_two_minutes():
@@ -101,7 +102,8 @@ def test_a_page_is_rendered_again_from_its_files_and_a_changed_file_makes_it_sta
     (tmp_path / "x-seed0.json").write_text(json.dumps(distill_result(0.4, "sdit bench distill --json x-seed0.json")))
     (tmp_path / "x-seed1.json").write_text(json.dumps(distill_result(0.6, ["sdit", "bench", "distill", "--seed", "1"])))
     page = tmp_path / "README.md"
-    page.write_text("Intro.\n<!-- results: distill x-seed0 x-seed1 columns=fair,share -->\nold\n<!-- /results -->\nEnd.\n")
+    page.write_text("Intro.\n<!-- results: distill x-seed0 x-seed1 columns=fair,share -->\nold\n"
+                    "<!-- /results -->\nEnd.\n")
     assert results.stale(page) == ["distill x-seed0 x-seed1 columns=fair,share"]
     page.write_text(results.render_page(page.read_text()))
     text = page.read_text()

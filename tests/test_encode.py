@@ -303,7 +303,8 @@ def test_duplicate_ids_are_rejected_after_the_first(tiny_teacher, tmp_path):
     summary = _encode(tmp_path / "d.parquet", tiny_teacher, tmp_path / "s", id_column="key", shard_size=4)
     assert summary.records == 4 and summary.rejects == 2
     lines = [json.loads(line) for line in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["position"], r["reason"]) for r in lines] == [("a", 3, "duplicate_id"), ("c", 5, "duplicate_id")]
+    assert [(r["id"], r["position"], r["reason"]) for r in lines] == [("a", 3, "duplicate_id"),
+                                                                      ("c", 5, "duplicate_id")]
 
 
 def test_resolution_defaults_to_the_teacher_vae_sample_size(folder_store, tiny_teacher, tmp_path):

@@ -37,7 +37,8 @@ def test_a_student_for_a_store_takes_the_stores_shapes(labelled_store, tiny_teac
     summary = init_for_store(str(labelled_store), "default", str(tmp_path / "run"), "SDiT-Nano/2", seed=1)
     student = load_student(summary.run)
     assert (student.config.sample_size, student.config.in_channels, student.config.text_dim) == (8, 4, 32)
-    assert not student.config.guidance_embed and read_run(summary.run)["student"] == {"preset": "SDiT-Nano/2", "seed": 1}
+    assert not student.config.guidance_embed
+    assert read_run(summary.run)["student"] == {"preset": "SDiT-Nano/2", "seed": 1}
     assert "SDiT-Nano/2" in summary.line() and "latents 4x8x8, text width 32" in summary.line()
 
 

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from sdit.errors import SDiTError
-from sdit.perturb import (CaptionFrom, Kind, PerturbConfig, draw_generator, input_noise, perturbed_text,
-                          sample_draw)
+from sdit.perturb import CaptionFrom, Kind, PerturbConfig, draw_generator, input_noise, perturbed_text, sample_draw
 
 SHAPE = (4, 8, 8)
 
@@ -70,8 +69,8 @@ def test_input_draws_carry_xi_and_rebuild_exactly():
     rebuilt = input_noise(draw.noise, draw.xi, 0.1)
     assert rebuilt.dtype == torch.float16
     assert torch.equal(rebuilt, input_noise(draw.noise.copy(), draw.xi.copy(), 0.1))
-    assert torch.allclose(rebuilt.float(), torch.from_numpy(draw.noise).float() + 0.1 * torch.from_numpy(draw.xi).float(),
-                          atol=2e-3)
+    expected = torch.from_numpy(draw.noise).float() + 0.1 * torch.from_numpy(draw.xi).float()
+    assert torch.allclose(rebuilt.float(), expected, atol=2e-3)
 
 
 def test_perturbed_text():

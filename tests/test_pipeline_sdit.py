@@ -171,7 +171,8 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     again = SDiTPipeline.from_pretrained(tmp_path / "saved")
     assert type(again.scheduler).__name__ == "EulerDiscreteScheduler"
-    a, b = (p(PROMPTS[0], generator=seeds(1), num_inference_steps=2, output_type="latent").images for p in (pipe, again))
+    a, b = (p(PROMPTS[0], generator=seeds(1), num_inference_steps=2, output_type="latent").images
+            for p in (pipe, again))
     assert torch.equal(a, b)
 
 
@@ -186,10 +187,12 @@ def test_it_loads_with_sdits_classes_never_the_folders_code(run, pipe, tmp_path)
     for code in [*plain.glob("*.py"), *plain.glob("transformer/*.py")]:
         code.unlink()
     index = json.loads((plain / "model_index.json").read_text())
-    index |= {"_class_name": "SDiTPipeline", "transformer": ["sdit", "SDiT"], "scheduler": ["diffusers", "PNDMScheduler"]}
+    index |= {"_class_name": "SDiTPipeline", "transformer": ["sdit", "SDiT"],
+              "scheduler": ["diffusers", "PNDMScheduler"]}
     (plain / "model_index.json").write_text(json.dumps(index))
     loaded = SDiTPipeline.from_pretrained(plain)
     loaded.use_scheduler("ddim")
     pipe.use_scheduler("ddim")
-    a, b = (p(PROMPTS[0], generator=seeds(3), num_inference_steps=2, output_type="latent").images for p in (loaded, pipe))
+    a, b = (p(PROMPTS[0], generator=seeds(3), num_inference_steps=2, output_type="latent").images
+            for p in (loaded, pipe))
     assert torch.equal(a, b)

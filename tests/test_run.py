@@ -111,8 +111,8 @@ print(type(pipe).__module__, type(pipe.transformer).__module__, type(pipe.schedu
 def test_a_run_folder_loads_with_diffusers_where_sdit_is_not_installed(tiny_teacher, tmp_path):
     """A virtual environment with torch, diffusers and transformers (this one's packages, without the editable
     install of sdit, whose .pth file is not read there) samples the folder as sdit does, from the same seed."""
-    from test_pipeline_sdit import assert_same_image, make_run
     from sdit.pipeline_sdit import SDiTPipeline
+    from test_pipeline_sdit import assert_same_image, make_run
 
     run = make_run(tmp_path / "run", tiny_teacher)
     venv = tmp_path / "venv"

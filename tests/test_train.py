@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
+from conftest import child_env, cli_command, kill_paused_at, kill_when, new_run
 from pipeline.init import init_for_store
 from pipeline.train import TrainConfig, read_metrics, train
 from sdit.dit import SDiT, build_student
-from conftest import child_env, cli_command, kill_paused_at, kill_when, new_run
 from sdit.errors import SDiTError
 from sdit.run import load_student, read_run
 from sdit.tiny import save_tiny_teacher
@@ -35,7 +35,8 @@ def _train(store, out, student: str | None = "SDiT-Nano/2", teacher: str | None 
 
 
 def _losses(run) -> list[tuple]:
-    return [(m["step"], m["loss"], m["task_loss"], m["kd_loss"], m["grad_norm"]) for m in read_metrics(run / "metrics.jsonl")]
+    return [(m["step"], m["loss"], m["task_loss"], m["kd_loss"], m["grad_norm"])
+            for m in read_metrics(run / "metrics.jsonl")]
 
 
 def test_a_run_trains_from_the_store_alone(labelled_store, tiny_teacher, tmp_path, monkeypatch):
@@ -183,7 +184,8 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
         _train(labelled_store, tmp_path / "y", init=str(other), student=None)
     good = new_run(tmp_path / "good", tiny_teacher, "SDiT-Nano/2")
     build_student("SDiT-Nano/2", sample_size=8, in_channels=4, text_dim=48).save_pretrained(good / "transformer")
-    with pytest.raises(SDiTError, match="latents are 4x8x8 with text 32 wide; the student takes 4x8x8 with text 48 wide"):
+    with pytest.raises(SDiTError,
+                       match="latents are 4x8x8 with text 32 wide; the student takes 4x8x8 with text 48 wide"):
         _train(labelled_store, tmp_path / "z", init=str(good), student=None)
     build_student("SDiT-Nano/2", sample_size=16, in_channels=4, text_dim=32).save_pretrained(good / "transformer")
     with pytest.raises(SDiTError, match="latents are 4x8x8 with text 32 wide; the student takes 4x16x16 with text 32"):
