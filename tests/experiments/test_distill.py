@@ -25,6 +25,7 @@ from sdit.teacher import load_teacher
 from sdit.tiny import save_tiny_teacher
 
 
+@pytest.mark.slow
 def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
     """The demo path end to end on the tiny teacher: split, encode, label, train five students, sample, score."""
     out, figures = tmp_path / "distill", tmp_path / "distill.json"
@@ -132,6 +133,7 @@ def _variants_args(tiny_teacher, tmp_path, out) -> list:
             "--per-prompt", "1", "--sample-steps", "2", "--curve-points", "2", "--jobs", "1"]
 
 
+@pytest.mark.slow
 def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_what_is_done(tiny_teacher, tmp_path):
     out = tmp_path / "distill"
     args = _variants_args(tiny_teacher, tmp_path, out)
