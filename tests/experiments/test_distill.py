@@ -72,6 +72,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert "| kd_perturb |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_runs_trained_side_by_side_equal_runs_trained_one_at_a_time(labelled_store, tiny_teacher, tmp_path):
     init_for_store(str(labelled_store), "default", str(tmp_path / "init"), "SDiT-Nano/2", teacher=str(tiny_teacher))
 
@@ -177,6 +178,7 @@ def test_the_shipped_tuning_tables_are_valid_variants(path):
     DistillConfig(runs=(), variants=variants).check()  # the shipped tuning commands would not refuse them
 
 
+@pytest.mark.slow
 def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(tiny_teacher, tmp_path):
     other = shutil.copytree(tiny_teacher, tmp_path / "other")  # the same VAE and text encoder
     shutil.rmtree(other / "unet")
@@ -256,6 +258,7 @@ def test_killing_the_experiment_ends_the_runs_training_beside_it(tiny_teacher, t
     assert [len(read_metrics(m)) for m in metrics] == steps  # nothing writes there any more
 
 
+@pytest.mark.slow
 def test_toy_eval_scores_the_teacher_as_the_experiments_teacher_row(tmp_path):
     """`sdit toy eval` and the teacher's row of the experiment sample one code path: same settings, same scores."""
     import inspect
