@@ -18,7 +18,6 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,19 +52,14 @@ class ShardSynthesizer:
     def sample(self, noise: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Latents (B, C, h, w) float32 on the CPU from initial noise (B, C, h, w) and text (B, L, D) fp16, and
         the teacher forwards they took (one per row of each UNet call)."""
-        forwards = 0
-
-        def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            nonlocal forwards
-            forwards += len(x)
-            return self.unet(x.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample.float()
-
+        forwards: list[int] = []
         c = self.config
         text = text.to(self.device)
         null = torch.as_tensor(self.null).to(self.device).expand_as(text) if c.guided else None
         scheduler = make_sampler(self.scheduler_config, c.scheduler)  # fresh per batch: schedulers keep state
-        latents = sampling.denoise(eps, scheduler, noise.to(self.device), text, null, c.steps, c.guidance)
-        return latents.float().cpu(), forwards
+        latents = sampling.denoise(sampling.teacher_eps(self.unet, forwards.append), scheduler, noise.to(self.device),
+                                   text, null, c.steps, c.guidance)
+        return latents.float().cpu(), sum(forwards)
 
     def __call__(self, shard: int) -> dict:
         c, start = self.config, shard * self.per_shard

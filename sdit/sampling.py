@@ -7,6 +7,7 @@ the run's (the teacher's) scheduler config, so the student and the teacher can b
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import diffusers
 import numpy as np
@@ -20,6 +21,32 @@ from .text import encode_text
 
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, text) -> ε
+
+
+def teacher_eps(unet, count: Callable[[int], None] | None = None) -> EpsModel:
+    """A diffusers UNet's ε in float32, its inputs cast to the UNet's dtype. `count(n)`, where given, is told the
+    n rows of each call: the teacher forwards taken."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if count is not None:
+            count(len(x))
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype)).sample.float()
+
+    return eps
+
+
+def student_eps(model: torch.nn.Module, guidance: float | None = None,
+                autocast: AbstractContextManager | None = None) -> EpsModel:
+    """An SDiT student's ε in float32, its inputs cast to the student's dtype and run under `autocast` where given.
+    A guidance-distilled student takes `guidance` as w; another takes None."""
+    dtype = model.dtype
+
+    def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        w = None if guidance is None else torch.full((len(x),), guidance, device=x.device)
+        with autocast or nullcontext():
+            return model(x.to(dtype), t, text.to(dtype), guidance=w).float()
+
+    return eps
 
 
 def make_scheduler(name: str, config: dict):
@@ -71,13 +98,9 @@ def teacher_images(teacher, prompts: list[str], negatives: list[str] | None, noi
     """(N, H, W, 3) uint8 from a teacher's UNet (an sdit.teacher.Teacher with unet, vae, text encoder) with
     classifier-free guidance, from the given initial noise (N, C, h, w) and scheduler: the sampling loop the
     student runs, with the teacher's ε."""
-    unet = teacher.unet
     text = encode_text(teacher.tokenizer, teacher.text_encoder, prompts, device)
     null = encode_text(teacher.tokenizer, teacher.text_encoder, negatives or [""] * len(prompts), device) \
         if guidance != 1.0 else None
-
-    def eps(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype)).sample.float()
-
-    latents = denoise(eps, scheduler, noise.to(device, torch.float32), text, null, steps, guidance)
+    latents = denoise(teacher_eps(teacher.unet), scheduler, noise.to(device, torch.float32), text, null, steps,
+                      guidance)
     return decode(teacher.vae, latents)
