@@ -19,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import sdit
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from sdit.config import vae_scale_factor
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
 from sdit.files import check_folder
@@ -298,7 +299,7 @@ def check_out(store: Store) -> None:
 
 
 def latent_shape(teacher: Teacher, resolution: int) -> tuple[int, int, int]:
-    factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(teacher.vae.config.block_out_channels)
     return (teacher.vae.config.latent_channels, resolution // factor, resolution // factor)
 
 

@@ -183,7 +183,13 @@ def check_high_noise_weight(gamma: float) -> None:
         raise SDiTError(f"--high-noise-weight {gamma}: a cap of at least 1 (e.g. 5), or 0 (off)")
 
 
+def vae_scale_factor(block_out_channels: list[int] | tuple[int, ...]) -> int:
+    """Image side / latent side of a diffusers AutoencoderKL: its encoder halves the side after every block but the
+    last."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_factor(config_dir: Path) -> tuple[int, int]:
-    """(image side / latent side, latent channels) from a VAE config."""
+    """(image side / latent side, latent channels) from the VAE config of a teacher's config folder."""
     vae = json.loads((config_dir / "vae" / "config.json").read_text())
-    return 2 ** (len(vae["block_out_channels"]) - 1), int(vae["latent_channels"])
+    return vae_scale_factor(vae["block_out_channels"]), int(vae["latent_channels"])

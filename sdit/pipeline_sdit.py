@@ -34,7 +34,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from . import sampling
-from .config import DEFAULT_GUIDANCE
+from .config import DEFAULT_GUIDANCE, vae_scale_factor
 from .dit import SDiT
 from .errors import SDiTError
 from .sampling import EpsModel  # `from .sampling import`: the form diffusers follows, so it copies sampling.py
@@ -130,7 +130,7 @@ class SDiTPipeline(DiffusionPipeline):
     # --- sizes -----------------------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config.block_out_channels)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -160,14 +160,7 @@ class SDiTPipeline(DiffusionPipeline):
 
     def eps_model(self, guidance_scale: float) -> EpsModel:
         """ε(x, t, text) in float32 from the student in its own dtype; a guidance-distilled student takes w."""
-        model = self.transformer
-        dtype = model.dtype
-
-        def eps(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            w = torch.full((len(x),), guidance_scale, device=x.device) if self.guidance_distilled else None
-            return model(x.to(dtype), t, text.to(dtype), guidance=w).float()
-
-        return eps
+        return sampling.student_eps(self.transformer, guidance_scale if self.guidance_distilled else None)
 
     def initial_noise(self, n: int, latent_size: tuple[int, int], generator) -> torch.Tensor:
         """(n, C, h, w) float32 on the CPU: image i from its own generator."""

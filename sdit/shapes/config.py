@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from sdit.config import vae_scale_factor
 from sdit.shapes import world
 
 
@@ -25,7 +26,7 @@ class ToySize:
 
     @property
     def latent_factor(self) -> int:
-        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+        return vae_scale_factor(self.vae["block_out_channels"])
 
 
 def _vae(channels: list[int], latent_channels: int = 4) -> dict:
@@ -51,10 +52,8 @@ def _unet(channels: list[int], cross: int, sample: int, head_dim: int = 16) -> d
                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
 
 
-# Measured on 2 CPU cores (torch 2.13): a UNet [64, 128, 128] step at batch 64 costs about 0.63 s at 8x8
-# latents and 3.3 s at 16x16 (with a 5.8M UNet), so factor 4 would allow a fifth of the steps in the same
-# time; the VAE step is about the same either way (0.2 s at batch 16). Factor 8 is the default for that
-# reason, not because it reconstructs better: see data/toy-sd/README.md for what it costs in quality.
+# Factor 8 is the default because a UNet step on 8x8 latents costs a fraction of one on 16x16, so a CPU affords
+# several times the steps, not because it reconstructs better: data/toy-sd/README.md gives the costs.
 SIZES: dict[str, ToySize] = {
     # SD's factor 8: 64 px -> 8x8x4 latents.
     "f8": ToySize(_vae([8, 16, 32, 64]), _text(64, 2, 4), _unet([64, 128, 128], 64, 8)),
