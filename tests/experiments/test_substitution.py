@@ -10,16 +10,25 @@ from cli import app
 from pipeline.experiments.substitution import records_to_reach
 from sdit.tiny import save_tiny_teacher
 
+# What the end-to-end tests measure: two sizes, tiny runs.
+OPTIONS = ["--sizes", "12,24", "--multiplier-at", "12", "--draws", "2", "--steps", "2", "--batch-size", "8",
+           "--per-prompt", "1", "--sample-steps", "2", "--jobs", "1"]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_teacher, tmp_path_factory) -> tuple[Path, dict, str]:
+    """One `sdit bench substitution` with OPTIONS: its folder, its --json report and what it printed."""
+    tmp = tmp_path_factory.mktemp("substitution")
+    out, figures = tmp / "sub", tmp / "sub.json"
+    result = CliRunner().invoke(app, ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher),
+                                      *OPTIONS, "--json", str(figures)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(figures.read_text()), result.output
+
 
 @pytest.mark.slow
-def test_bench_substitution_writes_the_curve_and_the_multiplier(tiny_teacher, tmp_path):
-    out, figures = tmp_path / "sub", tmp_path / "sub.json"
-    result = CliRunner().invoke(app, ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher),
-                                      "--sizes", "12,24", "--multiplier-at", "12", "--draws", "2", "--steps", "2",
-                                      "--batch-size", "8", "--per-prompt", "1", "--sample-steps", "2", "--jobs", "1",
-                                      "--json", str(figures)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(figures.read_text())
+def test_bench_substitution_writes_the_curve_and_the_multiplier(measured):
+    out, report, output = measured
     assert set(report["sizes"]) == {"12", "24"}
     for size in report["sizes"].values():
         assert set(size) == {"no_teacher", "kd_perturb", "teacher"}
@@ -27,7 +36,7 @@ def test_bench_substitution_writes_the_curve_and_the_multiplier(tiny_teacher, tm
     assert report["reference_seen_acc"] == report["sizes"]["12"]["kd_perturb"]["seen_acc"]
     # 12 is the smallest size: no_teacher needs 12 to 24 records to reach it, or never gets there.
     assert report["multiplier"] is None or 1 <= report["multiplier"] <= 2
-    assert (out / "substitution.png").exists() and "Data multiplier at 12 records" in result.output
+    assert (out / "substitution.png").exists() and "Data multiplier at 12 records" in output
     assert json.loads((out / "n24" / "report.json").read_text())["config"]["records"] == 24
 
 
@@ -91,14 +100,11 @@ def test_bad_sizes_are_refused_in_one_line(tiny_teacher, tmp_path, command):
 
 
 @pytest.mark.slow
-def test_a_rerun_reads_back_the_sizes_already_measured(tiny_teacher, tmp_path, monkeypatch):
+def test_a_rerun_reads_back_the_sizes_already_measured(measured, tiny_teacher, tmp_path, monkeypatch):
     from pipeline.experiments import substitution as module
 
-    out = tmp_path / "sub"
-    args = ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher), "--sizes", "12,24",
-            "--multiplier-at", "12", "--draws", "2", "--steps", "2", "--batch-size", "8", "--per-prompt", "1",
-            "--sample-steps", "2", "--jobs", "1"]
-    assert CliRunner().invoke(app, args).exit_code == 0
+    out = shutil.copytree(measured[0], tmp_path / "sub")
+    args = ["bench", "substitution", "--out", str(out), "--teacher", str(tiny_teacher), *OPTIONS]
     first = json.loads((out / "substitution.json").read_text())
     assert {"heldout_multiplier", "reference_heldout_acc", "no_teacher_records_needed_heldout"} <= set(first)
 
