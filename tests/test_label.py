@@ -64,6 +64,7 @@ def test_inputs_rebuilt_from_the_store_equal_what_the_teacher_saw(store, tiny_te
     assert torch.equal(torch.cat(t), torch.cat([i.timesteps for i in seen]))
 
 
+@pytest.mark.slow
 def test_same_seed_same_labels_whatever_the_batch_size(store, tiny_teacher):
     _label(store, tiny_teacher, name="b5", draws=2)
     _label(store, tiny_teacher, name="b5again", draws=2)
@@ -79,6 +80,7 @@ def test_same_seed_same_labels_whatever_the_batch_size(store, tiny_teacher):
     assert not np.array_equal(b5["00000/noise"], seed1["00000/noise"])
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_an_uninterrupted_run(store, tiny_teacher):
     _label(store, tiny_teacher, name="whole", draws=2)
     _label(store, tiny_teacher, name="crash", draws=2)

@@ -97,6 +97,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     whole = toy.build_models("test").vae
     assert toy.train_vae(whole, world.images, VAE, tmp_path / "a") == 4
@@ -108,6 +109,7 @@ def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert not _same(whole, part)
 
 
+@pytest.mark.slow
 def test_unet_resume_matches_an_uninterrupted_run(latents, tmp_path):
     whole = toy.build_models("test")
     toy.train_unet(whole, latents, UNET, tmp_path / "a")
