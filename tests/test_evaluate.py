@@ -233,8 +233,8 @@ def test_the_protocol_on_the_shapes_world_beside_the_teacher(clip_folder, tmp_pa
     label(LabelConfig(store=str(store), teacher=str(toy), perturb=MIX, draws=2, batch_size=16))
     run = trained(new_run(tmp_path / "run", toy, "SDiT-Nano/2"), store)
     inception = save_stand_in_inception(tmp_path / "inception-2015-12-05.pt", dim=256)
-    args = ["eval", str(run), str(store), "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "8", "--steps", "3",
-            "--guidance", "3", "--sample-batch-size", "4", "--teacher", str(toy), "--references",
+    args = ["eval", str(run), str(store), "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "8",
+            "--steps", "3", "--guidance", "3", "--sample-batch-size", "4", "--teacher", str(toy), "--references",
             str(tmp_path / "shapes"), "--fid-inception", str(inception), "--fid-cache", str(tmp_path / "cache"),
             "--clip-model", str(clip_folder), "--out", str(tmp_path / "samples"), "--json", str(tmp_path / "e.json")]
     result = CliRunner().invoke(app, args)

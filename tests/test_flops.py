@@ -7,8 +7,8 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdit.dit import PRESETS, Attention, build_student
 from sdit.dit import FREQUENCY_EMBEDDING_SIZE as FREQ  # the timestep and guidance MLPs' input width
+from sdit.dit import PRESETS, Attention, build_student
 from sdit.flops import TRAIN_STEP_FORWARDS, flops_table, forward_flops, student_flops, train_step_flops, unet_flops
 from sdit.teacher import SD15_CONFIG_DIR
 
@@ -31,7 +31,7 @@ def hand_macs(preset: str, sample_size: int, in_channels: int, text_dim: int, to
     """
     p = PRESETS[preset]
     d, depth, patch = p.hidden_size, p.depth, p.patch_size
-    t, c, l = (sample_size // patch) ** 2, in_channels, tokens
+    t, c, l = (sample_size // patch) ** 2, in_channels, tokens  # noqa: E741 (l: text tokens, as in the papers)
     backbone = (
         t * d * c * patch**2  # patch embedding (a strided conv)
         + FREQ * d + d * d  # timestep MLP
@@ -56,7 +56,7 @@ def hand_macs(preset: str, sample_size: int, in_channels: int, text_dim: int, to
 @pytest.mark.parametrize("device", ["meta", "cpu"])
 def test_one_attention_layer_counts_its_projections_and_sdpa(device):
     """On CPU tensors SDPA's fused kernel would count 0; forward_flops forces a counted path."""
-    d, heads, t, l = 64, 4, 48, 7
+    d, heads, t, l = 64, 4, 48, 7  # noqa: E741
     with torch.device(device):
         layer = Attention(d, heads)
         x, context = torch.randn(1, t, d), torch.randn(1, l, d)

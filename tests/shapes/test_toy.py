@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdit.shapes import evaluator, samples, toy
 from sdit.convert import to_original_layout
 from sdit.errors import SDiTError
+from sdit.shapes import evaluator, samples, toy
 from sdit.teacher import DATA_DIR, load_teacher
 
 DATA = toy.DataConfig(images=32, resolution=32, check_images=8)
@@ -78,7 +78,8 @@ def test_high_noise_weight_is_a_weighted_mean_of_the_plain_loss(latents):
     def loss(gamma: float) -> float:
         cfg = replace(UNET, high_noise_weight=gamma)
         with torch.no_grad():
-            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, torch.Generator().manual_seed(0)).item()
+            generator = torch.Generator().manual_seed(0)
+            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, generator).item()
 
     plain = loss(0.0)
     assert loss(1.0) == pytest.approx(plain, rel=1e-6)  # every weight min(1/ᾱ_t, 1) = 1

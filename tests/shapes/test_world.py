@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdit.shapes import world
 from sdit.errors import SDiTError
+from sdit.shapes import world
 from sdit.shapes.world import Attributes
 
 SPLIT_SIZE = 1500  # what the demo gives the student: checked whole
