@@ -28,7 +28,8 @@ from sdit.errors import SDiTError
 from sdit.files import replace_text
 
 if TYPE_CHECKING:
-    from pipeline.evaluate import Clip, EvalConfig
+    from pipeline.config import EvalConfig
+    from sdit.clip import Clip
 
 SETTINGS = "settings.json"
 Progress = Callable[[int], None] | None

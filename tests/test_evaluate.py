@@ -222,11 +222,11 @@ def test_the_protocol_on_the_shapes_world_beside_the_teacher(clip_folder, tmp_pa
 
     from cli import app
     from conftest import REPO, save_stand_in_inception
-    from sdit.shapes import world
+    from sdit.shapes import files, world
 
     toy = REPO / "data" / "toy-sd"
-    world.write_split(world.sample(24, seed=1), tmp_path / "shapes")
-    world.write_prompts(world.heldout_prompts()[:4], tmp_path / "prompts.txt")
+    files.write_split(world.sample(24, seed=1), tmp_path / "shapes")
+    files.write_prompts(world.heldout_prompts()[:4], tmp_path / "prompts.txt")
     store = tmp_path / "store"
     encode(EncodeConfig(source=str(tmp_path / "shapes"), teacher=str(toy), out=str(store), resolution=64,
                         shard_size=8))
