@@ -300,7 +300,8 @@ def train(
     sample_scheduler: Annotated[str, typer.Option(rich_help_panel=MONITOR, help=f"Sampler of the sample grids: {', '.join(SCHEDULERS)}.")] = TrainConfig.sample_scheduler,
 ):
     """Train the student from the store alone (the teacher's UNet is never loaded). Data-parallel under torchrun."""
-    from pipeline.train import resume_config, train as run_train
+    from pipeline.train import train as run_train
+    from pipeline.train_run import resume_config
 
     if (init is None) == (student is None) and not resume:
         raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")

@@ -15,7 +15,8 @@ from conftest import SAMPLES, child_env, cli_command, kill_paused_at, new_run
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from pipeline.synthesize import InspectConfig, ShardSynthesizer, inspect_store
-from pipeline.train import TrainConfig, read_metrics, train
+from pipeline.train import TrainConfig, train
+from pipeline.train_monitor import read_metrics
 from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position
 from sdit.losses import distillation_loss, draw_weight

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at, kill_when, new_run
 from pipeline.init import init_for_store
-from pipeline.train import TrainConfig, read_metrics, train
+from pipeline.train import TrainConfig, train
+from pipeline.train_monitor import read_metrics
 from sdit.dit import SDiT, build_student
 from sdit.errors import SDiTError
 from sdit.run import load_student, read_run
@@ -126,7 +127,7 @@ def test_a_moved_run_resumes_from_its_own_record(labelled_store, tmp_path, monke
 
 
 def test_sample_grids_are_drawn_and_recorded_as_their_options_say(labelled_store, tmp_path, monkeypatch):
-    import pipeline.train as stage
+    import pipeline.train_monitor as stage
     from pipeline.config import SampleConfig
 
     assert (TrainConfig.sample_steps, TrainConfig.sample_guidance, TrainConfig.sample_scheduler) == (

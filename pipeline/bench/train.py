@@ -49,7 +49,8 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         run = init_for_store(store, "default", str(tmp / "run"), config.student, teacher=teacher,
                              teacher_config=config.teacher_config).run
         train_config = TrainConfig(store=store, out=str(run), init=str(run), batch_size=config.batch_size)
-        trainer = Trainer(train_config, make_state(load_student(run), train_config, device, Workers()), data, device)
+        trainer = Trainer(train_config, make_state(load_student(run), train_config, device, Workers()), device,
+                          schedule=data.schedule, guided=data.labels.guided)
         unet = load_teacher(teacher, components=("unet",), config_dir=config.teacher_config, device=device).unet
         stream = DrawStream(data, config.batch_size, seed=0, buffer_records=config.buffer_records)
         records = sum(data.counts.values())
