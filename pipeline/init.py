@@ -5,7 +5,7 @@
 
 It is the only part of stage two that reads a teacher, and it reads only the VAE and the text encoder: of a
 single `.safetensors` file the UNet's tensors are never read (sdit.teacher.read_state_dict). The train stage
-itself imports nothing that can load a teacher (invariant 9); the CLI composes the two.
+itself imports nothing that can load a teacher (invariant 8); the CLI composes the two.
 """
 
 from __future__ import annotations
