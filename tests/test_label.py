@@ -91,6 +91,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(store, tiny_teacher):
     assert whole.keys() == crash.keys() and all(np.array_equal(whole[k], crash[k]) for k in whole)
 
 
+@pytest.mark.slow
 def test_caption_perturbations_respect_their_timestep_range(store, tiny_teacher):
     _label(store, tiny_teacher, name="window", draws=4,
            perturb=PerturbConfig(mix={"none": 0.5, "swap": 0.25, "mix": 0.25}, caption_min_t=500))
@@ -100,6 +101,7 @@ def test_caption_perturbations_respect_their_timestep_range(store, tiny_teacher)
         assert (ts[(kinds == Kind.SWAP) | (kinds == Kind.MIX)] >= 500).all()
 
 
+@pytest.mark.slow
 def test_guidance_targets(store, tiny_teacher):
     counts = _label(store, tiny_teacher, name="guided", draws=2, guidance=(2.0, 6.0))
     labels = _labels(store, "guided")
@@ -132,6 +134,7 @@ def test_guidance_targets(store, tiny_teacher):
         torch.testing.assert_close(target, eps_u + w * (eps_c - eps_u), atol=2e-3, rtol=2e-3)  # stored in fp16
 
 
+@pytest.mark.slow
 def test_labels_made_before_synthesis_existed_still_resume(store, tiny_teacher):
     _label(store, tiny_teacher, name="older", draws=2)
     path = store / "labels" / "older" / "manifest.json"
@@ -142,6 +145,7 @@ def test_labels_made_before_synthesis_existed_still_resume(store, tiny_teacher):
     assert _label(store, tiny_teacher, name="older", draws=2)["shards"] == 4
 
 
+@pytest.mark.slow
 def test_non_finite_teacher_outputs_are_dropped_or_stop_the_run(store, tiny_teacher, monkeypatch):
     original = ShardLabeler.teacher_eps
 

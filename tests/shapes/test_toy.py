@@ -135,6 +135,7 @@ def test_resume_refuses_another_config(tmp_path):
         toy._check_config(tmp_path / "config.json", replace(longer, unet=replace(longer.unet, steps=1)), resume=True)
 
 
+@pytest.mark.slow
 def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     out = tmp_path / "toy-sd"
     summary = toy.train(out, CONFIG, work=tmp_path / "work")
@@ -155,6 +156,7 @@ def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
     """data/toy-sd, as the stages load it: SD 1.5's classes and 8x8x4 latents at 64 px, in either layout."""
     folder = load_teacher(DATA_DIR / "toy-sd")
