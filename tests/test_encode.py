@@ -164,6 +164,7 @@ def test_prompt_bank_and_truncation(tiny_teacher, tmp_path):
                           shard["text_emb"][:])
 
 
+@pytest.mark.slow
 def test_unfinished_shards_are_redone(folder_store, tiny_teacher, tmp_path):
     out = tmp_path / "s"
     _encode(SAMPLES, tiny_teacher, out, shard_size=4, batch_size=3)

@@ -158,6 +158,7 @@ def test_the_clip_score_is_100_times_the_cosine_clamped_at_0(clip_folder):
     np.testing.assert_allclose(clip.score(images, captions), 100 * np.maximum(-cos, 0), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_samples_are_resumed_and_their_settings_checked(run, tiny_teacher, tmp_path):
     from dataclasses import replace
 
@@ -213,6 +214,7 @@ def test_the_command(run, store, tmp_path):
         result.output
 
 
+@pytest.mark.slow
 def test_the_protocol_on_the_shapes_world_beside_the_teacher(clip_folder, tmp_path):
     """`sdit eval RUN STORE --prompts --teacher` with the toy teacher: agreement, FID (the stand-in extractor)
     and CLIP score of the student and the teacher side by side, in one table and one JSON."""

@@ -3,6 +3,8 @@
 import io
 import subprocess
 
+import pytest
+
 from conftest import child_env, cli_command
 from sdit.progress import LogProgress, duration
 
@@ -57,6 +59,7 @@ def test_durations_read_at_a_glance():
     assert [duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
 
 
+@pytest.mark.slow
 def test_training_writes_progress_lines_to_a_log_file(labelled_store, tmp_path):
     log = tmp_path / "train.log"
     with log.open("w") as stderr:

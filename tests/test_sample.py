@@ -48,6 +48,7 @@ def test_image_i_does_not_depend_on_the_batch_size(run, tmp_path):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3  # float rounding only (test_pipeline_sdit)
 
 
+@pytest.mark.slow
 def test_compare_teacher_feeds_both_the_same_noise_scheduler_and_steps(run, tiny_teacher, tmp_path, monkeypatch):
     calls, denoise = [], sampling.denoise
 
@@ -119,6 +120,7 @@ def test_bench_sample_reports_speed_and_flops(tiny_teacher):
     assert "images/s" in format_sample_table(result) and "sd15_unet" in format_sample_table(result)
 
 
+@pytest.mark.slow
 def test_the_commands(run, tiny_teacher, tmp_path):
     import json
 
