@@ -300,8 +300,7 @@ def train(
     sample_scheduler: Annotated[str, typer.Option(rich_help_panel=MONITOR, help=f"Sampler of the sample grids: {', '.join(SCHEDULERS)}.")] = TrainConfig.sample_scheduler,
 ):
     """Train the student from the store alone (the teacher's UNet is never loaded). Data-parallel under torchrun."""
-    from pipeline.train import train as run_train
-    from pipeline.train_run import resume_config
+    from pipeline.train import resume_config, train as run_train
 
     if (init is None) == (student is None) and not resume:
         raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
@@ -512,7 +511,9 @@ def bench_distill(
 ):
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
     with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
-    from pipeline.experiments.distill import distill, format_report, load_variants, longest_steps
+    from pipeline.experiments.distill import distill
+    from pipeline.experiments.plan import load_variants, longest_steps
+    from pipeline.experiments.report import format_report
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
     config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else _names(runs),
@@ -556,7 +557,7 @@ def bench_substitution(
     """How many records the teacher is worth: `bench distill` at each size of the limited split (same student,
     steps, seed and scoring), the figures per size and run, and the data multiplier. Every other option is
     `bench distill`'s default; `bench distill --sizes` takes them all."""
-    from pipeline.experiments.distill import load_variants
+    from pipeline.experiments.plan import load_variants
 
     config = DistillConfig(out=out, teacher=teacher, runs=_names(runs), draws=draws, steps=steps,
                            batch_size=batch_size, per_prompt=per_prompt, sample_steps=sample_steps, seed=seed,
@@ -566,7 +567,7 @@ def bench_substitution(
 
 
 def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
-    from pipeline.experiments.distill import longest_steps
+    from pipeline.experiments.plan import longest_steps
     from pipeline.experiments.substitution import format_substitution, substitution
 
     with _stage_bars(longest_steps(config.distill)) as (stage, on_step):
@@ -827,21 +828,24 @@ def toy_train(
                            replace(toy.VAEConfig(), steps=vae_steps, object_weight=vae_object_weight),
                            replace(toy.UNetConfig(), steps=unet_steps, train_text=not frozen_text,
                                    offset_noise=offset_noise, high_noise_weight=high_noise_weight), threads)
-    bars: dict = {}
+    bars: list = []
 
-    def progress(stage: str, step: int, total: int, metrics: dict) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, progress_bar(stage, "step"))
-        bar.total = total
-        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
-        bar.update(step - bar.n)
-        if stage == "latents":
-            bar.write(json.dumps(metrics))
+    def stages(stage: str, total: int):
+        bar = progress_bar(stage, "step", total)
+        bars.append(bar)
+
+        def metrics(figures: dict) -> None:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in figures.items() if isinstance(v, float)}, refresh=False)
+            if stage == "latents":
+                bar.write(json.dumps(figures))
+
+        return bar.update, metrics
 
     dtypes = {"fp16": torch.float16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise SDiTError(f"--dtype {dtype!r}: fp16 or fp32")
-    summary = train_toy(out, config, work_dir, resume, minutes, progress, dtype=dtypes[dtype])
-    for bar in bars.values():
+    summary = train_toy(out, config, work_dir, resume, minutes, stages, dtype=dtypes[dtype])
+    for bar in bars:
         bar.close()
     figures = {k: v for k, v in summary.items() if k != "config"}
     _report(json.dumps(figures, indent=2), figures, json_out)
@@ -854,7 +858,7 @@ def toy_eval(
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen).")] = 4,
     guidance: Guidance = toy.EVAL_GUIDANCE,
     steps: Steps = toy.EVAL_STEPS,
-    seed: Annotated[int, typer.Option(help="Image i of each prompt set uses noise from seed + i, as in bench distill.")] = 0,
+    seed: Annotated[int, typer.Option(help="Image i of each prompt set uses noise from seed + i.")] = 0,
     json_out: JsonOut = None,
 ):
     """Sample the teacher for held-out and seen prompts and read the samples: accuracy per attribute."""

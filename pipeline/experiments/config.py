@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from sdit.config import TOY_TEACHER, PerturbConfig
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
 from sdit.shapes.config import EVAL_GUIDANCE, EVAL_STEPS
+
+Say = Callable[[str], None]  # hears the name of each stage of an experiment as it starts
 
 
 # Real pairs, with the empty caption one draw in ten so that every student can use classifier-free guidance.

@@ -20,17 +20,16 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.experiments.distill import DistillConfig, Progress, distill, plot_scores
-from sdit.errors import SDiTError
+from pipeline.experiments.distill import distill
+from pipeline.experiments.plots import plot_scores
 from sdit.files import check_folder, replace_text
 from sdit.teacher import load_teacher
-from pipeline.experiments.config import SubstitutionConfig
+from pipeline.experiments.config import DistillConfig, Say, SubstitutionConfig
 
 
-def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None,
+def substitution(config: SubstitutionConfig, say: Say = lambda _: None,
                  on_step: Callable[[dict], None] | None = None) -> dict:
     """Every size's experiment, then the figures per size and run, the multiplier and the plot."""
     config.check()
@@ -40,7 +39,7 @@ def substitution(config: SubstitutionConfig, progress: Progress = lambda _: None
     for records in config.sizes:
         sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0,
                                     teacher_samples=config.distill.teacher_samples or str(out / "teacher-samples.npz"))
-        report = finished(sized, hashes) or distill(sized, lambda stage, n=records: progress(f"{n} records: {stage}"),
+        report = finished(sized, hashes) or distill(sized, lambda stage, n=records: say(f"{n} records: {stage}"),
                                             on_step)
         per_size[records] = {name: _figures(run) for name, run in report["runs"].items()}
         per_size[records]["teacher"] = _figures(report["teacher"])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sdit import sampling
-from sdit.shapes import evaluator, world
+from sdit.shapes import reader, scores, world
 from sdit.shapes.config import EVAL_GUIDANCE, EVAL_STEPS
 
 
@@ -56,24 +56,25 @@ def repeat(prompts: dict[str, list[world.Prompt]], per_prompt: int) -> dict[str,
     return {split: [p for p in plist for _ in range(per_prompt)] for split, plist in prompts.items()}
 
 
-def score_teacher(teacher_dir: str | Path, per_prompt: int = 4, guidance: float = EVAL_GUIDANCE, steps: int = EVAL_STEPS,
-                  seed: int = 0, prompts: dict[str, list[world.Prompt]] | None = None) -> dict[str, evaluator.Score]:
+def score_teacher(teacher_dir: str | Path, per_prompt: int = 4, guidance: float = EVAL_GUIDANCE,
+                  steps: int = EVAL_STEPS, seed: int = 0,
+                  prompts: dict[str, list[world.Prompt]] | None = None) -> dict[str, scores.Score]:
     """Per-attribute accuracy of the teacher's samples for each prompt set (the evaluation prompts by default),
     `per_prompt` samples per prompt."""
     from sdit.teacher import load_teacher
 
     teacher = load_teacher(teacher_dir)
     asked = repeat(prompts or evaluation_prompts(), per_prompt)
-    return {split: evaluator.score(evaluator.evaluate_batch(
-                sample_teacher(teacher, [p.text for p in plist], steps, guidance, seed)), plist)
+    return {split: scores.score(reader.read_batch(sample_teacher(teacher, [p.text for p in plist], steps, guidance,
+                                                                 seed)), plist)
             for split, plist in asked.items()}
 
 
-def format_scores(scores: dict[str, evaluator.Score]) -> str:
+def format_scores(teacher_scores: dict[str, scores.Score]) -> str:
     """A markdown table: accuracy per attribute (with its standard error) for each prompt set."""
     lines = ["| prompts | images | " + " | ".join(world.ATTRIBUTE_NAMES) + " |",
              "|---|---|" + "---|" * len(world.ATTRIBUTE_NAMES)]
-    for name, s in scores.items():
+    for name, s in teacher_scores.items():
         cells = [f"{a:.3f} ± {math.sqrt(a * (1 - a) / s.count):.3f}" for a in s.accuracy.values()]
         lines.append(f"| {name} | {s.count} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

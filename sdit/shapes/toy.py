@@ -5,8 +5,9 @@ real CLIP tokenizer, `UNet2DConditionModel`, SD 1.5's scheduler config, epsilon 
 and trained on the whole shapes world (held-out concepts included: the teacher knows everything). It is
 saved in the diffusers layout and loads with `sdit.teacher.load_teacher`, like SD 1.5 itself.
 
-Training runs as three stages, each a function of a frozen config, reporting through a callback and
-checkpointing atomically every `checkpoint_every` steps (a rerun with `resume` continues from there):
+Training runs as three stages, each a function of a frozen config, reporting steps done through a
+`sdit.progress.Progress` and its figures through a `Metrics` callback, and checkpointing atomically every
+`checkpoint_every` steps (a rerun with `resume` continues from there):
 
     render_world(work, data)           -> images (N, 64, 64, 3) uint8 + captions, cached in `work`
     train_vae(models, images, cfg)     reconstruction MSE + a small KL
@@ -30,7 +31,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,30 +40,31 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdit.shapes import evaluator, world
+from sdit.shapes import reader, scores, world
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.files import replace_folder
 from sdit.latents import to_latent_space
 from sdit.losses import check_high_noise_weight, high_noise_weight
+from sdit.progress import Progress, no_progress
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
 from sdit.text import tokenize
 from sdit.tiny import save_configs
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
-from sdit.shapes.config import SIZES, TOKENS, DataConfig, ToyConfig, ToySize, UNetConfig, VAEConfig
+from sdit.shapes.config import SIZES, DataConfig, ToyConfig, UNetConfig, VAEConfig
 
 
-# --- sizes: named presets ----------------------------------------------------------------------------
+Metrics = Callable[[dict], None]  # hears a stage's latest figures (a step's losses, the VAE's check)
+Stages = Callable[[str, int], tuple[Progress, Metrics]]  # (stage name, its units) -> how it reports, as it starts
 
 
-# --- configs -------------------------------------------------------------------------------------------
+def no_metrics(figures: dict) -> None:
+    """`Metrics` for callers that show none."""
 
 
-Progress = Callable[[str, int, int, dict], None]  # (stage, step done, steps in stage, metrics)
-
-
-def _quiet(stage: str, step: int, total: int, metrics: dict) -> None:
-    pass
+def quiet_stages(stage: str, total: int) -> tuple[Progress, Metrics]:
+    """`Stages` for callers that show none."""
+    return no_progress, no_metrics
 
 
 # --- components ---------------------------------------------------------------------------------------
@@ -144,22 +146,26 @@ def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generato
 
 
 def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEConfig, checkpoint: Path | None = None,
-              resume: bool = False, progress: Progress = _quiet, deadline: float | None = None) -> int:
+              resume: bool = False, progress: Progress = no_progress, deadline: float | None = None,
+              metrics: Metrics = no_metrics) -> int:
     """Train `vae` in place on `images` (N, H, W, 3) uint8. Returns the steps done."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = _resume(checkpoint, resume, {"vae": vae}, opt)
     vae.train()
+    if start:
+        progress(start)
     step = start
     for step in range(start, cfg.steps):
         if deadline is not None and time.monotonic() > deadline:
             break
         g = _generator(cfg.seed, step)
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g).numpy()
-        loss, metrics = vae_loss(vae, to_pixels(images[idx]), g, cfg.kl_weight, cfg.object_weight)
+        loss, figures = vae_loss(vae, to_pixels(images[idx]), g, cfg.kl_weight, cfg.object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        progress("vae", step + 1, cfg.steps, metrics)
+        progress(1)
+        metrics(figures)
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(checkpoint, {"vae": vae}, opt, {"step": step + 1})
     else:
@@ -193,10 +199,10 @@ def check_vae(vae: AutoencoderKL, data: DataConfig) -> dict[str, float]:
     records = list(world.sample(data.check_images, data.seed + 1, data.resolution))
     images = np.stack([np.asarray(r.image) for r in records])
     asked = [r.attrs for r in records]
-    clean = evaluator.score(evaluator.evaluate_batch(list(images)), asked).accuracy
+    clean = scores.score(reader.read_batch(list(images)), asked).accuracy
     recon = reconstruct(vae, images)
     mse = float(((recon.astype(np.float32) - images) / 127.5).__pow__(2).mean())
-    rec = evaluator.score(evaluator.evaluate_batch(list(recon)), asked).accuracy
+    rec = scores.score(reader.read_batch(list(recon)), asked).accuracy
     return {"mse": mse} | {f"clean_{k}": v for k, v in clean.items()} | {f"recon_{k}": v for k, v in rec.items()}
 
 
@@ -221,7 +227,7 @@ def encode_latents(vae: AutoencoderKL, tokenizer: CLIPTokenizer, renders: World,
 
 
 def latent_scale(latents: Latents, seed: int = 0) -> float:
-    """1 / std of posterior samples over the data set: SD's `scaling_factor` (0.18215), measured."""
+    """1 / std of posterior samples over the data set, as SD's `scaling_factor` was chosen."""
     g = torch.Generator().manual_seed(seed)
     z = latents.mean + latents.std * torch.randn(latents.mean.shape, generator=g)
     return float(1.0 / z.std())
@@ -263,7 +269,8 @@ def _trained(models: ToyModels, cfg: UNetConfig) -> dict[str, torch.nn.Module]:
 
 
 def train_unet(models: ToyModels, latents: Latents, cfg: UNetConfig, checkpoint: Path | None = None,
-               resume: bool = False, progress: Progress = _quiet, deadline: float | None = None) -> int:
+               resume: bool = False, progress: Progress = no_progress, deadline: float | None = None,
+               metrics: Metrics = no_metrics) -> int:
     """Train the UNet (and the text encoder, with `train_text`) in place, on latents scaled by the VAE's
     `scaling_factor`; on return their weights are the EMA weights. Returns the steps done."""
     trained = _trained(models, cfg)
@@ -279,6 +286,8 @@ def train_unet(models: ToyModels, latents: Latents, cfg: UNetConfig, checkpoint:
     empty = caption_ids(models.tokenizer, [""])[0]
     for m in trained.values():
         m.train()
+    if start:
+        progress(start)
     step = start
     for step in range(start, cfg.steps):
         if deadline is not None and time.monotonic() > deadline:
@@ -294,7 +303,8 @@ def train_unet(models: ToyModels, latents: Latents, cfg: UNetConfig, checkpoint:
             group["lr"] = cfg.lr * warmup_factor(step + 1, cfg.warmup)
         for name, m in trained.items():
             update_ema(ema[f"ema_{name}"], m, ema_decay(step, cfg.ema_decay))
-        progress("unet", step + 1, cfg.steps, {"loss": loss.item()})
+        progress(1)
+        metrics({"loss": loss.item()})
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(checkpoint, trained | ema, opt, {"step": step + 1})
     else:
@@ -332,7 +342,7 @@ def save_teacher(models: ToyModels, out: Path, readme: str | None = None,
 
 
 def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | None = None, resume: bool = False,
-          minutes: float | None = None, progress: Progress = _quiet, dtype: torch.dtype = torch.float16) -> dict:
+          minutes: float | None = None, stages: Stages = quiet_stages, dtype: torch.dtype = torch.float16) -> dict:
     """Every stage, then the teacher folder at `out`. Returns a summary (also `work/summary.json`).
 
     `minutes` caps the wall time: the VAE gets a quarter of it, the UNet what is left; a stage cut short
@@ -345,20 +355,25 @@ def train(out: str | Path, config: ToyConfig = ToyConfig(), work: str | Path | N
     torch.set_num_threads(config.threads)
     t0 = time.monotonic()
     deadline = t0 + 60 * minutes if minutes is not None else None
-    progress("data", 0, 1, {})
+    done, metrics = stages("data", 1)
     renders = render_world(config.data.images, config.data.seed, config.data.resolution, work)
-    progress("data", 1, 1, {"images": len(renders.images), "s": time.monotonic() - t0})
+    done(1)
+    metrics({"images": len(renders.images), "s": time.monotonic() - t0})
     models = build_models(config.size, config.data.seed)
     vae_deadline = t0 + 15 * minutes if minutes is not None else None
-    vae_steps = train_vae(models.vae, renders.images, config.vae, work / "vae-checkpoint", resume, progress,
-                          vae_deadline)
+    done, metrics = stages("vae", config.vae.steps)
+    vae_steps = train_vae(models.vae, renders.images, config.vae, work / "vae-checkpoint", resume, done, vae_deadline,
+                          metrics)
     t_vae = time.monotonic() - t0
     vae_check = check_vae(models.vae, config.data)
     latents = encode_latents(models.vae, models.tokenizer, renders)
     scale = latent_scale(latents)
     models.vae.register_to_config(scaling_factor=scale)
-    progress("latents", 1, 1, {"scaling_factor": scale, **vae_check})
-    unet_steps = train_unet(models, latents, config.unet, work / "unet-checkpoint", resume, progress, deadline)
+    done, metrics = stages("latents", 1)
+    done(1)
+    metrics({"scaling_factor": scale, **vae_check})
+    done, metrics = stages("unet", config.unet.steps)
+    unet_steps = train_unet(models, latents, config.unet, work / "unet-checkpoint", resume, done, deadline, metrics)
     summary = {"config": config.to_json(), "vae_steps": vae_steps, "unet_steps": unet_steps,
                "scaling_factor": scale, "vae_check": vae_check, "vae_seconds": t_vae,
                "seconds": time.monotonic() - t0, "parameters": parameter_counts(models)}

@@ -8,12 +8,11 @@ One image holds one flat-coloured shape on a plain background. Five attributes d
     position    a 3x3 grid: top left, top, top right, left, center, right, bottom left, ...
     size        small (7/32 of the image side: 14 px at 64), large (3/8: 24 px)
 
-Images are 64 px by default: SD's VAE downsamples 8x, so 64 px gives 8x8 latents, the size at
-which an early pixel-space experiment measured the tiny teacher, and room for a 3x3 grid with a small shape still 14 px
-(under 2 latent cells) across. At 32 px the latents would be 4x4 and a small shape 7 px.
+Images are 64 px by default: SD's VAE downsamples 8x, so 64 px gives 8x8 latents, and room for a 3x3 grid with a
+small shape still 14 px (under 2 latent cells) across. At 32 px the latents would be 4x4 and a small shape 7 px.
 
 Shapes are drawn on a 4x canvas and box-downsampled, so edges are anti-aliased and every pixel is
-an exact mix alpha * colour + (1 - alpha) * background (the evaluator relies on this). A seeded
+an exact mix alpha * colour + (1 - alpha) * background (the reader relies on this). A seeded
 jitter moves the shape by up to 3% of the side, scales it by 0.92 to 1.08 and shifts colours by a
 few levels, so no two images are identical. Shapes are never rotated.
 
@@ -34,18 +33,15 @@ The API, in the order data flows:
     limited_split(n, seed) -> Records                    the student's images, no HELDOUT concept
     heldout_prompts(), seen_prompts(), prompt_bank()     Prompts (text + attributes) to evaluate, or
                                                          to ask the teacher about without images
-    write_split(records, folder), write_prompts(prompts, path)   the files `sdit encode` reads
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -126,7 +122,7 @@ def all_attributes() -> list[Attributes]:
 class Concept:
     """A set of attribute values: a whole shape, a whole colour, or a shape-colour pair.
 
-    `matches` accepts anything with `shape` and `colour` fields (Attributes, or the evaluator's
+    `matches` accepts anything with `shape` and `colour` fields (Attributes, or the reader's
     Reading, whose rejected fields are None and so never match).
     """
 
@@ -424,43 +420,3 @@ def prompt_bank(seed: int = 0, per_pair: int | None = None) -> list[Prompt]:
         pairs.setdefault((p.attrs.shape, p.attrs.colour), []).append(i)
     keep = sorted(i for members in pairs.values() for i in pick.choice(members, size=per_pair, replace=False))
     return [bank[i] for i in keep]
-
-
-# --- files ---------------------------------------------------------------------------------------
-
-ATTRIBUTES_FILE = "attributes.jsonl"  # not metadata.jsonl: that name would make the folder an imagefolder
-
-
-def write_split(records: Iterable[Record], folder: str | Path, with_attributes: bool = False) -> int:
-    """Write records as `folder/000000.png` + `000000.txt`, ... (the layout `sdit encode` reads).
-
-    The folder must be new or empty: a stale record from an earlier, longer split would otherwise
-    be encoded with the new ones. With `with_attributes`, also `attributes.jsonl`, one
-    {"name": ..., **attributes} line a record. Returns the number of records written.
-    """
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise SDiTError(f"{folder} is not empty; write a split to a new or empty folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    count = 0
-    for count, record in enumerate(records, start=1):
-        name = f"{count - 1:06d}"
-        record.image.save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(record.caption + "\n", encoding="utf-8")
-        if with_attributes:
-            lines.append(json.dumps({"name": name, **asdict(record.attrs)}))
-    if with_attributes:
-        (folder / ATTRIBUTES_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return count
-
-
-def write_prompts(prompts: Iterable[Prompt | str], path: str | Path) -> int:
-    """Write one prompt a line (the text-only prompt list `sdit encode` reads). Returns the count."""
-    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
-    if any("\n" in t for t in texts):
-        raise SDiTError("a prompt contains a line break; a prompt list holds one prompt a line")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    return len(texts)

@@ -14,9 +14,13 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
-from pipeline.experiments.distill import DistillConfig, load_variants, longest_steps, teacher_samples, train_side_by_side
+from pipeline.experiments.config import DistillConfig
+from pipeline.experiments.plan import load_variants, longest_steps
+from pipeline.experiments.scoring import teacher_samples
+from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
-from pipeline.train import TrainConfig, read_metrics
+from pipeline.train import TrainConfig
+from pipeline.train_monitor import read_metrics
 from sdit.loader import LabelledStore
 from sdit.perturb import Kind
 from sdit.run import read_run
@@ -104,7 +108,7 @@ def test_bad_training_options_are_refused_before_any_work(tiny_teacher, tmp_path
 
 
 def test_steps_to_reach_interpolates_between_curve_points():
-    from pipeline.experiments.distill import steps_to_reach
+    from pipeline.experiments.scoring import steps_to_reach
 
     curve = [{"step": 0, "seen_acc": 0.0}, {"step": 100, "seen_acc": 0.2}, {"step": 200, "seen_acc": 0.6}]
     assert steps_to_reach(curve, 0.2) == 100
@@ -264,8 +268,8 @@ def test_toy_eval_scores_the_teacher_as_the_experiments_teacher_row(tmp_path):
     import inspect
 
     from cli import toy_eval
-    from pipeline.experiments.distill import scores
-    from sdit.shapes import evaluator, samples
+    from sdit.shapes import reader, samples
+    from sdit.shapes.scores import figures
 
     defaults = {name: p.default for name, p in inspect.signature(toy_eval).parameters.items()}
     assert (defaults["guidance"], defaults["steps"]) == (DistillConfig.guidance, DistillConfig.sample_steps)
@@ -277,7 +281,7 @@ def test_toy_eval_scores_the_teacher_as_the_experiments_teacher_row(tmp_path):
     asked = samples.repeat(prompts, config.per_prompt)
     images, _ = teacher_samples(config, tmp_path, load_teacher(config.teacher),
                                 {split: [p.text for p in plist] for split, plist in asked.items()})
-    row = scores({split: evaluator.evaluate_batch(images[split]) for split in asked}, asked)
+    row = figures({split: reader.read_batch(images[split]) for split in asked}, asked)
     for split in asked:
         assert json.dumps(row[f"{split}_attributes"]) == json.dumps(toy[split].accuracy)
     assert row["seen_attributes"]["colour"] > 0.5  # a teacher that draws the world: the scores say something

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdit.shapes import reader, samples, toy
 from sdit.convert import to_original_layout
 from sdit.errors import SDiTError
-from sdit.shapes import evaluator, samples, toy
 from sdit.teacher import DATA_DIR, load_teacher
 
 DATA = toy.DataConfig(images=32, resolution=32, check_images=8)
@@ -31,7 +31,6 @@ def latents(world) -> toy.Latents:
     return toy.encode_latents(models.vae, models.tokenizer, world)
 
 
-@pytest.mark.slow
 def test_vae_loss_falls_on_a_fixed_batch(world):
     vae = toy.build_models("test").vae
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
@@ -46,7 +45,6 @@ def test_vae_loss_falls_on_a_fixed_batch(world):
     assert losses[-1] < 0.6 * losses[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("train_text", [True, False])
 def test_diffusion_loss_falls_on_a_fixed_batch(latents, train_text):
     models = toy.build_models("test")
@@ -78,8 +76,7 @@ def test_high_noise_weight_is_a_weighted_mean_of_the_plain_loss(latents):
     def loss(gamma: float) -> float:
         cfg = replace(UNET, high_noise_weight=gamma)
         with torch.no_grad():
-            generator = torch.Generator().manual_seed(0)
-            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, generator).item()
+            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, torch.Generator().manual_seed(0)).item()
 
     plain = loss(0.0)
     assert loss(1.0) == pytest.approx(plain, rel=1e-6)  # every weight min(1/ᾱ_t, 1) = 1
@@ -98,7 +95,6 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.slow
 def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     whole = toy.build_models("test").vae
     assert toy.train_vae(whole, world.images, VAE, tmp_path / "a") == 4
@@ -110,7 +106,6 @@ def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert not _same(whole, part)
 
 
-@pytest.mark.slow
 def test_unet_resume_matches_an_uninterrupted_run(latents, tmp_path):
     whole = toy.build_models("test")
     toy.train_unet(whole, latents, UNET, tmp_path / "a")
@@ -135,7 +130,6 @@ def test_resume_refuses_another_config(tmp_path):
         toy._check_config(tmp_path / "config.json", replace(longer, unet=replace(longer.unet, steps=1)), resume=True)
 
 
-@pytest.mark.slow
 def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     out = tmp_path / "toy-sd"
     summary = toy.train(out, CONFIG, work=tmp_path / "work")
@@ -156,7 +150,6 @@ def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
 
 
-@pytest.mark.slow
 def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
     """data/toy-sd, as the stages load it: SD 1.5's classes and 8x8x4 latents at 64 px, in either layout."""
     folder = load_teacher(DATA_DIR / "toy-sd")
@@ -166,5 +159,5 @@ def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
     save_file(to_original_layout(folder.unet, folder.vae, folder.text_encoder), file)
     assert load_teacher(file, config_dir=DATA_DIR / "toy-sd").identity.hashes == folder.identity.hashes
     images = samples.sample_teacher(folder, ["a large red square in the center on a white background"] * 2, steps=20)
-    readings = evaluator.evaluate_batch(images)
+    readings = reader.read_batch(images)
     assert [(r.shape, r.colour, r.background) for r in readings] == [("square", "red", "white")] * 2

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdit.errors import SDiTError
-from sdit.shapes import world
+from sdit.shapes import files, world
 from sdit.shapes.world import Attributes
 
 SPLIT_SIZE = 1500  # what the demo gives the student: checked whole
@@ -138,7 +138,7 @@ def test_the_prompt_bank_covers_every_value_heldout_included():
 
 def test_write_split_gives_matching_png_and_txt_pairs(tmp_path):
     records = list(world.limited_split(5, seed=3))
-    assert world.write_split(records, tmp_path / "split", with_attributes=True) == 5
+    assert files.write_split(records, tmp_path / "split", with_attributes=True) == 5
     names = sorted(p.name for p in (tmp_path / "split").iterdir())
     stems = [f"{i:06d}" for i in range(5)]
     assert names == sorted([f"{s}.png" for s in stems] + [f"{s}.txt" for s in stems] + [world.ATTRIBUTES_FILE])
@@ -150,15 +150,15 @@ def test_write_split_gives_matching_png_and_txt_pairs(tmp_path):
     assert [line.pop("name") for line in lines] == stems
     assert [Attributes(**line) for line in lines] == [r.attrs for r in records]
     with pytest.raises(SDiTError, match="not empty"):
-        world.write_split(records, tmp_path / "split")
+        files.write_split(records, tmp_path / "split")
 
 
 def test_write_prompts_one_a_line(tmp_path):
     prompts = world.heldout_prompts()
-    assert world.write_prompts(prompts, tmp_path / "bank.txt") == len(prompts)
+    assert files.write_prompts(prompts, tmp_path / "bank.txt") == len(prompts)
     assert (tmp_path / "bank.txt").read_text().splitlines() == [p.text for p in prompts]
     with pytest.raises(SDiTError, match="line break"):
-        world.write_prompts(["a red\ncircle"], tmp_path / "bad.txt")
+        files.write_prompts(["a red\ncircle"], tmp_path / "bad.txt")
 
 
 def test_a_smaller_prompt_bank_covers_every_shape_colour_pair_equally():

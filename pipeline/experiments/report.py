@@ -1,0 +1,36 @@
+"""The experiment's report in markdown: a row per run and the teacher, then each held-out concept."""
+
+from __future__ import annotations
+
+
+def format_report(report: dict) -> str:
+    """report.md: the figures of every run and the teacher, each held-out concept, and the settings."""
+    lines = ["| run | held-out concepts (fair) | seen shape+colour | speed-up | teacher forwards | "
+             "held-out hits (raw) | held-out shape+colour | attributes: held-out / seen | "
+             "teacher MSE (held-out draws) | sampling: forwards, ms / image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = {**report["runs"], "teacher": report["teacher"]}
+    for name, r in rows.items():
+        mse = f"{r['teacher_mse']:.4f}" if "teacher_mse" in r else "-"
+        forwards = f"{r['teacher_forwards']:,}" if "teacher_forwards" in r else "-"
+        speedup = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
+        lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['seen_acc']:.3f} | {speedup} | {forwards} | "
+                     f"{r['heldout_hit']:.3f} | {r['heldout_pair_acc']:.3f} | {r['heldout_attr_acc']:.3f} / "
+                     f"{r['seen_attr_acc']:.3f} | {mse} | {r['sample_forwards']}, "
+                     f"{1000 * r['sample_s_per_image']:.0f} |")
+    concepts = list(report["teacher"]["heldout_concepts"])
+    lines += ["", "Held-out concepts, each: hit / false positive / fair (a sample shows a concept only when it is a "
+              "recognisable object).", "", "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [r["heldout_concepts"][k] for k in concepts]
+        lines.append(f"| {name} | " + " | ".join(f"{c['hit']:.2f} / {c['false_positive']:.2f} / {c['fair']:.2f}"
+                                                 for c in cells) + " |")
+    c = report["config"]
+    lines.append("")
+    for name, options in c["variants"].items():
+        changes = ", ".join(f"{k}={v}" for k, v in options.items() if k != "from")
+        lines.append(f"{name}: {options['from']} with {changes}.")
+    lines.append(f"{c['student']}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "
+                 f"{c['draws']} draws, {c['per_prompt']} samples per prompt (DDIM {c['sample_steps']}, guidance "
+                 f"{c['guidance']}), high-noise weight {c['high_noise_weight']}; {report['seconds']:.0f} s in all.")
+    return "\n".join(lines)

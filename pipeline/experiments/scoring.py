@@ -1,0 +1,158 @@
+"""Scoring the experiment: samples of the teacher and every student from the same noise, read by the shapes
+reader; each run's learning curve over its checkpoints, and the steps it needed against the no-teacher run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_model
+
+from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.experiments.config import GUIDED_LABELS, PROMPTS_PER_PAIR, DistillConfig
+from pipeline.experiments.plan import Labelling, Run
+from pipeline.experiments.plots import plot_curves, write_grid
+from pipeline.train_run import checkpoint_dirs
+from sdit.files import replacing
+from sdit.pipeline_sdit import SDiTPipeline
+from sdit.shapes import reader, samples, world
+from sdit.shapes.scores import figures
+
+
+def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings: dict[str, Labelling],
+              runs: dict[str, Run]) -> dict[str, dict]:
+    """Samples of the teacher and every student from the same noise; fair held-out scores, attribute accuracy
+    on held-out and seen prompts; teacher agreement on held-out draws."""
+    prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
+    texts = {split: [p.text for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    images, seconds = {}, {}
+    images["teacher"], seconds["teacher"] = teacher_samples(config, out, teacher, texts)
+    for name in config.names:
+        started = time.perf_counter()
+        images[name] = {split: _sample(config, out / name, teacher, t) for split, t in texts.items()}
+        seconds[name] = time.perf_counter() - started
+    asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    results = {}
+    for name in images:
+        readings = {split: reader.read_batch(images[name][split]) for split in prompts}
+        results[name] = figures(readings, asked)
+        results[name]["sample_s_per_image"] = seconds[name] / sum(len(a) for a in asked.values())
+        results[name]["sample_forwards"] = config.sample_steps * (1 if distilled(out, name) else 2)
+        if name != "teacher":
+            # on held-out draws of real pairs where the experiment has them; a guided student against guided
+            # targets, its own kind
+            run = runs[name]
+            plain = "plain" in labellings and labellings[run.labels].kind != GUIDED_LABELS
+            agreement = evaluate(EvalConfig(run=str(out / name), store=str(store),
+                                            labels="plain" if plain else run.labels))
+            results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
+            results[name]["teacher_forwards"] = teacher_forwards(store, run)
+    write_grid(out / "grid.png", images, prompts, config.per_prompt)
+    return results
+
+
+def teacher_samples(config: DistillConfig, out: Path, teacher,
+                    texts: dict[str, list[str]]) -> tuple[dict[str, list[np.ndarray]], float]:
+    """The teacher's samples of `texts` and the seconds they took: read from `config.teacher_samples` (default
+    OUT/teacher-samples.npz) when that file was made by the same teacher, prompts, noise and sampler, else
+    made and kept there. The substitution curve's sizes share one file: the teacher does not change with them."""
+    path = Path(config.teacher_samples or out / "teacher-samples.npz")
+    key = json.dumps({"teacher": teacher.identity.hashes, "texts": texts,
+                      "steps": config.sample_steps, "guidance": config.guidance, "seed": config.seed}, sort_keys=True)
+    if path.exists():
+        with np.load(path) as kept:
+            if str(kept["key"]) == key:
+                return {split: list(kept[split]) for split in texts}, float(kept["seconds"])
+    started = time.perf_counter()
+    images = {split: _sample(config, None, teacher, t) for split, t in texts.items()}
+    seconds = time.perf_counter() - started
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), seconds=np.array(seconds), **{s: np.stack(i) for s, i in images.items()})
+    return images, seconds
+
+
+def distilled(out: Path, name: str) -> bool:
+    """Whether a model samples with one forward a step (a guidance-distilled student)."""
+    return name != "teacher" and json.loads((out / name / "transformer" / "config.json").read_text())["guidance_embed"]
+
+
+# --- learning curves ----------------------------------------------------------------------------------------------
+
+
+def curve_prompts(config: DistillConfig) -> dict[str, list[world.Prompt]]:
+    """The fixed subset the curves score: `curve_prompts` of each pair's six prompts, both splits."""
+    keep = np.linspace(0, PROMPTS_PER_PAIR - 1, config.curve_prompts).round().astype(int)
+    return {split: [p for i, p in enumerate(plist) if i % PROMPTS_PER_PAIR in keep]
+            for split, plist in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts()))}
+
+
+def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher, runs: dict[str, Run]) -> None:
+    """Score the EMA weights of every checkpoint of every run (and the shared initial weights at step 0) on the
+    curve prompts, from the same noise each time; the teacher on them too, as the reference line. Adds `curves`
+    and `speedup` to each run's results and writes curves.png."""
+    prompts = curve_prompts(config)
+    asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    texts = {split: [p.text for p in plist] for split, plist in asked.items()}
+
+    def point(run: Path | None, ema: Path | None = None) -> dict:
+        readings = {split: reader.read_batch(_sample(config, run, teacher, texts[split], ema=ema)) for split in texts}
+        scored = figures(readings, asked)
+        return {"heldout_acc": scored["heldout_acc"], "seen_acc": scored["seen_acc"]}
+
+    starts = {}  # step 0 of every run that starts from the same weights
+    for name in config.names:
+        init = out / runs[name].init
+        if init not in starts:
+            starts[init] = {"step": 0} | point(init)
+        results[name]["curves"] = [starts[init]] + [
+            {"step": int(folder.name.removeprefix("step-"))} | point(out / name, folder / "ema.safetensors")
+            for folder in checkpoint_dirs(out / name)]
+    reference = point(None)
+    for name in config.names:  # against the no-teacher run's final seen accuracy, when it is one of the runs
+        baseline = results["no_teacher"]["curves"][-1] if "no_teacher" in config.runs else None
+        needed = steps_to_reach(results[name]["curves"], baseline["seen_acc"]) if baseline else None
+        results[name]["speedup"] = baseline["step"] / needed if needed else None
+    results["teacher"]["curve_reference"] = reference
+    plot_curves(out / "curves.png", {name: results[name]["curves"] for name in config.names}, reference)
+
+
+def steps_to_reach(curve: list[dict], target: float, key: str = "seen_acc") -> float | None:
+    """The step at which `curve` first reaches `target`, interpolated linearly between its points; None if it
+    never does (or the target is not above the first point, where no step count is meaningful)."""
+    if not curve or target <= curve[0][key]:
+        return None
+    for before, after in zip(curve, curve[1:]):
+        if after[key] >= target:
+            share = (target - before[key]) / (after[key] - before[key])
+            return before["step"] + share * (after["step"] - before["step"])
+    return None
+
+
+def teacher_forwards(store: Path, run: Run) -> int:
+    """What a run's labels cost in teacher UNet forwards (0 without the teacher: its ε_T goes unused)."""
+    if run.training["kd_weight"] == 0:
+        return 0
+    counts = json.loads((store / "labels" / run.labels / "manifest.json").read_text())["counts"]
+    return int(counts["teacher_forwards"]["total"])
+
+
+def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str], batch: int = 64,
+            ema: Path | None = None) -> list:
+    """(H, W, 3) uint8 images of a student run (with the EMA weights of checkpoint file `ema` when given), or of
+    the teacher (run=None); image i starts from the noise of seed config.seed + i whichever model draws it."""
+    if run is None:
+        return samples.sample_teacher(teacher, prompts, config.sample_steps, config.guidance, config.seed, batch)
+    pipe = SDiTPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    if ema is not None:
+        load_model(pipe.transformer, str(ema))
+    made = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        noise = samples.seeded_noise(samples.latent_shape(teacher), config.seed, start, len(chunk))
+        made += [np.asarray(i) for i in pipe(chunk, latents=noise, num_inference_steps=config.sample_steps,
+                                              guidance_scale=config.guidance).images]
+    return made
