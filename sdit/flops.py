@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdit.dit import build_student
 from sdit.presets import DEFAULT_PRESETS
-from sdit.teacher import SD15_CONFIG_DIR
+from sdit.config import SD15_CONFIG_DIR
 
 # One training step costs about 3 forwards: the backward computes, for each matrix product,
 # the gradient with respect to its input and with respect to its weight, each as costly as
