@@ -300,7 +300,8 @@ def train(
     sample_scheduler: Annotated[str, typer.Option(rich_help_panel=MONITOR, help=f"Sampler of the sample grids: {', '.join(SCHEDULERS)}.")] = TrainConfig.sample_scheduler,
 ):
     """Train the student from the store alone (the teacher's UNet is never loaded). Data-parallel under torchrun."""
-    from pipeline.train import resume_config, train as run_train
+    from pipeline.train import train as run_train
+    from pipeline.train_run import resume_config
 
     if (init is None) == (student is None) and not resume:
         raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
@@ -397,7 +398,7 @@ def bench_label(
 @command
 def bench_sd15(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the photographs, store, runs and samples.")] = Sd15Config.out,
-    cache: Annotated[Optional[str], typer.Option(help="Where the random SD 1.5 is built once, in both layouts (default: OUT/teacher).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Where the random SD 1.5 is built once, in both layouts (default: $XDG_CACHE_HOME/sdit or ~/.cache/sdit).")] = None,
     records: Annotated[Optional[int], typer.Option(min=1, help=f"Photographs to encode (default: {Sd15Config.records}; on GPU 256).")] = None,
     resolution: Annotated[int, typer.Option(help="Image side in pixels (a multiple of 8 x the students' patch).")] = Sd15Config.resolution,
     draws: Annotated[Optional[int], typer.Option(min=1, help=f"Teacher draws per record (default: {Sd15Config.draws}; on GPU 4).")] = None,

@@ -20,16 +20,18 @@ the math path already; forcing it keeps the count right if that changes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdit.dit import build_student
 from sdit.presets import DEFAULT_PRESETS
-from sdit.config import SD15_CONFIG_DIR
+from sdit.config import SD15_CONFIG_DIR, vae_factor
 
 # One training step costs about 3 forwards: the backward computes, for each matrix product,
 # the gradient with respect to its input and with respect to its weight, each as costly as
@@ -38,7 +40,7 @@ from sdit.config import SD15_CONFIG_DIR
 TRAIN_STEP_FORWARDS = 3
 
 
-def forward_flops(model: torch.nn.Module, *args, **kwargs) -> int:
+def forward_flops(model: Callable, *args, **kwargs) -> int:
     """FLOPs of `model(*args, **kwargs)`, a multiply-add counted as 2.
 
     Build the model and its inputs on the meta device (`with torch.device("meta"):`) to count
@@ -106,3 +108,25 @@ def flops_table(presets: tuple[str, ...] = DEFAULT_PRESETS, sample_size: int = 6
     table = {preset: student_flops(preset, sample_size=sample_size) for preset in presets}
     table["sd15_unet"] = unet_flops(sample_size=sample_size)
     return table
+
+
+def unit_flops(config_dir: str | Path, resolution: int, presets: tuple[str, ...]) -> dict[str, float]:
+    """FLOPs of one unit of each stage's work at `resolution` px, batch 1, for the components of a diffusers config
+    folder: a VAE encode and decode ("vae_encode", "vae_decode"), a text encoder forward of 77 tokens
+    ("text_encoder"), a UNet forward ("unet"), and each preset's student forward (by preset name)."""
+    config_dir = Path(config_dir)
+    factor, channels = vae_factor(config_dir)
+    latent = resolution // factor
+    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+        image = torch.empty(1, 3, resolution, resolution)  # (1, 3, H, W)
+        z = torch.empty(1, channels, latent, latent)  # (1, C, h, w)
+        flops = {"vae_encode": float(forward_flops(vae.encode, image)),
+                 "vae_decode": float(forward_flops(vae.decode, z)),
+                 "text_encoder": float(forward_flops(CLIPTextModel(text_config), torch.zeros(1, 77, dtype=torch.long)))}
+    flops["unet"] = float(unet_flops(config_dir, sample_size=latent))
+    for preset in presets:
+        flops[preset] = float(student_flops(preset, sample_size=latent, in_channels=channels,
+                                            text_dim=text_config.hidden_size))
+    return flops

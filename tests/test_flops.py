@@ -9,7 +9,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdit.dit import FREQUENCY_EMBEDDING_SIZE as FREQ  # the timestep and guidance MLPs' input width
 from sdit.dit import PRESETS, Attention, build_student
-from sdit.flops import TRAIN_STEP_FORWARDS, flops_table, forward_flops, student_flops, train_step_flops, unet_flops
+from sdit.flops import (
+    TRAIN_STEP_FORWARDS,
+    flops_table,
+    forward_flops,
+    student_flops,
+    train_step_flops,
+    unet_flops,
+    unit_flops,
+)
 from sdit.teacher import SD15_CONFIG_DIR
 
 # Published multiply-adds per forward: DiT-XL/2 at 32×32 latents (Peebles & Xie, counted with fvcore),
@@ -155,3 +163,11 @@ def test_flops_table(monkeypatch):
     table = flops_table(presets=("SDiT-Nano/2", "SDiT-T/4"), sample_size=16)
     expected = {preset: student_flops(preset, sample_size=16) for preset in ("SDiT-Nano/2", "SDiT-T/4")}
     assert table == {**expected, "sd15_unet": 16_000}
+
+
+def test_unit_flops_counts_each_stage_unit_at_the_latents_a_resolution_gives():
+    units = unit_flops(SD15_CONFIG_DIR, 256, ("SDiT-S/2",))
+    assert units["unet"] == unet_flops(sample_size=32)  # SD 1.5's VAE: 256 px -> 32x32 latents
+    assert units["SDiT-S/2"] == student_flops("SDiT-S/2", sample_size=32)
+    assert units["vae_encode"] > units["unet"] / 10 and units["vae_decode"] > units["vae_encode"]
+    assert 0 < units["text_encoder"] < units["unet"]

@@ -4,7 +4,10 @@
     label.py      `sdit bench label`
     train.py      `sdit bench train`
     sample.py     `sdit bench sample`
-    sd15.py       `sdit bench sd15` (every stage with SD 1.5's architecture at 512 px; the GPU check)
+    sd15.py       `sdit bench sd15` (every stage with SD 1.5's architecture at 512 px; the GPU check), with
+                  sd15_teacher.py (the random teacher, kept per user), sd15_stages.py (each stage in a child
+                  process), sd15_throughput.py and sd15_precision.py
+    timing.py     the clock every benchmark times with: best of N, alternating, waiting for CUDA
     memory.py     `sdit bench memory` (peak memory of a training step at 512 px; per-GPU batches)
     startup.py    `sdit bench startup` (seconds from `sdit --help` to its answer)
 
@@ -68,18 +71,11 @@ def matmul_gflops(device, n: int = 2048, repeats: int = 5, dtype=None) -> float:
     best of `repeats`."""
     import torch
 
+    from pipeline.bench.timing import best_of
+
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_of({"matmul": lambda: a @ b}, repeats, device)["matmul"] / 1e9
 
 
 def checksum_seconds(store_url: str, groups: list[str], repeats: int = 3) -> dict:

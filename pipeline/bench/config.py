@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SD15_CONFIG_DIR, TOY_TEACHER, PerturbConfig,
-                         check_scheduler,
+from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SD15_CONFIG_DIR, check_scheduler,
                          vae_factor)
 from sdit.errors import SDiTError
 from sdit.presets import DEFAULT_PRESETS, PRESETS
@@ -103,7 +102,7 @@ class MemoryConfig:
 @dataclass(frozen=True)
 class Sd15Config:
     out: str = "runs/bench-sd15"  # photographs, store, runs, samples
-    cache: str | None = None  # the random teacher, built once; default: OUT/teacher
+    cache: str | None = None  # the random teacher, built once; default: the user's cache folder (~/.cache/sdit)
     config_dir: str = str(SD15_CONFIG_DIR)  # the architecture (tests pass a tiny one)
     seed: int = 0  # of the random teacher's weights
     records: int = 8

@@ -3,19 +3,19 @@ batches (best of three, alternating), bytes per draw on disk, and the UNet's FLO
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.bench import encoded_store, matmul_gflops, tiny_teacher
 from pipeline.bench.config import BenchLabelConfig
+from pipeline.bench.timing import timed
 
 
 def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
     """Draws/s of `sdit teacher-label` against the bare UNet forward on the same batches (best of
     `repeats`, alternating), bytes per draw, the projected wall time, and FLOP rates."""
-    import torch
 
     from pipeline.label import LabelConfig, label, LabelerFactory
     from sdit.labels import teacher_inputs
@@ -37,12 +37,8 @@ def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
             if labeler is None:
                 labeler = LabelerFactory(lc)()
                 batches = list(_label_batches(labeler, lc, teacher_inputs))
-            sync = torch.cuda.synchronize if labeler.device.type == "cuda" else (lambda: None)
-            t0 = time.perf_counter()
-            for inputs in batches:
-                labeler.teacher_eps(inputs, None)
-            sync()
-            bare.append(sum(len(b.timesteps) for b in batches) / (time.perf_counter() - t0))
+            _, seconds = timed(lambda: [labeler.teacher_eps(inputs, None) for inputs in batches], labeler.device)
+            bare.append(sum(len(b.timesteps) for b in batches) / seconds)
         flops_per_draw = _unet_flops(labeler, batches[0]) / len(batches[0].timesteps)
     stage_rate, bare_rate = max(stage), max(bare)
     matmul = matmul_gflops(labeler.device)

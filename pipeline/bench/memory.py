@@ -26,12 +26,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from sdit.errors import SDiTError
 from sdit.flops import TRAIN_STEP_FORWARDS
-from sdit.presets import DEFAULT_PRESETS
 from pipeline.bench.config import MemoryConfig
 
 BYTES_PER_PARAM = 20  # weights 4 + EMA 4 + gradients 4 + AdamW moments 8, all fp32

@@ -14,21 +14,18 @@ student runs one.
 from __future__ import annotations
 
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from sdit.devices import resolve_device, resolve_dtype
-from sdit.dit import PRESETS
 from sdit.errors import SDiTError
 from sdit.flops import forward_flops, student_flops, unet_flops
-from sdit.presets import DEFAULT_PRESETS
-from sdit.pipeline_sdit import DEFAULT_GUIDANCE
 from sdit.run import read_run
-from sdit.sampling import SCHEDULERS, make_scheduler
+from sdit.sampling import make_scheduler
 from pipeline.bench.config import BenchSampleConfig
+from pipeline.bench.timing import best_of
 
 PROMPTS = ("a red circle on a white background", "a small blue square", "a green star, top left",
            "a large yellow triangle")
@@ -75,7 +72,6 @@ def measure(config: BenchSampleConfig, run: str, teacher_path: str, device: torc
     size = pipe.latent_size(config.resolution, config.resolution)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(config.images)]
     noise = pipe.initial_noise(config.images, size, [torch.Generator().manual_seed(i) for i in range(config.images)])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def student():
         pipe(prompts, latents=noise, num_inference_steps=config.steps, guidance_scale=config.guidance,
@@ -85,14 +81,7 @@ def measure(config: BenchSampleConfig, run: str, teacher_path: str, device: torc
         scheduler = make_scheduler(config.scheduler, dict(pipe.scheduler.config))
         teacher_images(teacher, prompts, None, noise, scheduler, config.steps, config.guidance, device)
 
-    best = {"student": float("inf"), "teacher": float("inf")}
-    for _ in range(config.repeats):
-        for name, fn in (("student", student), ("teacher", teacher_run)):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best = best_of({"student": student, "teacher": teacher_run}, config.repeats, device)
     forwards = 1 if pipe.guidance_distilled else GUIDED_FORWARDS
     x = torch.zeros(1, pipe.transformer.config.in_channels, *size, device=device, dtype=dtype)
     t = torch.zeros(1, device=device)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pipeline.bench import checksum_seconds, encoded_store, tiny_teacher
+from pipeline.bench.timing import timed
 from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
@@ -92,15 +92,9 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
 def _steps_per_s(trainer: Trainer, warm: list, batches, config: BenchTrainConfig, device: torch.device) -> float:
     """Steps/s of `config.steps` steps on `batches`, after `config.warmup` untimed steps on the in-memory `warm`
     batches (so the store is read only in the timed steps)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for batch in warm[:config.warmup]:
         trainer.step(batch)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(config.steps):
-        trainer.step(next(batches))
-    sync()
-    return config.steps / (time.perf_counter() - t0)
+    return config.steps / timed(lambda: [trainer.step(next(batches)) for _ in range(config.steps)], device)[1]
 
 
 def format_train_table(result: dict) -> str:

@@ -8,8 +8,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.bench import write_json
-from pipeline.bench.sd15 import (TOLERANCES, Sd15Config, bench_sd15, format_sd15_table, photographs, precision_paths,
-                                 random_teacher)
+from pipeline.bench.config import Sd15Config
+from pipeline.bench.sd15 import bench_sd15, format_sd15_table, photographs
+from pipeline.bench.sd15_precision import TOLERANCES, precision_paths
+from pipeline.bench.sd15_teacher import random_teacher
 from sdit.errors import SDiTError
 from sdit.teacher import SD15_CONFIG_DIR, check_shapes, expected_shapes, load_teacher
 
@@ -42,9 +44,12 @@ def test_the_random_teacher_is_built_once_in_both_layouts_with_the_same_weights(
 
 def test_an_unfinished_cache_is_rebuilt(tiny_configs, tmp_path):
     made = random_teacher(tiny_configs, tmp_path / "cache")
-    (tmp_path / "cache" / "done.json").unlink()  # as if killed before the end
+    (made.folder.parent / "done.json").unlink()  # a folder of that name left unfinished
     made.single_file.write_bytes(b"torn")
+    killed = made.folder.parent.with_name(made.folder.parent.name + ".building-999999999")  # a build killed half way
+    killed.mkdir()
     assert load_teacher(random_teacher(tiny_configs, tmp_path / "cache").single_file, config_dir=tiny_configs).unet
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [made.folder.parent.name]
 
 
 def test_photographs_are_distinct_real_views_at_least_the_resolution(tmp_path):
@@ -92,7 +97,7 @@ def test_bench_sd15_reports_every_stage_at_tiny_size(tiny_configs, tmp_path):
 def test_the_gpu_check_runs_on_cpu_at_tiny_size(tiny_configs, tmp_path):
     """`sdit bench sd15 --device cuda`'s throughput stage, on the CPU with tiny sizes: the same code."""
     config = Sd15Config(out=str(tmp_path / "bench"), config_dir=str(tiny_configs), **TINY)
-    from pipeline.bench.sd15 import format_throughput_table, throughput
+    from pipeline.bench.sd15_throughput import format_throughput_table, throughput
 
     folder = random_teacher(tiny_configs, tmp_path / "cache").folder
     t = throughput(str(folder), tiny_configs, ("SDiT-Nano/2",), (64, 128), 4, {64: 4, 128: 2}, 1, "cpu")
