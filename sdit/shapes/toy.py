@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -45,7 +44,7 @@ from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.files import replace_folder
 from sdit.latents import to_latent_space
-from sdit.losses import check_high_noise_weight, high_noise_weight
+from sdit.losses import check_high_noise_weight, distillation_loss, timestep_weight
 from sdit.progress import Progress, no_progress
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
 from sdit.text import tokenize
@@ -257,11 +256,10 @@ def diffusion_loss(models: ToyModels, latents: Latents, idx: torch.Tensor, cfg: 
     with torch.set_grad_enabled(cfg.train_text and torch.is_grad_enabled()):
         text = models.text_encoder(ids)[0]  # (B, 77, D)
     eps = models.unet(noisy, t, text).sample
-    if not cfg.high_noise_weight:
-        return F.mse_loss(eps, noise)
     schedule = NoiseSchedule(scheduler.alphas_cumprod.to(torch.float32), "epsilon")
-    weight = high_noise_weight(schedule, t, cfg.high_noise_weight)  # (B,)
-    return (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).sum() / weight.sum()
+    weight = timestep_weight(schedule, t, 0.0, cfg.high_noise_weight)  # (B,), None when off
+    # `sdit train`'s loss with the true noise as the only target: weighted draws summed over the batch size
+    return distillation_loss(eps, noise, noise, torch.ones(b, dtype=torch.bool), 1.0, 0.0, weight).loss
 
 
 def _trained(models: ToyModels, cfg: UNetConfig) -> dict[str, torch.nn.Module]:

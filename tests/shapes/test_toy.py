@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdit.shapes import reader, samples, toy
 from sdit.convert import to_original_layout
 from sdit.errors import SDiTError
+from sdit.shapes import reader, samples, toy
 from sdit.teacher import DATA_DIR, load_teacher
 
 DATA = toy.DataConfig(images=32, resolution=32, check_images=8)
@@ -31,6 +31,7 @@ def latents(world) -> toy.Latents:
     return toy.encode_latents(models.vae, models.tokenizer, world)
 
 
+@pytest.mark.slow
 def test_vae_loss_falls_on_a_fixed_batch(world):
     vae = toy.build_models("test").vae
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
@@ -45,6 +46,7 @@ def test_vae_loss_falls_on_a_fixed_batch(world):
     assert losses[-1] < 0.6 * losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_text", [True, False])
 def test_diffusion_loss_falls_on_a_fixed_batch(latents, train_text):
     models = toy.build_models("test")
@@ -68,7 +70,7 @@ def test_diffusion_loss_falls_on_a_fixed_batch(latents, train_text):
     assert changed == train_text  # the UNet's loss reaches the text encoder only when asked to
 
 
-def test_high_noise_weight_is_a_weighted_mean_of_the_plain_loss(latents):
+def test_high_noise_weight_weighs_the_plain_loss_as_sdit_train_does(latents):
     models = toy.build_models("test")
     scheduler, empty = toy.noise_scheduler(), toy.caption_ids(models.tokenizer, [""])[0]
     idx = torch.arange(8)
@@ -76,7 +78,8 @@ def test_high_noise_weight_is_a_weighted_mean_of_the_plain_loss(latents):
     def loss(gamma: float) -> float:
         cfg = replace(UNET, high_noise_weight=gamma)
         with torch.no_grad():
-            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, torch.Generator().manual_seed(0)).item()
+            generator = torch.Generator().manual_seed(0)
+            return toy.diffusion_loss(models, latents, idx, cfg, scheduler, empty, generator).item()
 
     plain = loss(0.0)
     assert loss(1.0) == pytest.approx(plain, rel=1e-6)  # every weight min(1/ᾱ_t, 1) = 1
@@ -95,6 +98,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     whole = toy.build_models("test").vae
     assert toy.train_vae(whole, world.images, VAE, tmp_path / "a") == 4
@@ -106,6 +110,7 @@ def test_vae_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert not _same(whole, part)
 
 
+@pytest.mark.slow
 def test_unet_resume_matches_an_uninterrupted_run(latents, tmp_path):
     whole = toy.build_models("test")
     toy.train_unet(whole, latents, UNET, tmp_path / "a")
@@ -130,6 +135,7 @@ def test_resume_refuses_another_config(tmp_path):
         toy._check_config(tmp_path / "config.json", replace(longer, unet=replace(longer.unet, steps=1)), resume=True)
 
 
+@pytest.mark.slow
 def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     out = tmp_path / "toy-sd"
     summary = toy.train(out, CONFIG, work=tmp_path / "work")
@@ -150,6 +156,7 @@ def test_trained_teacher_loads_like_sd15_in_both_layouts(tmp_path):
     assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_the_shipped_toy_teacher_loads_like_sd15_and_draws_the_world(tmp_path):
     """data/toy-sd, as the stages load it: SD 1.5's classes and 8x8x4 latents at 64 px, in either layout."""
     folder = load_teacher(DATA_DIR / "toy-sd")
