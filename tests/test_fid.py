@@ -48,7 +48,8 @@ def closed_form(a: fid.Stats, extractor: fid.Extractor) -> float:
     return float(delta @ delta + (1 - SCALE) ** 2 * np.trace(a.sigma))
 
 
-@pytest.mark.parametrize("resize, features", [("legacy", fid.FEATURES), ("clean", 256)])
+@pytest.mark.parametrize("resize, features", [pytest.param("legacy", fid.FEATURES, marks=pytest.mark.slow),
+                                               ("clean", 256)])
 def test_the_whole_path_against_the_closed_form(extractor, narrow, resize, features, tmp_path, monkeypatch):
     extractor = extractor if features == fid.FEATURES else narrow
     images, changed = image_sets()

@@ -56,6 +56,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_synthetic_records_are_the_teachers_samples_and_deterministic_for_a_seed(store, tiny_teacher, tmp_path):
     again = shutil.copytree(store, tmp_path / "again")
     other = shutil.copytree(store, tmp_path / "other")
@@ -79,6 +80,7 @@ def test_synthetic_records_are_the_teachers_samples_and_deterministic_for_a_seed
     assert not np.array_equal(latents[0], latents[1])  # two samples of one prompt: two initial noises
 
 
+@pytest.mark.slow
 def test_a_samples_noise_and_latent_do_not_depend_on_its_batch(store, tiny_teacher, tmp_path):
     noise = initial_noise(0, np.array([0, 2, 1]), np.array([1, 0, 1]), (4, 8, 8))
     assert torch.equal(noise[1], initial_noise(0, np.array([2]), np.array([0]), (4, 8, 8))[0])
@@ -146,6 +148,7 @@ def test_stage_two_rebuilds_every_input_from_the_store_alone(store, tiny_teacher
     assert torch.equal(got.eps_teacher[22:30], torch.as_tensor(synth["eps_teacher"][:]).flatten(0, 1))
 
 
+@pytest.mark.slow
 def test_labels_of_a_replaced_synthetic_set_are_refused(store, tiny_teacher):
     _label(store, tiny_teacher, synthesis=SynthesisConfig(samples=1, steps=2))
     shutil.rmtree(store / "synthetic")
@@ -158,6 +161,7 @@ def test_labels_of_a_replaced_synthetic_set_are_refused(store, tiny_teacher):
     assert LabelledStore(str(store), "new").synthetic_counts == {0: 3}
 
 
+@pytest.mark.slow
 def test_synthetic_draws_have_their_own_generators_and_respect_the_caption_range(store, tiny_teacher):
     window = PerturbConfig(mix={"none": 0.4, "swap": 0.3, "mix": 0.3}, caption_min_t=500)
     _label(store, tiny_teacher, name="window", draws=8, perturb=window)
@@ -234,6 +238,7 @@ def test_the_synthetic_weight_scales_synthetic_draws_in_both_losses():
     assert torch.allclose(got, (w * task).sum() / 4 + 2.0 * (w * kd).sum() / 4)
 
 
+@pytest.mark.slow
 def test_training_on_synthetic_records(store, tiny_teacher, tmp_path):
     _label(store, tiny_teacher)
     fast = dict(store=str(store), init=str(new_run(tmp_path / "init", tiny_teacher)), batch_size=8, lr=1e-3, warmup=2,
@@ -246,6 +251,7 @@ def test_training_on_synthetic_records(store, tiny_teacher, tmp_path):
     assert not (tmp_path / "run2").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_inspect_decodes_synthetic_records_with_their_provenance(store, tiny_teacher, tmp_path):
     _label(store, tiny_teacher)
     result = runner.invoke(app, ["inspect", str(store), "--synthetic", "--out", str(tmp_path / "look"), "--limit",

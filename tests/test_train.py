@@ -70,6 +70,7 @@ def test_a_run_trains_from_the_store_alone(labelled_store, tiny_teacher, tmp_pat
     assert (meta["status"], meta["step"], meta["holdout"], meta["labels"]) == ("complete", 6, 0.25, "default")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_repeats_the_uninterrupted_one(labelled_store, tmp_path):
     whole = tmp_path / "whole"
     _train(labelled_store, whole, steps=7, checkpoint_every=2, buffer_records=4)
@@ -95,6 +96,7 @@ RESUME_FAST = ["--student", "SDiT-Nano/2", "--batch-size", "4", "--lr", "1e-3", 
                "4", "--checkpoint-every", "2", "--sample-prompts", "2", "--sample-steps", "2"]
 
 
+@pytest.mark.slow
 def test_a_moved_run_resumes_from_its_own_record(labelled_store, tmp_path, monkeypatch):
     """`--resume --steps N` alone: the options come from the run folder, wherever it has moved, and a store path
     written otherwise (relative, through a link) that leads to the same store is the same; it goes on as the
@@ -193,6 +195,7 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
         _train(labelled_store, tmp_path / "w", init=str(good), student=None)
 
 
+@pytest.mark.slow
 def test_the_student_learns_the_teachers_targets(labelled_store, tmp_path):
     _train(labelled_store, tmp_path / "run", steps=60, lr=3e-3, batch_size=16, checkpoint_every=60, task_weight=0)
     kd = [m["kd_loss"] for m in read_metrics(tmp_path / "run/metrics.jsonl")]
@@ -298,6 +301,7 @@ def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store,
     np.testing.assert_allclose(np.array(two, dtype=float)[:, 1:], np.array(one, dtype=float)[:, 1:], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_train_stage_imports_nothing_that_can_load_a_teacher():
     code = ("import sys, pipeline.train, sdit.loader, sdit.losses; "
             "print(sorted(m for m in sys.modules if m in ('sdit.teacher', 'sdit.convert', 'pipeline.init')))")
@@ -371,6 +375,7 @@ def test_eval_every_logs_held_out_agreement_and_clip_score(labelled_store, clip_
         _train(labelled_store, tmp_path / "wandb", steps=2, log="wandb")
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_the_metrics_and_sample_grids(labelled_store, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
