@@ -178,6 +178,7 @@ def test_synthetic_draws_have_their_own_generators_and_respect_the_caption_range
     assert all(np.array_equal(plain[k], labels[k]) for k in plain)
 
 
+@pytest.mark.slow
 def test_manifests_record_provenance_and_teacher_forwards(store, tiny_teacher, monkeypatch):
     rows, forward = [], UNet2DConditionModel.forward
 
@@ -203,6 +204,7 @@ def test_manifests_record_provenance_and_teacher_forwards(store, tiny_teacher, m
     assert meta["counts"]["synthetic"]["records"] == 6 and meta["counts"]["draws"] == 22
 
 
+@pytest.mark.slow
 def test_non_finite_samples_are_dropped_or_stop_the_run(store, tiny_teacher, monkeypatch):
     original = ShardSynthesizer.sample
 

@@ -82,6 +82,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_one(labelled_store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_run_started_before_an_option_existed_resumes_with_its_default(labelled_store, tmp_path):
     run = tmp_path / "run"
     _train(labelled_store, run, steps=1)
@@ -151,6 +152,7 @@ def test_sample_grids_are_drawn_and_recorded_as_their_options_say(labelled_store
         _train(labelled_store, tmp_path / "heun", steps=1, sample_scheduler="heun")
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(labelled_store, tmp_path, monkeypatch):
     forward, calls = SDiT.forward, []
 
@@ -355,6 +357,7 @@ def test_a_fresh_student_from_a_single_file_teacher_never_reads_its_unet(labelle
     assert read_run(tmp_path / "run")["teacher"]["layout"] == "single_file"
 
 
+@pytest.mark.slow
 def test_eval_every_logs_held_out_agreement_and_clip_score(labelled_store, clip_folder, tmp_path):
     run = tmp_path / "run"
     _train(labelled_store, run, steps=4, holdout=0.5, eval_every=2, eval_draws=6, eval_clip=str(clip_folder))
