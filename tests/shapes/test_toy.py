@@ -31,7 +31,6 @@ def latents(world) -> toy.Latents:
     return toy.encode_latents(models.vae, models.tokenizer, world)
 
 
-@pytest.mark.slow
 def test_vae_loss_falls_on_a_fixed_batch(world):
     vae = toy.build_models("test").vae
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
@@ -46,7 +45,6 @@ def test_vae_loss_falls_on_a_fixed_batch(world):
     assert losses[-1] < 0.6 * losses[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("train_text", [True, False])
 def test_diffusion_loss_falls_on_a_fixed_batch(latents, train_text):
     models = toy.build_models("test")
