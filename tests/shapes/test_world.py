@@ -141,12 +141,12 @@ def test_write_split_gives_matching_png_and_txt_pairs(tmp_path):
     assert files.write_split(records, tmp_path / "split", with_attributes=True) == 5
     names = sorted(p.name for p in (tmp_path / "split").iterdir())
     stems = [f"{i:06d}" for i in range(5)]
-    assert names == sorted([f"{s}.png" for s in stems] + [f"{s}.txt" for s in stems] + [world.ATTRIBUTES_FILE])
+    assert names == sorted([f"{s}.png" for s in stems] + [f"{s}.txt" for s in stems] + [files.ATTRIBUTES_FILE])
     for stem, record in zip(stems, records):
         with Image.open(tmp_path / "split" / f"{stem}.png") as image:
             assert image.tobytes() == record.image.tobytes()
         assert (tmp_path / "split" / f"{stem}.txt").read_text().strip() == record.caption
-    lines = [json.loads(line) for line in (tmp_path / "split" / world.ATTRIBUTES_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "split" / files.ATTRIBUTES_FILE).read_text().splitlines()]
     assert [line.pop("name") for line in lines] == stems
     assert [Attributes(**line) for line in lines] == [r.attrs for r in records]
     with pytest.raises(SDiTError, match="not empty"):
