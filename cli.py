@@ -7,8 +7,8 @@ alike; set SDIT_DEBUG=1 for the traceback.
 """
 
 import contextlib
-import errno
 import dataclasses
+import errno
 import functools
 import os
 from pathlib import Path
@@ -18,16 +18,42 @@ import typer
 
 # Option defaults and choices come from torch-free config modules, never typed here twice; each command imports
 # the stage it runs (torch, diffusers, transformers) only when it runs.
-from pipeline.bench.config import (BenchEncodeConfig, BenchLabelConfig, BenchSampleConfig, BenchTrainConfig, MemoryConfig,
-                                   Sd15Config)
+from pipeline.bench.config import (
+    BenchEncodeConfig,
+    BenchLabelConfig,
+    BenchSampleConfig,
+    BenchTrainConfig,
+    MemoryConfig,
+    Sd15Config,
+)
+from pipeline.config import (
+    TIMESTEP_SAMPLING,
+    EncodeConfig,
+    EvalConfig,
+    InitConfig,
+    InspectConfig,
+    LabelConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from pipeline.experiments.config import DistillConfig, SubstitutionConfig
-from pipeline.config import (EncodeConfig, EvalConfig, InitConfig, InspectConfig, LabelConfig, SampleConfig,
-                             TIMESTEP_SAMPLING, TrainConfig)
 from sdit.config import SCHEDULERS, TOY_TEACHER, PerturbConfig, SynthesisConfig
+from sdit.console import (
+    ADVANCED,
+    COLUMNS,
+    HARDWARE,
+    LOSS,
+    MONITOR,
+    PERTURB,
+    SAMPLING,
+    SCALE,
+    SCHEDULE,
+    SYNTH,
+    command_line,
+    typer_app,
+)
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
-from sdit.console import (ADVANCED, COLUMNS, HARDWARE, LOSS, MONITOR, PERTURB, SAMPLING, SCALE, SCHEDULE, SYNTH,
-                          command_line, typer_app)
 from sdit.progress import progress_bar
 from sdit.shapes import config as toy
 
@@ -362,7 +388,8 @@ def bench_encode(
     json_out: JsonOut = None,
 ):
     """Records/s of `sdit encode` against the bare VAE + text-encoder forward, and peak RSS at two sizes."""
-    from pipeline.bench.encode import bench_encode as run, format_table
+    from pipeline.bench.encode import bench_encode as run
+    from pipeline.bench.encode import format_table
 
     result = run(BenchEncodeConfig(source=source, teacher=teacher, teacher_config=teacher_config, images=images,
                                    resolution=resolution, batch_size=batch_size, shard_size=shard_size,
@@ -386,7 +413,8 @@ def bench_label(
     json_out: JsonOut = None,
 ):
     """Draws/s of `sdit teacher-label` against the bare UNet forward, bytes per draw, FLOP rate."""
-    from pipeline.bench.label import bench_label as run, format_label_table
+    from pipeline.bench.label import bench_label as run
+    from pipeline.bench.label import format_label_table
 
     result = run(BenchLabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, images=images,
                                   draws=draws, batch_size=batch_size, project_images=project_images,
@@ -415,7 +443,8 @@ def bench_sd15(
 ):
     """Every stage with SD 1.5's real architecture (seeded random weights, no download) at 512 px: time, peak RSS,
     GFLOP/s and output shapes per stage, the students' sampling speed against SD 1.5's, the precision paths."""
-    from pipeline.bench.sd15 import bench_sd15 as run, format_sd15_table
+    from pipeline.bench.sd15 import bench_sd15 as run
+    from pipeline.bench.sd15 import format_sd15_table
 
     options = {k: v for k, v in dict(records=records, draws=draws, synthesize=synthesize, train_steps=train_steps,
                                      batch_size=batch_size, speed_steps=speed_steps, speed_images=speed_images).items()
@@ -439,7 +468,8 @@ def bench_memory(
 ):
     """Peak memory of one training step of each student at 512 px, by batch, with and without gradient
     checkpointing, and the per-GPU batch it implies for 24, 40 and 80 GB."""
-    from pipeline.bench.memory import bench_memory as run, format_memory_table
+    from pipeline.bench.memory import bench_memory as run
+    from pipeline.bench.memory import format_memory_table
 
     options = {"presets": tuple(preset)} if preset else {}
     options |= {"batches": tuple(batch)} if batch else {}
@@ -472,7 +502,8 @@ def bench_train(
     json_out: JsonOut = None,
 ):
     """Steps/s from the store vs from memory, offline vs online distillation, and FLOPs per step of each preset."""
-    from pipeline.bench.train import bench_train as run, format_train_table
+    from pipeline.bench.train import bench_train as run
+    from pipeline.bench.train import format_train_table
 
     result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
                                   images=images, batch_size=batch_size, buffer_records=buffer_records, steps=steps,
@@ -682,7 +713,8 @@ def verify(
 ):
     """Read every manifest and every chunk of a store (each carries a checksum): one line per problem, then a
     summary; exit code 1 when anything is wrong."""
-    from pipeline.verify import count_shards, verify as run_verify
+    from pipeline.verify import count_shards
+    from pipeline.verify import verify as run_verify
 
     with progress_bar("verify", "shard") as bar:
         bar.total = count_shards(store)
@@ -731,7 +763,8 @@ def evaluate(
 ):
     """The student in the field's units: teacher agreement on held-out draws (STORE), FID and CLIP score of its
     samples (--prompts/--references), with --teacher the teacher's beside them; one table, and --json."""
-    from pipeline.evaluate import evaluate as run_eval, format_eval
+    from pipeline.evaluate import evaluate as run_eval
+    from pipeline.evaluate import format_eval
 
     config = EvalConfig(run=run, store=store, labels=labels, holdout=holdout, split_seed=split_seed, buckets=buckets,
                         batch_size=batch_size, limit=limit, device=device, dtype=dtype, prompts=prompts,
@@ -770,7 +803,8 @@ def bench_sample(
     json_out: JsonOut = None,
 ):
     """Images/s of the student against the teacher, and FLOPs per sampling step at SD 1.5's size for each preset."""
-    from pipeline.bench.sample import bench_sample as run_bench, format_sample_table
+    from pipeline.bench.sample import bench_sample as run_bench
+    from pipeline.bench.sample import format_sample_table
 
     options = {"presets": tuple(preset)} if preset else {}
     result = run_bench(BenchSampleConfig(run=run, teacher=teacher, teacher_config=teacher_config, student=student,
@@ -787,7 +821,8 @@ def bench_startup(
 ):
     """Seconds from `sdit --help` (and other calls) to the answer, each in a fresh interpreter; and whether
     `import cli` loads torch, diffusers or transformers (it should not)."""
-    from pipeline.bench.startup import bench_startup as run, format_startup_table
+    from pipeline.bench.startup import bench_startup as run
+    from pipeline.bench.startup import format_startup_table
 
     result = run(repeats)
     _report(format_startup_table(result), result, json_out)

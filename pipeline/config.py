@@ -9,8 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, PerturbConfig, SynthesisConfig, check_scheduler,
-                         check_high_noise_weight, labels_group)
+from sdit.config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    PerturbConfig,
+    SynthesisConfig,
+    check_high_noise_weight,
+    check_scheduler,
+    labels_group,
+)
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
 

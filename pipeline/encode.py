@@ -18,6 +18,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 import sdit
+from pipeline.config import EncodeConfig
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
 from sdit.config import vae_scale_factor
 from sdit.devices import setup_worker
@@ -28,7 +29,6 @@ from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, op
 from sdit.store import MANIFEST, WRITER_LOCK, Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize
-from pipeline.config import EncodeConfig
 
 Progress = Callable[[int], None]  # called with the number of source items just finished
 
@@ -106,9 +106,11 @@ class ShardEncoder:
             raise SDiTError(f"--strict: {describe_reject(rejects[0])}")
         text, counts, truncated = self._encode_captions([item.caption for item in kept])
         columns = {
-            "latents": np.concatenate(latents) if latents else np.zeros((0, *latent_shape(self.teacher, self.config.resolution)), np.float16),
+            "latents": np.concatenate(latents) if latents
+            else np.zeros((0, *latent_shape(self.teacher, self.config.resolution)), np.float16),
             "text_emb": text, "token_count": counts,
-            "ids": np.array([i.id for i in kept], dtype=str), "captions": np.array([i.caption for i in kept], dtype=str),
+            "ids": np.array([i.id for i in kept], dtype=str),
+            "captions": np.array([i.caption for i in kept], dtype=str),
             "positions": np.array([i.position for i in kept], dtype=np.int64),
         }
         record = {"rejects": rejects, "truncated": truncated, "size": task.size}

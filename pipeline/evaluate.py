@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import EvalConfig
 from sdit.agreement import agreement, check_fit
 from sdit.clip import load_clip
 from sdit.devices import resolve_device, resolve_dtype
@@ -29,7 +30,7 @@ from sdit.files import check_folder
 from sdit.loader import LabelledStore, Split
 from sdit.progress import Progress, no_progress
 from sdit.run import read_run, same_location
-from pipeline.config import EvalConfig
+
 
 @dataclass(frozen=True)
 class HeldOut:

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from sdit.dit import PRESETS, build_student, count_parameters
+from pipeline.config import InitConfig
+from sdit.dit import build_student, count_parameters
 from sdit.errors import SDiTError
 from sdit.files import check_folder
 from sdit.labels import read_labels
 from sdit.run import LatentSpace, write_run
 from sdit.store import Store
 from sdit.teacher import SD15_CONFIG_DIR, load_teacher
-from pipeline.config import InitConfig
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.config import LabelConfig
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
 from pipeline.synthesize import ShardSynthesizer, finish_synthesis, plan_synthesis, prepare_synthesis
 from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
-from sdit.labels import CaptionBank, LabelsManifest, labels_group, read_labels, teacher_inputs, write_labels
-from sdit.perturb import Kind, PerturbConfig, draw_generator, sample_draw
+from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_labels
+from sdit.perturb import Kind, draw_generator, sample_draw
 from sdit.store import LABEL_COLUMNS, Store, write_shard
-from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, read_synthetic,
-                             synthetic_draw_generator)
+from sdit.synthesize import SYNTHETIC, SyntheticManifest, read_synthetic, synthetic_draw_generator
 from sdit.teacher import Teacher, load_teacher
-from pipeline.config import TIMESTEP_SAMPLING, LabelConfig
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 import sdit
+from pipeline.config import SampleConfig
 from sdit import sampling
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replacing
 from sdit.images import captioned_grid, save_png
-from sdit.pipeline_sdit import DEFAULT_GUIDANCE, SDiTPipeline, load_pipeline
+from sdit.pipeline_sdit import SDiTPipeline, load_pipeline
 from sdit.teacher import Teacher, load_teacher
-from pipeline.config import SampleConfig
 
 MODELS = ("student", "teacher")
 

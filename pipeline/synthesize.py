@@ -24,14 +24,24 @@ import numpy as np
 import torch
 
 import sdit
+from pipeline.config import InspectConfig
 from sdit import sampling
+from sdit.config import SynthesisConfig
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replacing
 from sdit.store import Manifest, Store, write_shard
-from sdit.synthesize import (SYNTHETIC, SynthesisConfig, SyntheticManifest, forwards_per_sample, initial_noise,
-                             make_sampler, prompts_per_shard, read_prompts, read_synthetic, write_synthetic)
+from sdit.synthesize import (
+    SYNTHETIC,
+    SyntheticManifest,
+    forwards_per_sample,
+    initial_noise,
+    make_sampler,
+    prompts_per_shard,
+    read_prompts,
+    read_synthetic,
+    write_synthetic,
+)
 from sdit.teacher import Teacher
-from pipeline.config import InspectConfig
 
 
 class ShardSynthesizer:

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import TrainConfig
+from pipeline.train_monitor import LOSS_PLOT, METRICS, Monitor, plot_losses, summary_writer, trim_metrics
+from pipeline.train_run import TrainState, plain, prepare_run, resume, save_state
 from sdit.agreement import check_fit
 from sdit.devices import setup_worker
 from sdit.diffusion import NoiseSchedule
@@ -40,10 +43,6 @@ from sdit.loader import Batch, DrawStream, LabelledStore, Split
 from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import load_student, read_run, save_student, update_run
 from sdit.training import ema_decay, update_ema, warmup_factor
-from pipeline.config import TrainConfig
-from pipeline.train_monitor import LOSS_PLOT, METRICS, Monitor, plot_losses, summary_writer, trim_metrics
-from pipeline.train_run import TrainState, plain, prepare_run, resume, save_state
-
 
 # --- distribution ----------------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.config import TrainConfig
 from sdit.agreement import agreement
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
@@ -25,7 +26,6 @@ from sdit.files import replace_text, replacing
 from sdit.images import grid
 from sdit.loader import LabelledStore, Split
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler, student_eps
-from pipeline.config import TrainConfig
 
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"

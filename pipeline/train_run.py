@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import TrainConfig
+from pipeline.train_monitor import LOSS_PLOT, METRICS, SAMPLES, TENSORBOARD
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
 from sdit.files import recover_folder
 from sdit.loader import Position
 from sdit.run import location, read_run, same_location, student_folder, update_run
 from sdit.training import load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig
-from pipeline.train_monitor import LOSS_PLOT, METRICS, SAMPLES, TENSORBOARD
 
 CHECKPOINTS = "checkpoints"
 

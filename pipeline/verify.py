@@ -10,7 +10,6 @@ problem of the store like a failed checksum; only a folder with no manifest at a
 from __future__ import annotations
 
 import json
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 

@@ -88,7 +88,7 @@ def check_fit(data: LabelledStore, student: torch.nn.Module, run: dict, *, size:
 @torch.no_grad()
 def agreement(student: torch.nn.Module, data: LabelledStore, split: Split, device: torch.device, *,
               batch_size: int, limit: int | None = None, buckets: int = 10, dtype: torch.dtype = torch.float32,
-              autocast: AbstractContextManager = nullcontext(), progress: Progress = no_progress,
+              autocast: AbstractContextManager | None = None, progress: Progress = no_progress,
               on_total: Callable[[int], None] | None = None) -> dict:
     """The student's agreement with the teacher on the first `limit` (default: all) held-out draws of `split`, in
     a fixed order: `Agreement.result()`. `on_total(n)` is told how many draws there are, `progress(n)` counts
@@ -103,7 +103,7 @@ def agreement(student: torch.nn.Module, data: LabelledStore, split: Split, devic
         if seen >= total:
             break
         batch = batch.head(min(len(batch), total - seen))
-        with autocast:
+        with autocast or nullcontext():
             errors = draw_errors(student, batch, device, dtype)
         sums.add(errors.teacher.double().numpy(), batch.timesteps.numpy(), batch.kind.numpy(),
                  errors.task.double().numpy(), errors.task_teacher.double().numpy())

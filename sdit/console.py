@@ -27,7 +27,6 @@ from typer._click.globals import get_current_context
 from typer.core import TyperCommand, TyperGroup
 from typer.models import Context as TyperContext
 
-
 # Rarely used options go under a heading of their own, after the common ones, in this order.
 COLUMNS, PERTURB, SYNTH, LOSS, SCHEDULE, MONITOR, SAMPLING = (
     "Source columns", "Perturbations", "Synthetic records", "Loss", "Schedule and checkpoints", "Monitoring",

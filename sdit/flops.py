@@ -29,9 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdit.config import SD15_CONFIG_DIR, vae_factor
 from sdit.dit import build_student
 from sdit.presets import DEFAULT_PRESETS
-from sdit.config import SD15_CONFIG_DIR, vae_factor
 
 # One training step costs about 3 forwards: the backward computes, for each matrix product,
 # the gradient with respect to its input and with respect to its weight, each as costly as

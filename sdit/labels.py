@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from sdit.config import labels_group
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
 from sdit.store import CHUNK_RECORDS, Store, from_versioned
-from sdit.config import labels_group
 
 LABELS_MANIFEST = "manifest.json"
 LABELS_VERSION = 1

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdit.config import TRUE_NOISE_KINDS
 from sdit.diffusion import NoiseSchedule
-from sdit.errors import SDiTError
-from sdit.perturb import TRUE_NOISE_KINDS
-from sdit.config import check_high_noise_weight
 
 
 @dataclass

@@ -18,16 +18,12 @@ captions (in an early shapes-world experiment, swaps at every timestep lowered h
 89% to 71%).
 """
 
-import json
-from dataclasses import dataclass, field
-from enum import IntEnum
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sdit.errors import SDiTError
-from sdit.config import CAPTION_KINDS, DEFAULT_MIX, TRUE_NOISE_KINDS, CaptionFrom, Kind, PerturbConfig
+from sdit.config import CAPTION_KINDS, CaptionFrom, Kind, PerturbConfig
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,12 @@ from . import sampling
 from .config import DEFAULT_GUIDANCE, vae_scale_factor
 from .dit import SDiT
 from .errors import SDiTError
-from .sampling import EpsModel  # `from .sampling import`: the form diffusers follows, so it copies sampling.py
-from .text import encode_text
 
 # What the modules above import in turn, imported here only so that diffusers copies them too.
 from .latents import from_latent_space  # noqa: F401
 from .presets import PRESETS  # noqa: F401
+from .sampling import EpsModel  # `from .sampling import`: the form diffusers follows, so it copies sampling.py
+from .text import encode_text
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER = "transformer"

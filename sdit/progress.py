@@ -81,7 +81,8 @@ class LogProgress:
             return
         elapsed = self.clock() - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
-        done = f"{self.n:,}" if self.total is None else f"{self.n:,}/{self.total:,} {self.unit}s ({self.n / max(self.total, 1):.0%})"
+        done = (f"{self.n:,}" if self.total is None
+                else f"{self.n:,}/{self.total:,} {self.unit}s ({self.n / max(self.total, 1):.0%})")
         parts = [f"{self.desc}: {done}", f"{rate:.3g} {self.unit}s/s", f"elapsed {duration(elapsed)}"]
         if self.total is not None and rate > 0 and self.n < self.total:
             parts.append(f"eta {duration((self.total - self.n) / rate)}")

@@ -19,7 +19,6 @@ from .config import SCHEDULERS, check_scheduler
 from .latents import from_latent_space
 from .text import encode_text
 
-
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, text) -> ε
 
 

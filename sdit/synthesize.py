@@ -1,9 +1,10 @@
 """Synthetic records: the teacher's own samples for the text-only prompt bank, drawn reproducibly.
 
 A text-only prompt has no image, and pairing it with another image's noisy latent teaches the student to
-ignore captions (sdit.perturb draws caption swaps at high noise only). A synthetic record gives the prompt a latent of its own: a sample of the teacher
-with its own scheduler and classifier-free guidance. It is then labelled like a real record, and its true
-noise is a valid target (the latent is a sample of the teacher's distribution for that caption).
+ignore captions (sdit.perturb draws caption swaps at high noise only). A synthetic record gives the prompt a latent
+of its own: a sample of the teacher with its own scheduler and classifier-free guidance. It is then labelled like a
+real record, and its true noise is a valid target (the latent is a sample of the teacher's distribution for that
+caption).
 
 Randomness comes from explicit generators, as everywhere in stage one (invariant 2):
 
@@ -26,7 +27,6 @@ import torch
 from sdit import sampling
 from sdit.errors import SDiTError
 from sdit.store import Store, from_versioned
-from sdit.config import SynthesisConfig
 
 SYNTHETIC = "synthetic"  # the store group of synthetic records
 SYNTHETIC_MANIFEST = "manifest.json"  # synthetic/manifest.json: the set's provenance and counts

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdit.config import DATA_DIR, SD15_CONFIG_DIR
+from sdit.config import SD15_CONFIG_DIR
 from sdit.convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdit.errors import SDiTError
 from sdit.pickles import load_pickle
@@ -225,7 +225,8 @@ def check_shapes(path: Path, cfg: Path, expected: dict[str, dict[str, tuple[int,
                                 f"{key}); pass --teacher-config for other shapes")
             if _squeeze(found) != _squeeze(shape):
                 raise SDiTError(f"{path}: the {name} weights do not fit {cfg / name}/config.json ({key} is "
-                                f"{list(found)} in the file, {list(shape)} there); pass --teacher-config for other shapes")
+                                f"{list(found)} in the file, {list(shape)} there); "
+                                "pass --teacher-config for other shapes")
 
 
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -21,8 +21,8 @@ def synthetic_data(labelled_store, tiny_teacher, tmp_path_factory) -> LabelledSt
     """A copy of `labelled_store` also labelled with synthetic records: 3 prompts x 2 teacher samples, 4 draws
     each of every kind."""
     from pipeline.label import LabelConfig, label
+    from sdit.config import SynthesisConfig
     from sdit.perturb import PerturbConfig
-    from sdit.synthesize import SynthesisConfig
 
     store = shutil.copytree(labelled_store, tmp_path_factory.mktemp("synthetic") / "store")
     label(LabelConfig(store=str(store), teacher=str(tiny_teacher), name="synth", draws=4,

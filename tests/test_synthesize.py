@@ -17,12 +17,13 @@ from pipeline.label import LabelConfig, ShardLabeler, label
 from pipeline.synthesize import InspectConfig, ShardSynthesizer, inspect_store
 from pipeline.train import TrainConfig, train
 from pipeline.train_monitor import read_metrics
+from sdit.config import SynthesisConfig
 from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position
 from sdit.losses import distillation_loss, draw_weight
 from sdit.perturb import Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store, columns_of
-from sdit.synthesize import SynthesisConfig, initial_noise, read_prompts
+from sdit.synthesize import initial_noise, read_prompts
 
 MIX = PerturbConfig(mix={"none": 0.4, "input": 0.15, "swap": 0.15, "mix": 0.15, "null": 0.15}, caption_min_t=0)
 # 3 prompts x 2 samples: 2 prompts a synthetic shard (the store's shard size 4 // 2 samples), so two shards.

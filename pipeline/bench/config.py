@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdit.config import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SD15_CONFIG_DIR, check_scheduler,
-                         vae_factor)
+from sdit.config import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, SD15_CONFIG_DIR, check_scheduler, vae_factor
 from sdit.errors import SDiTError
 from sdit.presets import DEFAULT_PRESETS, PRESETS
 

@@ -15,14 +15,15 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.bench import checksum_seconds, generate_images, tiny_teacher
-from sdit.errors import SDiTError
 from pipeline.bench.config import BenchEncodeConfig
 from pipeline.bench.timing import timed
+from sdit.errors import SDiTError
 
 
 def bench_encode(config: BenchEncodeConfig) -> dict:
@@ -67,7 +68,8 @@ def _child(config: BenchEncodeConfig, source: str, teacher: str, limit: int, out
                             stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
     if proc.returncode:
-        raise SDiTError(f"benchmark run failed: {stderr.strip().splitlines()[-1] if stderr.strip() else proc.returncode}")
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else proc.returncode
+        raise SDiTError(f"benchmark run failed: {last}")
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -85,7 +87,7 @@ def _measure(args: dict, repeats: int = 3) -> dict:
     stage, bare = [], []
     for _ in range(repeats):
         started = []
-        summary = encode(enc, on_total=lambda _: started.append(time.perf_counter()))
+        summary = encode(enc, on_total=lambda _, s=started: s.append(time.perf_counter()))
         stage.append(summary.records / (time.perf_counter() - started[0]))
         if encoder is None:  # after the first stage run, so peak RSS is the stage's own
             peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -93,17 +95,20 @@ def _measure(args: dict, repeats: int = 3) -> dict:
             items = [item for item, _ in zip(open_source(args["source"]), range(args["limit"]))]
             pixels = np.stack([load_image(item.read(), c.resolution) for item in items])
             captions = [item.caption for item in items]
-        def forwards() -> None:
-            for shard_start in range(0, len(items), c.shard_size):  # the stage batches within shards; so do we
-                shard_end = min(shard_start + c.shard_size, len(items))
-                for i in range(shard_start, shard_end, c.batch_size):
-                    j = min(i + c.batch_size, shard_end)
-                    encoder.encode_images(pixels[i:j])
-                    encoder.encode_text(captions[i:j])
-
+        forwards = partial(_bare_forwards, encoder, pixels, captions, c.shard_size, c.batch_size)
         bare.append(len(items) / timed(forwards, encoder.device)[1])
     return {"records": summary.records, "stage_records_per_s": max(stage), "bare_records_per_s": max(bare),
             "peak_rss_mb": peak_rss_mb}
+
+
+def _bare_forwards(encoder, pixels, captions: list[str], shard_size: int, batch_size: int) -> None:
+    """The encoder's forwards over the records, batched within shards as the stage batches them."""
+    for shard_start in range(0, len(captions), shard_size):
+        shard_end = min(shard_start + shard_size, len(captions))
+        for i in range(shard_start, shard_end, batch_size):
+            j = min(i + batch_size, shard_end)
+            encoder.encode_images(pixels[i:j])
+            encoder.encode_text(captions[i:j])
 
 
 if __name__ == "__main__":

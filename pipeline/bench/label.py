@@ -4,6 +4,7 @@ batches (best of three, alternating), bytes per draw on disk, and the UNet's FLO
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
     """Draws/s of `sdit teacher-label` against the bare UNet forward on the same batches (best of
     `repeats`, alternating), bytes per draw, the projected wall time, and FLOP rates."""
 
-    from pipeline.label import LabelConfig, label, LabelerFactory
+    from pipeline.label import LabelConfig, LabelerFactory, label
     from sdit.labels import teacher_inputs
 
     with tempfile.TemporaryDirectory(prefix="sdit-bench-") as tmp:
@@ -32,12 +33,12 @@ def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
         stage, bare = [], []
         for _ in range(repeats):
             started = []
-            counts = label(lc, on_total=lambda _: started.append(time.perf_counter()))
+            counts = label(lc, on_total=lambda _, s=started: s.append(time.perf_counter()))
             stage.append(counts["draws"] / (time.perf_counter() - started[0]))
             if labeler is None:
                 labeler = LabelerFactory(lc)()
                 batches = list(_label_batches(labeler, lc, teacher_inputs))
-            _, seconds = timed(lambda: [labeler.teacher_eps(inputs, None) for inputs in batches], labeler.device)
+            _, seconds = timed(partial(_bare_labels, labeler, batches), labeler.device)
             bare.append(sum(len(b.timesteps) for b in batches) / seconds)
         flops_per_draw = _unet_flops(labeler, batches[0]) / len(batches[0].timesteps)
     stage_rate, bare_rate = max(stage), max(bare)
@@ -60,6 +61,12 @@ def _label_batches(labeler, lc, teacher_inputs):
         for s in range(0, len(rows), lc.batch_size):
             yield teacher_inputs(labeler.schedule, latents, text, labels, rows[s:s + lc.batch_size],
                                  draws[s:s + lc.batch_size], labeler.bank, labeler.null, lc.perturb.input_gamma)
+
+
+def _bare_labels(labeler, batches) -> None:
+    """The teacher's forwards alone over prepared batches."""
+    for inputs in batches:
+        labeler.teacher_eps(inputs, None)
 
 
 def _unet_flops(labeler, inputs) -> float:

@@ -29,9 +29,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.bench.config import MemoryConfig
 from sdit.errors import SDiTError
 from sdit.flops import TRAIN_STEP_FORWARDS
-from pipeline.bench.config import MemoryConfig
 
 BYTES_PER_PARAM = 20  # weights 4 + EMA 4 + gradients 4 + AdamW moments 8, all fp32
 GRAD_BYTES = 4  # what forward+backward holds beyond activations: the fp32 gradients

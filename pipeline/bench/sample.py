@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.config import BenchSampleConfig
+from pipeline.bench.timing import best_of
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
 from sdit.flops import forward_flops, student_flops, unet_flops
 from sdit.run import read_run
 from sdit.sampling import make_scheduler
-from pipeline.bench.config import BenchSampleConfig
-from pipeline.bench.timing import best_of
 
 PROMPTS = ("a red circle on a white background", "a small blue square", "a green star, top left",
            "a large yellow triangle")

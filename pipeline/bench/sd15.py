@@ -178,7 +178,8 @@ def format_sd15_table(result: dict) -> str:
         lines.append(f"{s['stage']:<58}{s['seconds']:>9.1f}{s['peak_rss_mb']:>8.0f} MB{s['gflop']:>10.0f}{rate}  "
                      f"{describe_outputs(s['outputs'])}")
     sp = result["speed"] or {"models": {}}
-    lines += [] if not result["speed"] else ["", f"sampling side by side: {sp['images']} image(s) at {sp['resolution']} px, {sp['steps']} "
+    lines += [] if not result["speed"] else [
+        "", f"sampling side by side: {sp['images']} image(s) at {sp['resolution']} px, {sp['steps']} "
               f"{sp['scheduler']} steps, guidance {sp['guidance']:g}; text encoder {sp['text_seconds']:.2f} s and "
               f"VAE decode {sp['decode_seconds']:.1f} s, the same for every model",
               f"{'model':<12}{'s/step':>9}{'attention':>11}{'images/s':>11}{'vs SD 1.5':>11}{'loop vs SD 1.5':>16}"
@@ -192,7 +193,8 @@ def format_sd15_table(result: dict) -> str:
         lines += ["", f"{'precision path':<44}{'rel. error':>11}{'tolerance':>10}{'fp32 s':>9}{'low s':>9}  finite"]
         for name, p in result["precision"]["paths"].items():
             lines.append(f"{name:<44}{p['relative_error']:>11.2e}{p['tolerance']:>10.0e}{p['fp32_seconds']:>9.2f}"
-                         f"{p['low_seconds']:>9.2f}  {'yes' if p['finite'] else 'NO'}{'' if p['ok'] else '  OUT OF TOLERANCE'}")
+                         f"{p['low_seconds']:>9.2f}  {'yes' if p['finite'] else 'NO'}"
+                         f"{'' if p['ok'] else '  OUT OF TOLERANCE'}")
     if result.get("throughput"):
         from pipeline.bench.sd15_throughput import format_throughput_table
 

@@ -25,8 +25,8 @@ def precision_paths(folder: str, config_dir: Path, presets: tuple[str, ...], lat
                     threads: int | None = None) -> dict:
     """Each reduced-precision path against fp32 on the same inputs, on the CPU: the teacher's UNet loaded in fp16
     (at `fp16_latent`: this CPU has no fp16 kernels and runs them about 100x slower than fp32) and in bf16, and each
-    student's forward under bf16 autocast (`trained_like`). Returns per path: the relative RMS error, whether the low-precision output is finite, both times, and
-    whether it is within `TOLERANCES`."""
+    student's forward under bf16 autocast (`trained_like`). Returns per path: the relative RMS error, whether the
+    low-precision output is finite, both times, and whether it is within `TOLERANCES`."""
     import torch
 
     from sdit.dit import build_student
@@ -60,7 +60,7 @@ def precision_paths(folder: str, config_dir: Path, presets: tuple[str, ...], lat
             low = load_teacher(folder, components=("unet",), dtype=dtype).unet
             compare(f"teacher_{'fp16' if dtype == torch.float16 else 'bf16'} ({side}x{side} latents)",
                     lambda x, t, c, m=low, d=dtype: m(x.to(d), t, encoder_hidden_states=c.to(d)).sample,
-                    lambda x, t, c: unet32(x, t, encoder_hidden_states=c).sample, unet_inputs(side))
+                    lambda x, t, c, m=unet32: m(x, t, encoder_hidden_states=c).sample, unet_inputs(side))
             del low
         del unet32
         for preset in presets:

@@ -54,13 +54,13 @@ def _stage_encode(a: dict, c: Sd15Config) -> dict:
 
 def _stage_label(a: dict, c: Sd15Config) -> dict:
     from pipeline.label import LabelConfig, label
-    from sdit.synthesize import SynthesisConfig
+    from sdit.config import SynthesisConfig
 
     synthesis = SynthesisConfig(samples=c.synthesize, steps=c.synth_steps, scheduler=c.synth_scheduler,
                                 guidance=c.guidance) if c.synthesize else None
-    counts = label(LabelConfig(store=a["store"], teacher=a["folder"], draws=c.draws, batch_size=min(c.records, c.label_batch),
-                               device=c.device, dtype=c.dtype, synthesis=synthesis, overwrite=True,
-                               threads=a["threads"]))
+    counts = label(LabelConfig(store=a["store"], teacher=a["folder"], draws=c.draws,
+                               batch_size=min(c.records, c.label_batch), device=c.device, dtype=c.dtype,
+                               synthesis=synthesis, overwrite=True, threads=a["threads"]))
     outputs = _store_outputs(a["store"], "labels/default", ("eps_teacher", "noise"))
     if c.synthesize:
         outputs["synthetic"] = _store_outputs(a["store"], "synthetic", ("latents",))

@@ -10,7 +10,6 @@ from pathlib import Path
 from pipeline.bench.timing import timed
 from sdit.config import vae_factor
 
-
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (a multiply-add = 2), by device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0,
@@ -37,7 +36,7 @@ def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resoluti
     TFLOP/s. A batch that runs out of GPU memory is halved until it fits (and said so)."""
     import torch
 
-    from pipeline.train import Trainer, TrainConfig, Workers, make_state
+    from pipeline.train import TrainConfig, Trainer, Workers, make_state
     from sdit.devices import resolve_device, resolve_dtype
     from sdit.diffusion import NoiseSchedule
     from sdit.dit import build_student
@@ -79,7 +78,7 @@ def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resoluti
         latent = res // factor
 
         @torch.no_grad()
-        def label_step(b: int) -> None:
+        def label_step(b: int, unet=unet, latent=latent) -> None:
             x = torch.randn(b, channels, latent, latent, device=device, dtype=dtype)
             unet(x, torch.randint(0, 1000, (b,), device=device),
                  encoder_hidden_states=torch.randn(b, 77, text_dim, device=device, dtype=dtype))
@@ -101,7 +100,7 @@ def throughput(folder: str, config_dir: Path, presets: tuple[str, ...], resoluti
             trainer = Trainer(config, make_state(student, config, device, Workers()), device, schedule=schedule,
                               guided=False)
 
-            def train_step(b: int) -> None:
+            def train_step(b: int, trainer=trainer, latent=latent) -> None:
                 trainer.step(random_batch(b, channels, latent, text_dim))
 
             r = fitting(train_step, train_batch[res])
@@ -124,7 +123,8 @@ def random_batch(b: int, channels: int, latent: int, text_dim: int):
     return Batch(x_t=torch.randn(b, channels, latent, latent), text=torch.randn(b, 77, text_dim).half(),
                  timesteps=torch.randint(0, 1000, (b,)), guidance=torch.zeros(b), kind=torch.zeros(b, dtype=torch.long),
                  noise=torch.randn(b, channels, latent, latent).half(),
-                 eps_teacher=torch.randn(b, channels, latent, latent).half(), synthetic=torch.zeros(b, dtype=torch.bool))
+                 eps_teacher=torch.randn(b, channels, latent, latent).half(),
+                 synthetic=torch.zeros(b, dtype=torch.bool))
 
 
 def format_throughput_table(t: dict) -> str:

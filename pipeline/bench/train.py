@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 from pipeline.bench import checksum_seconds, encoded_store, tiny_teacher
+from pipeline.bench.config import BenchTrainConfig
 from pipeline.bench.timing import timed
 from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
 from sdit.flops import TRAIN_STEP_FORWARDS, flops_table
-from sdit.presets import DEFAULT_PRESETS
 from sdit.loader import DrawStream, LabelledStore, Position
+from sdit.presets import DEFAULT_PRESETS
 from sdit.run import load_student
-from pipeline.bench.config import BenchTrainConfig
 
 
 def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
@@ -112,5 +112,6 @@ def format_train_table(result: dict) -> str:
     for name, value in flops.items():
         train = result["train_step_flops"].get(name)
         online = result["online_step_flops"].get(name)
-        lines.append(f"{name:<44}{value / 1e9:>10.1f}" + (f"{train / 1e9:>12.1f}{online / 1e9:>13.1f}" if train else ""))
+        step = f"{train / 1e9:>12.1f}{online / 1e9:>13.1f}" if train else ""
+        lines.append(f"{name:<44}{value / 1e9:>10.1f}{step}")
     return "\n".join(lines)

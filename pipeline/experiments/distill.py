@@ -53,9 +53,9 @@ from pipeline.experiments.scoring import add_curves, score_all
 from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
+from sdit.config import SynthesisConfig
 from sdit.files import check_folder, replace_text
 from sdit.shapes import files, world
-from sdit.synthesize import SynthesisConfig
 from sdit.teacher import load_teacher
 
 

@@ -10,8 +10,19 @@ import time
 import numpy as np
 
 from sdit.shapes import reader, world
-from sdit.shapes.probes import (JPEG_QUALITY, as_jpeg, blank_image, independent_set, jagged_polygon, noise_image,
-                                scribble, smooth_blob, two_shapes_image, with_blur, with_noise)
+from sdit.shapes.probes import (
+    JPEG_QUALITY,
+    as_jpeg,
+    blank_image,
+    independent_set,
+    jagged_polygon,
+    noise_image,
+    scribble,
+    smooth_blob,
+    two_shapes_image,
+    with_blur,
+    with_noise,
+)
 from sdit.shapes.scores import score
 
 

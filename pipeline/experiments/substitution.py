@@ -22,11 +22,11 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.experiments.config import DistillConfig, Say, SubstitutionConfig
 from pipeline.experiments.distill import distill
 from pipeline.experiments.plots import plot_scores
 from sdit.files import check_folder, replace_text
 from sdit.teacher import load_teacher
-from pipeline.experiments.config import DistillConfig, Say, SubstitutionConfig
 
 
 def substitution(config: SubstitutionConfig, say: Say = lambda _: None,

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from sdit.config import vae_scale_factor
 from sdit.shapes import world
 
-
 TOKENS = 77  # CLIP's context; SD pads every caption to it, and so do we
 # Every evaluation sample (`sdit toy eval`, the experiment's teacher and students): DDIM steps and the guidance
 # scale, 3 rather than 5 for students and teacher alike (docs/shapes-world.md).

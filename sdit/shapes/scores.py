@@ -16,6 +16,7 @@ from sdit.errors import SDiTError
 from sdit.shapes import world
 from sdit.shapes.reader import Reading
 
+
 @dataclass(frozen=True)
 class ConceptScore:
     """How often a concept is read where it was asked for, and where something else was.

@@ -39,19 +39,19 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdit.shapes import reader, scores, world
+from sdit.config import check_high_noise_weight
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.files import replace_folder
 from sdit.latents import to_latent_space
-from sdit.losses import check_high_noise_weight, distillation_loss, timestep_weight
+from sdit.losses import distillation_loss, timestep_weight
 from sdit.progress import Progress, no_progress
+from sdit.shapes import reader, scores, world
+from sdit.shapes.config import SIZES, DataConfig, ToyConfig, UNetConfig, VAEConfig
 from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config, load_tokenizer
 from sdit.text import tokenize
 from sdit.tiny import save_configs
 from sdit.training import ema_decay, load_checkpoint, save_checkpoint, update_ema, warmup_factor
-from sdit.shapes.config import SIZES, DataConfig, ToyConfig, UNetConfig, VAEConfig
-
 
 Metrics = Callable[[dict], None]  # hears a stage's latest figures (a step's losses, the VAE's check)
 Stages = Callable[[str, int], tuple[Progress, Metrics]]  # (stage name, its units) -> how it reports, as it starts

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdit.config import DATA_DIR
 from sdit.convert import to_original_layout
 from sdit.errors import SDiTError
 from sdit.shapes import reader, samples, toy
-from sdit.teacher import DATA_DIR, load_teacher
+from sdit.teacher import load_teacher
 
 DATA = toy.DataConfig(images=32, resolution=32, check_images=8)
 VAE = toy.VAEConfig(steps=4, batch_size=4, checkpoint_every=2)
