@@ -697,7 +697,7 @@ def inspect_store(
     device: Device = InspectConfig.device,
 ):
     """Decode a store's latents to images: what the student will learn from."""
-    from pipeline.synthesize import inspect_store as run_inspect
+    from pipeline.inspect import inspect_store as run_inspect
 
     config = InspectConfig(store=store, out=out, synthetic=synthetic, limit=limit, vae=vae,
                            teacher_config=teacher_config, columns=columns, device=device)

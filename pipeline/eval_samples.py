@@ -104,8 +104,8 @@ def sample_missing(config: EvalConfig, prompts: Prompts, out: Path, models: tupl
                    on_stage: OnStage = None) -> int:
     """Sample the images of 0..num-1 that some model lacks, in batches; returns how many were sampled.
     `pipe` is the student's SDiTPipeline, `size` its latent (h, w)."""
-    from pipeline.sample import Job, SampleConfig, sample_batch, settings
     from sdit.images import save_png
+    from sdit.samples import Job, Recipe, draw_batch, png_text
 
     jobs = [Job(i, prompts.texts[i % len(prompts.texts)], config.seed + i) for i in range(config.num)]
     missing = [job for job in jobs if not all(png(out, m, job.index).is_file() for m in models)]
@@ -114,16 +114,15 @@ def sample_missing(config: EvalConfig, prompts: Prompts, out: Path, models: tupl
     if not missing:
         return 0
     teacher = _teacher(config, device, dtype)
-    sampling = SampleConfig(run=config.run, out=str(out), steps=config.steps, guidance=config.guidance,
-                            scheduler=config.scheduler, seed=config.seed, batch_size=config.sample_batch_size,
-                            compare_teacher=config.teacher, teacher_config=config.teacher_config)
+    recipe = Recipe(config.steps, config.guidance, config.scheduler)
     for model in models:
         (out / model).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(missing), config.sample_batch_size):
         batch = missing[start:start + config.sample_batch_size]
-        for model, images in sample_batch(sampling, pipe, teacher, batch, size, device, progress).items():
+        for model, images in draw_batch(recipe, pipe, teacher, batch, size, device, progress).items():
             for job, image in zip(batch, images):
-                save_png(image, png(out, model, job.index), settings(sampling, job, model, image))  # whole or absent
+                text = png_text(recipe, job, model, image, config.run, config.teacher)
+                save_png(image, png(out, model, job.index), text)  # whole or absent
     return len(missing)
 
 

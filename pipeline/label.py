@@ -2,7 +2,7 @@
 
     check (driver)          the store's VAE/text encoder are the teacher's; shapes fit the UNet
     synthesize (worker)     with `synthesis`: the teacher's samples for the prompt bank, as synthetic records
-                            (pipeline.synthesize), first, on the same workers
+                            (sdit.synthesize), first, on the same workers
     label_shard (worker)    draws from (seed, shard, record, draw) generators, rebuild inputs, run the
                             UNet in batches, drop non-finite outputs, write the label shard whole
     finish (driver)         counts per kind, dropped draws, bytes per draw, teacher forwards, manifest "complete"
@@ -23,14 +23,22 @@ import torch
 
 from pipeline.config import LabelConfig
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
-from pipeline.synthesize import ShardSynthesizer, finish_synthesis, plan_synthesis, prepare_synthesis
 from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_labels
 from sdit.perturb import Kind, draw_generator, sample_draw
 from sdit.store import LABEL_COLUMNS, Store, write_shard
-from sdit.synthesize import SYNTHETIC, SyntheticManifest, read_synthetic, synthetic_draw_generator
+from sdit.synthesize import (
+    SYNTHETIC,
+    ShardSynthesizer,
+    SyntheticManifest,
+    finish_synthesis,
+    plan_synthesis,
+    prepare_synthesis,
+    read_synthetic,
+    synthetic_draw_generator,
+)
 from sdit.teacher import Teacher, load_teacher
 
 

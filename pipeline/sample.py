@@ -6,7 +6,7 @@
                                scheduler, steps and guidance
     OUT/grid.png               the images with their captions; with a teacher, a student row above a teacher row
 
-Image i depends on its seed alone, not on the batch it was sampled in (one generator per image).
+Image i depends on its seed alone, not on the batch it was sampled in (one generator per image: sdit.samples).
 """
 
 from __future__ import annotations
@@ -16,28 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import sdit
 from pipeline.config import SampleConfig
-from sdit import sampling
 from sdit.devices import resolve_device, resolve_dtype
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replacing
 from sdit.images import captioned_grid, save_png
-from sdit.pipeline_sdit import SDiTPipeline, load_pipeline
-from sdit.teacher import Teacher, load_teacher
-
-MODELS = ("student", "teacher")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image: its number, prompt and seed."""
-
-    index: int
-    prompt: str
-    seed: int
+from sdit.pipeline_sdit import load_pipeline
+from sdit.samples import MODELS, Job, Recipe, draw_batch, png_text
+from sdit.teacher import load_teacher
 
 
 @dataclass(frozen=True)
@@ -91,50 +78,15 @@ def sample(config: SampleConfig, progress: Callable[[int], None] | None = None,
     if on_total:
         on_total(len(jobs) * len(models))
     images: dict[str, list[np.ndarray]] = {model: [] for model in models}
+    recipe = Recipe(config.steps, config.guidance, config.scheduler, config.negative_prompt)
     for start in range(0, len(jobs), config.batch_size):
         batch = jobs[start:start + config.batch_size]
-        for model, pixels in sample_batch(config, pipe, teacher, batch, size, device, progress).items():
+        for model, pixels in draw_batch(recipe, pipe, teacher, batch, size, device, progress).items():
             for job, image in zip(batch, pixels):
-                save_png(image, out / model / f"{job.index:04d}.png", settings(config, job, model, image))
+                text = png_text(recipe, job, model, image, config.run, config.compare_teacher)
+                save_png(image, out / model / f"{job.index:04d}.png", text)
             images[model].extend(pixels)
     grid = out / "grid.png"
     with replacing(grid) as tmp:
         captioned_grid(images, [f"{job.prompt} (seed {job.seed})" for job in jobs], config.columns).save(tmp)
     return SampleSummary(out, len(jobs), grid, teacher is not None)
-
-
-def sample_batch(config: SampleConfig, pipe: SDiTPipeline, teacher: Teacher | None, batch: list[Job],
-                 size: tuple[int, int], device: torch.device,
-                 progress: Callable[[int], None] | None) -> dict[str, list[np.ndarray]]:
-    """(H, W, 3) uint8 images of one batch from the student and the teacher, from the same initial noise."""
-    prompts = [job.prompt for job in batch]
-    negatives = [config.negative_prompt] * len(batch) if config.negative_prompt is not None else None
-    noise = pipe.initial_noise(len(batch), size, [torch.Generator().manual_seed(job.seed) for job in batch])
-    student = pipe(prompts, negative_prompt=negatives, latents=noise, num_inference_steps=config.steps,
-                   guidance_scale=config.guidance).images
-    made = {"student": [np.asarray(image) for image in student]}
-    if progress:
-        progress(len(batch))
-    if teacher:
-        scheduler = sampling.make_scheduler(config.scheduler, dict(pipe.scheduler.config))  # fresh: no state
-        made["teacher"] = list(sampling.teacher_images(teacher, prompts, negatives, noise, scheduler, config.steps,
-                                              config.guidance, device))
-        if progress:
-            progress(len(batch))
-    return made
-
-
-# --- files ------------------------------------------------------------------------------------------------
-def settings(config: SampleConfig, job: Job, model: str, image: np.ndarray) -> dict[str, str]:
-    """What goes into a PNG's text chunk: enough to make the image again."""
-    values = {
-        "prompt": job.prompt, "negative_prompt": config.negative_prompt or "", "seed": job.seed,
-        "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
-        "height": image.shape[0], "width": image.shape[1], "model": model,
-        "run": str(Path(config.run).resolve()), "software": f"sdit {sdit.__version__}",
-    }
-    if model == "teacher":
-        values["teacher"] = str(Path(config.compare_teacher).resolve())
-    return {key: str(value) for key, value in values.items()}
-
-

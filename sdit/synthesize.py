@@ -11,6 +11,14 @@ Randomness comes from explicit generators, as everywhere in stage one (invariant
     initial noise of sample s of prompt p:      (seed, p, s, NOISE_STREAM)             whatever the shard or batch
     label draw d of record r of synthetic shard k: (seed, k, r, d, SYNTHETIC_STREAM)   never a records shard's draw
 
+The stage runs in three parts (`sdit teacher-label --synthesize N`, pipeline.label, on the labelling workers):
+
+    plan_synthesis (driver)    the set's manifest: resume a set made with the same options, refuse another in one line
+    ShardSynthesizer (worker)  shard k: prompts [k·P, (k+1)·P) × N samples, each from its own initial noise, through
+                               the teacher's scheduler with classifier-free guidance; non-finite samples are dropped
+                               and counted; the shard is written whole (arrays, then its completion record)
+    finish_synthesis (driver)  counts and teacher forwards in synthetic/manifest.json, status "complete"
+
 Synthetic shard k holds prompts [k·P, (k+1)·P) of the bank, `samples` each, in (prompt, sample) order, less the
 samples whose latents were not finite; P = `prompts_per_shard(shard_size, samples)` keeps a synthetic shard
 about as large as a records shard.
@@ -18,15 +26,24 @@ about as large as a records shard.
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
+import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import diffusers
 import numpy as np
 import torch
 
+import sdit
 from sdit import sampling
+from sdit.config import SynthesisConfig
 from sdit.errors import SDiTError
-from sdit.store import Store, from_versioned
+from sdit.store import Store, from_versioned, write_shard
+
+if TYPE_CHECKING:
+    from sdit.teacher import Teacher  # a type only: stage two reads synthetic records without the teacher
 
 SYNTHETIC = "synthetic"  # the store group of synthetic records
 SYNTHETIC_MANIFEST = "manifest.json"  # synthetic/manifest.json: the set's provenance and counts
@@ -129,3 +146,135 @@ def read_prompts(store: Store, start: int, stop: int) -> dict[str, np.ndarray]:
     if not parts:
         raise IndexError(f"prompts [{start}, {stop}) are not in the bank")
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+# --- the worker ---------------------------------------------------------------------------------------------
+
+class ShardSynthesizer:
+    """Holds the teacher's UNet; turns prompts [k·P, (k+1)·P) of the bank into synthetic shard k."""
+
+    def __init__(self, store: Store, config: SynthesisConfig, teacher: Teacher, device: torch.device,
+                 dtype: torch.dtype, batch_size: int):
+        self.store, self.config, self.batch_size = store, config, batch_size
+        self.unet, self.scheduler_config = teacher.unet, teacher.scheduler_config
+        self.device, self.dtype = device, dtype
+        manifest = store.manifest()
+        self.shape = tuple(manifest.latent_shape)
+        self.per_shard = prompts_per_shard(manifest.shard_size, config.samples)
+        self.num_prompts = sum(r["count"] for r in store.finished("prompts").values())
+        self.null = store.null_embedding()
+
+    @torch.inference_mode()
+    def sample(self, noise: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Latents (B, C, h, w) float32 on the CPU from initial noise (B, C, h, w) and text (B, L, D) fp16, and
+        the teacher forwards they took (one per row of each UNet call)."""
+        forwards: list[int] = []
+        c = self.config
+        text = text.to(self.device)
+        null = torch.as_tensor(self.null).to(self.device).expand_as(text) if c.guided else None
+        scheduler = make_sampler(self.scheduler_config, c.scheduler)  # fresh per batch: schedulers keep state
+        latents = sampling.denoise(sampling.teacher_eps(self.unet, forwards.append), scheduler, noise.to(self.device),
+                                   text, null, c.steps, c.guidance)
+        return latents.float().cpu(), sum(forwards)
+
+    def __call__(self, shard: int) -> dict:
+        c, start = self.config, shard * self.per_shard
+        stop = min(start + self.per_shard, self.num_prompts)
+        prompts = read_prompts(self.store, start, stop)
+        prompt = np.repeat(np.arange(start, stop), c.samples)  # (n,) in (prompt, sample) order
+        sample = np.tile(np.arange(c.samples), stop - start)
+        n = len(prompt)
+        latents, keep, forwards = np.zeros((n, *self.shape), np.float16), np.zeros(n, bool), 0
+        for b in range(0, n, self.batch_size):
+            rows = slice(b, b + self.batch_size)
+            noise = initial_noise(c.seed, prompt[rows], sample[rows], self.shape)
+            out, used = self.sample(noise, torch.as_tensor(prompts["text_emb"][prompt[rows] - start]))
+            out16 = out.to(torch.float16).numpy()  # fp16 overflow is as unusable as a NaN
+            finite = np.isfinite(out16).reshape(len(out16), -1).all(axis=1)
+            latents[rows], keep[rows] = np.where(finite[:, None, None, None], out16, 0), finite
+            forwards += used
+        local = prompt[keep] - start
+        columns = {
+            "latents": latents[keep], "text_emb": prompts["text_emb"][local],
+            "token_count": prompts["token_count"][local], "captions": prompts["captions"][local],
+            "ids": np.array([f"synth-{p}-{s}" for p, s in zip(prompt[keep], sample[keep])], dtype=str),
+            "positions": (prompt * c.samples + sample)[keep].astype(np.int64),
+            "prompt_index": prompt[keep].astype(np.int64), "sample": sample[keep].astype(np.int32),
+        }
+        record = {"samples": n, "dropped": int(n - keep.sum()), "teacher_forwards": forwards, "prompts": [start, stop]}
+        write_shard(self.store, SYNTHETIC, shard, columns, record)
+        return {"index": shard, "count": int(keep.sum()), **record}
+
+
+# --- the set's manifest ------------------------------------------------------------------------------------------
+
+# What must match for a rerun to resume a synthetic set rather than refuse it.
+_RESUME_KEYS = ("teacher", "config", "scheduler", "prompts", "prompts_per_shard")
+
+
+def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> SyntheticManifest:
+    """The synthetic set's manifest for `config`: the store's own when it was made with the same options (a
+    resume), else a new one. Refuses, in one line and before any work, a store without a prompt bank, a
+    stochastic scheduler, or a set made with other options. Writes nothing."""
+    config.check()
+    manifest = store.manifest()
+    prompts = sum(r["count"] for r in store.finished("prompts").values())
+    if not prompts:
+        raise SDiTError(f"--synthesize needs a text-only prompt bank, and {store.url} has none; encode the store "
+                        "with `sdit encode ... --prompt-bank FILE`")
+    sampler = make_sampler(teacher.scheduler_config, config.scheduler)
+    per_shard = prompts_per_shard(manifest.shard_size, config.samples)
+    meta = SyntheticManifest(
+        set_id=secrets.token_hex(8), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        store_created=manifest.created, teacher=teacher.identity.to_json(), config=dataclasses.asdict(config),
+        scheduler={"class": type(sampler).__name__, "config": teacher.scheduler_config}, prompts=prompts,
+        prompts_per_shard=per_shard, shards=-(-prompts // per_shard),
+        forwards_per_sample=forwards_per_sample(sampler, config.steps, config.guided),
+        latent_scale=manifest.latent_scale, sdit_version=sdit.__version__)
+    old = read_synthetic(store)
+    if old is None or old.store_created != manifest.created:
+        return meta  # none yet, or made for an earlier encoding of this store (re-encoded with --overwrite)
+    for key in _RESUME_KEYS:
+        if getattr(old, key) != getattr(meta, key):
+            differs = _difference(key, getattr(old, key), getattr(meta, key))
+            raise SDiTError(f"the store's synthetic records were made with {differs}; pass the same --synthesize/"
+                            f"--synth-* options, or delete {store.url}/{SYNTHETIC} and {store.url}/_done/{SYNTHETIC} "
+                            "to make new ones (then relabel what used them)")
+    return old
+
+
+def prepare_synthesis(store: Store, meta: SyntheticManifest) -> list[int]:
+    """Replace another set, delete unfinished shards, write the manifest; the shards still to make."""
+    old = read_synthetic(store)
+    if old is not None and old.set_id != meta.set_id:
+        store.remove(SYNTHETIC)
+        store.remove("_done", SYNTHETIC)
+    store.root_group(mode="a").require_group(SYNTHETIC)
+    store.remove_unfinished(SYNTHETIC)
+    write_synthetic(store, meta)
+    done = store.finished(SYNTHETIC)
+    return [k for k in range(meta.shards) if k not in done]
+
+
+def finish_synthesis(store: Store, meta: SyntheticManifest) -> SyntheticManifest:
+    """Counts over the finished shards; status "complete" once every shard is. Returns the manifest."""
+    done = store.finished(SYNTHETIC)
+    counts = {"samples": sum(r["count"] for r in done.values()), "dropped": sum(r["dropped"] for r in done.values()),
+              "planned": meta.prompts * meta.config["samples"], "shards": len(done),
+              "teacher_forwards": sum(r["teacher_forwards"] for r in done.values())}
+    meta = dataclasses.replace(meta, counts=counts, status="complete" if len(done) == meta.shards else "in_progress")
+    write_synthetic(store, meta)
+    return meta
+
+
+def _difference(key: str, old, new) -> str:
+    if isinstance(new, dict):
+        old = old or {}
+    if key == "teacher":
+        return f"another teacher ({old.get('path')}; its UNet hash differs)"
+    if key == "config":
+        return ", ".join(f"{k} {old.get(k)} (now {new[k]})" for k in new if old.get(k) != new[k])
+    if key == "scheduler":
+        same = old.get("class") == new["class"]
+        return "another scheduler config" if same else f"the scheduler {old.get('class')} (now {new['class']})"
+    return f"{key.replace('_', ' ')} {old} (now {new})"

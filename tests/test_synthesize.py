@@ -7,14 +7,12 @@ import pytest
 import torch
 import zarr
 from diffusers import UNet2DConditionModel
-from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
 from conftest import SAMPLES, child_env, cli_command, kill_paused_at, new_run
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
-from pipeline.synthesize import InspectConfig, ShardSynthesizer, inspect_store
 from pipeline.train import TrainConfig, train
 from pipeline.train_monitor import read_metrics
 from sdit.config import SynthesisConfig
@@ -23,7 +21,7 @@ from sdit.loader import Batch, DrawStream, LabelledStore, Position
 from sdit.losses import distillation_loss, draw_weight
 from sdit.perturb import Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store, columns_of
-from sdit.synthesize import initial_noise, read_prompts
+from sdit.synthesize import ShardSynthesizer, initial_noise, read_prompts
 
 MIX = PerturbConfig(mix={"none": 0.4, "input": 0.15, "swap": 0.15, "mix": 0.15, "null": 0.15}, caption_min_t=0)
 # 3 prompts x 2 samples: 2 prompts a synthetic shard (the store's shard size 4 // 2 samples), so two shards.
@@ -254,22 +252,6 @@ def test_training_on_synthetic_records(store, tiny_teacher, tmp_path):
     assert not (tmp_path / "run2").exists()  # refused before any work
 
 
-@pytest.mark.slow
-def test_inspect_decodes_synthetic_records_with_their_provenance(store, tiny_teacher, tmp_path):
-    _label(store, tiny_teacher)
-    result = runner.invoke(app, ["inspect", str(store), "--synthetic", "--out", str(tmp_path / "look"), "--limit",
-                                 "5", "--vae", str(tiny_teacher)])
-    assert result.exit_code == 0, result.output
-    assert "wrote 5 images" in result.output
-    png = Image.open(tmp_path / "look" / "0001.png")
-    assert png.size == (64, 64)
-    assert png.text["caption"] == "a red circle" and png.text["sample"] == "1" and png.text["steps"] == "4"
-    assert png.text["scheduler"] == "PNDMScheduler" and png.text["id"] == "synth-0-1"
-    assert Image.open(tmp_path / "look" / "grid.png").size[0] > 64
-    records = inspect_store(InspectConfig(store=str(store), out=str(tmp_path / "records"), limit=3))
-    assert records["images"] == 3  # the store's own teacher path decodes by default
-
-
 def test_errors_are_one_line(encoded, store, tiny_teacher, tmp_path):
     def one_line(args: list[str], fragment: str) -> None:
         result = runner.invoke(app, args)
@@ -284,16 +266,9 @@ def test_errors_are_one_line(encoded, store, tiny_teacher, tmp_path):
     one_line([base[0], str(no_bank), *base[1:]], "--synthesize needs a text-only prompt bank")
     one_line([base[0], str(store), *base[1:], "--synth-scheduler", "ddpm"], "draws noise at every step")
     one_line([base[0], str(store), *base[1:], "--synth-scheduler", "heun"], "--synth-scheduler 'heun'")
-    one_line(["inspect", str(store), "--synthetic", "--out", str(tmp_path / "x")], "no finished synthetic shards")
     assert runner.invoke(app, [*base[:1], str(store), *base[1:], "--synth-steps", "2"]).exit_code == 0
     one_line([base[0], str(store), *base[1:], "--synth-steps", "3", "--labels", "other"],
              "synthetic records were made with steps 2 (now 3)")
-    from sdit.tiny import save_tiny_teacher
-
-    other = save_tiny_teacher(tmp_path / "other-teacher", seed=1)
-    one_line(["inspect", str(store), "--synthetic", "--out", str(tmp_path / "y"), "--vae", str(other)],
-             "is not the one the store was encoded with")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 @pytest.mark.slow
