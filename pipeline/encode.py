@@ -21,11 +21,13 @@ import sdit
 from pipeline.config import EncodeConfig
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
 from sdit.config import vae_scale_factor
+from sdit.decode import load_image
 from sdit.devices import setup_worker
-from sdit.errors import SDiTError
+from sdit.errors import RejectedInput, SDiTError
 from sdit.files import check_folder
 from sdit.latents import to_latent_space
-from sdit.sources import PromptSource, RejectedInput, SourceItem, load_image, open_prompts, open_source
+from sdit.prompts import PromptSource, open_prompts
+from sdit.sources import SourceItem, open_source
 from sdit.store import MANIFEST, WRITER_LOCK, Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize

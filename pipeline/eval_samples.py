@@ -45,7 +45,7 @@ class Prompts:
 
 def read_prompts(config: EvalConfig) -> Prompts:
     """--prompts (a text file, one a line, or a parquet column), else the captions of --references."""
-    from sdit.sources import open_prompts
+    from sdit.prompts import open_prompts
 
     if config.prompts:
         texts = [item.caption for item in open_prompts(config.prompts, config.prompt_column) if item.caption]
@@ -218,7 +218,8 @@ def reference_clip(location: str, n: int, clip: Clip, batch_size: int = 16) -> f
     """Mean CLIP score of the first n reference images with a caption against that caption."""
     import io
 
-    from sdit.sources import RejectedInput, open_source
+    from sdit.errors import RejectedInput
+    from sdit.sources import open_source
 
     scores, images, captions, taken = [], [], [], 0
     for item in open_source(location):

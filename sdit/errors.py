@@ -1,4 +1,5 @@
-"""The one error type a user can cause. The CLI prints it in one line, without a traceback."""
+"""Errors: `SDiTError`, the one a user can cause (the CLI prints it in one line, without a traceback), and
+`RejectedInput`, a record a stage skips and lists in its rejects file."""
 
 
 class SDiTError(Exception):
@@ -15,3 +16,12 @@ def brief(err: BaseException, limit: int = 100) -> str:
     if " " not in text:  # a bare key or number (KeyError: 101) says nothing without its type
         text = f"{type(err).__name__}: {text}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class RejectedInput(Exception):
+    """A record that is skipped and listed in the rejects file."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason  # short snake_case code, e.g. "unreadable_image"
+        self.detail = detail

@@ -274,7 +274,8 @@ def reference_images(location: str, limit: int | None) -> Iterator[np.ndarray]:
     """(H, W, 3) uint8 images of a folder, parquet or webdataset source, in its order; unreadable ones skipped."""
     import io
 
-    from sdit.sources import RejectedInput, open_source
+    from sdit.errors import RejectedInput
+    from sdit.sources import open_source
 
     taken = 0
     for item in open_source(location):

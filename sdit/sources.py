@@ -1,4 +1,4 @@
-"""Image-caption sources read as streams, and the decoding of one image into model input.
+"""Image-caption sources read as streams.
 
 `open_source` detects the format of what the user passed (a folder of images, Parquet in the
 Hugging Face layout, or webdataset tar shards) and returns a `Source`: an iterable of
@@ -6,14 +6,13 @@ Hugging Face layout, or webdataset tar shards) and returns a `Source`: an iterab
 interrupted encode can resume with `iter_from`. Sources never hold the dataset: memory is
 bounded by one Parquet batch, one tar key, or one directory listing (invariant 5).
 
-Images are not decoded here; the pipeline calls `SourceItem.read` and `load_image` per record
-and turns a `RejectedInput` into a line of the rejects file (invariant 6).
+Images are not decoded here; the pipeline calls `SourceItem.read` and `sdit.decode.load_image` per
+record and turns a `RejectedInput` into a line of the rejects file (invariant 6).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -25,29 +24,16 @@ from glob import glob
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from sdit.errors import SDiTError
+from sdit.errors import RejectedInput, SDiTError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # tar preference order
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 PARQUET_BATCH_ROWS = 64  # a batch of encoded images is a few MB: small enough to bound memory
-REDUCING_GAP = 2.0  # Pillow's thumbnail default: JPEG DCT scaling and box reduction up to 2x the target, then bicubic
-_HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _TAR_MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset: key = path up to the basename's first dot
-
-
-class RejectedInput(Exception):
-    """A record that is skipped and listed in the rejects file."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason  # short snake_case code, e.g. "unreadable_image"
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -81,76 +67,6 @@ class Source(Protocol):
     def __iter__(self) -> Iterator[SourceItem]: ...
 
     def iter_from(self, start: int) -> Iterator[SourceItem]: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding one image
-# ---------------------------------------------------------------------------------------------
-
-
-def load_image(data: bytes, resolution: int, *, min_size: int = 0) -> np.ndarray:
-    """Decode image bytes to float32 (3, resolution, resolution) in [-1, 1], the VAE's input.
-
-    EXIF orientation is applied, every mode becomes RGB (transparency on white), the short side is
-    resized to `resolution` (bicubic) and the centre square kept. Raises RejectedInput
-    ("unreadable_image", "too_small") for bad records and SDiTError for a bad resolution.
-    """
-    if resolution <= 0 or resolution % 8:
-        raise SDiTError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}")
-    if not data:
-        raise RejectedInput("unreadable_image", "zero-byte file")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            short = min(img.size)  # from the header: reject before paying for the decode
-            if short < min_size:
-                raise RejectedInput("too_small", f"{img.width}x{img.height}, short side under {min_size} px")
-            scale = REDUCING_GAP * resolution / short
-            img.draft(None, (int(img.width * scale), int(img.height * scale)))  # JPEG: decode at 1/2..1/8 scale
-            ImageOps.exif_transpose(img, in_place=True)
-            rgb = _to_rgb(img)
-            array = np.asarray(_centre_square(rgb, resolution), dtype=np.float32)  # (R, R, 3) in 0..255
-    except RejectedInput:
-        raise
-    except Exception as e:  # decoders of untrusted bytes raise many types; one bad file must not stop a run
-        raise RejectedInput("unreadable_image", f"{type(e).__name__}: {e}") from None
-    return np.ascontiguousarray(array.transpose(2, 0, 1)) / np.float32(127.5) - np.float32(1.0)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to RGB; transparent pixels become white, as a viewer on a white page shows them."""
-    if img.mode in _HIGH_DEPTH_MODES:
-        img = Image.fromarray(_high_depth_to_8bit(np.asarray(img), img.mode), mode="L")
-    if img.has_transparency_data:  # RGBA, LA, PA, palette or RGB/L with a tRNS colour key
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _high_depth_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
-    """Scale 16/32-bit and float grey to 0..255.
-
-    Pillow's own convert("L"/"RGB") clips instead of scaling: a 16-bit mid-grey becomes white and
-    a float 0.5 becomes black. Integers are read as 16-bit samples (PNG and TIFF), floats in [0, 1]
-    or [0, 255] as such; anything else is stretched from its min to its max.
-    """
-    a = np.nan_to_num(values.astype(np.float32))
-    lo, hi = float(a.min()), float(a.max())
-    if mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255
-    elif mode != "F" and lo >= 0 and hi <= 65535:
-        a = a / 257
-    elif not (mode == "F" and lo >= 0 and hi <= 255) and hi > lo:
-        a = (a - lo) * (255 / (hi - lo))
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def _centre_square(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize the centre square of `img` to resolution², one resampling pass (same as resize then crop)."""
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
-    box = (left, top, left + side, top + side)
-    return img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,45 +443,3 @@ def _tar_caption(files: dict[str, bytes], caption_key: str | None) -> str | None
     keys = [caption_key] if caption_key else ["caption", "text"]
     values = [meta.get(k) for k in keys] if isinstance(meta, dict) else []
     return _clean_caption(next((v for v in values if v is not None), None))
-
-
-# ---------------------------------------------------------------------------------------------
-# Text-only prompt banks
-# ---------------------------------------------------------------------------------------------
-
-
-class PromptSource:
-    """Prompt bank items: one prompt per line of a text file, or a column of a parquet file."""
-
-    format = "prompts"
-
-    def __init__(self, location: str, column: str):
-        self.path, self.column = Path(location), column
-        if not self.path.is_file():
-            raise SDiTError(f"--prompts {self.path}: no such file (a text file, one prompt a line, or a parquet file)")
-        if self.path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            self.parquet = pq.ParquetFile(self.path)
-            if column not in self.parquet.schema_arrow.names:
-                raise SDiTError(f"--prompts {self.path}: no column {column!r} "
-                                f"(columns: {', '.join(self.parquet.schema_arrow.names)}); set --prompt-column")
-
-    def num_items(self) -> int:
-        if self.path.suffix == ".parquet":
-            return self.parquet.metadata.num_rows
-        with self.path.open("rb") as f:
-            return sum(1 for _ in f)
-
-    def __iter__(self) -> Iterator[SourceItem]:
-        if self.path.suffix == ".parquet":
-            lines = (text for batch in self.parquet.iter_batches(batch_size=4096, columns=[self.column])
-                     for text in batch.column(0).to_pylist())
-        else:
-            lines = (line.rstrip("\r\n") for line in self.path.open(encoding="utf-8", errors="replace"))
-        for i, text in enumerate(lines):
-            yield SourceItem(position=i, id=f"prompt-{i}", caption=None if text is None else text.strip())
-
-
-def open_prompts(location: str, column: str = "text") -> PromptSource:
-    return PromptSource(location, column)

@@ -77,7 +77,8 @@ def _measure(args: dict, repeats: int = 3) -> dict:
     """In the child: the stage, then the bare forward on the same records and batches, alternately
     `repeats` times; the best of each, since other processes only ever slow a run down."""
     from pipeline.encode import EncodeConfig, EncoderFactory, encode
-    from sdit.sources import load_image, open_source
+    from sdit.decode import load_image
+    from sdit.sources import open_source
 
     c = BenchEncodeConfig(**args["config"])
     enc = EncodeConfig(source=args["source"], teacher=args["teacher"], out=args["out"],
