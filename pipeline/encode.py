@@ -26,13 +26,12 @@ from sdit.devices import setup_worker
 from sdit.errors import RejectedInput, SDiTError
 from sdit.files import check_folder
 from sdit.latents import to_latent_space
+from sdit.progress import Progress, no_progress
 from sdit.prompts import PromptSource, open_prompts
 from sdit.sources import SourceItem, open_source
 from sdit.store import MANIFEST, WRITER_LOCK, Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize
-
-Progress = Callable[[int], None]  # called with the number of source items just finished
 
 
 @dataclass
@@ -162,7 +161,7 @@ class EncoderFactory:
 
 
 # --- the driver ---------------------------------------------------------------------------------------
-def encode(config: EncodeConfig, progress: Progress | None = None,
+def encode(config: EncodeConfig, progress: Progress = no_progress,
            on_total: Callable[[int | None], None] | None = None) -> EncodeSummary:
     """Run stage one, part 1. Resumes a store left unfinished by the same configuration."""
     config.check()
@@ -246,21 +245,19 @@ def _caption_reject(item: SourceItem) -> str | None:
     return None
 
 
-def _pending(tasks: Iterable[ShardTask], done: dict[str, dict], progress: Progress | None) -> Iterator[ShardTask]:
+def _pending(tasks: Iterable[ShardTask], done: dict[str, dict], progress: Progress) -> Iterator[ShardTask]:
     for task in tasks:
         if task.index in done[task.group]:
-            if progress:
-                progress(task.size)
+            progress(task.size)
             continue
         yield task
 
 
-def _run(executor, tasks: Iterable[ShardTask], config: EncodeConfig, progress: Progress | None) -> None:
+def _run(executor, tasks: Iterable[ShardTask], config: EncodeConfig, progress: Progress) -> None:
     for result in executor.map(tasks):
         if config.strict and result["rejects"]:
             raise SDiTError(f"--strict: {describe_reject(result['rejects'][0])}")
-        if progress:
-            progress(result["size"])
+        progress(result["size"])
 
 
 def finish(store: Store, manifest: Manifest, skipped: int, min_size: int) -> EncodeSummary:

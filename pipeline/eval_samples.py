@@ -26,13 +26,13 @@ from PIL import Image
 from sdit import fid
 from sdit.errors import SDiTError
 from sdit.files import replace_text
+from sdit.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from pipeline.config import EvalConfig
     from sdit.clip import Clip
 
 SETTINGS = "settings.json"
-Progress = Callable[[int], None] | None
 OnStage = Callable[[str, int], None] | None
 
 
@@ -100,7 +100,7 @@ def png(out: Path, model: str, index: int) -> Path:
 
 
 def sample_missing(config: EvalConfig, prompts: Prompts, out: Path, models: tuple[str, ...], pipe,
-                   size: tuple[int, int], device: torch.device, dtype: torch.dtype, progress: Progress = None,
+                   size: tuple[int, int], device: torch.device, dtype: torch.dtype, progress: Progress = no_progress,
                    on_stage: OnStage = None) -> int:
     """Sample the images of 0..num-1 that some model lacks, in batches; returns how many were sampled.
     `pipe` is the student's SDiTPipeline, `size` its latent (h, w)."""
@@ -149,7 +149,7 @@ class Measures:
 
 
 def measure(config: EvalConfig, prompts: Prompts, out: Path, model: str, extractor: fid.Extractor | None,
-            clip: Clip | None, fid_size: int, progress: Progress = None) -> Measures:
+            clip: Clip | None, fid_size: int, progress: Progress = no_progress) -> Measures:
     """FID statistics and the mean CLIP score of a model's images, read back in batches."""
     sums = fid.FeatureSums(extractor.dim) if extractor else None
     scores = []
@@ -163,13 +163,12 @@ def measure(config: EvalConfig, prompts: Prompts, out: Path, model: str, extract
         if clip is not None:
             captions = [prompts.texts[(start + k) % len(prompts.texts)] for k in range(len(batch))]
             scores.append(clip.score([Image.fromarray(im) for im in batch], captions))
-        if progress:
-            progress(len(batch))
+        progress(len(batch))
     return Measures(sums.stats() if sums is not None else None,
                     float(np.concatenate(scores).mean()) if scores else None)
 
 
-def reference(config: EvalConfig, extractor: fid.Extractor, fid_size: int, progress: Progress = None,
+def reference(config: EvalConfig, extractor: fid.Extractor, fid_size: int, progress: Progress = no_progress,
               on_stage: OnStage = None) -> fid.Reference:
     """The statistics FID compares with: --fid-stats as given, or those of --references (cached)."""
     if config.fid_stats:
@@ -181,7 +180,7 @@ def reference(config: EvalConfig, extractor: fid.Extractor, fid_size: int, progr
 
 
 def run_protocol(config: EvalConfig, clip: Clip | None, extractor: fid.Extractor | None, device: torch.device,
-                 dtype: torch.dtype, progress: Progress = None, on_stage: OnStage = None) -> dict:
+                 dtype: torch.dtype, progress: Progress = no_progress, on_stage: OnStage = None) -> dict:
     """Sample what is missing, then FID and CLIP score per model; the figures and every setting behind them."""
     from sdit.pipeline_sdit import load_pipeline
 

@@ -4,7 +4,6 @@ student will learn from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,12 @@ from pipeline.config import InspectConfig
 from sdit import sampling
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replacing
+from sdit.progress import Progress, no_progress
 from sdit.store import Manifest, Store
 from sdit.synthesize import SYNTHETIC, SyntheticManifest, read_synthetic
 
 
-def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None = None) -> dict:
+def inspect_store(config: InspectConfig, progress: Progress = no_progress) -> dict:
     """Decode the first `limit` records (or synthetic records) of a store: OUT/NNNN.png, each with its caption and
     provenance in the PNG text chunk, and OUT/grid.png with captions. Returns {"images", "out", "grid"}."""
     from sdit.devices import resolve_device
@@ -46,8 +46,7 @@ def inspect_store(config: InspectConfig, progress: Callable[[int], None] | None 
             save_png(image, out / f"{i:04d}.png", _png_text(config, rows, i, provenance))
             images.append(image)
             captions.append(str(rows["captions"][i]) + (f" (sample {rows['sample'][i]})" if config.synthetic else ""))
-        if progress:
-            progress(len(pixels))
+        progress(len(pixels))
     grid = out / "grid.png"
     with replacing(grid) as tmp:
         captioned_grid({group: images}, captions, config.columns).save(tmp)

@@ -28,6 +28,7 @@ from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_labels
 from sdit.perturb import Kind, draw_generator, sample_draw
+from sdit.progress import Progress, no_progress
 from sdit.store import LABEL_COLUMNS, Store, write_shard
 from sdit.synthesize import (
     SYNTHETIC,
@@ -150,7 +151,7 @@ class LabelerFactory:
         return ShardLabeler(self.config, teacher, device, dtype)
 
 
-def label(config: LabelConfig, progress: Callable[[int], None] | None = None,
+def label(config: LabelConfig, progress: Progress = no_progress,
           on_total: Callable[[int], None] | None = None,
           on_stage: Callable[[str, int], None] | None = None) -> dict:
     """Run stage one, part 2 (and with `config.synthesis` part 3 first) over a finished store; resumes an
@@ -176,8 +177,7 @@ def _label(store: Store, config: LabelConfig, teacher: Teacher, synthetic: Synth
         if synthetic:  # first, so that the synthetic records exist when their labelling starts
             if on_stage:
                 on_stage("synthesize", synthetic.prompts * config.synthesis.samples)
-            if progress:
-                progress(sum(r["samples"] for r in store.finished(SYNTHETIC).values()))
+            progress(sum(r["samples"] for r in store.finished(SYNTHETIC).values()))
             _run(executor, [Task(SYNTHETIC, k, synthesize=True) for k in to_synthesize], config, progress, "samples")
             finish_synthesis(store, synthetic)
         todo = _label_tasks(store, config, progress, on_total, on_stage)
@@ -200,7 +200,7 @@ def _label_tasks(store: Store, config: LabelConfig, progress, on_total, on_stage
         for index, record in done.items():
             if index not in labelled:
                 todo.append(Task(group, index))
-            elif progress:
+            else:
                 progress(record["count"] * config.draws)
     return todo
 
@@ -229,8 +229,7 @@ def _run(executor, tasks: list[Task], config: LabelConfig, progress, unit: str) 
             what = "output" if unit == "draws" else "sample"
             raise SDiTError(f"the teacher's {what} was NaN or inf for {dropped} of {total} {unit} (over "
                             f"{config.max_dropped:.0%}); try --dtype fp32 or bf16. Finished shards are kept")
-        if progress:
-            progress(result[unit])
+        progress(result[unit])
 
 
 def check_teacher(manifest, teacher: Teacher) -> None:

@@ -23,6 +23,7 @@ from sdit.errors import SDiTError
 from sdit.files import check_folder, replacing
 from sdit.images import captioned_grid, save_png
 from sdit.pipeline_sdit import load_pipeline
+from sdit.progress import Progress, no_progress
 from sdit.samples import MODELS, Job, Recipe, draw_batch, png_text
 from sdit.teacher import load_teacher
 
@@ -58,7 +59,7 @@ def plan(prompts: list[str], num_images: int, seed: int) -> list[Job]:
     return [Job(i, prompts[i // num_images], seed + i) for i in range(len(prompts) * num_images)]
 
 
-def sample(config: SampleConfig, progress: Callable[[int], None] | None = None,
+def sample(config: SampleConfig, progress: Progress = no_progress,
            on_total: Callable[[int], None] | None = None) -> SampleSummary:
     """Sample the run (and the teacher); `progress(n)` after every n images of either model."""
     config.check()

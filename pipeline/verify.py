@@ -10,11 +10,11 @@ problem of the store like a failed checksum; only a folder with no manifest at a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sdit.errors import SDiTError
 from sdit.labels import read_labels
+from sdit.progress import Progress, no_progress
 from sdit.store import CHUNK_RECORDS, MANIFEST, Damaged, OtherVersion, Store, columns_of, json_problem, shard_name
 from sdit.synthesize import SYNTHETIC, read_synthetic
 
@@ -45,7 +45,7 @@ def groups(store: Store) -> list[str]:
     return [g for g in candidates if store.children("_done", g)]
 
 
-def verify(url: str, progress: Callable[[int], None] | None = None) -> Report:
+def verify(url: str, progress: Progress = no_progress) -> Report:
     store = Store(url)
     report = Report(store.url)
     if not store.exists(MANIFEST):
@@ -57,8 +57,7 @@ def verify(url: str, progress: Callable[[int], None] | None = None) -> Report:
         for index, record in store.finished(group, damaged).items():
             report.shards += 1
             _check_shard(store, group, index, record, report)
-            if progress:
-                progress(1)
+            progress(1)
         report.problems += [_problem(err) for err in damaged]
     return report
 

@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdit.errors import SDiTError
+from sdit.progress import Progress, no_progress
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -194,13 +195,12 @@ class FeatureSums:
 
 
 def image_stats(images: Iterable[np.ndarray], extractor: Extractor, size: int, resize: str, batch_size: int = 32,
-                progress: Callable[[int], None] | None = None) -> Stats:
+                progress: Progress = no_progress) -> Stats:
     """Statistics of (H, W, 3) uint8 images, streamed in batches."""
     sums = FeatureSums(extractor.dim)
     for batch in _batches(images, batch_size):
         sums.add(extractor.features(np.stack([prepare(square(Image.fromarray(im), size), resize) for im in batch])))
-        if progress:
-            progress(len(batch))
+        progress(len(batch))
     return sums.stats()
 
 
@@ -300,7 +300,7 @@ class Reference:
 
 def reference_stats(location: str, extractor: Extractor, size: int, resize: str, *, limit: int | None = None,
                     cache: Path | None = None, batch_size: int = 32,
-                    progress: Callable[[int], None] | None = None,
+                    progress: Progress = no_progress,
                     on_total: Callable[[int], None] | None = None) -> Reference:
     """Statistics of the reference images at `location`, computed once and cached as `.npz` under `cache`,
     keyed by `reference_key`; a second call with the same images and settings reads only the cache."""

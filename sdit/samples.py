@@ -7,7 +7,6 @@ Image i depends on its seed alone, not on the batch it was drawn in (one generat
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ import torch
 
 import sdit
 from sdit import sampling
+from sdit.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from sdit.pipeline_sdit import SDiTPipeline
@@ -46,7 +46,7 @@ class Recipe:
 
 def draw_batch(recipe: Recipe, pipe: SDiTPipeline, teacher: Teacher | None, batch: list[Job],
                size: tuple[int, int], device: torch.device,
-               progress: Callable[[int], None] | None = None) -> dict[str, list[np.ndarray]]:
+               progress: Progress = no_progress) -> dict[str, list[np.ndarray]]:
     """(H, W, 3) uint8 images of one batch from the student (`pipe`, latents of `size`) and, when given, the
     teacher, from the same initial noise; `progress(n)` after each model's n images."""
     prompts = [job.prompt for job in batch]
@@ -55,14 +55,12 @@ def draw_batch(recipe: Recipe, pipe: SDiTPipeline, teacher: Teacher | None, batc
     student = pipe(prompts, negative_prompt=negatives, latents=noise, num_inference_steps=recipe.steps,
                    guidance_scale=recipe.guidance).images
     made = {"student": [np.asarray(image) for image in student]}
-    if progress:
-        progress(len(batch))
+    progress(len(batch))
     if teacher:
         scheduler = sampling.make_scheduler(recipe.scheduler, dict(pipe.scheduler.config))  # fresh: no state
         made["teacher"] = list(sampling.teacher_images(teacher, prompts, negatives, noise, scheduler, recipe.steps,
                                                        recipe.guidance, device))
-        if progress:
-            progress(len(batch))
+        progress(len(batch))
     return made
 
 
