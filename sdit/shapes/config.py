@@ -95,7 +95,7 @@ class UNetConfig:
     empty_caption_rate: float = 0.1  # captions dropped to "" so classifier-free guidance works
     train_text: bool = True  # the UNet's loss trains the text encoder too; False keeps it random and frozen
     # Random token embeddings already tell the world's words apart; a dense Adam update of all 49,408
-    # rows every step costs about 20% of a step, so by default only the transformer layers learn.
+    # rows every step is a large share of a step, so by default only the transformer layers learn.
     train_token_embedding: bool = False
     offset_noise: float = 0.0  # per-channel noise offset (0 = plain SD); recorded in the teacher's README
     # γ: each draw's ε loss weighted by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight), a weighted mean; 0: plain
