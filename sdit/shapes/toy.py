@@ -151,27 +151,41 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEConfig, checkpoint
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = _resume(checkpoint, resume, {"vae": vae}, opt)
     vae.train()
+
+    def one_step(step: int, g: torch.Generator) -> dict:
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=g).numpy()
+        loss, figures = vae_loss(vae, to_pixels(images[idx]), g, cfg.kl_weight, cfg.object_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return figures
+
+    step = _steps(cfg, start, one_step, {"vae": vae}, opt, checkpoint, progress, metrics, deadline)
+    vae.eval()
+    return step
+
+
+def _steps(cfg, start: int, one_step: Callable[[int, torch.Generator], dict], modules: dict[str, torch.nn.Module],
+           opt: torch.optim.Optimizer, checkpoint: Path | None, progress: Progress, metrics: Metrics,
+           deadline: float | None) -> int:
+    """Steps `start`..`cfg.steps - 1` of `one_step(step, generator) -> figures`, each from its own generator, counted
+    and its figures reported; stops early past `deadline` (time.monotonic()). Checkpoints `modules` and `opt`
+    every `cfg.checkpoint_every` steps and where it stops. Returns the step reached."""
     if start:
         progress(start)
     step = start
     for step in range(start, cfg.steps):
         if deadline is not None and time.monotonic() > deadline:
             break
-        g = _generator(cfg.seed, step)
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=g).numpy()
-        loss, figures = vae_loss(vae, to_pixels(images[idx]), g, cfg.kl_weight, cfg.object_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        figures = one_step(step, _generator(cfg.seed, step))
         progress(1)
         metrics(figures)
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint, {"vae": vae}, opt, {"step": step + 1})
+            save_checkpoint(checkpoint, modules, opt, {"step": step + 1})
     else:
         step = cfg.steps
     if checkpoint is not None and step > start:
-        save_checkpoint(checkpoint, {"vae": vae}, opt, {"step": step})
-    vae.eval()
+        save_checkpoint(checkpoint, modules, opt, {"step": step})
     return step
 
 
@@ -284,13 +298,8 @@ def train_unet(models: ToyModels, latents: Latents, cfg: UNetConfig, checkpoint:
     empty = caption_ids(models.tokenizer, [""])[0]
     for m in trained.values():
         m.train()
-    if start:
-        progress(start)
-    step = start
-    for step in range(start, cfg.steps):
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        g = _generator(cfg.seed, step)
+
+    def one_step(step: int, g: torch.Generator) -> dict:
         idx = torch.randint(len(latents.ids), (cfg.batch_size,), generator=g)
         loss = diffusion_loss(models, latents, idx, cfg, scheduler, empty, g)
         opt.zero_grad(set_to_none=True)
@@ -301,14 +310,9 @@ def train_unet(models: ToyModels, latents: Latents, cfg: UNetConfig, checkpoint:
             group["lr"] = cfg.lr * warmup_factor(step + 1, cfg.warmup)
         for name, m in trained.items():
             update_ema(ema[f"ema_{name}"], m, ema_decay(step, cfg.ema_decay))
-        progress(1)
-        metrics({"loss": loss.item()})
-        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint, trained | ema, opt, {"step": step + 1})
-    else:
-        step = cfg.steps
-    if checkpoint is not None and step > start:
-        save_checkpoint(checkpoint, trained | ema, opt, {"step": step})
+        return {"loss": loss.item()}
+
+    step = _steps(cfg, start, one_step, trained | ema, opt, checkpoint, progress, metrics, deadline)
     for name, m in trained.items():
         m.load_state_dict(ema[f"ema_{name}"].state_dict())
         m.eval()
