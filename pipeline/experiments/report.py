@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 
+def with_interval(result: dict, key: str) -> str:
+    """A figure with its 95% interval where the result has one: 0.290 [0.212, 0.371]."""
+    low, high = result.get("intervals", {}).get(key, (None, None))
+    return f"{result[key]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+
+def gain(result: dict, key: str = "heldout_acc") -> str:
+    """A student's paired gain over the no-teacher run with its 95% interval: +0.052 [-0.031, 0.130]."""
+    if "gain" not in result:
+        return "-"
+    g = result["gain"][key]
+    return f"{g['value']:+.3f} [{g['interval'][0]:+.3f}, {g['interval'][1]:+.3f}]"
+
+
 def format_report(report: dict) -> str:
     """report.md: the figures of every run and the teacher, each held-out concept, and the settings."""
-    lines = ["| run | held-out concepts (fair) | seen shape+colour | speed-up | teacher forwards | "
-             "held-out hits (raw) | held-out shape+colour | attributes: held-out / seen | "
+    lines = ["| run | held-out concepts (fair) | gain over no_teacher (fair) | seen shape+colour | speed-up | "
+             "teacher forwards | held-out hits (raw) | held-out shape+colour | attributes: held-out / seen | "
              "teacher MSE (held-out draws) | sampling: forwards, ms / image |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = {**report["runs"], "teacher": report["teacher"]}
     for name, r in rows.items():
         mse = f"{r['teacher_mse']:.4f}" if "teacher_mse" in r else "-"
         forwards = f"{r['teacher_forwards']:,}" if "teacher_forwards" in r else "-"
         speedup = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
-        lines.append(f"| {name} | {r['heldout_acc']:.3f} | {r['seen_acc']:.3f} | {speedup} | {forwards} | "
+        lines.append(f"| {name} | {with_interval(r, 'heldout_acc')} | {gain(r)} | {with_interval(r, 'seen_acc')} | "
+                     f"{speedup} | {forwards} | "
                      f"{r['heldout_hit']:.3f} | {r['heldout_pair_acc']:.3f} | {r['heldout_attr_acc']:.3f} / "
                      f"{r['seen_attr_acc']:.3f} | {mse} | {r['sample_forwards']}, "
                      f"{1000 * r['sample_s_per_image']:.0f} |")
     concepts = list(report["teacher"]["heldout_concepts"])
-    lines += ["", "Held-out concepts, each: hit / false positive / fair (a sample shows a concept only when it is a "
-              "recognisable object).", "", "| run | " + " | ".join(concepts) + " |", "|---" * (len(concepts) + 1) + "|"]
+    lines += ["", "In brackets: 95% intervals, from 2,000 bootstrap draws of the prompts and, within each, its "
+              "samples; a gain is paired (both runs sampled from the same prompts and noise).", "",
+              "Held-out concepts, each: hit / false positive / fair ± its standard error (a sample shows a concept "
+              "only when it is a recognisable object).", "", "| run | " + " | ".join(concepts) + " |",
+              "|---" * (len(concepts) + 1) + "|"]
     for name, r in rows.items():
         cells = [r["heldout_concepts"][k] for k in concepts]
         lines.append(f"| {name} | " + " | ".join(f"{c['hit']:.2f} / {c['false_positive']:.2f} / {c['fair']:.2f}"
+                                                 + (f" ± {c['fair_se']:.2f}" if c.get("fair_se") is not None else "")
                                                  for c in cells) + " |")
     c = report["config"]
     lines.append("")

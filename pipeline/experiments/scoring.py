@@ -18,7 +18,7 @@ from pipeline.train_run import checkpoint_dirs
 from sdit.files import replacing
 from sdit.pipeline_sdit import SDiTPipeline
 from sdit.shapes import reader, samples, world
-from sdit.shapes.scores import figures
+from sdit.shapes.scores import HEADLINES, figures, headline_draws, interval, resample
 
 
 def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings: dict[str, Labelling],
@@ -34,10 +34,11 @@ def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings
         images[name] = {split: _sample(config, out / name, teacher, t) for split, t in texts.items()}
         seconds[name] = time.perf_counter() - started
     asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
-    results = {}
+    results, weights, draws = {}, resample(asked, seed=config.seed), {}
     for name in images:
         readings = {split: reader.read_batch(images[name][split]) for split in prompts}
         results[name] = figures(readings, asked)
+        draws[name] = headline_draws(readings, asked, weights)
         results[name]["sample_s_per_image"] = seconds[name] / sum(len(a) for a in asked.values())
         results[name]["sample_forwards"] = config.sample_steps * (1 if distilled(out, name) else 2)
         if name != "teacher":
@@ -49,8 +50,28 @@ def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings
                                             labels="plain" if plain else run.labels))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
             results[name]["teacher_forwards"] = teacher_forwards(store, run)
+    add_intervals(results, draws)
     write_grid(out / "grid.png", images, prompts, config.per_prompt)
     return results
+
+
+def add_intervals(results: dict[str, dict], draws: dict[str, dict[str, np.ndarray]]) -> None:
+    """Adds to each model's results the 95% intervals of its headline figures (`intervals`) and each held-out
+    concept's standard error (`fair_se`); with a no-teacher run among them, each other student's gain over it
+    (`gain`: the difference of each headline figure and its paired interval, both sampled from the same prompts
+    and noise)."""
+    for name, result in results.items():
+        result["intervals"] = {key: interval(draws[name][key]) for key in HEADLINES}
+        for concept, scored in result["heldout_concepts"].items():
+            values = draws[name][f"fair:{concept}"]
+            scored["fair_se"] = float(np.nanstd(values)) if (~np.isnan(values)).any() else None
+    if "no_teacher" not in results:
+        return
+    for name, result in results.items():
+        if name not in ("teacher", "no_teacher"):
+            result["gain"] = {key: {"value": result[key] - results["no_teacher"][key],
+                                    "interval": interval(draws[name][key] - draws["no_teacher"][key])}
+                              for key in HEADLINES}
 
 
 def teacher_samples(config: DistillConfig, out: Path, teacher,

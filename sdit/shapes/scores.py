@@ -4,13 +4,21 @@
 `fair_concepts` scores each held-out concept as shown only by a recognisable object, against prompts that ask for
 a rival value, and `mean_fair` averages it into one headline; `figures` gathers every figure the experiment
 reports for one model.
+
+How sure a figure is comes from a two-stage bootstrap (`resample`): each draw picks the prompts of each split with
+replacement, then each picked prompt's samples with replacement, and `headline_draws` recomputes the headline
+figures under it. Models sampled from the same prompts and noise share the draws, so the spread of a difference
+between two models is the spread of their paired difference (`interval`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from sdit.errors import SDiTError
 from sdit.shapes import world
@@ -145,3 +153,78 @@ def figures(readings: dict[str, Sequence[Reading]], asked: dict[str, Sequence[wo
                    f"{split}_attributes": dict(scored.accuracy)}
     result["seen_acc"] = result["seen_pair_acc"]
     return result
+
+
+# --- how sure a figure is ---------------------------------------------------------------------------------------
+
+HEADLINES = ("heldout_acc", "seen_acc", "heldout_hit")  # the figures `headline_draws` recomputes
+LEVEL = 0.95
+
+
+def resample(asked: dict[str, Sequence[world.Prompt]], draws: int = 2000, seed: int = 0) -> np.ndarray:
+    """(draws, N) how often each of the N samples (the splits' samples in `asked`'s order, as `figures` takes
+    them) appears in each bootstrap draw: per split, its prompts drawn with replacement, then each drawn prompt's
+    samples drawn with replacement from that prompt's own samples."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for split in asked:
+        groups: dict[world.Prompt, list[int]] = {}
+        for i, prompt in enumerate(asked[split]):
+            groups.setdefault(prompt, []).append(i)
+        n = len(asked[split])
+        flat = np.zeros(draws * n)
+        offsets = (np.arange(draws) * n)[:, None, None]
+        picked = rng.integers(len(groups), size=(draws, len(groups)))  # prompts, with replacement
+        for size in {len(m) for m in groups.values()}:  # prompts with as many samples draw them alike
+            ids = [g for g, m in enumerate(groups.values()) if len(m) == size]
+            members = np.array([m for m in groups.values() if len(m) == size])  # (prompts of this size, size)
+            slot = np.full(len(groups), -1)
+            slot[ids] = np.arange(len(ids))
+            rows, cols = np.nonzero(slot[picked] >= 0)
+            chosen = members[slot[picked[rows, cols]]][np.arange(len(rows))[:, None],
+                                                        rng.integers(size, size=(len(rows), size))]
+            flat += np.bincount((chosen + offsets[rows, 0]).ravel(), minlength=draws * n)
+        columns.append(flat.reshape(draws, n))
+    return np.concatenate(columns, axis=1)
+
+
+def headline_draws(readings: dict[str, Sequence[Reading]], asked: dict[str, Sequence[world.Prompt]],
+                   weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The headline figures (`HEADLINES`, as `figures` defines them) and each held-out concept's fair score
+    ("fair:<name>") under each row of `weights` (from `resample`; a row of ones gives `figures`' own values)."""
+    flat = [(r, a, split) for split in readings for r, a in zip(readings[split], asked[split], strict=True)]
+    seen = np.array([split == "seen" for _, _, split in flat])
+    heldout = np.array([split == "heldout" for _, _, split in flat])
+
+    def rate(events: np.ndarray, where: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (weights @ (events & where)) / (weights @ where)
+
+    named = {c.name: c for c in world.HELDOUT}
+    out: dict[str, np.ndarray] = {}
+    fairs = []
+    for concept in world.HELDOUT:
+        names = tuple(n for n in ("shape", "colour") if getattr(concept, n) is not None)
+        counted = np.array([all(n in a.said for n in names) for _, a, _ in flat])
+        wanted = np.array([concept.matches(a.attrs) for _, a, _ in flat])
+        shown = np.array([r.shape is not None and concept.matches(r) for r, _, _ in flat])
+        out[f"fair:{concept.name}"] = rate(shown, counted & wanted) - rate(shown, counted & ~wanted)
+        fairs.append(out[f"fair:{concept.name}"])
+    with warnings.catch_warnings():  # a draw where no concept is defined is nan, as `mean_fair` says
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["heldout_acc"] = np.nanmean(np.stack(fairs), axis=0)
+    pair = np.array([r.shape == a.attrs.shape and r.colour == a.attrs.colour for r, a, _ in flat])
+    out["seen_acc"] = rate(pair, seen)
+    names_some = np.array([bool(a.concepts) for _, a, _ in flat])
+    hit_all = np.array([bool(a.concepts) and all(named[n].matches(r) for n in a.concepts) for r, a, _ in flat])
+    out["heldout_hit"] = rate(hit_all, heldout & names_some)
+    return out
+
+
+def interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
+    """The central `level` interval of bootstrap values (percentiles), draws with an undefined figure left out."""
+    kept = values[~np.isnan(values)]
+    if not len(kept):
+        return [math.nan, math.nan]
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(kept, tail)), float(np.percentile(kept, 100 - tail))]

@@ -46,6 +46,12 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
         assert set(run["heldout_concepts"]) == {c.name for c in world.HELDOUT}
         for concept in run["heldout_concepts"].values():
             assert concept["fair"] == pytest.approx(concept["hit"] - concept["false_positive"])
+        for key in ("heldout_acc", "seen_acc", "heldout_hit"):  # each figure with its 95% interval
+            low, high = run["intervals"][key]
+            assert -1 <= low <= high <= 1, (name, key)
+        if name != "no_teacher":  # the paired gain over the no-teacher run
+            assert run["gain"]["heldout_acc"]["value"] == pytest.approx(
+                run["heldout_acc"] - report["runs"]["no_teacher"]["heldout_acc"])
         assert [point["step"] for point in run["curves"]] == [0, 1, 2]  # the initial weights, then each step
         assert all({"heldout_acc", "seen_acc"} <= set(point) for point in run["curves"])
         trained = read_run(out / name)["train"]
@@ -73,7 +79,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert perturbed[Kind.SWAP.name.lower()] > 0
     grid = Image.open(out / "grid.png")
     assert grid.size[0] > 8 * 64 and grid.size[1] > 6 * 64  # 8 prompts, a teacher row and five student rows
-    assert "| kd_perturb |" in (out / "report.md").read_text()
+    assert "| kd_perturb |" in (out / "report.md").read_text() and "95% intervals" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
