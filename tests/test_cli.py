@@ -97,6 +97,8 @@ def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple]:
     (no_weights / "model_index.json").write_text("{}")
     (no_weights / "sdit_run.json").write_text(json.dumps({"schema_version": 1}))
     run = new_run(root / "run", tiny_teacher)
+    cut_index = shutil.copytree(run, root / "cut-index")
+    (cut_index / "model_index.json").write_text((run / "model_index.json").read_text()[:20])
     bad_ckpt = root / "bad.ckpt"
     bad_ckpt.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip header, then nothing torch can read
     not_a_store = root / "documents"
@@ -147,6 +149,8 @@ def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple]:
         ("sample: a run folder without weights", ["sample", str(no_weights), *out, "-p", "a red circle"],
          "no-weights"),
         ("sample: a missing run", ["sample", str(root / "missing"), *out, "-p", "a red circle"], "missing"),
+        ("sample: a model_index.json cut short", ["sample", str(cut_index), *out, "-p", "a red circle"],
+         "model_index.json is damaged"),
         ("sample: a file for --out", ["sample", str(run), "--out", str(a_file), "-p", "a red circle"],
          "a.txt is a file"),
         ("inspect: a missing store", ["inspect", str(root / "missing"), *out], "not an SDiT store"),
