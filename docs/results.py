@@ -119,15 +119,28 @@ def share(run: dict, teacher: dict) -> str:
     return f"{run['heldout_acc'] / teacher['heldout_acc']:.0%}"
 
 
+def with_interval(run: dict, key: str) -> str:
+    """A figure and, where the file has one, its 95% interval."""
+    low, high = run.get("intervals", {}).get(key, (None, None))
+    return num(run.get(key)) + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
+
+
+def gain(run: dict) -> str:
+    """A student's paired gain in fair held-out score over the no-teacher run, with its 95% interval."""
+    g = run.get("gain", {}).get("heldout_acc")
+    return "-" if g is None else f"{g['value']:+.3f} [{g['interval'][0]:+.2f}, {g['interval'][1]:+.2f}]"
+
+
 def concept(run: dict, name: str, key: str = "hit"):
     return run.get("heldout_concepts", {}).get(name, {}).get(key)
 
 
 # key -> (header, cell(run, teacher), one column per seed)
 DISTILL_COLUMNS = {
-    "fair": ("held-out concepts (fair)", lambda r, t: num(r.get("heldout_acc")), True),
+    "fair": ("held-out concepts (fair)", lambda r, t: with_interval(r, "heldout_acc"), True),
+    "gain": ("gain over no_teacher (fair)", lambda r, t: gain(r), True),
     "share": ("of the teacher", share, True),
-    "seen": ("seen shape+colour", lambda r, t: num(r.get("seen_acc")), True),
+    "seen": ("seen shape+colour", lambda r, t: with_interval(r, "seen_acc"), True),
     "hits": ("held-out hits (raw)", lambda r, t: num(r.get("heldout_hit")), True),
     "pairs": ("held-out shape+colour", lambda r, t: num(r.get("heldout_pair_acc")), True),
     "speedup": ("speed-up", lambda r, t: num(r.get("speedup"), ".1f", "x"), True),
