@@ -72,7 +72,8 @@ tune-best-run: install
 bench-sd15: install
 	$(BIN)/sdit bench sd15 --json runs/bench-sd15.json
 
-# The same on one GPU at real batch sizes (about 8 minutes), plus labels/s and train steps/s of S/2 to XL/2.
+# The same on one GPU at real batch sizes, plus labels/s and train steps/s of S/2 to XL/2 (scripts/gpu-check.sh runs
+# it in parts on a GPU machine without network).
 bench-gpu: install
 	$(BIN)/sdit bench sd15 --device cuda --out runs/bench-sd15-gpu --json runs/bench-sd15-gpu.json
 

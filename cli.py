@@ -19,6 +19,7 @@ import typer
 # Option defaults and choices come from torch-free config modules, never typed here twice; each command imports
 # the stage it runs (torch, diffusers, transformers) only when it runs.
 from pipeline.bench.config import (
+    SD15_STAGES,
     BenchEncodeConfig,
     BenchLabelConfig,
     BenchSampleConfig,
@@ -435,8 +436,10 @@ def bench_sd15(
     speed_student: Annotated[Optional[list[str]], typer.Option("--speed-student", help=f"Students timed against the teacher (repeatable) (default: {', '.join(Sd15Config.speed_students)}; on GPU S/2 to XL/2).")] = None,
     train_steps: Annotated[Optional[int], typer.Option(min=1, help=f"(default: {Sd15Config.train_steps}; on GPU 20).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Training batch (default: {Sd15Config.batch_size}; on GPU 32).")] = None,
-    speed_steps: Annotated[Optional[int], typer.Option(min=1, help=f"Sampling steps of the side-by-side timing (default: {Sd15Config.speed_steps}; on GPU 25).")] = None,
+    speed_steps: Annotated[Optional[int], typer.Option(min=1, help=f"Sampling steps of each timed run side by side (default: {Sd15Config.speed_steps}).")] = None,
     speed_images: Annotated[Optional[int], typer.Option(min=1, help=f"Batch of the side-by-side timing (default: {Sd15Config.speed_images}; on GPU 8).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed rounds of the side-by-side sampling, the models taking turns; each model's fastest counts.")] = Sd15Config.repeats,
+    stage: Annotated[Optional[list[str]], typer.Option("--stage", help=f"Stages to run after the teacher's (repeatable): {', '.join(SD15_STAGES)} (default: {', '.join(Sd15Config.stages)}; on GPU throughput instead of precision).")] = None,
     device: Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto, cpu or cuda; on CUDA the same stages at real batch sizes, plus labels/s and train steps/s of S/2 to XL/2 at 256 and 512 px in bf16.")] = Sd15Config.device,
     dtype: DType = Sd15Config.dtype,
     json_out: JsonOut = None,
@@ -451,7 +454,9 @@ def bench_sd15(
                if v is not None}
     options |= {"students": tuple(student)} if student else {}
     options |= {"speed_students": tuple(speed_student)} if speed_student else {}
-    config = Sd15Config.for_device(device, out=out, cache=cache, resolution=resolution, dtype=dtype, **options)
+    options |= {"stages": tuple(stage)} if stage else {}
+    config = Sd15Config.for_device(device, out=out, cache=cache, resolution=resolution, dtype=dtype, repeats=repeats,
+                                   **options)
     result = run(config, on_stage=lambda name: typer.echo(name, err=True))
     _report(format_sd15_table(result), result, json_out)
 

@@ -98,12 +98,19 @@ class MemoryConfig:
             raise SDiTError("--batch: each at least 1")
 
 
+# The stages of `sdit bench sd15` after the teacher's (always first), in the order they run, and what each needs.
+SD15_STAGES = ("encode", "label", "train", "sample", "eval", "speed", "precision", "throughput")
+SD15_NEEDS = {"label": "encode", "train": "label", "sample": "train", "eval": "train"}
+ALL_PRESETS = ("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")
+
+
 @dataclass(frozen=True)
 class Sd15Config:
     out: str = "runs/bench-sd15"  # photographs, store, runs, samples
     cache: str | None = None  # the random teacher, built once; default: the user's cache folder (~/.cache/sdit)
     config_dir: str = str(SD15_CONFIG_DIR)  # the architecture (tests pass a tiny one)
     seed: int = 0  # of the random teacher's weights
+    stages: tuple[str, ...] = ("encode", "label", "train", "sample", "eval", "speed", "precision")
     records: int = 8
     resolution: int = 512
     draws: int = 2
@@ -118,38 +125,39 @@ class Sd15Config:
     sample_steps: int = 2
     guidance: float = DEFAULT_GUIDANCE
     sample_guidance: tuple[float, ...] = (DEFAULT_GUIDANCE, 1.0)  # one `sdit sample` run each: guided, unguided
-    eval: bool = True
     scheduler: str = DEFAULT_SCHEDULER
+    # the side-by-side sampling speed: whole sampling runs (text encoder, guided loop, VAE decode) of the teacher
+    # and each student, `repeats` alternating rounds after a warm-up run of `warmup_steps` steps each
     speed_students: tuple[str, ...] = ("SDiT-S/2", "SDiT-B/2")
     speed_images: int = 1  # batch of the side-by-side sampling
-    speed_steps: int = 2
-    project_steps: int = 25  # images/s projected to this many steps from the parts' timings
-    precision: bool = True  # the fp16/bf16 paths against fp32 (on CPU)
-    fp16_latent: int = 8  # the fp16 teacher's latent side on CPU, where fp16 has no fast kernels
-    # throughput at real batch sizes (the GPU check; none on CPU by default)
-    throughput_presets: tuple[str, ...] = ()
+    speed_steps: int = 25
+    repeats: int = 3
+    warmup_steps: int = 1
+    profile: bool = True  # a separate, untimed one-step pass per model for the share of attention (on CPU)
+    fp16_latent: int = 8  # the fp16 teacher's latent side of the precision stage on CPU, where fp16 is slow
+    # throughput at real batch sizes (the GPU check)
+    throughput_presets: tuple[str, ...] = ALL_PRESETS
     throughput_resolutions: tuple[int, ...] = (256, 512)
     train_batches: tuple[int, ...] = (64, 32)  # per resolution
     label_batch: int = 64
     throughput_steps: int = 10  # timed calls after 2 warm-up calls
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None  # torch threads of every child; default: this machine's cores
 
     @classmethod
     def for_device(cls, device: str, **options) -> "Sd15Config":
-        """The CPU defaults, or on a GPU the same stages at real batch sizes plus the throughput of every preset,
-        sized to take about 8 minutes on one GPU; `options` override either. `auto` is CUDA when there is one."""
+        """The CPU defaults, or on a GPU the same stages at real batch sizes, every preset side by side and the
+        throughput stage instead of the precision one; `options` override either. `auto` is CUDA when there is one."""
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
-            options = dict(records=256, draws=4, prompts=16, synth_steps=25, synth_scheduler="pndm", train_steps=20,
-                           batch_size=32, sample_steps=25, speed_images=8, speed_steps=25,
-                           speed_students=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2"), precision=False,
-                           throughput_presets=("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")) | options
+            options = dict(stages=tuple(s for s in SD15_STAGES if s != "precision"), records=256, draws=4,
+                           prompts=16, synth_steps=25, synth_scheduler="pndm", train_steps=20, batch_size=32,
+                           sample_steps=25, speed_images=8, speed_students=ALL_PRESETS, profile=False) | options
         return cls(device=device, **options)
-    device: str = "auto"
-    dtype: str = "auto"
-    threads: int | None = None  # torch threads of every child; default: this machine's cores
 
     def check(self) -> None:
         factor, latent_channels = vae_factor(Path(self.config_dir))
@@ -171,9 +179,14 @@ class Sd15Config:
                                 f"{latent}x{latent} latent grid of {self.resolution} px; pick another --resolution "
                                 f"(a multiple of {factor * PRESETS[preset].patch_size}) or patch")
         if min(self.records, self.draws, self.train_steps, self.batch_size, self.sample_steps, self.speed_images,
-               self.speed_steps) < 1:
-            raise SDiTError("--records, --draws, --train-steps, --batch-size, --sample-steps, --speed-images and "
-                            "--speed-steps must be at least 1")
+               self.speed_steps, self.repeats, self.warmup_steps) < 1:
+            raise SDiTError("--records, --draws, --train-steps, --batch-size, --sample-steps, --speed-images, "
+                            "--speed-steps and --repeats must be at least 1")
+        if unknown := [s for s in self.stages if s not in SD15_STAGES]:
+            raise SDiTError(f"unknown stages {unknown}; choose from: {', '.join(SD15_STAGES)}")
+        for stage in self.stages:
+            if stage in SD15_NEEDS and SD15_NEEDS[stage] not in self.stages:
+                raise SDiTError(f"--stage {stage} needs what --stage {SD15_NEEDS[stage]} makes: add it")
         check_scheduler(self.scheduler, "--scheduler")
         check_scheduler(self.synth_scheduler, "--synth-scheduler")
 

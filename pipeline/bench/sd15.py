@@ -1,28 +1,28 @@
-"""`sdit bench sd15`: every stage at Stable Diffusion 1.5's real size, and the student's sampling speed against
+"""`sdit bench sd15`: every stage at Stable Diffusion 1.5's real size, and the students' sampling speed against
 the teacher's.
 
 SD 1.5's weights cannot be downloaded here, but its architecture can be built: the teacher stage builds it with
 seeded random weights once per user, in both layouts (`pipeline.bench.sd15_teacher`), so both loading paths run at
 full size. Random weights cost what trained ones do; their outputs mean nothing but must be finite.
 
-Then, on photographs at 512 px (`photographs`), each stage runs in a child process of its own, so its peak RSS is
-its own (`pipeline.bench.sd15_stages`):
+Then, on photographs at 512 px (`photographs`), each chosen stage (`Sd15Config.stages`) runs in a child process of
+its own, so its peak RSS is its own (`pipeline.bench.sd15_stages`):
 
     encode           the single file: 4x64x64 latents, 77x768 text
-    teacher-label    the diffusers folder (the store's teacher hashes must match): K draws, perturbations on,
-                     plus `--synthesize` of the prompt bank
+    label            `teacher-label` with the diffusers folder (the store's teacher hashes must match): K draws,
+                     perturbations on, plus `--synthesize` of the prompt bank
     train            `init` + `train` of each student, with and without gradient checkpointing
     sample           the first run, with and without guidance
     eval             the first run against held-out draws
-    speed            images/s of each student's pipeline against the teacher's (same scheduler, steps, guidance,
-                     batch and noise): text encoder, denoising loop and VAE decode timed apart
-
+    speed            whole sampling runs of the teacher (guided) and each student, side by side, best of
+                     `repeats` alternating rounds after a warm-up (`pipeline.bench.sd15_speed`)
     precision        fp16 and bf16 paths against fp32 (`pipeline.bench.sd15_precision`)
     throughput       labels/s and steps/s at real batch sizes (`pipeline.bench.sd15_throughput`)
 
 For each stage: wall time (of the stage function, loading included), peak RSS, FLOPs per unit of work
-(`sdit.flops.unit_flops`: a VAE encode, a UNet forward, ...) times the units the stage ran, and so GFLOP/s
-against a 2048³ fp32 matmul measured in the same run.
+(`sdit.flops.unit_flops`: a VAE encode, a UNet forward, ...) times the units the stage ran, and GFLOP/s: those FLOPs
+over the stage's compute seconds (the time inside its models' forwards, or its training steps, or its timed
+sampling rounds: loading and I/O left out), against a 2048³ fp32 matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ CAPTIONS = ("a black and white portrait photograph of a woman in uniform",
             "a vintage studio photograph", "a portrait photo, soft light, dark background")
 PROMPT_BANK = ("a photograph of an astronaut riding a horse", "a red sports car parked by the sea",
                "a bowl of fruit on a wooden table", "a lighthouse at sunset")
-STAGES = ("teacher", "encode", "teacher-label", "train", "sample", "eval", "speed")
 
 
 # --- photographs -----------------------------------------------------------------------------------------------
@@ -81,11 +80,13 @@ def photographs(folder: Path, n: int, resolution: int) -> Path:
 
 
 def bench_sd15(config: Sd15Config, on_stage=None) -> dict:
-    """Every stage at full size in child processes, then the side-by-side sampling speed. `on_stage(name)` is
-    called as each starts. Returns {"stages": [...], "speed": {...}, "matmul_gflops", "flops", "config"}."""
+    """The teacher, then each of `config.stages` in a child process. `on_stage(name)` is called as each starts.
+    Returns {"stages": [...], "speed", "precision", "throughput" (each None when not run), "matmul_gflops",
+    "flops", "device", "config"}."""
     import torch
 
     from pipeline.bench import matmul_gflops
+    from sdit.devices import resolve_device
     from sdit.flops import unit_flops
 
     config.check()
@@ -94,57 +95,69 @@ def bench_sd15(config: Sd15Config, on_stage=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     threads = config.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    from sdit.devices import resolve_device
-
-    matmul = matmul_gflops(resolve_device(config.device))
+    device = resolve_device(config.device)
+    matmul = matmul_gflops(device)
     presets = tuple(dict.fromkeys((*config.students, *config.speed_students)))
     flops = unit_flops(config.config_dir, config.resolution, presets)
     base = {"config": asdict(config), "threads": threads, "cache": config.cache,
             "teacher_config": config.teacher_config}
-    stages = []
+    stages, outputs = [], {}
+    wanted = set(config.stages)
 
     def run(stage: str, name: str, **args) -> dict:
         on_stage(name)
-        result = _child(stage, base | args)
+        result = _child(stage, base | args, out)
         result["stage"] = name
-        result["gflop"] = stage_flops(stage, result, flops, config) / 1e9
-        result["gflops"] = result["gflop"] / result["seconds"] if result["seconds"] else None
+        result["gflop"] = stage_flops(stage, result["outputs"], flops) / 1e9
+        compute = result["outputs"].get("compute_seconds")
+        result["gflops"] = result["gflop"] / compute if result["gflop"] and compute else None
         result["of_matmul"] = result["gflops"] / matmul if result["gflops"] else None
         stages.append(result)
+        outputs[stage] = result["outputs"]
         return result
 
     teacher = run("teacher", "teacher (build or load the cache)")["outputs"]
-    base |= {"folder": teacher["folder"], "single_file": teacher["single_file"],
-             "photos": str(photographs(out / "photos", config.records, config.resolution)),
-             "prompts_file": str(_prompt_bank(out / "prompts.txt", config.prompts)), "store": str(out / "store")}
-    run("encode", f"encode {config.records} photographs (single file)")
-    run("label", f"teacher-label {config.draws} draws + synthesize {config.synthesize} (diffusers folder)")
+    base |= {"folder": teacher["folder"], "single_file": teacher["single_file"], "store": str(out / "store")}
+    if "encode" in wanted:
+        run("encode", f"encode {config.records} photographs (single file)",
+            photos=str(photographs(out / "photos", config.records, config.resolution)),
+            prompts_file=str(_prompt_bank(out / "prompts.txt", config.prompts)))
+    if "label" in wanted:
+        run("label", f"teacher-label {config.draws} draws + synthesize {config.synthesize} (diffusers folder)")
+    runs = _train(run, config, out) if "train" in wanted else {}
+    first = runs.get(config.students[0])
+    for guidance in config.sample_guidance if "sample" in wanted else ():
+        run("sample", f"sample {config.students[0]} {'guided' if guidance != 1 else 'unguided'}", run_dir=first,
+            guidance=guidance, preset=config.students[0], samples=str(out / f"samples-w{guidance:g}"))
+    if "eval" in wanted:
+        run("eval", f"eval {config.students[0]}", run_dir=first, preset=config.students[0])
+    if "speed" in wanted and config.speed_students:
+        run("speed", f"speed: {config.speed_steps}-step sampling, students against the teacher",
+            speed_runs={p: runs.get(p) or str(out / "runs" / f"speed-{p.replace('/', '-')}")
+                        for p in config.speed_students})
+    if "precision" in wanted:
+        run("precision", "precision: fp16/bf16 paths against fp32")
+    if "throughput" in wanted and config.throughput_presets:
+        run("throughput", "throughput at real batch sizes")
+    return {"stages": stages, "speed": outputs.get("speed"), "precision": outputs.get("precision"),
+            "throughput": outputs.get("throughput"), "matmul_gflops": matmul, "flops": flops,
+            "device": str(device), "config": asdict(config)}
+
+
+def _train(run, config: Sd15Config, out: Path) -> dict[str, str]:
+    """`init` + `train` of each student with and without checkpointing; the run folder of each preset's first."""
     runs = {}
     for preset in config.students:
         for checkpointing in config.checkpointing:
             tag = f"{preset.replace('/', '-')}{'-ckpt' if checkpointing else ''}"
-            name = f"init + train {preset}{' +ckpt' if checkpointing else ''}"
-            run("train", name, preset=preset, run_dir=str(out / "runs" / tag), checkpointing=checkpointing,
-                grid=False)
+            run("train", f"init + train {preset}{' +ckpt' if checkpointing else ''}", preset=preset,
+                run_dir=str(out / "runs" / tag), checkpointing=checkpointing, grid=False)
             runs.setdefault(preset, str(out / "runs" / tag))
-    first = runs[config.students[0]]
-    for guidance in config.sample_guidance:
-        run("sample", f"sample {config.students[0]} {'guided' if guidance != 1 else 'unguided'}", run_dir=first,
-            guidance=guidance, preset=config.students[0], samples=str(out / f"samples-w{guidance:g}"))
-    if config.eval:
-        run("eval", f"eval {config.students[0]}", run_dir=first, preset=config.students[0])
-    speed_runs = {p: runs.get(p) or str(out / "runs" / f"speed-{p.replace('/', '-')}") for p in config.speed_students}
-    speed = run("speed", "speed: students against the teacher", speed_runs=speed_runs) if speed_runs else None
-    precision = run("precision", "precision: fp16/bf16 paths against fp32")["outputs"] if config.precision else None
-    rates = run("throughput", "throughput at real batch sizes")["outputs"] if config.throughput_presets else None
-    return {"stages": stages, "speed": speed and speed["outputs"], "precision": precision, "throughput": rates,
-            "matmul_gflops": matmul, "flops": flops,
-            "device": config.device, "config": asdict(config)}
+    return runs
 
 
-def stage_flops(stage: str, result: dict, flops: dict, config: Sd15Config) -> float:
-    """The counted FLOPs of the work a stage reported doing."""
-    o = result["outputs"]
+def stage_flops(stage: str, o: dict, flops: dict) -> float:
+    """The counted FLOPs of the work a stage did in its compute seconds (see `sdit.flops.unit_flops`)."""
     if stage == "encode":
         return o["records"] * flops["vae_encode"] + o["texts"] * flops["text_encoder"]
     if stage == "label":
@@ -154,18 +167,21 @@ def stage_flops(stage: str, result: dict, flops: dict, config: Sd15Config) -> fl
         grid = o["grid_images"] * (o["grid_steps"] * 2 * flops[o["preset"]] + flops["vae_decode"])
         return o["steps"] * o["batch_size"] * forwards * flops[o["preset"]] + grid
     if stage == "sample":
-        per_step = (2 if o["guidance"] != 1 else 1) * flops[o["preset"]]
-        return o["images"] * (o["steps"] * per_step + flops["vae_decode"])
+        guided = 2 if o["guidance"] != 1 else 1
+        return o["images"] * (o["steps"] * guided * flops[o["preset"]] + flops["vae_decode"]
+                              + guided * flops["text_encoder"])
     if stage == "eval":
         return o["draws"] * flops[o["preset"]]
-    if stage in ("precision", "throughput"):
-        return 0.0  # not a throughput figure
     if stage == "speed":
-        n, steps = o["images"], o["steps"]
-        guided = 2 if o["guidance"] != 1 else 1
-        models = [flops["unet"]] + [flops[p] for p in o["students"]]
-        return sum(n * steps * guided * f for f in models) + n * flops["vae_decode"]
-    return 0.0
+        return o["repeats"] * sum(sampling_flops(o, name, flops) for name in o["models"])
+    return 0.0  # teacher, precision, throughput: no FLOP rate (throughput reports its own)
+
+
+def sampling_flops(speed: dict, model: str, flops: dict) -> float:
+    """FLOPs of one of the speed stage's sampling runs of `model`: text encoder, steps, VAE decode."""
+    m, n = speed["models"][model], speed["images"]
+    forward = flops["unet" if model == "sd15_unet" else model]
+    return n * (m["forwards_per_step"] * (speed["steps"] * forward + flops["text_encoder"]) + flops["vae_decode"])
 
 
 def format_sd15_table(result: dict) -> str:
@@ -177,18 +193,8 @@ def format_sd15_table(result: dict) -> str:
         rate = f"{s['gflops']:>9.1f}{s['of_matmul']:>10.2f}" if s["gflops"] else f"{'-':>9}{'-':>10}"
         lines.append(f"{s['stage']:<58}{s['seconds']:>9.1f}{s['peak_rss_mb']:>8.0f} MB{s['gflop']:>10.0f}{rate}  "
                      f"{describe_outputs(s['outputs'])}")
-    sp = result["speed"] or {"models": {}}
-    lines += [] if not result["speed"] else [
-        "", f"sampling side by side: {sp['images']} image(s) at {sp['resolution']} px, {sp['steps']} "
-              f"{sp['scheduler']} steps, guidance {sp['guidance']:g}; text encoder {sp['text_seconds']:.2f} s and "
-              f"VAE decode {sp['decode_seconds']:.1f} s, the same for every model",
-              f"{'model':<12}{'s/step':>9}{'attention':>11}{'images/s':>11}{'vs SD 1.5':>11}{'loop vs SD 1.5':>16}"
-              f"{'images/s at ' + str(sp['project_steps']) + ' steps':>24}{'vs SD 1.5':>11}"]
-    for name, m in sp["models"].items():
-        share = f"{m['attention_share']:>10.0%}" if m["attention_share"] is not None else f"{'-':>10}"
-        lines.append(f"{name:<12}{m['step_seconds']:>9.2f}{share} {m['images_per_s']:>11.4f}"
-                     f"{m['speedup']:>10.2f}x{m['loop_speedup']:>15.2f}x{m['projected_images_per_s']:>24.4f}"
-                     f"{m['projected_speedup']:>10.2f}x")
+    if result.get("speed"):
+        lines += ["", format_speed_table(result["speed"])]
     if result.get("precision"):
         lines += ["", f"{'precision path':<44}{'rel. error':>11}{'tolerance':>10}{'fp32 s':>9}{'low s':>9}  finite"]
         for name, p in result["precision"]["paths"].items():
@@ -199,6 +205,20 @@ def format_sd15_table(result: dict) -> str:
         from pipeline.bench.sd15_throughput import format_throughput_table
 
         lines += ["", format_throughput_table(result["throughput"])]
+    return "\n".join(lines)
+
+
+def format_speed_table(sp: dict) -> str:
+    lines = [f"whole sampling runs side by side: {sp['images']} image(s) at {sp['resolution']} px, {sp['steps']} "
+             f"{sp['scheduler']} steps, guidance {sp['guidance']:g} (text encoder, denoising loop, VAE decode); "
+             f"fastest of {sp['repeats']} alternating rounds after a {sp['warmup_steps']}-step warm-up",
+             f"{'model':<12}{'s/run':>9}{'median':>9}{'loop s':>9}{'s/step':>9}{'attention':>11}{'images/s':>11}"
+             f"{'vs SD 1.5':>11}{'loop vs SD 1.5':>16}"]
+    for name, m in sp["models"].items():
+        share = f"{m['attention_share']:>11.0%}" if m["attention_share"] is not None else f"{'-':>11}"
+        lines.append(f"{name:<12}{m['seconds']:>9.2f}{m['median_seconds']:>9.2f}{m['loop_seconds']:>9.2f}"
+                     f"{m['step_seconds']:>9.3f}{share}{m['images_per_s']:>11.4f}{m['speedup']:>10.2f}x"
+                     f"{m['loop_speedup']:>15.2f}x")
     return "\n".join(lines)
 
 
@@ -219,12 +239,12 @@ def describe_outputs(o: dict) -> str:
     if "losses" in o:
         return (f"{o['steps']} steps at batch {o['batch_size']}: {o['steps_per_s']:.3f} steps/s, losses "
                 f"{', '.join(f'{v:.3f}' for v in o['losses'])}{'' if o['finite'] else ' NOT FINITE'}")
-    if "image_shape" in o and "models" not in o:
+    if "image_shape" in o:
         return f"image {'x'.join(map(str, o['image_shape']))}, pixel std {o['image_std']:.1f}"
     if "mse" in o:
         return f"MSE to the teacher {o['mse']:.4f} on {o['draws']} held-out draws"
     if "models" in o:
-        return f"images {'x'.join(map(str, o['image_shape']))}"
+        return f"{len(o['models'])} models, {o['repeats']} rounds of {o['steps']} steps"
     return ""
 
 
@@ -233,11 +253,14 @@ def _prompt_bank(path: Path, n: int) -> Path:
     return path
 
 
-def _child(stage: str, args: dict) -> dict:
+def _child(stage: str, args: dict, out: Path) -> dict:
+    """Run one stage in a child process; a failure's whole stderr is kept in `out`/STAGE.stderr."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.bench.sd15_stages", stage, json.dumps(args)],
                           capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
     if proc.returncode:
+        (out / f"{stage}.stderr").write_text(proc.stderr)
         lines = proc.stderr.strip().splitlines()
-        raise SDiTError(f"bench sd15: the {stage} stage failed: {lines[-1] if lines else proc.returncode}")
+        raise SDiTError(f"bench sd15: the {stage} stage failed: {lines[-1] if lines else proc.returncode} (its "
+                        f"output: {out / f'{stage}.stderr'})")
     return json.loads(proc.stdout.strip().splitlines()[-1])

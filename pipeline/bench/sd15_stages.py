@@ -16,9 +16,10 @@ import numpy as np
 from pipeline.bench.config import Sd15Config
 from pipeline.bench.sd15 import PROMPT_BANK
 from pipeline.bench.sd15_precision import precision_paths
+from pipeline.bench.sd15_speed import sampling_speed
 from pipeline.bench.sd15_teacher import random_teacher
 from pipeline.bench.sd15_throughput import throughput
-from pipeline.bench.timing import timed
+from pipeline.bench.timing import compute_clock
 from sdit.config import vae_factor
 
 
@@ -44,12 +45,14 @@ def _stage_teacher(a: dict, c: Sd15Config) -> dict:
 def _stage_encode(a: dict, c: Sd15Config) -> dict:
     from pipeline.encode import EncodeConfig, encode
 
-    summary = encode(EncodeConfig(source=a["photos"], teacher=a["single_file"], teacher_config=a["teacher_config"],
-                                  out=a["store"], prompts=a["prompts_file"], resolution=c.resolution,
-                                  batch_size=min(c.records, 32), device=c.device, dtype=c.dtype, overwrite=True,
-                                  threads=a["threads"]))
+    with compute_clock(_device(c)) as clock:
+        summary = encode(EncodeConfig(source=a["photos"], teacher=a["single_file"], teacher_config=a["teacher_config"],
+                                      out=a["store"], prompts=a["prompts_file"], resolution=c.resolution,
+                                      batch_size=min(c.records, 32), device=c.device, dtype=c.dtype, overwrite=True,
+                                      threads=a["threads"]))
     outputs = _store_outputs(a["store"], "records", ("latents", "text_emb"))
-    return outputs | {"records": summary.records, "texts": summary.records + c.prompts + 1}
+    return outputs | {"records": summary.records, "texts": summary.records + c.prompts + 1,
+                      "compute_seconds": clock.seconds}
 
 
 def _stage_label(a: dict, c: Sd15Config) -> dict:
@@ -58,16 +61,17 @@ def _stage_label(a: dict, c: Sd15Config) -> dict:
 
     synthesis = SynthesisConfig(samples=c.synthesize, steps=c.synth_steps, scheduler=c.synth_scheduler,
                                 guidance=c.guidance) if c.synthesize else None
-    counts = label(LabelConfig(store=a["store"], teacher=a["folder"], draws=c.draws,
-                               batch_size=min(c.records, c.label_batch), device=c.device, dtype=c.dtype,
-                               synthesis=synthesis, overwrite=True, threads=a["threads"]))
+    with compute_clock(_device(c)) as clock:
+        counts = label(LabelConfig(store=a["store"], teacher=a["folder"], draws=c.draws,
+                                   batch_size=min(c.records, c.label_batch), device=c.device, dtype=c.dtype,
+                                   synthesis=synthesis, overwrite=True, threads=a["threads"]))
     outputs = _store_outputs(a["store"], "labels/default", ("eps_teacher", "noise"))
     if c.synthesize:
         outputs["synthetic"] = _store_outputs(a["store"], "synthetic", ("latents",))
     kinds = counts["kinds"]
     return outputs | {"draws": counts["draws"], "kinds": kinds, "dropped": counts["dropped"],
                       "teacher_forwards": counts["teacher_forwards"]["total"],
-                      "bytes_per_draw": counts["bytes_per_draw"]}
+                      "bytes_per_draw": counts["bytes_per_draw"], "compute_seconds": clock.seconds}
 
 
 def _stage_train(a: dict, c: Sd15Config) -> dict:
@@ -89,10 +93,13 @@ def _stage_train(a: dict, c: Sd15Config) -> dict:
                                 sample_prompts=grid, sample_steps=1, device=c.device, threads=a["threads"]),
                     make_run=make_run)
     metrics = [json.loads(line) for line in (Path(a["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    # each step's own seconds, as the trainer logs them: checkpoints, sample grids and evaluations left out
+    step_seconds = sum(c.batch_size / m["samples_per_s"] for m in metrics)
     return timings | {"preset": a["preset"], "checkpointing": a["checkpointing"], "steps": summary["steps"],
                       "batch_size": c.batch_size, "train_seconds": summary["seconds"],
-                      "steps_per_s": summary["steps_per_s"], "losses": [m["loss"] for m in metrics],
-                      "finite": all(np.isfinite(m["loss"]) for m in metrics), "grid_images": grid, "grid_steps": 1}
+                      "steps_per_s": summary["steps"] / step_seconds, "losses": [m["loss"] for m in metrics],
+                      "finite": all(np.isfinite(m["loss"]) for m in metrics), "grid_images": grid, "grid_steps": 1,
+                      "compute_seconds": step_seconds}
 
 
 def _stage_sample(a: dict, c: Sd15Config) -> dict:
@@ -100,83 +107,29 @@ def _stage_sample(a: dict, c: Sd15Config) -> dict:
 
     from pipeline.sample import SampleConfig, sample
 
-    summary = sample(SampleConfig(run=a["run_dir"], out=a["samples"], prompts=(PROMPT_BANK[0],), num_images=1,
-                                  height=c.resolution, width=c.resolution, steps=c.sample_steps,
-                                  guidance=a["guidance"], scheduler=c.scheduler, batch_size=1, device=c.device,
-                                  dtype=c.dtype))
+    with compute_clock(_device(c)) as clock:
+        summary = sample(SampleConfig(run=a["run_dir"], out=a["samples"], prompts=(PROMPT_BANK[0],), num_images=1,
+                                      height=c.resolution, width=c.resolution, steps=c.sample_steps,
+                                      guidance=a["guidance"], scheduler=c.scheduler, batch_size=1, device=c.device,
+                                      dtype=c.dtype))
     image = np.asarray(Image.open(next(Path(a["samples"], "student").glob("*.png"))))
     return {"preset": a["preset"], "images": summary.images, "steps": c.sample_steps, "guidance": a["guidance"],
-            "image_shape": list(image.shape), "image_std": float(image.std())}
+            "image_shape": list(image.shape), "image_std": float(image.std()), "compute_seconds": clock.seconds}
 
 
 def _stage_eval(a: dict, c: Sd15Config) -> dict:
     from pipeline.evaluate import EvalConfig, evaluate
 
-    result = evaluate(EvalConfig(run=a["run_dir"], store=a["store"], device=c.device))
+    with compute_clock(_device(c)) as clock:
+        result = evaluate(EvalConfig(run=a["run_dir"], store=a["store"], device=c.device))
     agreement = result["teacher_agreement"]
     return {"preset": a["preset"], "draws": agreement["draws"], "mse": agreement["mse"],
-            "finite": agreement["mse"] is not None and bool(np.isfinite(agreement["mse"]))}
+            "finite": agreement["mse"] is not None and bool(np.isfinite(agreement["mse"])),
+            "compute_seconds": clock.seconds}
 
 
 def _stage_speed(a: dict, c: Sd15Config) -> dict:
-    """Each model's denoising loop on the same noise, text, scheduler, steps and guidance (profiled, for the share
-    of attention), then the text encoder and the VAE decode once: both pipelines run the same CLIP and VAE."""
-    import torch
-
-    from pipeline.init import InitConfig, init
-    from sdit.devices import resolve_device, resolve_dtype
-    from sdit.pipeline_sdit import load_pipeline
-    from sdit.sampling import decode, denoise, initial_noise, make_scheduler, teacher_eps
-    from sdit.teacher import load_teacher
-    from sdit.text import encode_text
-
-    device = resolve_device(c.device)
-    dtype = resolve_dtype(c.dtype, device)
-    teacher = load_teacher(a["folder"], device=device, dtype=dtype)
-    factor, channels = vae_factor(Path(c.config_dir))
-    n, latent = c.speed_images, c.resolution // factor
-    prompts = [PROMPT_BANK[i % len(PROMPT_BANK)] for i in range(n)]
-    noise = initial_noise((channels, latent, latent), [torch.Generator().manual_seed(i) for i in range(n)], device)
-
-    with torch.no_grad():
-        (text, null), text_seconds = timed(lambda: (encode_text(teacher.tokenizer, teacher.text_encoder, prompts,
-                                                                device),
-                                                    encode_text(teacher.tokenizer, teacher.text_encoder, [""] * n,
-                                                                device)), device)
-
-    def loop(eps_model) -> dict:
-        scheduler = make_scheduler(c.scheduler, teacher.scheduler_config)
-        run = lambda: denoise(eps_model, scheduler, noise, text, null, c.speed_steps, c.guidance)  # noqa: E731
-        if device.type == "cuda":  # the CPU profiler's view of a GPU run says nothing about its kernels
-            latents, seconds = timed(run, device)
-            return {"latents": latents, "loop_seconds": seconds, "step_seconds": seconds / c.speed_steps,
-                    "attention_share": None}
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            latents, seconds = timed(run, device)
-        return {"latents": latents, "loop_seconds": seconds, "step_seconds": seconds / c.speed_steps,
-                "attention_share": _attention_share(prof)}
-
-    models = {"sd15_unet": loop(teacher_eps(teacher.unet))}
-    for preset, run in a["speed_runs"].items():
-        if not (Path(run) / "sdit_run.json").exists():
-            init(InitConfig(teacher=a["folder"], student=preset, out=run))
-        pipe = load_pipeline(run, device, dtype)
-        models[preset] = loop(pipe.eps_model(c.guidance))
-        del pipe
-    images, decode_seconds = timed(lambda: decode(teacher.vae, models["sd15_unet"].pop("latents")), device)
-    for m in models.values():
-        m.pop("latents", None)
-        m["images_per_s"] = n / (text_seconds + m["loop_seconds"] + decode_seconds)
-        m["projected_images_per_s"] = n / (text_seconds + c.project_steps * m["step_seconds"] + decode_seconds)
-    unet = models["sd15_unet"]
-    for m in models.values():
-        m["speedup"] = m["images_per_s"] / unet["images_per_s"]
-        m["loop_speedup"] = unet["loop_seconds"] / m["loop_seconds"]
-        m["projected_speedup"] = m["projected_images_per_s"] / unet["projected_images_per_s"]
-    return {"images": n, "steps": c.speed_steps, "guidance": c.guidance, "scheduler": c.scheduler,
-            "resolution": c.resolution, "students": list(a["speed_runs"]), "text_seconds": text_seconds,
-            "decode_seconds": decode_seconds, "project_steps": c.project_steps, "models": models,
-            "image_shape": list(images.shape)}
+    return sampling_speed(a["folder"], a["speed_runs"], c)
 
 
 def _stage_throughput(a: dict, c: Sd15Config) -> dict:
@@ -191,14 +144,10 @@ def _stage_precision(a: dict, c: Sd15Config) -> dict:
     return {"paths": precision_paths(a["folder"], Path(c.config_dir), c.students, latent, c.fp16_latent)}
 
 
-def _attention_share(prof) -> float:
-    """The share of self CPU time spent in attention kernels (SDPA and its math path's pieces)."""
-    total = attention = 0.0
-    for event in prof.key_averages():
-        total += event.self_cpu_time_total
-        if "attention" in event.key or "_softmax" in event.key or event.key == "aten::softmax":
-            attention += event.self_cpu_time_total
-    return attention / total if total else 0.0
+def _device(c: Sd15Config):
+    from sdit.devices import resolve_device
+
+    return resolve_device(c.device)
 
 
 def _store_outputs(store: str, group: str, arrays: tuple[str, ...]) -> dict:

@@ -10,10 +10,24 @@ from pathlib import Path
 from pipeline.bench.timing import timed
 from sdit.config import vae_factor
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (a multiply-add = 2), by device name.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
-                   "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0,
-                   "RTX 3090": 71.0, "V100": 125.0}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s (a multiply-add = 2), by the
+# exact name torch.cuda.get_device_name reports. The sheets print the sparse figure, twice these.
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+}
+
+
+def sheet_peak(name: str) -> float | None:
+    """The data sheet's dense bf16 peak of the device torch names `name`, TFLOP/s; None for a name not in the
+    table (a variant's name is never guessed from another's)."""
+    return GPU_PEAK_TFLOPS.get(name)
 
 
 def peak_tflops(device) -> tuple[float | None, float]:
@@ -23,8 +37,7 @@ def peak_tflops(device) -> tuple[float | None, float]:
 
     from pipeline.bench import matmul_gflops
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    sheet = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    sheet = sheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     n = 8192 if device.type == "cuda" else 1024
     return sheet, matmul_gflops(device, n, dtype=torch.bfloat16) / 1000
 
@@ -128,15 +141,18 @@ def random_batch(b: int, channels: int, latent: int, text_dim: int):
 
 
 def format_throughput_table(t: dict) -> str:
-    peak = t["peak_tflops_sheet"] or t["peak_tflops_matmul"]
-    lines = [f"throughput on {t['device']}: bf16 matmul {t['peak_tflops_matmul']:.1f} TFLOP/s measured, data sheet "
-             f"{t['peak_tflops_sheet'] or '-'} TFLOP/s; labels in {t['teacher_dtype']}, training in bf16 autocast",
-             f"{'model':<20}{'px':>5}{'batch':>6}{'per s':>10}{'peak GB':>9}{'TFLOP/s':>9}{'of peak':>9}"]
+    sheet, matmul = t["peak_tflops_sheet"], t["peak_tflops_matmul"]
+    lines = [f"throughput on {t['device']}: bf16 matmul {matmul:.1f} TFLOP/s measured, data sheet's dense bf16 "
+             f"{'-' if sheet is None else f'{sheet:g}'} TFLOP/s; labels in {t['teacher_dtype']}, training in bf16 "
+             f"autocast; TFLOP/s over the timed calls only",
+             f"{'model':<20}{'px':>5}{'batch':>6}{'per s':>10}{'peak GB':>9}{'TFLOP/s':>9}{'of matmul':>10}"
+             f"{'of peak':>9}"]
     for r in t["rows"]:
         what = "labels/s" if "labels" in r["model"] else "steps/s"
         if r["seconds"] is None:
             lines.append(f"{r['model']:<20}{r['resolution']:>5}  out of memory at batch 1")
             continue
+        of_peak = f"{r['tflops'] / sheet:>9.1%}" if sheet else f"{'-':>9}"
         lines.append(f"{r['model']:<20}{r['resolution']:>5}{r['batch']:>6}{r['per_s']:>10.2f}{r['peak_gb']:>9.1f}"
-                     f"{r['tflops']:>9.2f}{r['tflops'] / peak:>9.1%}  {what}")
+                     f"{r['tflops']:>9.2f}{r['tflops'] / matmul:>10.1%}{of_peak}  {what}")
     return "\n".join(lines)

@@ -9,14 +9,15 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.bench import write_json
 from pipeline.bench.config import Sd15Config
-from pipeline.bench.sd15 import bench_sd15, format_sd15_table, photographs
+from pipeline.bench.sd15 import bench_sd15, format_sd15_table, photographs, sampling_flops, stage_flops
 from pipeline.bench.sd15_precision import TOLERANCES, precision_paths
 from pipeline.bench.sd15_teacher import random_teacher
 from sdit.errors import SDiTError
 from sdit.teacher import SD15_CONFIG_DIR, check_shapes, expected_shapes, load_teacher
 
 runner = CliRunner()
-TINY = dict(resolution=64, students=("SDiT-Nano/2",), speed_students=("SDiT-Nano/2",), threads=1)
+TINY = dict(resolution=64, students=("SDiT-Nano/2",), speed_students=("SDiT-Nano/2",), threads=1, speed_steps=2,
+            repeats=2)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,21 @@ def test_bench_sd15_reports_every_stage_at_tiny_size(tiny_configs, tmp_path):
     assert [s["guidance"] for s in samples] == [7.5, 1.0] and all(s["image_shape"] == [64, 64, 3] for s in samples)
     speed = result["speed"]["models"]
     assert set(speed) == {"sd15_unet", "SDiT-Nano/2"} and speed["sd15_unet"]["speedup"] == 1.0
-    assert all(m["images_per_s"] > 0 and 0 <= m["attention_share"] < 1 for m in speed.values())
+    for m in speed.values():  # the fastest of 2 timed rounds, each a whole 2-step run
+        assert len(m["rounds_seconds"]) == 2 and m["seconds"] == min(m["rounds_seconds"]) > 0
+        assert m["text_seconds"] + m["loop_seconds"] + m["decode_seconds"] <= m["seconds"]
+        assert m["images_per_s"] == 1 / m["seconds"] and 0 <= m["attention_share"] < 1
+    student = speed["SDiT-Nano/2"]
+    assert student["speedup"] == speed["sd15_unet"]["seconds"] / student["seconds"]
+    assert student["forwards_per_step"] == speed["sd15_unet"]["forwards_per_step"] == 2
+    timed = next(s for s in result["stages"] if s["stage"].startswith("speed"))
+    assert timed["outputs"]["compute_seconds"] == pytest.approx(sum(sum(m["rounds_seconds"]) for m in speed.values()))
+    for s in compute:  # FLOP rates over compute seconds: loading and I/O left out
+        assert 0 < s["outputs"]["compute_seconds"] < s["seconds"]
+        assert s["gflops"] == pytest.approx(s["gflop"] / s["outputs"]["compute_seconds"])
     assert all(p["ok"] for p in result["precision"]["paths"].values())
     table = format_sd15_table(result)
-    assert "sampling side by side" in table and "precision path" in table
+    assert "whole sampling runs side by side" in table and "precision path" in table
     write_json(result, tmp_path / "b.json")
     assert json.loads((tmp_path / "b.json").read_text())["stages"][0]["stage"].startswith("teacher")
 
@@ -104,14 +116,16 @@ def test_the_gpu_check_runs_on_cpu_at_tiny_size(tiny_configs, tmp_path):
     assert [(r["model"], r["resolution"]) for r in t["rows"]] == [
         ("sd15_unet labels", 64), ("sd15_unet labels", 128), ("SDiT-Nano/2", 64), ("SDiT-Nano/2", 128)]
     assert all(r["per_s"] > 0 and r["tflops"] > 0 and r["peak_gb"] > 0 for r in t["rows"])
-    assert t["peak_tflops_matmul"] > 0 and "labels/s" in format_throughput_table(t)
-    assert config.throughput_presets == ()  # not on CPU by default
+    assert t["peak_tflops_matmul"] > 0 and t["peak_tflops_sheet"] is None and "labels/s" in format_throughput_table(t)
+    assert "throughput" not in config.stages  # not on CPU by default
 
 
 def test_the_gpu_profile_runs_every_preset_at_real_batch_sizes():
     gpu = Sd15Config.for_device("cuda", records=64)
     assert gpu.records == 64 and gpu.device == "cuda" and gpu.batch_size == 32
-    assert gpu.throughput_presets == ("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")
+    assert gpu.throughput_presets == gpu.speed_students == ("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")
+    assert "throughput" in gpu.stages and "precision" not in gpu.stages
+    assert gpu.speed_steps == 25 and gpu.repeats == 3  # the ratios come from timed 25-step runs, fastest of 3
     assert gpu.throughput_resolutions == (256, 512) and len(gpu.train_batches) == 2
     gpu.check()
     assert Sd15Config.for_device("cpu") == Sd15Config(device="cpu")
@@ -148,6 +162,28 @@ def test_bench_sd15_refuses_sizes_it_cannot_run_in_one_line(args, message, tmp_p
     result = runner.invoke(app, ["bench", "sd15", "--out", str(tmp_path / "b"), *args])
     assert result.exit_code == 2 and message in result.output and len(result.output.splitlines()) == 1
     assert not (tmp_path / "b").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "sample"], "--stage sample needs what --stage train makes: add it"),
+    (["--stage", "train", "--stage", "encode"], "--stage train needs what --stage label makes: add it"),
+    (["--stage", "timing"], "unknown stages ['timing']; choose from: encode, label, train"),
+])
+def test_bench_sd15_refuses_stages_without_what_they_need_in_one_line(args, message, tmp_path):
+    result = runner.invoke(app, ["bench", "sd15", "--out", str(tmp_path / "b"), *args])
+    assert result.exit_code == 2 and message in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_speed_stage_counts_every_timed_run():
+    """Hand count: per run, each image's text encodes (2 with guidance), steps x forwards and one decode."""
+    flops = {"unet": 100.0, "SDiT-S/2": 10.0, "text_encoder": 3.0, "vae_decode": 50.0}
+    speed = {"images": 2, "steps": 5, "repeats": 3, "models": {"sd15_unet": {"forwards_per_step": 2},
+                                                               "SDiT-S/2": {"forwards_per_step": 1}}}
+    teacher = 2 * (5 * 2 * 100 + 2 * 3 + 50)  # 2112
+    student = 2 * (5 * 1 * 10 + 1 * 3 + 50)  # 206
+    assert sampling_flops(speed, "sd15_unet", flops) == teacher and sampling_flops(speed, "SDiT-S/2", flops) == student
+    assert stage_flops("speed", speed, flops) == 3 * (teacher + student)
 
 
 def test_encode_refuses_a_resolution_the_vae_cannot_divide(tiny_single_file, tmp_path):
@@ -194,7 +230,7 @@ def test_sd15_at_full_size_end_to_end(tmp_path):
     draw with the diffusers folder, train SDiT-S/2 one step, sample one step."""
     config = Sd15Config(out=str(tmp_path / "bench"), records=1, draws=1, synthesize=0, students=("SDiT-S/2",),
                         checkpointing=(False,), train_steps=1, batch_size=1, sample_steps=1, sample_guidance=(7.5,),
-                        speed_students=(), precision=False, eval=False, threads=os.cpu_count())
+                        stages=("encode", "label", "train", "sample"), threads=os.cpu_count())
     result = bench_sd15(config)
     stages = {s["stage"].split(" ")[0]: s["outputs"] for s in result["stages"]}
     assert stages["encode"]["latents"]["shape"] == [1, 4, 64, 64] and stages["encode"]["latents"]["finite"]
