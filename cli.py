@@ -316,7 +316,7 @@ def train(
     sample_prompts: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=0, help="Captions in a sample grid (the store's first); 0: no grids.")] = TrainConfig.sample_prompts,
     eval_every: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=0, help="Steps between evaluations of the EMA student on held-out draws (needs --holdout), logged to metrics.jsonl and the loss plot; 0: never.")] = TrainConfig.eval_every,
     eval_draws: Annotated[int, typer.Option(rich_help_panel=MONITOR, min=1, help="Held-out draws per evaluation (the same ones each time).")] = TrainConfig.eval_draws,
-    eval_clip: Annotated[Optional[str], typer.Option(rich_help_panel=MONITOR, help="A transformers CLIPModel folder on local disk: each evaluation also gives the CLIP score of the EMA student's samples of the sample captions.")] = None,
+    eval_clip: Annotated[Optional[str], typer.Option(rich_help_panel=MONITOR, help="A CLIP model on local disk (a transformers CLIPModel folder, or an open_clip folder with open_clip_config.json): each evaluation also gives the CLIP score (torchmetrics' convention) of the EMA student's samples of the sample captions.")] = None,
     log: Annotated[str, typer.Option(rich_help_panel=MONITOR, help="jsonl (metrics.jsonl), or tensorboard: also event files in RUN/tensorboard (losses, lr, throughput, evaluations, sample grids).")] = TrainConfig.log,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", rich_help_panel=HARDWARE, help="Recompute activations in the backward pass: less memory, ~30% slower.")] = False,
     dtype: Annotated[str, typer.Option(rich_help_panel=HARDWARE, help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")] = TrainConfig.precision,

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from sdit import fid
+from sdit.clip import clip_score
 from sdit.errors import SDiTError
 from sdit.files import replace_text
 from sdit.progress import Progress, no_progress
@@ -162,10 +163,10 @@ def measure(config: EvalConfig, prompts: Prompts, out: Path, model: str, extract
                                                               config.fid_resize) for im in batch])))
         if clip is not None:
             captions = [prompts.texts[(start + k) % len(prompts.texts)] for k in range(len(batch))]
-            scores.append(clip.score([Image.fromarray(im) for im in batch], captions))
+            scores.append(clip.cosines([Image.fromarray(im) for im in batch], captions))
         progress(len(batch))
     return Measures(sums.stats() if sums is not None else None,
-                    float(np.concatenate(scores).mean()) if scores else None)
+                    clip_score(np.concatenate(scores), "torchmetrics") if scores else None)
 
 
 def reference(config: EvalConfig, extractor: fid.Extractor, fid_size: int, progress: Progress = no_progress,
@@ -233,13 +234,13 @@ def reference_clip(location: str, n: int, clip: Clip, batch_size: int = 16) -> f
         captions.append(item.caption)
         taken += 1
         if len(images) == batch_size:
-            scores.append(clip.score(images, captions))
+            scores.append(clip.cosines(images, captions))
             images, captions = [], []
     if images:
-        scores.append(clip.score(images, captions))
+        scores.append(clip.cosines(images, captions))
     if not scores:
         raise SDiTError(f"{location} has no readable images with captions to score as a reference")
-    return float(np.concatenate(scores).mean())
+    return clip_score(np.concatenate(scores), "torchmetrics")
 
 
 def fid_figures(measures: dict[str, Measures], ref: fid.Reference, extractor: fid.Extractor, size: int,

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.config import TrainConfig
 from sdit.agreement import agreement
+from sdit.clip import clip_score
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
 from sdit.files import replace_text, replacing
@@ -74,8 +75,9 @@ class Monitor:
                    "eval_draws": result["draws"]}
         if c.eval_clip:
             images, captions = self.sample_images(ema)
-            figures["eval_clip_score"] = float(self.clip().score([Image.fromarray(im) for im in images],
-                                                                 captions).mean())
+            cosines = self.clip().cosines([Image.fromarray(im) for im in images], captions)
+            figures["eval_clip_score"] = clip_score(cosines, "torchmetrics")
+            figures["eval_clip_convention"] = "torchmetrics"
         return figures
 
     def clip(self):

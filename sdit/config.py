@@ -25,6 +25,9 @@ DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's default CFG scale
 DEFAULT_SCHEDULER = "ddim"  # what `sdit sample` and `sdit eval` use, and what a run folder saves
 DEVICES = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# How a CLIP score averages its cosines: torchmetrics' CLIPScore (100 × the mean cosine, clamped at 0) or BK-SDM's
+# evaluation script (the mean raw cosine).
+CLIP_SCORES = ("torchmetrics", "bk-sdm")
 
 
 SCHEDULERS = {

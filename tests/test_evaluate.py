@@ -3,11 +3,10 @@ stand-in extractor, the CLIP score from a local model, the teacher beside the st
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import SAMPLES, new_run
 from pipeline.encode import EncodeConfig, encode
-from pipeline.evaluate import EvalConfig, evaluate, format_eval, load_clip
+from pipeline.evaluate import EvalConfig, evaluate, format_eval
 from pipeline.label import LabelConfig, label
 from sdit.errors import SDiTError
 from sdit.loader import Split
@@ -111,8 +110,12 @@ def test_errors(run, tiny_teacher, store, tmp_path):
         evaluate(EvalConfig(run=str(run), prompts=str(tmp_path / "p.txt"), fid_inception=str(tmp_path / "i.pt")))
     with pytest.raises(SDiTError, match="--fid-stats needs --fid-inception"):
         evaluate(EvalConfig(run=str(run), prompts=str(tmp_path / "p.txt"), fid_stats=str(tmp_path / "s.npz")))
-    with pytest.raises(SDiTError, match="--fid-resize 'area'"):
-        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_resize="area"))
+    with pytest.raises(SDiTError, match="--fid-protocol 'legacy': choose one of bk-sdm, clean, tf"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_protocol="legacy"))
+    with pytest.raises(SDiTError, match="--fid-stats-protocol 'pytorch-fid': choose one of"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_stats_protocol="pytorch-fid"))
+    with pytest.raises(SDiTError, match="--clip-score 'openai': choose one of torchmetrics, bk-sdm"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), clip_score="openai"))
     with pytest.raises(SDiTError, match="--fid-inception .*no such file; FID needs .*inception-2015-12-05.pt"):
         evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_inception=str(tmp_path / "i.pt")))
 
@@ -121,41 +124,15 @@ def test_clip_score_from_a_local_model(run, store, clip_folder, tmp_path):
     result = evaluate(EvalConfig(run=str(run), store=str(store), limit=4, clip_model=str(clip_folder),
                                  references=str(SAMPLES), num=3, steps=2, sample_batch_size=2, out=str(tmp_path / "s")))
     clip = result["clip_score"]
-    assert 0 <= clip["student"] <= 100 and 0 <= clip["references"] <= 100
+    assert (clip["convention"], clip["protocol"], clip["images"], clip["size"]) == ("bk-sdm", "bk-sdm", "fitted", 256)
+    assert -1 <= clip["student"] <= 1 and -1 <= clip["references"] <= 1  # BK-SDM's: the mean raw cosine
     assert result["samples"]["num"] == 3 and result["teacher_agreement"]["draws"] == 4
+    again = evaluate(EvalConfig(run=str(run), clip_model=str(clip_folder), clip_score="torchmetrics",
+                                references=str(SAMPLES), num=3, steps=2, sample_batch_size=2, out=str(tmp_path / "s")))
+    assert again["samples"]["sampled_now"] == 0 and again["clip_score"]["convention"] == "torchmetrics"
+    for key in ("student", "references"):  # the same images and cosines: 100 × the mean, clamped at 0
+        assert again["clip_score"][key] == pytest.approx(100 * max(clip[key], 0), abs=1e-9)
     assert "CLIP score" in format_eval(result) and "reference images against their captions" in format_eval(result)
-
-
-# CLIP's pixel normalisation (OpenAI's mean and standard deviation per channel).
-CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
-
-
-def test_the_clip_score_is_100_times_the_cosine_clamped_at_0(clip_folder):
-    """The score of each image against its caption is 100 * max(cos, 0) of the model's embeddings, computed here:
-    pixels normalised by hand (32x32 images, which the processor's resize and crop leave as they are), each
-    caption tokenised alone. Negating the text projection flips every cosine's sign: the scores that were
-    positive become 0 and the others 100 * |cos|."""
-    from PIL import Image
-    from transformers import CLIPModel, CLIPTokenizer
-
-    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-    captions = ["a red circle", "a blue square on a white background", "a green star"]
-    model = CLIPModel.from_pretrained(clip_folder).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
-    x = torch.from_numpy((pixels / 255 - CLIP_MEAN) / CLIP_STD).permute(0, 3, 1, 2).float()  # (3, 3, 32, 32)
-    with torch.no_grad():
-        img = [model.get_image_features(pixel_values=x[i:i + 1]) for i in range(3)]
-        txt = [model.get_text_features(input_ids=torch.tensor([tokenizer(c)["input_ids"]])) for c in captions]
-    img, txt = ([getattr(f, "pooler_output", f)[0].double().numpy() for f in fs] for fs in (img, txt))
-    cos = np.array([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(img, txt)])
-    assert np.all(np.abs(cos) > 1e-4)  # every score tells a clamped cosine from a kept one
-
-    clip = load_clip(clip_folder, torch.device("cpu"))
-    images = [Image.fromarray(p) for p in pixels]
-    np.testing.assert_allclose(clip.score(images, captions), 100 * np.maximum(cos, 0), atol=1e-4)
-    with torch.no_grad():
-        clip.model.text_projection.weight.neg_()
-    np.testing.assert_allclose(clip.score(images, captions), 100 * np.maximum(-cos, 0), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -182,18 +159,6 @@ def test_samples_are_resumed_and_their_settings_checked(run, tiny_teacher, tmp_p
     assert (out / "teacher" / "000001.png").read_bytes() == lost  # the same image again
     with pytest.raises(SDiTError, match="holds samples made with other settings \\(steps 2 -> 3\\)"):
         evaluate(replace(config, steps=3))
-
-
-def test_a_missing_clip_file_is_named(clip_folder, tmp_path):
-    import shutil
-
-    broken = tmp_path / "clip"
-    shutil.copytree(clip_folder, broken)
-    (broken / "preprocessor_config.json").unlink()
-    with pytest.raises(SDiTError, match="lacks preprocessor_config.json"):
-        load_clip(broken, torch.device("cpu"))
-    with pytest.raises(SDiTError, match="CLIP model folder not found"):
-        load_clip(tmp_path / "nope", torch.device("cpu"))
 
 
 def test_the_command(run, store, tmp_path):
@@ -244,9 +209,9 @@ def test_the_protocol_on_the_shapes_world_beside_the_teacher(clip_folder, tmp_pa
     figures = json.loads((tmp_path / "e.json").read_text())
     f, c, s = figures["fid"], figures["clip_score"], figures["samples"]
     assert f["student"] > 0 and f["teacher"] > 0 and f["student_vs_teacher"] > 0
-    assert f["reference"]["images"] == 24 and not f["reference"]["cached"] and f["size"] == 64
-    assert f["resize"] == "legacy" and f["extractor"]["features"] == 256
-    assert 0 <= c["student"] <= 100 and 0 <= c["teacher"] <= 100
+    assert f["reference"]["images"] == 24 and not f["reference"]["cached"] and f["size"] == 256
+    assert f["protocol"] == f["reference"]["protocol"] == "bk-sdm" and f["extractor"]["features"] == 256
+    assert -1 <= c["student"] <= 1 and -1 <= c["teacher"] <= 1 and c["convention"] == "bk-sdm"
     assert figures["teacher_agreement"]["draws"] > 0
     assert (s["num"], s["height"], s["steps"], s["guidance"], s["seeds"], s["batch_size"]) == (8, 64, 3, 3.0, [0, 7], 4)
     assert "FID" in result.output and "CLIP score" in result.output and "teacher agreement" in result.output
