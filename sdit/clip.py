@@ -143,7 +143,7 @@ def load_open_clip(path: Path, device: torch.device) -> Clip:
     model_cfg, preprocess = raw.get("model_cfg", raw), raw.get("preprocess_cfg", {})
     config = open_clip_config(model_cfg)
     state = convert_open_clip(_read_state(weights), config)
-    model = CLIPModel.from_pretrained(None, config=config, state_dict=state).to(device).eval()
+    model = CLIPModel.from_pretrained(None, config=config, state_dict=state).float().to(device).eval()  # as open_clip
     has_tokenizer = any(all((folder / n).is_file() for n in names) for names in CLIP_TOKENIZER)
     tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else SD15_CONFIG_DIR / "tokenizer",
                                               local_files_only=True)

@@ -187,6 +187,13 @@ def test_an_open_clip_checkpoint_scores_as_open_clip_would(tmp_path):
     assert m.logit_scale.item() == pytest.approx(4.6)
     by_file = load_clip(folder / "open_clip_pytorch_model.bin", torch.device("cpu"))
     np.testing.assert_allclose(by_file.cosines(images, CAPTIONS), expected, atol=1e-5)
+    from safetensors.torch import save_file
+
+    (folder / "open_clip_pytorch_model.bin").unlink()
+    save_file({k: v.half() for k, v in state.items()}, folder / "open_clip_model.safetensors")  # read back as fp32
+    half = load_clip(folder, torch.device("cpu"))
+    assert half.model.dtype == torch.float32
+    np.testing.assert_allclose(half.cosines(images, CAPTIONS), expected, atol=2e-2)
 
 
 def test_open_clip_preprocessing():
