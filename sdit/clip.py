@@ -8,6 +8,7 @@ torchmetrics' CLIPScore, 100 × max(mean cosine, 0), or BK-SDM's evaluation scri
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Callable
@@ -42,13 +43,14 @@ class Clip:
     tokenizer: object
     processor: Callable[[list[Image.Image]], torch.Tensor]
     device: torch.device
+    clean: Callable[[str], str] = str  # a caption before the tokenizer
 
     @torch.no_grad()
     def cosines(self, images: list[Image.Image], captions: list[str]) -> np.ndarray:
         """(N,) float64: the cosine of each image's embedding with its caption's, in [-1, 1]."""
         pixels = self.processor([im.convert("RGB") for im in images])
-        ids = self.tokenizer(captions, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").to(self.device)
+        ids = self.tokenizer([self.clean(c) for c in captions], padding=True, truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
         dtype = next(self.model.parameters()).dtype
         img = self.model.get_image_features(pixel_values=pixels.to(self.device, dtype))
         txt = self.model.get_text_features(**ids)
@@ -154,7 +156,13 @@ def load_open_clip(path: Path, device: torch.device) -> Clip:
                         "(shortest side, bicubic) is supported")
     processor = OpenClipPreprocess(config.vision_config.image_size, tuple(preprocess.get("mean", OPENAI_MEAN)),
                                    tuple(preprocess.get("std", OPENAI_STD)))
-    return Clip(model, tokenizer, processor, device)
+    return Clip(model, tokenizer, processor, device, clean=open_clip_text)
+
+
+def open_clip_text(caption: str) -> str:
+    """A caption cleaned as open_clip's tokenizer cleans it before its BPE: HTML entities unescaped (twice),
+    whitespace runs made one space."""
+    return " ".join(html.unescape(html.unescape(caption)).split())
 
 
 def _open_clip_weights(folder: Path) -> Path:

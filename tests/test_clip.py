@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sdit.clip import OpenClipPreprocess, clip_score, load_clip
+from sdit.clip import OpenClipPreprocess, clip_score, load_clip, open_clip_text
 from sdit.config import SD15_CONFIG_DIR
 from sdit.errors import SDiTError
 
@@ -209,6 +209,11 @@ def test_open_clip_preprocessing():
     small = np.asarray(tall.resize((32, 50), Image.BICUBIC), dtype=np.float64)[9:41]
     np.testing.assert_allclose(OpenClipPreprocess(SIZE)([tall])[0].numpy(),
                                ((small / 255 - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1), atol=1e-5)
+
+
+def test_open_clip_cleans_captions_as_its_tokenizer_does():
+    """HTML entities unescaped twice (&amp;amp; -> &), whitespace runs made one space, the ends stripped."""
+    assert open_clip_text(" a caf\u00e9 &amp;amp; bar\n\t two  &lt;dogs&gt; ") == "a caf\u00e9 & bar two <dogs>"
 
 
 def test_open_clip_errors_are_one_line(tmp_path):
