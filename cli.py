@@ -755,11 +755,13 @@ def evaluate(
     scheduler: Scheduler = EvalConfig.scheduler,
     seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = EvalConfig.seed,
     sample_batch_size: Annotated[int, typer.Option(rich_help_panel=SAMPLING, min=1, help="Images per sampling batch (recorded: it moves FID through float rounding).")] = EvalConfig.sample_batch_size,
-    clip_model: Annotated[Optional[str], typer.Option(help="A transformers CLIPModel folder on local disk: adds the CLIP score.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="A CLIP model on local disk (a transformers CLIPModel folder, or an open_clip model such as BK-SDM's ViT-g-14): adds the CLIP score.")] = None,
+    clip_score: Annotated[Optional[str], typer.Option(rich_help_panel=ADVANCED, help="CLIP score convention: bk-sdm (the mean raw cosine) or torchmetrics (100 × the mean cosine, clamped at 0). Default: the FID protocol's (bk-sdm under bk-sdm, else torchmetrics).")] = None,
     fid_inception: Annotated[Optional[str], typer.Option(help="NVlabs' TorchScript inception-2015-12-05.pt on local disk: adds FID.")] = None,
-    fid_stats: Annotated[Optional[str], typer.Option(help="Reference statistics to compare with (.npz with mu and sigma, e.g. pytorch-fid's) instead of --references.")] = None,
-    fid_size: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, help="Images (samples and references) become this square size before the extractor, PIL bicubic (default: the samples' size).")] = None,
-    fid_resize: Annotated[str, typer.Option(rich_help_panel=ADVANCED, help="legacy (the extractor resizes to 299 itself, as TensorFlow, StyleGAN, pytorch-fid) or clean (clean-fid's PIL bicubic in float).")] = EvalConfig.fid_resize,
+    fid_protocol: Annotated[str, typer.Option(help="How images reach the network, on both sides: bk-sdm (BK-SDM's COCO-30K: JPEG, squash to 256, JPEG, pytorch-fid's resize; the default, to compare with its table), clean (clean-fid's clean mode) or tf (TensorFlow's resize, as StyleGAN and ADM).")] = EvalConfig.fid_protocol,
+    fid_stats: Annotated[Optional[str], typer.Option(help="Reference statistics to compare with (.npz with mu and sigma) instead of --references; refused unless made under --fid-protocol.")] = None,
+    fid_stats_protocol: Annotated[Optional[str], typer.Option(rich_help_panel=ADVANCED, help="The protocol of a --fid-stats file that does not say it (pytorch-fid's and clean-fid's files do not; BK-SDM's real_im256.npz is bk-sdm).")] = None,
+    fid_size: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, help="Side images are fitted to before the network. Default: 256 under bk-sdm, else the samples' size.")] = None,
     fid_references: Annotated[Optional[int], typer.Option(rich_help_panel=ADVANCED, min=2, help="At most this many reference images in the statistics (default: all).")] = None,
     fid_cache: Annotated[Optional[str], typer.Option(rich_help_panel=ADVANCED, help="Folder of cached reference statistics (default: ~/.cache/sdit/fid-stats).")] = None,
     device: Device = EvalConfig.device,
@@ -776,7 +778,8 @@ def evaluate(
                         prompt_column=prompt_column, references=references, num=num_images, teacher=teacher,
                         teacher_config=teacher_config, out=out, resolution=resolution, steps=steps, guidance=guidance,
                         scheduler=scheduler, seed=seed, sample_batch_size=sample_batch_size, clip_model=clip_model,
-                        fid_inception=fid_inception, fid_stats=fid_stats, fid_size=fid_size, fid_resize=fid_resize,
+                        clip_score=clip_score, fid_inception=fid_inception, fid_protocol=fid_protocol,
+                        fid_stats=fid_stats, fid_stats_protocol=fid_stats_protocol, fid_size=fid_size,
                         fid_references=fid_references, fid_cache=fid_cache)
     units = {"agreement": "draw", "sample": "image", "references": "image", "measure": "image"}
     with progress_bar("eval", "draw") as bar:

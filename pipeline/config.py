@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from sdit.config import (
+    CLIP_SCORES,
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     PerturbConfig,
@@ -19,6 +20,7 @@ from sdit.config import (
     labels_group,
 )
 from sdit.errors import SDiTError
+from sdit.fid_protocols import DEFAULT_PROTOCOL
 from sdit.presets import PRESETS
 
 
@@ -273,10 +275,12 @@ class EvalConfig:
     seed: int = 0
     sample_batch_size: int = 8
     clip_model: str | None = None
+    clip_score: str | None = None  # sdit.config.CLIP_SCORES; default: the protocol's ("bk-sdm" under bk-sdm)
     fid_inception: str | None = None  # NVlabs' inception-2015-12-05.pt (sdit.fid)
+    fid_protocol: str = DEFAULT_PROTOCOL  # sdit.fid_protocols.PROTOCOLS: every step from image to network
     fid_stats: str | None = None  # published statistics (.npz with mu, sigma) instead of `references`
-    fid_size: int | None = None  # images become fid_size² before the extractor; default: the samples' size
-    fid_resize: str = "legacy"  # sdit.fid.RESIZES
+    fid_stats_protocol: str | None = None  # the protocol of a --fid-stats file that does not say it
+    fid_size: int | None = None  # images become fid_size² before the network; default: the protocol's
     fid_references: int | None = None  # at most this many reference images in the statistics
     fid_cache: str | None = None  # where reference statistics are cached; default ~/.cache/sdit/fid-stats
 
@@ -285,7 +289,7 @@ class EvalConfig:
         return bool(self.prompts or self.references)
 
     def check(self) -> None:
-        from sdit.fid import check_resize
+        from sdit.fid_protocols import get_protocol
 
         if min(self.buckets, self.batch_size, self.num, self.steps, self.sample_batch_size) < 1:
             raise SDiTError("--buckets, --batch-size, --num, --steps and --sample-batch-size must be at least 1")
@@ -303,7 +307,11 @@ class EvalConfig:
             raise SDiTError("--fid-stats needs --fid-inception (the extractor the samples' features come from)")
         if self.fid_size is not None and self.fid_size < 8:
             raise SDiTError(f"--fid-size {self.fid_size}: at least 8 pixels")
-        check_resize(self.fid_resize)
+        get_protocol(self.fid_protocol)
+        if self.fid_stats_protocol is not None:
+            get_protocol(self.fid_stats_protocol, "--fid-stats-protocol")
+        if self.clip_score is not None and self.clip_score not in CLIP_SCORES:
+            raise SDiTError(f"--clip-score {self.clip_score!r}: choose one of {', '.join(CLIP_SCORES)}")
         check_scheduler(self.scheduler, "--scheduler")
 
 

@@ -7,7 +7,8 @@
 
 Resumable: an image whose PNGs exist (written whole: a temporary name, then a rename) is not sampled again,
 so an interrupted run goes on where it stopped, and a larger --num-images adds images to a finished one. The metrics
-read the PNGs back, so they are the same whether an image was sampled now or in an earlier run.
+read the PNGs back, so they are the same whether an image was sampled now or in an earlier run, and put them through
+the FID protocol's steps (sdit.fid_protocols); CLIP sees what the protocol shows it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from PIL import Image
 from sdit import fid
 from sdit.clip import clip_score
 from sdit.errors import SDiTError
+from sdit.fid_protocols import Protocol, fit, get_protocol
 from sdit.files import replace_text
 from sdit.progress import Progress, no_progress
 
@@ -136,48 +138,65 @@ def _teacher(config: EvalConfig, device: torch.device, dtype: torch.dtype):
                         device=device, dtype=dtype)
 
 
-def read_images(out: Path, model: str, n: int) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 images 0..n-1 of a model, as written."""
+def read_images(out: Path, model: str, n: int) -> Iterator[Image.Image]:
+    """Images 0..n-1 of a model, as written."""
     for i in range(n):
         with Image.open(png(out, model, i)) as image:
-            yield np.asarray(image.convert("RGB"), dtype=np.uint8)
+            image.load()
+            yield image
 
 
 @dataclass(frozen=True)
 class Measures:
     stats: fid.Stats | None
-    clip: float | None
+    cosines: np.ndarray | None  # each image's CLIP cosine with its caption
 
 
-def measure(config: EvalConfig, prompts: Prompts, out: Path, model: str, extractor: fid.Extractor | None,
-            clip: Clip | None, fid_size: int, progress: Progress = no_progress) -> Measures:
-    """FID statistics and the mean CLIP score of a model's images, read back in batches."""
-    sums = fid.FeatureSums(extractor.dim) if extractor else None
-    scores = []
+@dataclass(frozen=True)
+class Measuring:
+    """What the measures of a run share: the protocol (every step from image to network), the side images are
+    fitted to, the extractor and the CLIP model (either may be absent)."""
+
+    protocol: Protocol
+    size: int
+    extractor: fid.Extractor | None
+    clip: Clip | None
+
+    def clip_view(self, images: list[Image.Image], generated: bool) -> list[Image.Image]:
+        """What CLIP sees of images as written: the protocol's fitted images, or the images themselves."""
+        if self.protocol.clip_fitted:
+            return [fit(im, self.protocol, self.size, generated) for im in images]
+        return [im.convert("RGB") for im in images]
+
+
+def measure(config: EvalConfig, prompts: Prompts, out: Path, model: str, m: Measuring,
+            progress: Progress = no_progress) -> Measures:
+    """FID statistics and the CLIP cosines of a model's images, read back in batches."""
+    sums = fid.FeatureSums(m.extractor.dim) if m.extractor else None
+    cosines = []
     batch_size = config.sample_batch_size
     images = read_images(out, model, config.num)
     for start in range(0, config.num, batch_size):
         batch = [next(images) for _ in range(min(batch_size, config.num - start))]
         if sums is not None:
-            sums.add(extractor.features(np.stack([fid.prepare(fid.square(Image.fromarray(im), fid_size),
-                                                              config.fid_resize) for im in batch])))
-        if clip is not None:
+            sums.add(fid.image_features(batch, m.extractor, m.protocol, m.size, generated=True))
+        if m.clip is not None:
             captions = [prompts.texts[(start + k) % len(prompts.texts)] for k in range(len(batch))]
-            scores.append(clip.cosines([Image.fromarray(im) for im in batch], captions))
+            cosines.append(m.clip.cosines(m.clip_view(batch, generated=True), captions))
         progress(len(batch))
-    return Measures(sums.stats() if sums is not None else None,
-                    clip_score(np.concatenate(scores), "torchmetrics") if scores else None)
+    return Measures(sums.stats(m.protocol.name, m.size) if sums is not None else None,
+                    np.concatenate(cosines) if cosines else None)
 
 
-def reference(config: EvalConfig, extractor: fid.Extractor, fid_size: int, progress: Progress = no_progress,
+def reference(config: EvalConfig, m: Measuring, progress: Progress = no_progress,
               on_stage: OnStage = None) -> fid.Reference:
-    """The statistics FID compares with: --fid-stats as given, or those of --references (cached)."""
+    """The statistics FID compares with: --fid-stats (of the same protocol), or those of --references (cached)."""
     if config.fid_stats:
-        return fid.published_stats(config.fid_stats, extractor)
+        return fid.published_stats(config.fid_stats, m.extractor, m.protocol, m.size, config.fid_stats_protocol)
     cache = Path(config.fid_cache) if config.fid_cache else None
-    return fid.reference_stats(config.references, extractor, fid_size, config.fid_resize,
-                               limit=config.fid_references, cache=cache, batch_size=config.sample_batch_size,
-                               progress=progress, on_total=(lambda n: on_stage("references", n)) if on_stage else None)
+    return fid.reference_stats(config.references, m.extractor, m.protocol, m.size, limit=config.fid_references,
+                               cache=cache, batch_size=config.sample_batch_size, progress=progress,
+                               on_total=(lambda n: on_stage("references", n)) if on_stage else None)
 
 
 def run_protocol(config: EvalConfig, clip: Clip | None, extractor: fid.Extractor | None, device: torch.device,
@@ -193,12 +212,13 @@ def run_protocol(config: EvalConfig, clip: Clip | None, extractor: fid.Extractor
     out = Path(config.out) if config.out else Path(config.run) / "eval-samples"
     check_settings(out, sample_settings(config, prompts, size))
     models = ("student", "teacher") if config.teacher else ("student",)
+    protocol = get_protocol(config.fid_protocol)
+    m = Measuring(protocol, config.fid_size or protocol.size or size[0], extractor, clip)
+    ref = reference(config, m, progress, on_stage) if extractor else None  # a mismatched file fails first
     sampled = sample_missing(config, prompts, out, models, pipe, latent, device, dtype, progress, on_stage)
-    fid_size = config.fid_size or size[0]
-    ref = reference(config, extractor, fid_size, progress, on_stage) if extractor else None
     if on_stage:
         on_stage("measure", config.num * len(models))
-    measures = {m: measure(config, prompts, out, m, extractor, clip, fid_size, progress) for m in models}
+    measures = {model: measure(config, prompts, out, model, m, progress) for model in models}
     result = {"samples": {"out": str(out), "num": config.num, "sampled_now": sampled, "prompts": prompts.source,
                           "distinct_prompts": len(prompts.texts), "height": size[0], "width": size[1],
                           "scheduler": config.scheduler, "steps": config.steps, "guidance": config.guidance,
@@ -206,47 +226,60 @@ def run_protocol(config: EvalConfig, clip: Clip | None, extractor: fid.Extractor
                           "dtype": config.dtype, "models": list(models),
                           "teacher": str(Path(config.teacher).resolve()) if config.teacher else None}}
     if extractor:
-        result["fid"] = fid_figures(measures, ref, extractor, fid_size, config.fid_resize)
+        result["fid"] = fid_figures(measures, ref, m)
     if clip:
-        result["clip_score"] = {m: measures[m].clip for m in models} | {"model": str(Path(config.clip_model).resolve())}
-        if not config.prompts:  # the prompts are the references' captions: score their own images too
-            result["clip_score"]["references"] = reference_clip(config.references, config.num, clip)
+        result["clip_score"] = clip_figures(config, measures, m)
     return result
 
 
-def reference_clip(location: str, n: int, clip: Clip, batch_size: int = 16) -> float:
-    """Mean CLIP score of the first n reference images with a caption against that caption."""
+def clip_figures(config: EvalConfig, measures: dict[str, Measures], m: Measuring) -> dict:
+    """The CLIP score per model under the chosen convention; with the references' captions as prompts, the
+    reference images' own, seen as the protocol shows them."""
+    convention = config.clip_score or m.protocol.clip_score
+    figures = {model: clip_score(v.cosines, convention) for model, v in measures.items()}
+    if not config.prompts:
+        figures["references"] = clip_score(reference_cosines(config.references, config.num, m), convention)
+    return figures | {"convention": convention, "model": str(Path(config.clip_model).resolve()),
+                      "protocol": m.protocol.name, "images": "fitted" if m.protocol.clip_fitted else "as written",
+                      "size": m.size if m.protocol.clip_fitted else None}
+
+
+def reference_cosines(location: str, n: int, m: Measuring, batch_size: int = 16) -> np.ndarray:
+    """CLIP cosines of the first n reference images with a caption against that caption, read as the FID
+    references are (never rotated by their EXIF tag)."""
     import io
 
     from sdit.errors import RejectedInput
     from sdit.sources import open_source
 
-    scores, images, captions, taken = [], [], [], 0
+    cosines, images, captions, taken = [], [], [], 0
     for item in open_source(location):
         if taken == n:
             break
         if not item.caption:
             continue
         try:
-            images.append(Image.open(io.BytesIO(item.read())).convert("RGB"))
-        except (RejectedInput, OSError):
+            image = Image.open(io.BytesIO(item.read()))
+            image.load()
+        except (RejectedInput, OSError, Image.DecompressionBombError, ValueError):
             continue
+        images.append(image)
         captions.append(item.caption)
         taken += 1
         if len(images) == batch_size:
-            scores.append(clip.cosines(images, captions))
+            cosines.append(m.clip.cosines(m.clip_view(images, generated=False), captions))
             images, captions = [], []
     if images:
-        scores.append(clip.cosines(images, captions))
-    if not scores:
+        cosines.append(m.clip.cosines(m.clip_view(images, generated=False), captions))
+    if not cosines:
         raise SDiTError(f"{location} has no readable images with captions to score as a reference")
-    return clip_score(np.concatenate(scores), "torchmetrics")
+    return np.concatenate(cosines)
 
 
-def fid_figures(measures: dict[str, Measures], ref: fid.Reference, extractor: fid.Extractor, size: int,
-                resize: str) -> dict:
-    figures = {m: fid.frechet_distance(v.stats, ref.stats) for m, v in measures.items()}
+def fid_figures(measures: dict[str, Measures], ref: fid.Reference, m: Measuring) -> dict:
+    figures = {model: fid.frechet_distance(v.stats, ref.stats) for model, v in measures.items()}
     if "teacher" in measures:  # how far the student's images are from the teacher's, as a distribution
         figures["student_vs_teacher"] = fid.frechet_distance(measures["student"].stats, measures["teacher"].stats)
-    return figures | {"reference": ref.info, "extractor": extractor.describe(), "size": size, "resize": resize,
+    return figures | {"reference": ref.info, "extractor": m.extractor.describe(), "size": m.size,
+                      "protocol": m.protocol.name, "steps": m.protocol.describe(),
                       "images": measures["student"].stats.count}

@@ -8,9 +8,9 @@ perturbation kind. The inputs are rebuilt exactly as the teacher saw them (sdit.
 The sampling protocol (with --prompts or --references; pipeline/eval_samples.py): the student, and with
 --teacher the teacher beside it from the same prompts, seeds, noise, scheduler, steps and guidance, sampled
 resumably into a folder; then per model the FID (sdit.fid: the standard Inception-v3 from a local file,
-against --fid-stats or the statistics of --references) and the CLIP score (a local CLIPModel folder:
-100 · max(cos(image, caption), 0), averaged, the convention of torchmetrics' CLIPScore). Every setting that
-moves those figures is recorded with them.
+against --fid-stats or the statistics of --references, both sides under one named protocol, sdit.fid_protocols)
+and the CLIP score (a local CLIP model, sdit.clip: BK-SDM's mean cosine or torchmetrics' 100 × the clamped mean,
+of the images the protocol shows). Every setting that moves those figures is recorded with them.
 """
 
 from __future__ import annotations
@@ -147,17 +147,21 @@ def format_samples(result: dict) -> list[str]:
     if "fid" in result:
         f = result["fid"]
         ref = f["reference"]
-        against = ref.get("stats") or f"{ref['source']} ({ref['images']:,} images{', cached' if ref['cached'] else ''})"
+        against = (f"{ref['stats']} (protocol {ref['protocol']}, said by the {ref['protocol_from']})" if "stats" in ref
+                   else f"{ref['source']} ({ref['images']:,} images{', cached' if ref['cached'] else ''})")
         lines.append(f"  {'FID':<24}" + "".join(f"{f[m]:>12.3f}" for m in models))
-        lines.append(f"    against {against}; {f['resize']} resize from {f['size']} px; extractor "
+        lines.append(f"    against {against}; protocol {f['protocol']} at {f['size']} px, both sides; extractor "
                      f"{Path(f['extractor']['path']).name} ({f['extractor']['sha256'][:12]})")
         if "student_vs_teacher" in f:
             lines.append(f"    FID between the student's and the teacher's samples: {f['student_vs_teacher']:.3f}")
     if "clip_score" in result:
         c = result["clip_score"]
-        lines.append(f"  {'CLIP score':<24}" + "".join(f"{c[m]:>12.2f}" for m in models))
+        digits = 4 if c["convention"] == "bk-sdm" else 2
+        lines.append(f"  {'CLIP score':<24}" + "".join(f"{c[m]:>12.{digits}f}" for m in models))
+        lines.append(f"    {c['convention']} convention, images {c['images']}"
+                     + (f" ({c['size']} px)" if c["size"] else "") + f"; model {Path(c['model']).name}")
         if "references" in c:
-            lines.append(f"    reference images against their captions: {c['references']:.2f}")
+            lines.append(f"    reference images against their captions: {c['references']:.{digits}f}")
     return lines
 
 

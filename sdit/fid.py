@@ -8,22 +8,13 @@ loaded with `torch.jit.load` from a path the user gives: the architecture is in 
 rebuilds it, and nothing is downloaded. Its interface:
 
     extractor(images, return_features=True) -> (N, 2048) float32
-    images: (N, 3, H, W) pixel values 0..255 (uint8, or float), any H and W; the file resizes to 299 x 299
-    inside (bilinear, as the TensorFlow graph did) and normalises to [-1, 1] itself.
+    images: (N, 3, H, W) pixel values 0..255, any H and W; the file resizes to 299 x 299 inside (bilinear,
+    TensorFlow-1's sampling: source pixel j * size / 299, edges repeated), then maps (x - 128) / 128
+    extractor.layers(x) -> (N, 2048, 1, 1): the network alone, on (N, 3, 299, 299) inputs already in [-1, 1]
 
-How images reach it moves FID by more than many papers' margins (clean-fid's point), so it is a named
-choice, recorded with every figure:
-
-    size      first, every image becomes size x size: the centre square, PIL bicubic, rounded to uint8 (what
-              saving a downsampled PNG does; the COCO protocol's 512 -> 256). Samples and references alike.
-    "legacy"  then the uint8 image goes in at that size and the file resizes it: the TensorFlow original,
-              StyleGAN2/3, ADM, torchmetrics and clean-fid's "legacy_tensorflow" mode. The default.
-    "clean"   clean-fid's "clean" mode: each channel resized to 299 with PIL bicubic in float32 (antialiased,
-              not quantised), then the file (whose own resize is then 299 -> 299).
-
-pytorch-fid (BK-SDM's evaluator) resizes with torch's bilinear `interpolate` in a torchvision port: closest to
-"legacy". Statistics are pytorch-fid's: mu, and sigma as np.cov (divided by N - 1), in an .npz with keys `mu`
-and `sigma`, so its published files load here and ours load there.
+How images reach it is the protocol (sdit.fid_protocols), recorded with every figure and in every statistics
+file. Statistics are pytorch-fid's: mu, and sigma as np.cov (divided by N - 1), in an .npz with keys `mu` and
+`sigma`, so its published files load here and ours load there; ours add `protocol` and `size`.
 """
 
 from __future__ import annotations
@@ -38,17 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from sdit.errors import SDiTError
+from sdit.fid_protocols import Protocol, fit, get_protocol, network_input
 from sdit.progress import Progress, no_progress
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FEATURES = 2048  # the pool3 features FID is defined on
-INPUT_SIZE = 299  # the network's input side
-RESIZES = ("legacy", "clean")
-STATS_VERSION = 1  # of the cached statistics' key: bump when what goes into a statistic changes
+STATS_VERSION = 2  # of the cached statistics' key: bump when what goes into a statistic changes
 EXPECTED = (f"NVlabs' TorchScript Inception-v3 {INCEPTION_FILE} (the FID extractor of clean-fid and StyleGAN), "
             f"published at {INCEPTION_URL}")
 
@@ -65,10 +55,16 @@ class Extractor:
     device: torch.device
 
     @torch.no_grad()
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) float32 pixel values 0..255 -> (N, dim) float64."""
+    def features(self, images: np.ndarray, resized: bool) -> np.ndarray:
+        """(N, H, W, 3) float32 -> (N, dim) float64. `resized`: (N, 299, 299, 3) in [-1, 1], given to the
+        network's `layers` (the file's own resize and scaling skipped, as clean-fid does); else pixel values
+        0..255 at any size, which the file resizes and scales itself."""
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device, torch.float32)
-        return self.module(x, return_features=True).double().cpu().numpy()
+        if not resized:
+            return self.module(x, return_features=True).double().cpu().numpy()
+        layers = getattr(self.module, "layers", None)
+        out = layers(x) if layers is not None else self.module(x * 128 + 128, return_features=True)
+        return out.reshape(len(x), -1).double().cpu().numpy()
 
     def describe(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "features": self.dim}
@@ -112,45 +108,25 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-# --- what goes in ----------------------------------------------------------------------------------------
-def square(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: the centre square of an image of any mode and shape, PIL bicubic."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    if image.size != (size, size):
-        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def prepare(image: np.ndarray, resize: str) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) float32 pixel values, what the extractor is given (see the module doc)."""
-    if resize == "legacy":
-        return image.astype(np.float32)
-    channels = [np.asarray(Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
-                           .resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC)) for c in range(3)]
-    return np.stack(channels, axis=-1)
-
-
-def check_resize(resize: str) -> None:
-    if resize not in RESIZES:
-        raise SDiTError(f"--fid-resize {resize!r}: choose one of {', '.join(RESIZES)}")
-
-
 # --- statistics ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stats:
     """A Gaussian fitted to features: mu (D,), sigma (D, D), from `count` images (0: unknown, e.g. a published
-    file)."""
+    file), under `protocol` at `size` px ("" and 0: the file does not say)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     count: int = 0
+    protocol: str = ""
+    size: int = 0
 
     def save(self, path: Path, info: dict | None = None) -> None:
-        """pytorch-fid's .npz (mu, sigma) plus the count and what made it, written whole or not at all."""
+        """pytorch-fid's .npz (mu, sigma) plus the count, protocol, size and what made it, written whole or not at
+        all."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=np.int64(self.count),
-                 info=np.array(json.dumps(info or {})))
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), protocol=np.array(self.protocol),
+                 size=np.int64(self.size), info=np.array(json.dumps(info or {})))
         os.replace(tmp, path)
 
     @classmethod
@@ -167,11 +143,13 @@ class Stats:
                                     "mu and sigma, as pytorch-fid writes")
                 mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
                 count = int(f["count"]) if "count" in f.files else 0
+                protocol = str(f["protocol"]) if "protocol" in f.files else ""
+                size = int(f["size"]) if "size" in f.files else 0
         except (OSError, ValueError) as err:
             raise SDiTError(f"{what} {path} is not an .npz file ({_first_line(err)})") from err
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise SDiTError(f"{what} {path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-        return cls(mu, sigma, count)
+        return cls(mu, sigma, count, protocol, size)
 
 
 class FeatureSums:
@@ -186,22 +164,30 @@ class FeatureSums:
         self.total += features.sum(axis=0)
         self.outer += features.T @ features
 
-    def stats(self) -> Stats:
+    def stats(self, protocol: str = "", size: int = 0) -> Stats:
         if self.n < 2:
             raise SDiTError(f"FID needs at least 2 images, got {self.n}")
         mu = self.total / self.n
         sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)  # np.cov's unbiased estimate
-        return Stats(mu, (sigma + sigma.T) / 2, self.n)
+        return Stats(mu, (sigma + sigma.T) / 2, self.n, protocol, size)
 
 
-def image_stats(images: Iterable[np.ndarray], extractor: Extractor, size: int, resize: str, batch_size: int = 32,
-                progress: Progress = no_progress) -> Stats:
-    """Statistics of (H, W, 3) uint8 images, streamed in batches."""
+def image_features(images: list[Image.Image], extractor: Extractor, protocol: Protocol, size: int,
+                   generated: bool) -> np.ndarray:
+    """(N, D) features of images as written, through every step of the protocol."""
+    inputs = [network_input(np.asarray(fit(image, protocol, size, generated), dtype=np.uint8), protocol)
+              for image in images]
+    return extractor.features(np.stack(inputs), resized=protocol.resize != "network")
+
+
+def image_stats(images: Iterable[Image.Image], extractor: Extractor, protocol: Protocol, size: int,
+                generated: bool, batch_size: int = 32, progress: Progress = no_progress) -> Stats:
+    """Statistics of images as written (`generated`: samples), streamed in batches."""
     sums = FeatureSums(extractor.dim)
     for batch in _batches(images, batch_size):
-        sums.add(extractor.features(np.stack([prepare(square(Image.fromarray(im), size), resize) for im in batch])))
+        sums.add(image_features(batch, extractor, protocol, size, generated))
         progress(len(batch))
-    return sums.stats()
+    return sums.stats(protocol.name, size)
 
 
 def _batches(items: Iterable, n: int) -> Iterator[list]:
@@ -239,11 +225,11 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdit" / "fid-stats"
 
 
-def reference_key(location: str, limit: int | None, size: int, resize: str, extractor: Extractor) -> str:
+def reference_key(location: str, limit: int | None, size: int, protocol: Protocol, extractor: Extractor) -> str:
     """A hash of the reference image list (names, sizes, modification times: listed, never read), the number
-    taken, the size and resize, and the extractor's sha256."""
+    taken, the size and protocol, and the extractor's sha256."""
     listing = {"version": STATS_VERSION, "images": _listing(location, limit), "limit": limit, "size": size,
-               "resize": resize, "extractor": extractor.sha256}
+               "protocol": protocol.name, "extractor": extractor.sha256}
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
@@ -270,8 +256,9 @@ def _stat(path: str) -> tuple[int, int]:
     return (s.st_size, s.st_mtime_ns)
 
 
-def reference_images(location: str, limit: int | None) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 images of a folder, parquet or webdataset source, in its order; unreadable ones skipped."""
+def reference_images(location: str, limit: int | None) -> Iterator[Image.Image]:
+    """The images of a folder, parquet or webdataset source as decoded, in its order, never rotated by their EXIF
+    tag (as pytorch-fid, clean-fid and BK-SDM read them); unreadable ones skipped."""
     import io
 
     from sdit.errors import RejectedInput
@@ -282,12 +269,12 @@ def reference_images(location: str, limit: int | None) -> Iterator[np.ndarray]:
         if limit is not None and taken == limit:
             return
         try:
-            with Image.open(io.BytesIO(item.read())) as image:
-                array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
+            image = Image.open(io.BytesIO(item.read()))
+            image.load()
         except (RejectedInput, OSError, Image.DecompressionBombError, ValueError):
             continue
         taken += 1
-        yield array
+        yield image
 
 
 @dataclass(frozen=True)
@@ -298,16 +285,15 @@ class Reference:
     info: dict
 
 
-def reference_stats(location: str, extractor: Extractor, size: int, resize: str, *, limit: int | None = None,
-                    cache: Path | None = None, batch_size: int = 32,
+def reference_stats(location: str, extractor: Extractor, protocol: Protocol, size: int, *,
+                    limit: int | None = None, cache: Path | None = None, batch_size: int = 32,
                     progress: Progress = no_progress,
                     on_total: Callable[[int], None] | None = None) -> Reference:
     """Statistics of the reference images at `location`, computed once and cached as `.npz` under `cache`,
     keyed by `reference_key`; a second call with the same images and settings reads only the cache."""
-    check_resize(resize)
-    key = reference_key(location, limit, size, resize, extractor)
+    key = reference_key(location, limit, size, protocol, extractor)
     path = (cache or default_cache()) / f"{key[:32]}.npz"
-    info = {"source": str(location), "limit": limit, "size": size, "resize": resize, "key": key,
+    info = {"source": str(location), "limit": limit, "protocol": protocol.name, "size": size, "key": key,
             "extractor": extractor.describe(), "cache": str(path)}
     if path.is_file():
         stats = Stats.load(path, "cached FID statistics")
@@ -317,14 +303,34 @@ def reference_stats(location: str, extractor: Extractor, size: int, resize: str,
 
         count = getattr(open_source(location), "num_items", lambda: None)()
         on_total(min(count, limit) if count is not None and limit is not None else (count or limit or 0))
-    stats = image_stats(reference_images(location, limit), extractor, size, resize, batch_size, progress)
+    stats = image_stats(reference_images(location, limit), extractor, protocol, size, False, batch_size, progress)
     stats.save(path, info | {"images": stats.count})
     return Reference(stats, info | {"images": stats.count, "cached": False})
 
 
-def published_stats(path: str, extractor: Extractor) -> Reference:
-    """Statistics from a file (pytorch-fid's, clean-fid's or ours), checked against the extractor's width."""
+def published_stats(path: str, extractor: Extractor, protocol: Protocol, size: int,
+                    declared: str | None = None) -> Reference:
+    """Statistics from a file (pytorch-fid's, clean-fid's or ours), checked against the extractor's width and
+    the samples' protocol: the file's own `protocol` key, else `declared` (--fid-stats-protocol), must name it."""
     stats = Stats.load(path)
     if len(stats.mu) != extractor.dim:
         raise SDiTError(f"--fid-stats {path} holds {len(stats.mu)} features; the extractor gives {extractor.dim}")
-    return Reference(stats, {"stats": str(Path(path).resolve()), "images": stats.count or None})
+    if declared is not None:
+        get_protocol(declared, "--fid-stats-protocol")
+    if stats.protocol and declared and declared != stats.protocol:
+        raise SDiTError(f"--fid-stats {path} declares protocol {stats.protocol!r}, --fid-stats-protocol says "
+                        f"{declared!r}: drop --fid-stats-protocol, the file's own key stands")
+    theirs = stats.protocol or declared
+    if theirs is None:
+        raise SDiTError(f"--fid-stats {path} does not say its protocol; the samples are measured with "
+                        f"{protocol.name!r}: if the file was made that way, say so with --fid-stats-protocol "
+                        f"{protocol.name}")
+    if theirs != protocol.name:
+        raise SDiTError(f"--fid-stats {path} holds protocol {theirs!r} statistics; the samples are measured with "
+                        f"{protocol.name!r}: pass --fid-protocol {theirs}, or statistics made with {protocol.name!r}")
+    if stats.size and stats.size != size:
+        raise SDiTError(f"--fid-stats {path} holds {protocol.name!r} statistics at {stats.size} px; the samples are "
+                        f"measured at {size} px: pass --fid-size {stats.size}")
+    return Reference(stats, {"stats": str(Path(path).resolve()), "images": stats.count or None, "protocol": theirs,
+                             "protocol_from": "file" if stats.protocol else "--fid-stats-protocol",
+                             "size": stats.size or None})
