@@ -381,13 +381,19 @@ def test_fid_equals_clean_fids_algorithm_on_the_real_network(name):
             x = np.stack([pil_float_bicubic(im) for im in images])
             x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             with torch.no_grad():
-                return module.layers((x - 128) / 128).reshape(len(images), 2048).double().numpy()
+                return module.layers((x - 128) / 128).reshape(len(images), -1).double().numpy()
         x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float()
         with torch.no_grad():
             return module(x, return_features=True).double().numpy()
 
-    (fa, fb) = (features(s) for s in sets)
-    expected = sqrtm_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
     extractor = fid.load_extractor(REAL, torch.device("cpu"))
-    ours = [fid.image_stats(pil(np.stack(s)), extractor, PROTOCOLS[name], 64, generated=False) for s in sets]
-    np.testing.assert_allclose(fid.frechet_distance(*ours), expected, rtol=1e-4)
+    theirs = [features(s) for s in sets]
+    ours = [fid.image_features(pil(np.stack(s)), extractor, PROTOCOLS[name], 64, generated=False) for s in sets]
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    (fa, fb) = theirs
+    expected = sqrtm_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    sums = [fid.FeatureSums(extractor.dim), fid.FeatureSums(extractor.dim)]
+    for total, f in zip(sums, ours):
+        total.add(f)
+    np.testing.assert_allclose(fid.frechet_distance(sums[0].stats(), sums[1].stats()), expected, rtol=1e-3)
