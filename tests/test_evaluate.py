@@ -179,6 +179,27 @@ def test_the_command(run, store, tmp_path):
         result.output
 
 
+def test_statistics_of_another_protocol_are_refused_before_sampling(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from conftest import save_stand_in_inception
+    from sdit.fid import Stats
+
+    inception = save_stand_in_inception(tmp_path / "inception-2015-12-05.pt", dim=8)
+    Stats(np.zeros(8), np.eye(8), 10, "clean", 256).save(tmp_path / "clean.npz")
+    np.savez(tmp_path / "plain.npz", mu=np.zeros(8), sigma=np.eye(8))  # as pytorch-fid writes: no protocol
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    base = ["eval", str(run), "--prompts", str(tmp_path / "p.txt"), "--fid-inception", str(inception), "--out",
+            str(tmp_path / "s"), "--fid-stats"]
+    for stats, words in (("clean.npz", ("'clean'", "'bk-sdm'", "--fid-protocol clean")),
+                         ("plain.npz", ("does not say its protocol", "'bk-sdm'", "--fid-stats-protocol bk-sdm"))):
+        result = CliRunner().invoke(app, [*base, str(tmp_path / stats)])
+        assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+        assert all(w in result.output for w in words), result.output
+    assert not list((tmp_path / "s").glob("*/*.png"))  # refused before any image was drawn
+
+
 @pytest.mark.slow
 def test_the_protocol_on_the_shapes_world_beside_the_teacher(clip_folder, tmp_path):
     """`sdit eval RUN STORE --prompts --teacher` with the toy teacher: agreement, FID (the stand-in extractor)
