@@ -310,6 +310,10 @@ class EvalConfig:
         get_protocol(self.fid_protocol)
         if self.fid_stats_protocol is not None:
             get_protocol(self.fid_stats_protocol, "--fid-stats-protocol")
+            if not self.fid_stats:
+                raise SDiTError("--fid-stats-protocol says what a --fid-stats file holds: give --fid-stats FILE.npz")
+        if self.clip_score is not None and not self.clip_model:
+            raise SDiTError("--clip-score picks how CLIP cosines are averaged: give --clip-model too")
         if self.clip_score is not None and self.clip_score not in CLIP_SCORES:
             raise SDiTError(f"--clip-score {self.clip_score!r}: choose one of {', '.join(CLIP_SCORES)}")
         check_scheduler(self.scheduler, "--scheduler")

@@ -114,8 +114,12 @@ def test_errors(run, tiny_teacher, store, tmp_path):
         evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_protocol="legacy"))
     with pytest.raises(SDiTError, match="--fid-stats-protocol 'pytorch-fid': choose one of"):
         evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_stats_protocol="pytorch-fid"))
+    with pytest.raises(SDiTError, match="--fid-stats-protocol says what a --fid-stats file holds"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_stats_protocol="clean"))
     with pytest.raises(SDiTError, match="--clip-score 'openai': choose one of torchmetrics, bk-sdm"):
-        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), clip_score="openai"))
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), clip_score="openai", clip_model="c"))
+    with pytest.raises(SDiTError, match="--clip-score picks how CLIP cosines are averaged: give --clip-model"):
+        evaluate(EvalConfig(run=str(run), references=str(SAMPLES), clip_score="bk-sdm"))
     with pytest.raises(SDiTError, match="--fid-inception .*no such file; FID needs .*inception-2015-12-05.pt"):
         evaluate(EvalConfig(run=str(run), references=str(SAMPLES), fid_inception=str(tmp_path / "i.pt")))
 
