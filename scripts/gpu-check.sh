@@ -10,7 +10,7 @@
 #   1. speed       the random SD 1.5 built (or read from /tmp/sdit-cache), then whole 25-step sampling runs of the
 #                  teacher with guidance and of S/2 to XL/2, 8 images, fastest of 3 alternating rounds
 #   2. throughput  labels/s and training steps/s at real batch sizes, TFLOP/s against the data sheet
-#   3. stages      encode, teacher-label, train, sample and eval at reduced sizes
+#   3. stages      encode, teacher-label, train (S/2), sample and eval at reduced sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,5 +77,5 @@ part() {
 part speed 120 --stage speed
 part throughput 60 --stage throughput
 part stages 0 --stage encode --stage label --stage train --stage sample --stage eval --records 64 --draws 2 \
-    --train-steps 10
+    --student SDiT-S/2 --train-steps 10
 say "done"
