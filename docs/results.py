@@ -334,26 +334,51 @@ def sample_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
 
 
 def sd15_stages_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """Each stage's wall time, peak RSS and FLOPs; GFLOP/s over its compute seconds only."""
     (_, r), = files
     rows = [[s["stage"], f"{s['seconds']:.0f}", f"{s['peak_rss_mb'] / 1024:.1f} GB", f"{s['gflop']:,.0f}",
-             num(s["gflops"], ".1f"), num(s["of_matmul"], ".2f")] for s in r["stages"]]
-    return "\n".join([table(["stage", "seconds", "peak RSS", "GFLOP", "GFLOP/s", "of matmul"], rows), "",
+             num(s["outputs"].get("compute_seconds") if s["gflops"] else None, ".0f"), num(s["gflops"], ".1f"),
+             num(s["of_matmul"], ".2f")] for s in r["stages"]]
+    return "\n".join([table(["stage", "seconds", "peak RSS", "GFLOP", "compute s", "GFLOP/s", "of matmul"], rows), "",
                       f"fp32 matmul ceiling: {r['matmul_gflops']:.0f} GFLOP/s."])
 
 
 def sd15_speed_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """Whole sampling runs of the teacher and each student: the fastest of N alternating rounds."""
     (_, r), = files
     sp, flops = r["speed"], r["flops"]
     rows = []
+    per_step = {name: m["forwards_per_step"] * flops["unet" if name == "sd15_unet" else name]
+                for name, m in sp["models"].items()}
     for name, m in sp["models"].items():
-        says = flops["unet"] / flops["unet" if name == "sd15_unet" else name]
-        rows.append([name, f"{m['step_seconds']:.1f}", num(m["attention_share"], ".0%"),
-                     f"{m['images_per_s']:.4f}", f"{m['speedup']:.2f}x", f"{m['loop_speedup']:.2f}x", f"{says:.2f}x",
-                     f"{m['projected_images_per_s']:.4f}", f"{m['projected_speedup']:.2f}x"])
-    header = ["model", "s / guided step", "attention", f"images/s ({sp['steps']} steps)", "vs SD 1.5",
-              "loop vs SD 1.5", "FLOPs say", f"images/s at {sp['project_steps']} steps", "vs SD 1.5"]
-    return "\n".join([table(header, rows), "", f"Text encoder {sp['text_seconds']:.1f} s and VAE decode "
-                      f"{sp['decode_seconds']:.1f} s for every model."])
+        says = per_step["sd15_unet"] / per_step[name]
+        rows.append([name, str(m["forwards_per_step"]), f"{m['seconds']:.2f}", f"{m['median_seconds']:.2f}",
+                     f"{m['step_seconds']:.3f}", num(m["attention_share"], ".0%"), f"{m['images_per_s']:.4f}",
+                     f"{m['speedup']:.2f}x", f"{m['loop_speedup']:.2f}x", f"{says:.2f}x"])
+    header = ["model", "forwards / step", "s / run", "median s / run", "s / step", "attention", "images/s",
+              "vs SD 1.5", "loop vs SD 1.5", "FLOPs say"]
+    teacher = sp["models"]["sd15_unet"]
+    return "\n".join([f"{sp['images']} image(s) at {sp['resolution']}×{sp['resolution']} px, {sp['steps']} "
+                      f"{sp['scheduler']} steps, guidance {sp['guidance']:g}, {sp['dtype']} on {sp['device']}; "
+                      f"fastest of {sp['repeats']} alternating rounds after a {sp['warmup_steps']}-step warm-up:",
+                      "", table(header, rows), "",
+                      f"In the teacher's fastest run the text encoder took {teacher['text_seconds']:.2f} s and the VAE "
+                      f"decode {teacher['decode_seconds']:.2f} s; every pipeline runs the same text encoder and VAE."])
+
+
+def sd15_throughput_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """Labels/s and training steps/s at real batch sizes, TFLOP/s against a measured matmul and the data sheet."""
+    (_, r), = files
+    t = r["throughput"]
+    sheet, matmul = t["peak_tflops_sheet"], t["peak_tflops_matmul"]
+    rows = [[row["model"], str(row["resolution"]), str(row["batch"]), num(row["per_s"], ".2f"),
+             num(row["peak_gb"], ".1f"), num(row["tflops"], ".1f"),
+             num(row["tflops"] and row["tflops"] / matmul, ".0%"),
+             num(row["tflops"] / sheet if row["tflops"] and sheet else None, ".0%")] for row in t["rows"]]
+    return "\n".join([table(["model", "px", "batch", "labels or steps / s", "peak GB", "TFLOP/s", "of matmul",
+                             "of peak"], rows), "",
+                      f"{t['device']}: bf16 matmul {matmul:.0f} TFLOP/s measured; data sheet's dense bf16 peak "
+                      f"{'-' if sheet is None else f'{sheet:g}'} TFLOP/s."])
 
 
 def sd15_precision_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
@@ -414,6 +439,7 @@ VIEWS = {
     "evaluator": evaluator_view, "toy-eval": toy_eval_view,
     "encode": encode_view, "label": label_view, "train": train_view, "flops": flops_view, "sample": sample_view,
     "sd15-stages": sd15_stages_view, "sd15-speed": sd15_speed_view, "sd15-precision": sd15_precision_view,
+    "sd15-throughput": sd15_throughput_view,
     "memory": memory_view, "gpu-batches": gpu_batches_view, "startup": startup_view,
 }
 
