@@ -2,7 +2,7 @@
 
 Measured in one run, at equal steps, scheduler, guidance and resolution: images/s of the student's pipeline
 and of the teacher's (text encoder, the denoising loop with classifier-free guidance, VAE decode), best of
-`repeats` runs alternating between the two (other processes only ever slow a run down). By default the
+`repeats` runs alternating between the two after an untimed run of each (`pipeline.bench.timing`). By default the
 models are the tiny ones (`sdit.tiny`'s teacher and an untrained student beside it): an untrained student
 costs what a trained one does.
 
