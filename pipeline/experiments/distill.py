@@ -32,7 +32,9 @@ The figures (each run, and the teacher, from the same noise):
     curves             heldout_acc and seen_acc of the EMA weights at `curve_points` checkpoints (and step 0), on a
                        fixed subset of the prompts (`curve_prompts` per shape-colour pair) and the same noise
     speedup            the no-teacher run's steps / the steps this run needed to reach the no-teacher run's final
-                       seen accuracy on its curve (interpolated; None if never reached)
+                       seen accuracy on its curve (interpolated; None if never reached, and for the no-teacher run)
+    intervals, gain    95% intervals of heldout_acc, seen_acc and heldout_hit (bootstrap over prompts and their
+                       samples), and a student's paired gain over the no-teacher run with its interval
 """
 
 from __future__ import annotations
