@@ -145,12 +145,25 @@ def _variants_args(tiny_teacher, tmp_path, out) -> list:
             "--bank-per-pair", "1", "--jobs", "1"]
 
 
+def _run_variants(tiny_teacher, folder: Path, out: Path) -> None:
+    """The variants experiment into `out`, in a child process with one thread, as every run here compares."""
+    done = subprocess.run(cli_command(*_variants_args(tiny_teacher, folder, out)), env=child_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_teacher, tmp_path_factory) -> Path:
+    """One uninterrupted variants experiment, shared: the variants test reruns into it, the kill test compares
+    with it."""
+    folder = tmp_path_factory.mktemp("variants")
+    _run_variants(tiny_teacher, folder, folder / "distill")
+    return folder / "distill"
+
+
 @pytest.mark.slow
-def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_what_is_done(tiny_teacher, tmp_path):
-    out = tmp_path / "distill"
-    args = _variants_args(tiny_teacher, tmp_path, out)
-    result = CliRunner().invoke(app, list(map(str, args)))
-    assert result.exit_code == 0, result.output
+def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_what_is_done(tiny_teacher, variants):
+    out = variants
     report = json.loads((out / "report.json").read_text())
     assert list(report["runs"]) == ["no_teacher", "swaps", "longer"]
     longer, swaps = read_run(out / "longer")["train"], read_run(out / "swaps")["train"]
@@ -166,8 +179,7 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
     # A rerun keeps the store, the trained runs and the teacher's samples, and scores the same weights the same.
     kept = {path: path.stat().st_mtime_ns for path in [out / "teacher-samples.npz",
                                                         *out.glob("*/checkpoints/*/model.safetensors")]}
-    result = CliRunner().invoke(app, list(map(str, args)))
-    assert result.exit_code == 0, result.output
+    _run_variants(tiny_teacher, out.parent, out)
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
     again = json.loads((out / "report.json").read_text())
     for name in report["runs"]:
@@ -225,11 +237,8 @@ def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_
 
 
 @pytest.mark.slow
-def test_an_experiment_killed_while_training_resumes_to_the_same_report(tiny_teacher, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run(cli_command(*_variants_args(tiny_teacher, tmp_path, whole)), env=child_env(),
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_an_experiment_killed_while_training_resumes_to_the_same_report(tiny_teacher, variants, tmp_path):
+    whole, killed = variants, tmp_path / "killed"
     # torch.save writes each checkpoint's optimiser state: the third call is the swaps run's first checkpoint
     kill_paused_at(_variants_args(tiny_teacher, tmp_path, killed), "torch:save", 3, tmp_path / "paused")
     assert read_run(killed / "no_teacher")["train"]["status"] == "complete"
