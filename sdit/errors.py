@@ -1,5 +1,9 @@
 """Errors: `SDiTError`, the one a user can cause (the CLI prints it in one line, without a traceback), and
-`RejectedInput`, a record a stage skips and lists in its rejects file."""
+`RejectedInput`, a record a stage skips and lists in its rejects file; `read_json_object` reads a JSON file that
+may have been cut short, as one of them."""
+
+import json
+from pathlib import Path
 
 
 class SDiTError(Exception):
@@ -25,3 +29,15 @@ class RejectedInput(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason  # short snake_case code, e.g. "unreadable_image"
         self.detail = detail
+
+
+def read_json_object(path: Path, advice: str) -> dict:
+    """The JSON object in `path`; an SDiTError naming the file, with `advice`, where it is cut short or its bytes
+    changed on disk."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SDiTError(f"{path} is damaged ({brief(err)}); {advice}") from None
+    return data

@@ -21,7 +21,6 @@ whatever the batch it is sampled in, and on whatever device the network runs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from PIL import Image
 from . import sampling
 from .config import DEFAULT_GUIDANCE, vae_scale_factor
 from .dit import SDiT
-from .errors import SDiTError, brief
+from .errors import SDiTError, read_json_object
 
 # What the modules above import in turn, imported here only so that diffusers copies them too.
 from .latents import from_latent_space  # noqa: F401
@@ -81,12 +80,7 @@ def read_index(run: Path, pipeline_class: str) -> dict:
     if not (run / MODEL_INDEX).is_file():
         raise SDiTError(f"{run} is not an SDiT run folder (no {MODEL_INDEX}); make one with `sdit init` or "
                         "`sdit train`")
-    try:
-        index = json.loads((run / MODEL_INDEX).read_text())
-        if not isinstance(index, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as err:  # cut short, or bytes changed on disk
-        raise SDiTError(f"{run / MODEL_INDEX} is damaged ({brief(err)}); restore the run folder from a copy") from None
+    index = read_json_object(run / MODEL_INDEX, "restore the run folder from a copy")
     name = index.get("_class_name")
     name = name[-1] if isinstance(name, list) else name  # [module file, class] where the folder carries its code
     if name != pipeline_class:

@@ -32,7 +32,7 @@ import diffusers
 from sdit import dit, pipeline_sdit
 from sdit.config import DEFAULT_SCHEDULER
 from sdit.dit import SDiT
-from sdit.errors import SDiTError, brief
+from sdit.errors import SDiTError, read_json_object
 from sdit.files import recover_folder, replace_text, writing_folder
 from sdit.pipeline_sdit import MODEL_INDEX, TRANSFORMER, SDiTPipeline
 from sdit.sampling import SCHEDULERS, make_scheduler
@@ -114,12 +114,7 @@ def read_run(run: str | Path) -> dict:
     if not (run / MODEL_INDEX).exists() or not (run / RUN_FILE).exists():
         raise SDiTError(f"{run} is not an SDiT run folder (no {MODEL_INDEX} / {RUN_FILE}); make one with "
                         "`sdit init` or `sdit train`")
-    try:
-        data = json.loads((run / RUN_FILE).read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as err:  # cut short, or bytes changed on disk
-        raise SDiTError(f"{run / RUN_FILE} is damaged ({brief(err)}); restore the run folder from a copy") from None
+    data = read_json_object(run / RUN_FILE, "restore the run folder from a copy")
     if data.get("schema_version") != RUN_VERSION:
         raise SDiTError(f"{run}: run folder version {data.get('schema_version')}, this SDiT reads version "
                         f"{RUN_VERSION}")
