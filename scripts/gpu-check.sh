@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 
 # The wheels: each package the GPU machine's image lacks, at the version this project is tested with.
 WHEELS="diffusers==0.42.1 zarr==3.1.6 numcodecs==0.16.6 google-crc32c==1.9.0 donfig==0.8.1.post1
-importlib_metadata==10.2.0"
+importlib_metadata==10.2.0 typer==0.29.2 click==8.5.1
+pydantic==2.14.4 pydantic_core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 typing_extensions==4.16.0"
 
 if [ "${1:-}" = wheels ]; then
     for wheel in $WHEELS; do
