@@ -29,8 +29,8 @@ from .presets import PRESETS, Preset
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width fed to the timestep and guidance MLPs (DiT's value)
 MAX_PERIOD = 10_000  # longest sinusoid period, for timesteps, guidance and positions alike
-# w in 1..15 times 1000 lands on the scale of SD's timesteps (0..999), so the same
-# frequencies that tell t apart also tell w apart (LCM's w-embedding does the same).
+# The guidance embedding's sinusoids take 1000·w, as LCM's w-embedding does: a quarter of their
+# frequencies turn by more than a radian when w moves by 0.01, and half of them when it moves by 0.1.
 GUIDANCE_EMBED_SCALE = 1000.0
 
 
