@@ -28,6 +28,7 @@ from pipeline.bench.config import (
     Sd15Config,
 )
 from pipeline.config import (
+    LR_SCHEDULES,
     TIMESTEP_SAMPLING,
     EncodeConfig,
     EvalConfig,
@@ -299,6 +300,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per step, over all workers.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(min=0, help="AdamW learning rate after warm-up.")] = TrainConfig.lr,
     warmup: Annotated[int, typer.Option(rich_help_panel=SCHEDULE, min=0, help="Steps of linear learning-rate warm-up.")] = TrainConfig.warmup,
+    lr_schedule: Annotated[str, typer.Option(rich_help_panel=SCHEDULE, help=f"After the warm-up: {', '.join(LR_SCHEDULES)} (both decay to 0 at --steps, so a resume that raises --steps stretches the decay).")] = TrainConfig.lr_schedule,
     weight_decay: Annotated[float, typer.Option(rich_help_panel=SCHEDULE, min=0, help="AdamW's decoupled weight decay.")] = TrainConfig.weight_decay,
     grad_clip: Annotated[float, typer.Option(rich_help_panel=SCHEDULE, min=0, help="Clip the gradient's norm to this.")] = TrainConfig.grad_clip,
     ema_decay: Annotated[float, typer.Option(rich_help_panel=SCHEDULE, min=0, max=1, help="EMA of the weights (what the run folder holds).")] = TrainConfig.ema_decay,
@@ -333,7 +335,7 @@ def train(
     if (init is None) == (student is None) and not resume:
         raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
     options = dict(store=store, out=out, labels=labels, init=init, steps=steps, batch_size=batch_size, lr=lr,
-                   warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
+                   warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
                    task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr, high_noise_weight=high_noise_weight,
                    synthetic_weight=synthetic_weight, holdout=holdout, seed=seed, buffer_records=buffer_records,
                    checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, sample_every=sample_every,
@@ -531,6 +533,7 @@ def bench_distill(
     steps: Annotated[int, typer.Option(min=1, help="Training steps of every run.")] = DistillConfig.steps,
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per training step of every run.")] = DistillConfig.batch_size,
     lr: Annotated[float, typer.Option(min=0, help="Learning rate of every run.")] = DistillConfig.lr,
+    lr_schedule: Annotated[str, typer.Option(help=f"Every run's `train --lr-schedule`: {', '.join(LR_SCHEDULES)}.")] = DistillConfig.lr_schedule,
     high_noise_weight: Annotated[float, typer.Option(min=0, help="Every run's `train --high-noise-weight` (0: off).")] = DistillConfig.high_noise_weight,
     per_prompt: Annotated[int, typer.Option(min=1, help="Samples per evaluation prompt (96 held-out, 120 seen prompts).")] = DistillConfig.per_prompt,
     sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = DistillConfig.sample_steps,
@@ -556,7 +559,8 @@ def bench_distill(
     config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else _names(runs),
                            variants=load_variants(variants),
                            records=records, draws=draws,
-                           student=student, steps=steps, batch_size=batch_size, lr=lr, per_prompt=per_prompt,
+                           student=student, steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+                           per_prompt=per_prompt,
                            sample_steps=sample_steps, guidance=guidance, seed=seed,
                            high_noise_weight=high_noise_weight, synth_samples=synth_samples,
                            bank_per_pair=bank_per_pair or None, curve_points=curve_points, curve_prompts=curve_prompts,

@@ -143,6 +143,7 @@ class InitConfig:
             raise SDiTError(f"--sample-size {self.sample_size}: at least 1")
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up; cosine and linear decay to 0 at --steps
 LOGS = ("jsonl", "tensorboard")  # metrics.jsonl always; tensorboard adds event files beside it
 
 
@@ -156,6 +157,7 @@ class TrainConfig:
     batch_size: int = 64  # global: split over data-parallel workers
     lr: float = 1e-4
     warmup: int = 500
+    lr_schedule: str = "constant"  # after the warm-up: constant, or a decay to 0 at `steps` (LR_SCHEDULES)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -199,6 +201,8 @@ class TrainConfig:
             raise SDiTError(f"--holdout {self.holdout}: a fraction in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise SDiTError(f"--ema-decay {self.ema_decay}: in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SDiTError(f"--lr-schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise SDiTError(f"--dtype {self.precision!r}: auto, fp32 or bf16")
         if self.eval_every < 0 or self.eval_draws < 1:

@@ -42,7 +42,7 @@ from sdit.files import check_folder
 from sdit.loader import Batch, DrawStream, LabelledStore, Split
 from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import load_student, read_run, save_student, update_run
-from sdit.training import ema_decay, update_ema, warmup_factor
+from sdit.training import ema_decay, lr_factor, update_ema
 
 # --- distribution ----------------------------------------------------------------------------------------------
 
@@ -78,11 +78,6 @@ def _start_workers(workers: Workers, device: torch.device) -> None:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def _start_workers(workers: Workers, device: torch.device) -> None:
-    if workers.world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 # --- the training state and step ---------------------------------------------------------------------------------
 
 
@@ -96,7 +91,8 @@ def make_state(student: SDiT, config: TrainConfig, device: torch.device, workers
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, config.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, config.warmup, config.steps, config.lr_schedule))
     return TrainState(model, ema, optimizer, scheduler)
 
 

@@ -1,4 +1,4 @@
-"""What every trainer here shares: the EMA of the weights, the warm-up, and atomic checkpoints.
+"""What every trainer here shares: the EMA of the weights, the learning-rate schedule, and atomic checkpoints.
 
 The student trainer (pipeline/train.py) and the toy teacher's trainer (sdit/shapes/toy.py) both use them.
 
@@ -13,6 +13,7 @@ never half of one:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -43,6 +44,19 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def warmup_factor(step: int, warmup: int) -> float:
     """The learning rate's share at `step` (0-based) of a linear warm-up over `warmup` steps."""
     return min(1.0, (step + 1) / max(warmup, 1))
+
+
+def lr_factor(step: int, warmup: int, steps: int, schedule: str = "constant") -> float:
+    """The learning rate's share at `step` (0-based): the linear warm-up, then `constant`, or a decay to 0 at
+    `steps` that is `linear` or half a `cosine`."""
+    if step < warmup or schedule == "constant":
+        return warmup_factor(step, warmup)
+    done = min(1.0, (step - warmup) / max(steps - warmup, 1))
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
 def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,

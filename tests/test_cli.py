@@ -138,6 +138,8 @@ def _bad_inputs(root, tiny_teacher, labelled_store) -> list[tuple]:
         ("init: a file for --out", ["init", *teacher, *student, "--out", str(a_file)], "a.txt is a file"),
         ("train: labels of another name", ["train", str(labelled_store), *out, *student, "--labels", "other"],
          "no labels 'other'"),
+        ("train: an unknown --lr-schedule", ["train", str(labelled_store), *out, *student, "--lr-schedule", "step"],
+         "--lr-schedule 'step': choose one of constant, cosine, linear"),
         ("train: a run folder without weights", ["train", str(labelled_store), *out, "--init", str(no_weights)],
          "no-weights"),
         ("train: a manifest cut short", ["train", str(cut), *out, *student], "manifest.json is damaged"),

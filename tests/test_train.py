@@ -51,12 +51,13 @@ def test_a_run_trains_from_the_store_alone(labelled_store, tiny_teacher, tmp_pat
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", refuse)
     run = tmp_path / "run"
     summary = _train(labelled_store, run, teacher=str(no_unet), steps=6, checkpoint_every=2, keep_checkpoints=2,
-                     holdout=0.25, sample_every=3)
+                     holdout=0.25, sample_every=3, lr_schedule="linear")
     assert summary["steps"] == 6
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 7))
     assert set(metrics[0]) == {"step", "loss", "task_loss", "kd_loss", "lr", "grad_norm", "samples_per_s"}
-    assert metrics[0]["lr"] == pytest.approx(5e-4) and metrics[-1]["lr"] == pytest.approx(1e-3)  # warm-up
+    # 2 warm-up steps, then a linear decay over the other 4 (each step logs the rate it took)
+    assert [m["lr"] for m in metrics] == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     # The run folder holds the EMA weights of the last checkpoint, as a pipeline folder.
     ema = load_file(run / "checkpoints/step-00000006/ema.safetensors")

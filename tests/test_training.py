@@ -1,4 +1,5 @@
-"""Checkpoints (sdit.training): a round trip, and one-line refusals of files that do not read."""
+"""sdit.training: checkpoints (a round trip, and one-line refusals of files that do not read) and the learning-rate
+schedule."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from sdit.errors import SDiTError
-from sdit.training import OPTIMIZER, STATE, load_checkpoint, save_checkpoint
+from sdit.training import OPTIMIZER, STATE, load_checkpoint, lr_factor, save_checkpoint
 
 
 def _parts(seed: int):
@@ -53,3 +54,15 @@ def test_an_optimizer_file_of_another_shape_is_refused(tmp_path):
     (folder / STATE).write_text(json.dumps({"step": 1}))
     with pytest.raises(SDiTError, match="not a checkpoint's optimiser state"):
         load_checkpoint(folder, {"model": model}, optimizer)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    # after the 4 warm-up steps the decay runs over the remaining 6, reaching 0 after the last (step 10)
+    ("linear", [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+    ("cosine", [0.25, 0.5, 0.75, 1.0, 1.0, 0.9330127, 0.75, 0.5, 0.25, 0.0669873]),
+])
+def test_the_learning_rate_warms_up_then_follows_its_schedule(schedule, expected):
+    assert [lr_factor(step, 4, 10, schedule) for step in range(4, 10)] == pytest.approx(expected[4:], abs=1e-6)
+    assert [lr_factor(step, 4, 10, schedule) for step in range(4)] == pytest.approx(expected[:4])
+    assert lr_factor(12, 4, 10, schedule) == (1.0 if schedule == "constant" else 0.0)  # past the end

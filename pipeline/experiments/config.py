@@ -45,8 +45,8 @@ GUIDED_LABELS = "guided"
 LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str}
 
 
-TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "high_noise_weight": float, "kd_weight": float,
-                 "task_weight": float, "student": str}
+TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "warmup": int, "lr_schedule": str,
+                 "high_noise_weight": float, "kd_weight": float, "task_weight": float, "student": str}
 
 
 PROMPTS_PER_PAIR = 6  # each shape-colour pair of the evaluation prompts: 3 backgrounds x 2 sizes
@@ -71,6 +71,7 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 3e-3  # 3e-3 learnt shapes sooner than 1e-3 for both kinds of student (1,000-step runs)
     warmup: int = 100
+    lr_schedule: str = "constant"  # `train --lr-schedule` of every run
     ema_decay: float = 0.999
     high_noise_weight: float = 5.0  # every run's (0: off); it helped every student (docs/shapes-world.md)
     holdout: float = 0.05  # records kept out of training, for the teacher-agreement figure

@@ -97,8 +97,9 @@ def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> d
         trainings[name] = replace(TrainConfig(
             store=str(store), out=str(out), labels=run.labels, init=str(Path(config.out) / run.init),
             steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
-            ema_decay=config.ema_decay, high_noise_weight=config.high_noise_weight, holdout=config.holdout,
-            seed=config.seed, sample_every=0, resume=(out / RUN_FILE).exists() and "train" in read_run(out),
+            lr_schedule=config.lr_schedule, ema_decay=config.ema_decay, high_noise_weight=config.high_noise_weight,
+            holdout=config.holdout, seed=config.seed, sample_every=0,
+            resume=(out / RUN_FILE).exists() and "train" in read_run(out),
             # curve_points checkpoints, the last at the final step (none a few steps apart)
             checkpoint_every=-(-steps // max(config.curve_points, 1)), keep_checkpoints=max(config.curve_points, 1)),
             **run.training)
