@@ -298,6 +298,7 @@ def train(
     labels: Annotated[str, typer.Option(help="Which labels of the store: labels/NAME.")] = TrainConfig.labels,
     steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in all (a resumed run may raise it).")] = TrainConfig.steps,
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per step, over all workers.")] = TrainConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option(rich_help_panel=HARDWARE, min=1, help="Split each worker's share of --batch-size into this many forward-backward passes, gradients summed before the step: the same step in less memory.")] = TrainConfig.grad_accum,
     lr: Annotated[float, typer.Option(min=0, help="AdamW learning rate after warm-up.")] = TrainConfig.lr,
     warmup: Annotated[int, typer.Option(rich_help_panel=SCHEDULE, min=0, help="Steps of linear learning-rate warm-up.")] = TrainConfig.warmup,
     lr_schedule: Annotated[str, typer.Option(rich_help_panel=SCHEDULE, help=f"After the warm-up: {', '.join(LR_SCHEDULES)} (both decay to 0 at --steps, so a resume that raises --steps stretches the decay).")] = TrainConfig.lr_schedule,
@@ -335,7 +336,8 @@ def train(
     if (init is None) == (student is None) and not resume:
         raise SDiTError("give either --init RUN_FOLDER (from `sdit init`) or --student PRESET")
     options = dict(store=store, out=out, labels=labels, init=init, steps=steps, batch_size=batch_size, lr=lr,
-                   warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay,
+                   grad_accum=grad_accum, warmup=warmup, lr_schedule=lr_schedule, weight_decay=weight_decay,
+                   grad_clip=grad_clip, ema_decay=ema_decay,
                    task_weight=task_weight, kd_weight=kd_weight, min_snr=min_snr, high_noise_weight=high_noise_weight,
                    synthetic_weight=synthetic_weight, holdout=holdout, seed=seed, buffer_records=buffer_records,
                    checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, sample_every=sample_every,

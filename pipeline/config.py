@@ -155,6 +155,7 @@ class TrainConfig:
     init: str | None = None  # a run folder from `sdit init`, copied into `out`; None: `train`'s make_run makes it
     steps: int = 10_000
     batch_size: int = 64  # global: split over data-parallel workers
+    grad_accum: int = 1  # each worker's share of the batch in this many forward-backward passes a step
     lr: float = 1e-4
     warmup: int = 500
     lr_schedule: str = "constant"  # after the warm-up: constant, or a decay to 0 at `steps` (LR_SCHEDULES)
@@ -188,8 +189,9 @@ class TrainConfig:
     resume: bool = False
 
     def check(self) -> None:
-        if min(self.steps, self.batch_size, self.checkpoint_every, self.keep_checkpoints) < 1:
-            raise SDiTError("--steps, --batch-size, --checkpoint-every and --keep-checkpoints must be at least 1")
+        if min(self.steps, self.batch_size, self.grad_accum, self.checkpoint_every, self.keep_checkpoints) < 1:
+            raise SDiTError("--steps, --batch-size, --grad-accum, --checkpoint-every and --keep-checkpoints must be at "
+                            "least 1")
         if self.task_weight < 0 or self.kd_weight < 0 or self.task_weight + self.kd_weight == 0:
             raise SDiTError("--task-weight and --kd-weight must be >= 0, and not both 0")
         check_high_noise_weight(self.high_noise_weight)

@@ -40,7 +40,7 @@ from sdit.dit import SDiT
 from sdit.errors import SDiTError
 from sdit.files import check_folder
 from sdit.loader import Batch, DrawStream, LabelledStore, Split
-from sdit.losses import distillation_loss, draw_weight, timestep_weight, true_noise_mask
+from sdit.losses import Losses, distillation_loss, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import load_student, read_run, save_student, update_run
 from sdit.training import ema_decay, lr_factor, update_ema
 
@@ -108,26 +108,22 @@ class Trainer:
         self.autocast = autocast(config.precision, device)
 
     def step(self, batch: Batch) -> dict:
-        """Forward, backward, clip, AdamW, EMA. Returns this step's metrics (over all workers)."""
+        """Forward and backward of each of the `grad_accum` parts of the batch, then clip, AdamW, EMA. Returns this
+        step's metrics (over all workers)."""
         s, c, dev = self.state, self.config, self.device
-        x, text = batch.x_t.to(dev), batch.text.to(dev).float()
-        t = batch.timesteps.to(dev)
-        with self.autocast:
-            eps = s.model(x, t, text, guidance=batch.guidance.to(dev) if self.guided else None)
-        weight = timestep_weight(self.schedule, batch.timesteps, c.min_snr, c.high_noise_weight)
-        weight = weight.to(dev) if weight is not None else None
-        weight = draw_weight(batch.synthetic.to(dev), c.synthetic_weight, weight)
-        mask = true_noise_mask(batch.kind, batch.guidance).to(dev)
-        losses = distillation_loss(eps, batch.noise.to(dev), batch.eps_teacher.to(dev), mask, c.task_weight,
-                                   c.kd_weight, weight)
-        totals = self.workers.sum(torch.stack([losses.loss.detach() * len(batch), losses.task_sum,
-                                               losses.task_count, losses.kd_sum,
-                                               torch.tensor(float(len(batch)), device=dev)]).float())
-        loss, task_sum, task_count, kd_sum, n = totals.tolist()
+        s.optimizer.zero_grad(set_to_none=True)
+        parts = batch.split(c.grad_accum)
+        sums = torch.zeros(5, device=dev)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1  # data-parallel workers average their gradients after the last part only
+            with nullcontext() if last else getattr(s.model, "no_sync", nullcontext)():
+                losses = self.losses(part)
+                (losses.loss * (len(part) / len(batch))).backward()
+            sums += torch.stack([losses.loss.detach() * len(part), losses.task_sum, losses.task_count,
+                                 losses.kd_sum, torch.tensor(float(len(part)), device=dev)]).float()
+        loss, task_sum, task_count, kd_sum, n = self.workers.sum(sums).tolist()
         if not math.isfinite(loss):
             raise NonFinite(s.step + 1, "loss")
-        s.optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), c.grad_clip))
         if not math.isfinite(grad_norm):
             raise NonFinite(s.step + 1, "gradient norm")
@@ -139,6 +135,18 @@ class Trainer:
         update_ema(s.ema, plain(s.model), ema_decay(s.step, c.ema_decay))
         return {"step": s.step, "loss": loss / n, "task_loss": task_sum / task_count if task_count else None,
                 "kd_loss": kd_sum / n, "lr": lr, "grad_norm": grad_norm}
+
+    def losses(self, batch: Batch) -> Losses:
+        """The loss of one part of a step's batch: Σ over its draws / its size (sdit.losses)."""
+        c, dev = self.config, self.device
+        x, text, t = batch.x_t.to(dev), batch.text.to(dev).float(), batch.timesteps.to(dev)
+        with self.autocast:
+            eps = self.state.model(x, t, text, guidance=batch.guidance.to(dev) if self.guided else None)
+        weight = timestep_weight(self.schedule, batch.timesteps, c.min_snr, c.high_noise_weight)
+        weight = draw_weight(batch.synthetic.to(dev), c.synthetic_weight, None if weight is None else weight.to(dev))
+        mask = true_noise_mask(batch.kind, batch.guidance).to(dev)
+        return distillation_loss(eps, batch.noise.to(dev), batch.eps_teacher.to(dev), mask, c.task_weight,
+                                 c.kd_weight, weight)
 
     def fit(self, batches: Iterable[Batch], monitor: Monitor | None = None,
             on_step: Callable[[dict], None] | None = None) -> None:

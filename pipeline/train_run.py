@@ -34,7 +34,7 @@ CHECKPOINTS = "checkpoints"
 # is now, wherever it was trained, and `resume` says that it resumes: neither is compared.
 RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_steps",
              "sample_guidance", "sample_scheduler", "eval_every", "eval_draws", "eval_clip", "log", "device",
-             "threads", "precision", "gradient_checkpointing")
+             "threads", "precision", "gradient_checkpointing", "grad_accum")
 PATHS = ("store", "init", "out")  # recorded and compared as where they lead, not as written
 FLAGS = {"precision": "--dtype", "threads": None}  # the CLI's names where they differ from the field's; None: none
 

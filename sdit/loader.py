@@ -94,6 +94,12 @@ class Batch:
         """The first `n` draws."""
         return Batch(**{name: getattr(self, name)[:n] for name in BATCH_TENSORS}, position=self.position)
 
+    def split(self, n: int) -> list[Batch]:
+        """`n` consecutive parts of near-equal size (the empty ones left out), each with this batch's position."""
+        parts = {name: torch.tensor_split(getattr(self, name), n) for name in BATCH_TENSORS}
+        return [Batch(**{name: parts[name][i] for name in BATCH_TENSORS}, position=self.position)
+                for i in range(n) if len(parts["timesteps"][i])]
+
     @staticmethod
     def cat(parts: list[Batch], position: Position) -> Batch:
         return Batch(**{n: torch.cat([getattr(p, n) for p in parts]) for n in BATCH_TENSORS}, position=position)

@@ -83,6 +83,16 @@ def test_a_resumed_run_repeats_the_uninterrupted_one(labelled_store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("grad_accum", [2, 3])  # 3: parts of 3, 3 and 2 draws
+def test_a_batch_in_parts_takes_the_same_steps_as_the_whole_batch(labelled_store, tmp_path, grad_accum):
+    _train(labelled_store, tmp_path / "whole", steps=4, buffer_records=4)
+    _train(labelled_store, tmp_path / "parts", steps=4, buffer_records=4, grad_accum=grad_accum)
+    whole, parts = np.array(_losses(tmp_path / "whole")), np.array(_losses(tmp_path / "parts"))
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    a, b = load_student(tmp_path / "whole").state_dict(), load_student(tmp_path / "parts").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 @pytest.mark.slow
 def test_a_run_started_before_an_option_existed_resumes_with_its_default(labelled_store, tmp_path):
     run = tmp_path / "run"
@@ -291,13 +301,14 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
 
 @pytest.mark.slow
 def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store, tmp_path):
+    """Each of the two workers takes its 4 draws of a step in 2 parts (--grad-accum 2), synchronising once."""
     options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--steps", "6"]
     env = child_env()
     subprocess.run(cli_command("train", labelled_store, "--out", tmp_path / "one", *options), check=True, env=env,
                    capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, "-m", "cli", "train", str(labelled_store), "--out", str(tmp_path / "two"),
-                           *options], env=env, capture_output=True, text=True)
+                           *options, "--grad-accum", "2"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r[0] for r in two] == list(range(1, 7))
