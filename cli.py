@@ -576,7 +576,8 @@ def bench_distill(
         report = distill(config, stage, on_step)
     _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
     curves = f"; learning curves: {out}/curves.png" if curve_points else ""
-    typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md{curves}")
+    typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md{curves}; "
+               f"score against the teacher's cost: {out}/budget.png")
 
 
 @bench_app.command("substitution")

@@ -50,6 +50,7 @@ from pathlib import Path
 from pipeline.encode import EncodeConfig, encode
 from pipeline.experiments.config import DistillConfig, Say
 from pipeline.experiments.plan import Labelling, plan, train_configs
+from pipeline.experiments.plots import plot_budget
 from pipeline.experiments.report import format_report
 from pipeline.experiments.scoring import add_curves, score_all
 from pipeline.experiments.side_by_side import train_side_by_side
@@ -91,6 +92,7 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     report = {"runs": {n: results[n] for n in config.names}, "teacher": results["teacher"],
               "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config)),
               "teacher_hashes": teacher.identity.hashes}
+    plot_budget(out / "budget.png", report["runs"], report["teacher"])
     replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     replace_text(out / "report.md", format_report(report) + "\n")
     return report

@@ -1,4 +1,5 @@
-"""The experiment's pictures: learning curves, the substitution curve and the grid of samples."""
+"""The experiment's pictures: learning curves, the substitution curve, the score against the teacher's cost and
+the grid of samples."""
 
 from __future__ import annotations
 
@@ -42,6 +43,34 @@ def plot_scores(png: Path, lines: dict[str, list[tuple[float, dict]]], teacher: 
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with replacing(png) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def plot_budget(png: Path, runs: dict[str, dict], teacher: dict) -> None:
+    """Each run's fair held-out score, with its 95% interval, against the teacher forwards its labels cost
+    (labelling and teacher samples together); the teacher's own score dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for k, (name, run) in enumerate(runs.items()):
+        x, y = run["teacher_forwards"], run["heldout_acc"]
+        low, high = run.get("intervals", {}).get("heldout_acc", (y, y))
+        ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", markersize=4, capsize=3, color=f"C{k}",
+                    label=name)
+    ax.axhline(teacher["heldout_acc"], color="black", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlabel("teacher forwards (labels and samples)")
+    ax.set_ylabel("held-out concepts (fair)")
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(1.0, ax.get_ylim()[1]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with replacing(png) as tmp:
         fig.savefig(tmp)
