@@ -43,7 +43,7 @@ DEMO := runs/demo
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_synth --bank-per-pair 4 --synth-samples 4 \
-		--steps 800 --lr 3e-3 --per-prompt 1 --sample-steps 20 --curve-points 8 --curve-prompts 1 \
+		--steps 800 --lr 3e-3 --per-prompt 2 --sample-steps 20 --curve-points 8 --curve-prompts 1 \
 		--json $(DEMO)/figures.json
 
 bench: install

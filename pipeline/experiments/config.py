@@ -75,7 +75,7 @@ class DistillConfig:
     ema_decay: float = 0.999
     high_noise_weight: float = 5.0  # every run's (0: off); it helped every student (docs/shapes-world.md)
     holdout: float = 0.05  # records kept out of training, for the teacher-agreement figure
-    per_prompt: int = 2  # samples per evaluation prompt
+    per_prompt: int = 2  # samples per evaluation prompt (2 or more: the intervals resample them)
     sample_steps: int = EVAL_STEPS
     guidance: float = EVAL_GUIDANCE  # students and teacher
     guidance_range: tuple[float, float] = (1.0, 5.0)  # kd_guided's labels: w drawn per draw from this window
@@ -83,6 +83,7 @@ class DistillConfig:
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)
     curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
     curve_prompts: int = 2  # per shape-colour pair of the evaluation prompts (of 6), for the curves
+    curve_per_prompt: int = 2  # samples per prompt of each curve point
     jobs: int = 0  # runs trained side by side, each in its own process (0: as many as runs, up to the cores)
     # The teacher's samples, kept for reruns with the same teacher, prompts, noise and sampler (None: in OUT).
     teacher_samples: str | None = None
@@ -98,10 +99,14 @@ class DistillConfig:
             raise SDiTError(f"variants {sorted(clash)} are also runs of --runs: give them other names")
         if self.student not in PRESETS:
             raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
+        if self.per_prompt < 2:
+            raise SDiTError(f"--per-prompt {self.per_prompt}: give 2 or more (a score's 95% interval resamples each "
+                            "prompt's samples)")
         if self.jobs < 0:
             raise SDiTError("--jobs must be at least 0 (0: as many as runs, up to the cores)")
-        if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR:
-            raise SDiTError(f"--curve-points must be >= 0 and --curve-prompts in 1..{PROMPTS_PER_PAIR}")
+        if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR or self.curve_per_prompt < 1:
+            raise SDiTError(f"--curve-points must be >= 0, --curve-prompts in 1..{PROMPTS_PER_PAIR} and "
+                            "--curve-per-prompt at least 1")
         if not Path(self.teacher).exists():
             raise SDiTError(f"teacher not found: {self.teacher} (the toy teacher ships in data/toy-sd)")
 

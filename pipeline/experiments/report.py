@@ -34,8 +34,10 @@ def format_report(report: dict) -> str:
                      f"{r['seen_attr_acc']:.3f} | {mse} | {r['sample_forwards']}, "
                      f"{1000 * r['sample_s_per_image']:.0f} |")
     concepts = list(report["teacher"]["heldout_concepts"])
-    lines += ["", "In brackets: 95% intervals, from 2,000 bootstrap draws of the prompts and, within each, its "
-              "samples; a gain is paired (both runs sampled from the same prompts and noise).", "",
+    lines += ["", "In brackets: 95% intervals from 2,000 bootstrap draws of each prompt's samples (the prompts are "
+              "every pair with every background and size): how far the sampling noise of the evaluation moves a "
+              "figure, not how far another training run would; a gain is paired (both runs sampled from the same "
+              "prompts and noise).", "",
               "Held-out concepts, each: hit / false positive / fair ± its standard error (a sample shows a concept "
               "only when it is a recognisable object).", "", "| run | " + " | ".join(concepts) + " |",
               "|---" * (len(concepts) + 1) + "|"]

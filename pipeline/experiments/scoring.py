@@ -116,7 +116,7 @@ def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teach
     curve prompts, from the same noise each time; the teacher on them too, as the reference line. Adds `curves`
     and `speedup` to each run's results and writes curves.png."""
     prompts = curve_prompts(config)
-    asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    asked = {split: [p for p in plist for _ in range(config.curve_per_prompt)] for split, plist in prompts.items()}
     texts = {split: [p.text for p in plist] for split, plist in asked.items()}
 
     def point(run: Path | None, ema: Path | None = None) -> dict:

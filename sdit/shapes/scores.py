@@ -5,10 +5,11 @@
 a rival value, and `mean_fair` averages it into one headline; `figures` gathers every figure the experiment
 reports for one model.
 
-How sure a figure is comes from a two-stage bootstrap (`resample`): each draw picks the prompts of each split with
-replacement, then each picked prompt's samples with replacement, and `headline_draws` recomputes the headline
-figures under it. Models sampled from the same prompts and noise share the draws, so the spread of a difference
-between two models is the spread of their paired difference (`interval`).
+How sure a figure is comes from a bootstrap of the samples (`resample`): each draw keeps every prompt (they are
+every pair of a split with every background and size, not a sample of prompts) and picks each prompt's samples from
+its own with replacement, and `headline_draws` recomputes the headline figures under it. Models sampled from the
+same prompts and noise share the draws, so the spread of a difference between two models is the spread of their
+paired difference (`interval`).
 """
 
 from __future__ import annotations
@@ -163,28 +164,21 @@ LEVEL = 0.95
 
 def resample(asked: dict[str, Sequence[world.Prompt]], draws: int = 2000, seed: int = 0) -> np.ndarray:
     """(draws, N) how often each of the N samples (the splits' samples in `asked`'s order, as `figures` takes
-    them) appears in each bootstrap draw: per split, its prompts drawn with replacement, then each drawn prompt's
-    samples drawn with replacement from that prompt's own samples."""
+    them) appears in each bootstrap draw: every prompt keeps its place and its number of samples, drawn with
+    replacement from its own samples. The evaluation prompts are every pair of a split with every background and
+    size, not a sample of prompts, so what varies between draws is the noise of each sample alone."""
     rng = np.random.default_rng(seed)
     columns = []
     for split in asked:
         groups: dict[world.Prompt, list[int]] = {}
         for i, prompt in enumerate(asked[split]):
             groups.setdefault(prompt, []).append(i)
-        n = len(asked[split])
-        flat = np.zeros(draws * n)
-        offsets = (np.arange(draws) * n)[:, None, None]
-        picked = rng.integers(len(groups), size=(draws, len(groups)))  # prompts, with replacement
-        for size in {len(m) for m in groups.values()}:  # prompts with as many samples draw them alike
-            ids = [g for g, m in enumerate(groups.values()) if len(m) == size]
-            members = np.array([m for m in groups.values() if len(m) == size])  # (prompts of this size, size)
-            slot = np.full(len(groups), -1)
-            slot[ids] = np.arange(len(ids))
-            rows, cols = np.nonzero(slot[picked] >= 0)
-            chosen = members[slot[picked[rows, cols]]][np.arange(len(rows))[:, None],
-                                                        rng.integers(size, size=(len(rows), size))]
-            flat += np.bincount((chosen + offsets[rows, 0]).ravel(), minlength=draws * n)
-        columns.append(flat.reshape(draws, n))
+        counts = np.zeros((draws, len(asked[split])))
+        for members in groups.values():
+            picks = rng.integers(len(members), size=(draws, len(members)))  # (draw, sample): which of its own
+            flat = (picks + len(members) * np.arange(draws)[:, None]).ravel()
+            counts[:, members] = np.bincount(flat, minlength=draws * len(members)).reshape(draws, len(members))
+        columns.append(counts)
     return np.concatenate(columns, axis=1)
 
 

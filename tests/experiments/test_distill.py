@@ -35,7 +35,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     out, figures = tmp_path / "distill", tmp_path / "distill.json"
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
-                                      "--per-prompt", "1", "--sample-steps", "2", "--jobs", "2",
+                                      "--per-prompt", "2", "--sample-steps", "2", "--jobs", "2",
                                       "--bank-per-pair", "1", "--curve-prompts", "1", "--json", str(figures)])
     assert result.exit_code == 0, result.output
     report = json.loads(figures.read_text())
@@ -142,7 +142,7 @@ def _variants_args(tiny_teacher, tmp_path, out) -> list:
     variants.write_text(VARIANTS)
     return ["bench", "distill", "--out", out, "--teacher", tiny_teacher, "--runs", "no_teacher",
             "--variants", variants, "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
-            "--per-prompt", "1", "--sample-steps", "2", "--curve-points", "2", "--curve-prompts", "1",
+            "--per-prompt", "2", "--sample-steps", "2", "--curve-points", "2", "--curve-prompts", "1",
             "--bank-per-pair", "1", "--jobs", "1"]
 
 

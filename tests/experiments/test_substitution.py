@@ -12,7 +12,7 @@ from sdit.tiny import save_tiny_teacher
 
 # What the end-to-end tests measure: two sizes, tiny runs.
 OPTIONS = ["--sizes", "12,24", "--multiplier-at", "12", "--draws", "2", "--steps", "2", "--batch-size", "8",
-           "--per-prompt", "1", "--sample-steps", "2", "--jobs", "1"]
+           "--per-prompt", "2", "--sample-steps", "2", "--jobs", "1"]
 
 
 @pytest.fixture(scope="module")
