@@ -255,8 +255,13 @@ def _manifest(config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifes
         synthetic_set=synthetic.set_id if synthetic else None)
 
 
-# What must match for a rerun to resume a labelling rather than refuse it.
+# What must match for a rerun to resume a labelling rather than refuse it; of the teacher, its weights' hashes
+# alone: the same weights resume wherever their files sit and in either layout.
 _RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "synthesis", "synthetic_set")
+
+
+def _resume_value(meta: LabelsManifest, key: str):
+    return meta.teacher["hashes"] if key == "teacher" else getattr(meta, key)
 
 
 def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher,
@@ -267,7 +272,7 @@ def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher,
         store.remove("_done", config.group)
     elif (old := read_labels(store, config.name)) is not None:
         for key in _RESUME_KEYS:
-            if getattr(old, key) != getattr(meta, key):
+            if _resume_value(old, key) != _resume_value(meta, key):
                 what = "set of synthetic records" if key == "synthetic_set" else key
                 raise SDiTError(f"labels {config.name!r} were made with another {what}; pass --labels NAME for a "
                                 "new set, or --overwrite")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors.torch import load_file, save_file
 
 from conftest import ALL_KINDS, child_env, cli_command, kill_paused_at, kill_when
 from pipeline.encode import EncodeConfig, encode
@@ -89,6 +90,22 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(store, tiny_teacher):
     assert counts["shards"] == 4
     whole, crash = _labels(store, "whole"), _labels(store, "crash")
     assert whole.keys() == crash.keys() and all(np.array_equal(whole[k], crash[k]) for k in whole)
+
+
+def test_a_labelling_resumes_with_the_same_weights_from_another_place_and_refuses_other_weights(
+        store, tiny_teacher, tmp_path):
+    _label(store, tiny_teacher, name="moved", draws=2)
+    whole = _labels(store, "moved")
+    (store / "_done" / "labels" / "moved" / "00001.json").unlink()
+    elsewhere = shutil.copytree(tiny_teacher, tmp_path / "another-machine" / "teacher")
+    assert _label(store, elsewhere, name="moved", draws=2)["shards"] == 4
+    resumed = _labels(store, "moved")
+    assert resumed.keys() == whole.keys() and all(np.array_equal(whole[k], resumed[k]) for k in whole)
+    retrained = shutil.copytree(tiny_teacher, tmp_path / "retrained")  # the same VAE and text encoder
+    unet = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    with pytest.raises(SDiTError, match="made with another teacher"):
+        _label(store, retrained, name="moved", draws=2)
 
 
 @pytest.mark.slow
