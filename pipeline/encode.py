@@ -180,7 +180,8 @@ def encode(config: EncodeConfig, progress: Progress = no_progress,
         if on_total:
             on_total(_total(source, prompts, config.limit))
         done = {"records": store.finished("records"), "prompts": store.finished("prompts")}
-        tasks = _pending(plan(config, source, prompts), done, progress)
+        planned: dict[str, set[int]] = {"records": set(), "prompts": set()}
+        tasks = _pending(plan(config, source, prompts), done, planned, progress)
         if config.ray_address:
             with ray_session(config.ray_address, config.out):
                 _run(RayExecutor(factory, num_workers=config.num_workers,
@@ -189,7 +190,8 @@ def encode(config: EncodeConfig, progress: Progress = no_progress,
         else:
             encoder.store = store
             _run(LocalExecutor(lambda: encoder), tasks, config, progress)
-        return finish(store, manifest, skipped=sum(len(d) for d in done.values()), min_size=config.min_short_side)
+        return finish(store, manifest, planned, skipped=sum(len(d) for d in done.values()),
+                      min_size=config.min_short_side)
 
 
 def plan(config: EncodeConfig, source: Iterable[SourceItem],
@@ -245,8 +247,11 @@ def _caption_reject(item: SourceItem) -> str | None:
     return None
 
 
-def _pending(tasks: Iterable[ShardTask], done: dict[str, dict], progress: Progress) -> Iterator[ShardTask]:
+def _pending(tasks: Iterable[ShardTask], done: dict[str, dict], planned: dict[str, set[int]],
+             progress: Progress) -> Iterator[ShardTask]:
+    """The tasks not finished yet; `planned` collects every task's shard, finished or not."""
     for task in tasks:
+        planned[task.group].add(task.index)
         if task.index in done[task.group]:
             progress(task.size)
             continue
@@ -260,10 +265,12 @@ def _run(executor, tasks: Iterable[ShardTask], config: EncodeConfig, progress: P
         progress(result["size"])
 
 
-def finish(store: Store, manifest: Manifest, skipped: int, min_size: int) -> EncodeSummary:
-    """Count what the shards hold and mark the store complete; a store with no records is refused in one line
-    that tallies why every item was rejected, and stays unfinished."""
-    records, prompts = store.finished("records"), store.finished("prompts")
+def finish(store: Store, manifest: Manifest, planned: dict[str, set[int]], skipped: int,
+           min_size: int) -> EncodeSummary:
+    """Count what the shards hold and mark the store complete. The store stays unfinished, refused in one line,
+    when a planned shard is not there as the driver sees it (the workers wrote where the driver cannot read), and
+    when it holds no records (the line tallies why every item was rejected)."""
+    records, prompts = (store.all_finished(group, planned[group]) for group in ("records", "prompts"))
     rejects = sorted((r for d in (records, prompts) for rec in d.values() for r in rec["rejects"]),
                      key=lambda r: (r["group"], r["position"]))
     store.write_lines(iter(rejects), "rejects.jsonl")

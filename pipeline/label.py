@@ -296,13 +296,13 @@ def _tally(done: dict[int, dict]) -> dict:
 def finish(store: Store, config: LabelConfig, meta: LabelsManifest, seconds: float) -> dict:
     """Counts of the records' draws (and, apart, the synthetic records'), and the teacher forwards the labels
     cost in all: one a draw (two with guidance), plus the synthesis of the synthetic records they label."""
-    records = _tally(store.finished(config.group))
+    records = _tally(store.all_finished(config.group, store.finished("records")))
     counts = {k: v for k, v in records.items() if k != "bytes"}
     counts["bytes_per_draw"] = records["bytes"] / max(records["draws"], 1)
     per_draw = 2 if config.guidance else 1
     forwards = {"records": records["draws"] * per_draw}
     if config.synthesis:
-        synthetic = _tally(store.finished(config.label_group(SYNTHETIC)))
+        synthetic = _tally(store.all_finished(config.label_group(SYNTHETIC), store.finished(SYNTHETIC)))
         made = read_synthetic(store).counts
         counts["synthetic"] = {k: v for k, v in synthetic.items() if k != "bytes"} | {
             "records": made["samples"], "samples_dropped": made["dropped"]}

@@ -31,7 +31,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import PurePath, PurePosixPath
@@ -352,6 +352,18 @@ class Store:
             yield
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise Damaged(self.url, name, json_problem(err)) from None
+
+    def all_finished(self, group: str, expected: Iterable[int]) -> dict[int, dict]:
+        """`finished(group)`, refused in one line when a shard of `expected` is not among them: its worker wrote
+        it where this machine cannot read (a relative or node-local path on a cluster)."""
+        done = self.finished(group)
+        expected = set(expected)
+        if missing := sorted(expected - set(done)):
+            shown = ", ".join(f"{group}/{k:05d}" for k in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise SDiTError(f"{len(missing)} of {len(expected)} shards are not in {self.url} as this machine sees it "
+                            f"({shown}), though the workers finished them: give an --out that the workers and this "
+                            "machine share (a shared filesystem or object storage), then run again")
+        return done
 
     def iter_shards(self, group: str = "records") -> Iterator[tuple[int, zarr.Group]]:
         for index in self.finished(group):

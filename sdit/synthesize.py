@@ -257,12 +257,12 @@ def prepare_synthesis(store: Store, meta: SyntheticManifest) -> list[int]:
 
 
 def finish_synthesis(store: Store, meta: SyntheticManifest) -> SyntheticManifest:
-    """Counts over the finished shards; status "complete" once every shard is. Returns the manifest."""
-    done = store.finished(SYNTHETIC)
+    """Counts over the finished shards, every one of them: status "complete". Returns the manifest."""
+    done = store.all_finished(SYNTHETIC, range(meta.shards))
     counts = {"samples": sum(r["count"] for r in done.values()), "dropped": sum(r["dropped"] for r in done.values()),
               "planned": meta.prompts * meta.config["samples"], "shards": len(done),
               "teacher_forwards": sum(r["teacher_forwards"] for r in done.values())}
-    meta = dataclasses.replace(meta, counts=counts, status="complete" if len(done) == meta.shards else "in_progress")
+    meta = dataclasses.replace(meta, counts=counts, status="complete")
     write_synthetic(store, meta)
     return meta
 

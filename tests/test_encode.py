@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
+import pipeline.encode as encode_stage
 from conftest import SAMPLES, child_env, cli_command, kill_when
 from pipeline.bench import generate_images
 from pipeline.encode import EncodeConfig, EncodeSummary, encode
@@ -174,6 +175,23 @@ def test_unfinished_shards_are_redone(folder_store, tiny_teacher, tmp_path):
     summary = _encode(SAMPLES, tiny_teacher, out, shard_size=4, batch_size=3)
     assert summary.skipped_shards == summary.shards - 2
     _assert_same(_arrays(folder_store), _arrays(out))
+
+
+def test_shards_the_workers_wrote_where_the_driver_cannot_see_leave_the_store_unfinished(tiny_teacher, tmp_path,
+                                                                                        monkeypatch):
+    out = tmp_path / "s"
+    run = encode_stage._run
+
+    def workers_on_their_own_disks(executor, tasks, config, progress):  # shard 1 lands on a worker's local disk
+        run(executor, tasks, config, progress)
+        (out / "_done" / "records" / "00001.json").unlink()
+
+    monkeypatch.setattr(encode_stage, "_run", workers_on_their_own_disks)
+    with pytest.raises(SDiTError, match=r"1 of \d+ shards are not in .* \(records/00001\).*--out that the workers"):
+        _encode(SAMPLES, tiny_teacher, out, shard_size=4)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
+    monkeypatch.setattr(encode_stage, "_run", run)
+    assert _encode(SAMPLES, tiny_teacher, out, shard_size=4).skipped_shards > 0  # a rerun finishes the store
 
 
 def test_batch_size_does_not_change_the_records(folder_store, tiny_teacher, tmp_path):

@@ -8,6 +8,7 @@ import torch
 import zarr
 from safetensors.torch import load_file, save_file
 
+import pipeline.label as label_stage
 from conftest import ALL_KINDS, child_env, cli_command, kill_paused_at, kill_when
 from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
@@ -106,6 +107,19 @@ def test_a_labelling_resumes_with_the_same_weights_from_another_place_and_refuse
     save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
     with pytest.raises(SDiTError, match="made with another teacher"):
         _label(store, retrained, name="moved", draws=2)
+
+
+def test_label_shards_the_driver_cannot_see_leave_the_labels_unfinished(store, tiny_teacher, monkeypatch):
+    run = label_stage._run
+
+    def workers_on_their_own_disks(executor, tasks, config, progress, unit):  # shard 2 lands on a worker's disk
+        run(executor, tasks, config, progress, unit)
+        (store / "_done" / "labels" / "unseen" / "00002.json").unlink(missing_ok=True)
+
+    monkeypatch.setattr(label_stage, "_run", workers_on_their_own_disks)
+    with pytest.raises(SDiTError, match=r"1 of 4 shards are not in .*\(labels/unseen/00002\)"):
+        _label(store, tiny_teacher, name="unseen", draws=1)
+    assert json.loads((store / "labels" / "unseen" / "manifest.json").read_text())["status"] != "complete"
 
 
 @pytest.mark.slow
