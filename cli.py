@@ -369,6 +369,8 @@ def train(
 
         summary = run_train(config, on_step, make_run)
     if main:
+        for note in summary["reset"]:
+            typer.echo(f"resumed, but {note}", err=True)
         typer.echo(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s into {out} "
                    f"(samples: {summary['samples']}; metrics: {out}/metrics.jsonl; loss curve: {out}/loss.png)")
 

@@ -249,7 +249,7 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         seconds = time.perf_counter() - started
         summary = {"steps": state.step, "seconds": seconds,
                    "steps_per_s": (state.step - first) / seconds if seconds else None,
-                   "draws": stream.total, "run": str(out)}
+                   "draws": stream.total, "run": str(out), "reset": state.reset}
         if monitor:
             summary["samples"] = str(monitor.sample_grid(state.ema, state.step)) if config.sample_prompts else None
             plot_losses(out / METRICS, out / LOSS_PLOT)

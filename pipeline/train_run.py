@@ -49,6 +49,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
     position: Position = dataclasses.field(default_factory=Position)
+    reset: list[str] = dataclasses.field(default_factory=list)  # what a resume could not restore, in words
 
 
 def plain(model: torch.nn.Module) -> SDiT:
@@ -174,7 +175,7 @@ def tidy_checkpoints(out: Path) -> None:
 def load_state(folder: Path, state: TrainState) -> None:
     meta = load_checkpoint(folder, {"model": plain(state.model), "ema": state.ema}, state.optimizer,
                            state.scheduler)
-    state.step, state.position = meta["step"], Position(**meta["position"])
+    state.step, state.position, state.reset = meta["step"], Position(**meta["position"]), meta["reset"]
 
 
 def resume(out: Path, state: TrainState) -> None:

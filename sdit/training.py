@@ -75,8 +75,9 @@ def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
 
 def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects (the RNG state too); returns its state. A file
-    that does not read is refused in one line naming it, before anything is restored."""
+    """Restore what `save_checkpoint` wrote into the given objects (the RNG states too); returns its state, with
+    "reset": what could not be restored as it was (`restore_cuda_rng`). A file that does not read is refused in one
+    line naming it, before anything is restored."""
     folder = Path(folder)
     state, extra = _read_state(folder), load_pickle(folder / OPTIMIZER, "a checkpoint's optimiser state")
     if not isinstance(extra, dict) or not {"optimizer", "scheduler", "torch_rng", "cuda_rng"} <= set(extra):
@@ -91,9 +92,22 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     if scheduler is not None:
         scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
-    if extra["cuda_rng"]:
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return state
+    return state | {"reset": restore_cuda_rng(extra["cuda_rng"])}
+
+
+def restore_cuda_rng(states: list[torch.Tensor]) -> list[str]:
+    """Set the saved CUDA generators on the devices there are (a checkpoint from more or fewer GPUs, or from a
+    GPU machine resumed on a CPU, restores what fits); returns, in words, what kept a fresh state."""
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device, rng in enumerate(states[:here]):
+        torch.cuda.set_rng_state(rng, device)
+    if len(states) > here:
+        return [f"the random state of {len(states) - here} of the checkpoint's {len(states)} CUDA devices was "
+                f"not restored: {here} here"]
+    if here > len(states) > 0:
+        return [f"CUDA devices {len(states)} to {here - 1} start from a fresh random state: the checkpoint saved "
+                f"{len(states)}"]
+    return []
 
 
 def _read_state(folder: Path) -> dict:

@@ -23,9 +23,31 @@ def test_a_checkpoint_round_trips(tmp_path):
     model, optimizer = _parts(0)
     folder = save_checkpoint(tmp_path / "step-1", {"model": model}, optimizer, {"step": 1})
     other, other_optimizer = _parts(1)
-    assert load_checkpoint(folder, {"model": other}, other_optimizer) == {"step": 1}
+    assert load_checkpoint(folder, {"model": other}, other_optimizer) == {"step": 1, "reset": []}
     assert torch.equal(other.weight, model.weight)
     assert other_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+@pytest.mark.parametrize("saved, here, restored, note", [
+    (2, 0, [], "the random state of 2 of the checkpoint's 2 CUDA devices was not restored: 0 here"),
+    (4, 2, [0, 1], "the random state of 2 of the checkpoint's 4 CUDA devices was not restored: 2 here"),
+    (2, 4, [0, 1], "CUDA devices 2 to 3 start from a fresh random state: the checkpoint saved 2"),
+    (2, 2, [0, 1], None),
+])
+def test_a_resume_on_another_number_of_gpus_restores_what_fits_and_says_what_it_reset(
+        tmp_path, monkeypatch, saved, here, restored, note):
+    model, optimizer = _parts(0)
+    folder = save_checkpoint(tmp_path / "step-1", {"model": model}, optimizer, {"step": 1})
+    extra = torch.load(folder / OPTIMIZER, weights_only=True)
+    states = [torch.full((16,), device, dtype=torch.uint8) for device in range(saved)]  # one marked state a device
+    torch.save(extra | {"cuda_rng": states}, folder / OPTIMIZER)
+    set_on = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: here > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: here)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_on.append((int(state[0]), device)))
+    reset = load_checkpoint(folder, {"model": model}, optimizer)["reset"]
+    assert set_on == [(device, device) for device in restored]  # each device gets its own saved state
+    assert reset == ([note] if note else [])
 
 
 @pytest.mark.parametrize("file, damage, message", [
