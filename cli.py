@@ -557,7 +557,7 @@ def bench_distill(
     """The shapes world: students with and without the teacher on limited data, scored on held-out concepts;
     with --sizes, at several sizes of the data, with the data multiplier the teacher is worth."""
     from pipeline.experiments.distill import distill
-    from pipeline.experiments.plan import load_variants, longest_steps
+    from pipeline.experiments.plan import load_variants, longest_steps, total_steps
     from pipeline.experiments.report import format_report
 
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
@@ -574,7 +574,7 @@ def bench_distill(
         _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
                                          distill=dataclasses.replace(config, curve_points=0)), json_out)
         return
-    with _stage_bars(longest_steps(config)) as (stage, on_step):
+    with _stage_bars(longest_steps(config), total_steps(config)) as (stage, on_step):
         report = distill(config, stage, on_step)
     _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
     curves = f"; learning curves: {out}/curves.png" if curve_points else ""
@@ -613,10 +613,10 @@ def bench_substitution(
 
 
 def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
-    from pipeline.experiments.plan import longest_steps
+    from pipeline.experiments.plan import longest_steps, total_steps
     from pipeline.experiments.substitution import format_substitution, substitution
 
-    with _stage_bars(longest_steps(config.distill)) as (stage, on_step):
+    with _stage_bars(longest_steps(config.distill), total_steps(config.distill)) as (stage, on_step):
         result = substitution(config, stage, on_step)
     _report(format_substitution(result), result, json_out)
     out = config.distill.out
@@ -624,9 +624,9 @@ def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _stage_bars(steps: int):
+def _stage_bars(steps: int, all_steps: int):
     """(stage, on_step) for a multi-stage experiment: each stage's name on stderr, a progress bar while runs
-    train (side by side, it shows the step every run has reached)."""
+    train: of a run's `steps` when one trains at a time, of the `all_steps` of all runs together side by side."""
     bar = None
 
     def stage(name: str) -> None:
@@ -636,10 +636,10 @@ def _stage_bars(steps: int):
         typer.echo(name, err=True)
         bar = progress_bar(name, "step") if "train " in name else None
         if bar is not None:
-            bar.total = steps
+            bar.total = all_steps if "side by side" in name else steps
 
     def on_step(m: dict) -> None:
-        if "loss" in m:  # one run at a time; side by side, the bar shows the step every run has reached
+        if "loss" in m:  # one run at a time; side by side, the bar counts the steps of all runs
             bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
         bar.update(m["step"] - bar.n)
 

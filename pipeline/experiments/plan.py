@@ -113,5 +113,14 @@ def run_steps(config: DistillConfig, run: Run) -> int:
 
 def longest_steps(config: DistillConfig) -> int:
     """The steps of the longest-training run of the experiment (a variant may train longer than --steps)."""
+    return max(_all_steps(config))
+
+
+def total_steps(config: DistillConfig) -> int:
+    """The steps of all the experiment's runs together."""
+    return sum(_all_steps(config))
+
+
+def _all_steps(config: DistillConfig) -> list[int]:
     config.check()  # bad variants are refused in one line before their steps are read
-    return max(run_steps(config, run) for run in plan(config)[1].values())
+    return [run_steps(config, run) for run in plan(config)[1].values()]

@@ -21,7 +21,8 @@ def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, say: Say,
                        on_step: Callable[[dict], None] | None) -> None:
     """Train the runs, `jobs` at a time, each in a process of its own with the torch threads split among them
     (small students use many threads poorly, so side by side finishes sooner); one at a time in this process
-    when `jobs` is 1. `on_step` hears the step every running run has reached."""
+    when `jobs` is 1. `on_step` hears each step of a run trained alone; side by side, the steps all runs have
+    made together."""
     if jobs <= 1:
         for name, run in runs.items():
             say(f"train {name}")
@@ -38,7 +39,7 @@ def train_side_by_side(runs: dict[str, TrainConfig], jobs: int, say: Say,
             for future in done:
                 future.result()  # a run's error stops the experiment here
             if on_step:
-                on_step({"step": min(len(read_metrics(Path(run.out) / METRICS)) for run in runs.values())})
+                on_step({"step": sum(len(read_metrics(Path(run.out) / METRICS)) for run in runs.values())})
 
 
 def _training_process(threads: int, parent: int) -> None:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
 from pipeline.experiments.config import DistillConfig
-from pipeline.experiments.plan import load_variants, longest_steps
+from pipeline.experiments.plan import load_variants, longest_steps, total_steps
 from pipeline.experiments.scoring import teacher_samples
 from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
@@ -188,10 +188,12 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
             {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
 
 
-def test_the_longest_run_sets_the_progress_bars_steps():
+def test_the_runs_steps_set_the_progress_bars():
+    """One run at a time, a bar per run of the longest run's steps; side by side, one bar of all their steps."""
     assert longest_steps(DistillConfig(runs=("kd",), steps=40)) == 40
     longer = {"longer": {"from": "no_teacher", "steps": 90}, "shorter": {"from": "kd", "steps": 10}}
     assert longest_steps(DistillConfig(runs=("kd",), steps=40, variants=longer)) == 90
+    assert total_steps(DistillConfig(runs=("kd",), steps=40, variants=longer)) == 40 + 90 + 10
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "docs" / "tuning").glob("*.toml")),
