@@ -100,7 +100,7 @@ def test_runs_trained_side_by_side_equal_runs_trained_one_at_a_time(labelled_sto
         torch.set_num_threads(threads)
     stages, steps = [], []
     train_side_by_side(runs("two"), 2, stages.append, lambda m: steps.append(m["step"]))
-    assert stages == ["train no_teacher, kd (2 side by side)"] and steps[-1] == 3
+    assert stages == ["train no_teacher, kd (2 side by side)"] and steps[-1] == 6  # both runs, 3 steps each
     for name in ("no_teacher", "kd"):
         one, two = (read_metrics(tmp_path / folder / name / "metrics.jsonl") for folder in ("one", "two"))
         assert [(m["step"], m["loss"]) for m in one] == [(m["step"], m["loss"]) for m in two]
