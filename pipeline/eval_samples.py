@@ -26,7 +26,7 @@ from PIL import Image
 
 from sdit import fid
 from sdit.clip import clip_score
-from sdit.errors import SDiTError
+from sdit.errors import SDiTError, read_json_object
 from sdit.fid_protocols import Protocol, fit, get_protocol
 from sdit.files import replace_text
 from sdit.progress import Progress, no_progress
@@ -88,7 +88,7 @@ def check_settings(out: Path, settings: dict) -> None:
     """A folder with samples of other settings is refused, naming what differs; a new one is stamped."""
     path = out / SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_object(path, "delete the folder to sample again, or give another --out")
         if old != settings:
             changed = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
             raise SDiTError(f"{out} holds samples made with other settings ({changed}); give another --out, or "

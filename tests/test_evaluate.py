@@ -163,6 +163,10 @@ def test_samples_are_resumed_and_their_settings_checked(run, tiny_teacher, tmp_p
     assert (out / "teacher" / "000001.png").read_bytes() == lost  # the same image again
     with pytest.raises(SDiTError, match="holds samples made with other settings \\(steps 2 -> 3\\)"):
         evaluate(replace(config, steps=3))
+    settings = out / "settings.json"
+    settings.write_text(settings.read_text()[:30])  # cut short by a full disk
+    with pytest.raises(SDiTError, match="settings.json is damaged .*delete the folder to sample again"):
+        evaluate(config)
 
 
 def test_the_command(run, store, tmp_path):
