@@ -222,7 +222,7 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
 
 @pytest.mark.parametrize("text, error", [
     ('[a]\nsteps = 3\n', "say which run it changes, from = one of"),
-    ('[a]\nfrom = "kd"\nwarmup = 3\n', "unknown option 'warmup'"),
+    ('[a]\nfrom = "kd"\nema_decay = 0.9\n', "unknown option 'ema_decay'"),
     ('[a]\nfrom = "kd"\nsteps = "many"\n', "steps takes a int, not 'many'"),
     ('[kd]\nfrom = "kd"\n', "not a run's name"),
     ('a = 3\n', "'a' is not a table"),
