@@ -230,6 +230,7 @@ def teacher_label(
     synth_guidance: Annotated[float, typer.Option(rich_help_panel=SYNTH, min=0, help="Classifier-free guidance of each synthetic record (1: none).")] = SynthesisConfig.guidance,
     synth_seed: Annotated[int, typer.Option(rich_help_panel=SYNTH, help="Seeds each synthetic record's initial noise from (seed, prompt, sample).")] = SynthesisConfig.seed,
     synth_scheduler: Annotated[Optional[str], typer.Option(rich_help_panel=SYNTH, help=f"Sampler of the synthetic records: {', '.join(SCHEDULERS)} (default: the teacher's own).")] = None,
+    synth_trajectory: Annotated[bool, typer.Option("--synth-trajectory", rich_help_panel=SYNTH, help="Trajectory draws: stop each sample after --draws DDIM steps of --synth-steps and label the states it visited, with its caption; no finished image becomes a record.")] = False,
     device: Device = LabelConfig.device,
     dtype: DType = LabelConfig.dtype,
     ray_address: RayAddress = None,
@@ -241,8 +242,11 @@ def teacher_label(
 
     mix = PerturbConfig.from_option(perturb, input_gamma=input_gamma, caption_min_t=caption_min_t,
                                     prompt_share=prompt_share)
+    if synth_trajectory and not synthesize:
+        raise SDiTError("--synth-trajectory labels the teacher's own samples: give --synthesize N as well")
     synthesis = SynthesisConfig(samples=synthesize, steps=synth_steps, guidance=synth_guidance, seed=synth_seed,
-                                scheduler=synth_scheduler) if synthesize else None
+                                scheduler=synth_scheduler, trajectory=draws if synth_trajectory else 0) \
+        if synthesize else None
     config = LabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, name=labels, draws=draws,
                          timesteps=timesteps, perturb=mix, guidance=LabelConfig.parse_guidance(guidance), seed=seed,
                          batch_size=batch_size, max_dropped=max_dropped, overwrite=overwrite, device=device,

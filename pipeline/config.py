@@ -105,6 +105,9 @@ class LabelConfig:
             raise SDiTError(f"--labels {self.name!r}: a plain name, no '/'")
         if self.synthesis is not None:
             self.synthesis.check()
+            if self.synthesis.trajectory not in (0, self.draws):
+                raise SDiTError(f"trajectory draws: each record's {self.draws} draws are the states of its "
+                                f"sample, so it stops after --draws steps (not {self.synthesis.trajectory})")
 
     @property
     def group(self) -> str:

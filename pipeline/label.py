@@ -23,6 +23,7 @@ import torch
 
 from pipeline.config import LabelConfig
 from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from sdit.config import DRAWN_KINDS
 from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
@@ -66,19 +67,27 @@ class ShardLabeler:
         self.synthesizer = ShardSynthesizer(self.store, config.synthesis, teacher, device, dtype, config.batch_size) \
             if config.synthesis else None
 
-    def draw_labels(self, shard: int, n: int, synthetic: bool = False) -> dict:
+    def draw_labels(self, shard: int, n: int, synthetic: bool = False, states: np.ndarray | None = None) -> dict:
         """Every random choice of the shard's draws; nothing here depends on batching or workers. A synthetic
-        shard's draws come from generators of their own, apart from those of the records shard of its number."""
+        shard's draws come from generators of their own, apart from those of the records shard of its number;
+        a trajectory set's draws are its `states` (n, K, C, h, w), at the set's timesteps."""
         c, K = self.config, self.config.draws
         generator = synthetic_draw_generator if synthetic else draw_generator
         shape = tuple(self.manifest.latent_shape)
         labels = {name: np.zeros((n, K, *self._tail(name, shape)), dtype=col.dtype)
                   for name, col in LABEL_COLUMNS.items() if col.per_record}
         labels["xi_index"][:] = -1
+        if states is not None:
+            labels["timesteps"][:] = read_synthetic(self.store).trajectory_timesteps
+            labels["kind"][:], labels["caption_index"][:], labels["noise"][:] = Kind.TRAJECTORY, -1, states
         xi = []
         for r in range(n):
             for d in range(K):
                 gen = generator(c.seed, shard, r, d)
+                if states is not None:
+                    if c.guidance:
+                        labels["guidance"][r, d] = gen.uniform(*c.guidance)
+                    continue
                 draw = sample_draw(c.perturb, gen, latent_shape=shape, num_timesteps=self.schedule.num_timesteps,
                                    num_records=self.bank.size("records"), num_prompts=self.bank.size("prompts"),
                                    stratum=(d, K) if c.timesteps == "stratified" else None)
@@ -119,10 +128,11 @@ class ShardLabeler:
         if task.synthesize:
             return self.synthesizer(task.index)
         shard = task.index
-        records = self.store.read(task.group, shard, ("latents", "text_emb"))
+        trajectory = task.group == SYNTHETIC and self.config.synthesis.trajectory
+        records = self.store.read(task.group, shard, ("latents", "text_emb") + (("states",) if trajectory else ()))
         latents, text_emb = records["latents"], records["text_emb"]
         n, K = len(latents), self.config.draws
-        labels = self.draw_labels(shard, n, synthetic=task.group == SYNTHETIC)
+        labels = self.draw_labels(shard, n, synthetic=task.group == SYNTHETIC, states=records.get("states"))
         rows, draws = np.divmod(np.arange(n * K), K)
         for start in range(0, n * K, self.config.batch_size):
             r, d = rows[start:start + self.config.batch_size], draws[start:start + self.config.batch_size]
@@ -134,6 +144,7 @@ class ShardLabeler:
             labels["valid"][r, d] = finite.reshape(len(r), -1).all(axis=1)
             labels["eps_teacher"][r, d] = np.where(finite, eps16, 0)
         kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
+        kinds = {name: count for name, count in kinds.items() if count or Kind[name.upper()] in DRAWN_KINDS}
         record = {"draws": n * K, "dropped": int((~labels["valid"]).sum()), "kinds": kinds,
                   "bytes": int(sum(v.nbytes for v in labels.values()))}
         write_shard(self.store, self.config.label_group(task.group), shard, labels, record)

@@ -54,9 +54,10 @@ def verify(url: str, progress: Progress = no_progress) -> Report:
     _check_null_embedding(store, report)
     for group in groups(store):
         damaged: list[Damaged] = []
+        extra = _trajectory_columns(store) if group == SYNTHETIC else set()
         for index, record in store.finished(group, damaged).items():
             report.shards += 1
-            _check_shard(store, group, index, record, report)
+            _check_shard(store, group, index, record, report, extra)
             progress(1)
         report.problems += [_problem(err) for err in damaged]
     return report
@@ -97,7 +98,17 @@ def _check_null_embedding(store: Store, report: Report) -> None:
         report.problems.append(f"null_text_emb: unreadable ({type(err).__name__})")
 
 
-def _check_shard(store: Store, group: str, index: int, record: dict, report: Report) -> None:
+def _trajectory_columns(store: Store) -> set[str]:
+    """The optional columns every synthetic shard must have: a trajectory set's states."""
+    try:
+        made = read_synthetic(store)
+    except (SDiTError, ValueError, KeyError, TypeError):  # reported with the manifests
+        return set()
+    return {"states"} if made is not None and made.config.get("trajectory") else set()
+
+
+def _check_shard(store: Store, group: str, index: int, record: dict, report: Report, extra: set[str]) -> None:
+    """Every chunk of every column of the shard; `extra`: optional columns it must have."""
     where = f"{group}/{shard_name(index)}"
     try:
         shard = store.shard_group(group, index)
@@ -108,7 +119,8 @@ def _check_shard(store: Store, group: str, index: int, record: dict, report: Rep
         try:
             array = shard[name]
         except KeyError:
-            report.problems.append(f"{where} {name}: missing")
+            if not column.optional or name in extra:
+                report.problems.append(f"{where} {name}: missing")
             continue
         except Exception as err:  # its zarr.json does not parse, or describes no array zarr can open
             report.problems.append(f"{where} {name}: the array cannot be opened ({_why(err)})")

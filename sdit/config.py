@@ -52,6 +52,11 @@ class Kind(IntEnum):
     SWAP = 2
     MIX = 3
     NULL = 4
+    TRAJECTORY = 5  # a state the teacher's own sampler visited on its way from pure noise, with its own caption
+
+
+# The kinds a perturbation mix draws from (`--perturb`); trajectory draws come from `--synth-trajectory` instead.
+DRAWN_KINDS = (Kind.NONE, Kind.INPUT, Kind.SWAP, Kind.MIX, Kind.NULL)
 
 
 class CaptionFrom(IntEnum):
@@ -83,9 +88,9 @@ class PerturbConfig:
     prompt_share: float = 1.0  # of swap/mix captions, the share taken from the prompt bank (when it has any)
 
     def __post_init__(self) -> None:
-        unknown = set(self.mix) - {k.name.lower() for k in Kind}
-        if unknown:
-            raise SDiTError(f"unknown perturbations {sorted(unknown)}; choose from {[k.name.lower() for k in Kind]}")
+        names = [k.name.lower() for k in DRAWN_KINDS]
+        if unknown := set(self.mix) - set(names):
+            raise SDiTError(f"unknown perturbations {sorted(unknown)}; choose from {names}")
         if any(p < 0 for p in self.mix.values()):
             raise SDiTError(f"--perturb {_mix_text(self.mix)}: probabilities cannot be negative")
         total = sum(self.mix.values())
@@ -132,8 +137,8 @@ class PerturbConfig:
         return cls(**options)
 
     def probabilities(self, caption_kinds_allowed: bool) -> np.ndarray:
-        """(len(Kind),) probabilities, renormalised over the kinds allowed at this timestep."""
-        p = np.array([self.mix.get(k.name.lower(), 0.0) for k in Kind], dtype=np.float64)
+        """(len(DRAWN_KINDS),) probabilities, renormalised over the kinds allowed at this timestep."""
+        p = np.array([self.mix.get(k.name.lower(), 0.0) for k in DRAWN_KINDS], dtype=np.float64)
         if not caption_kinds_allowed:
             p[[int(k) for k in CAPTION_KINDS]] = 0.0
         if p.sum() == 0:  # only caption perturbations were asked for, and none is allowed here
@@ -162,10 +167,19 @@ class SynthesisConfig:
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance w, against the store's empty-caption embedding
     seed: int = 0
     scheduler: str | None = None  # a name of sdit.SCHEDULERS; None: the teacher's own class
+    # Trajectory draws: each sample stops after this many steps of a DDIM sampler and every state it visited is a
+    # draw of its record (so it equals the labels' --draws); 0: finished samples.
+    trajectory: int = 0
 
     def check(self) -> None:
         if self.samples < 1 or self.steps < 1:
             raise SDiTError("--synthesize and --synth-steps must be at least 1")
+        if self.trajectory and not self.trajectory < self.steps:
+            raise SDiTError(f"--synth-trajectory stops each sample after --draws {self.trajectory} steps: give "
+                            f"--synth-steps above {self.trajectory} (now {self.steps})")
+        if self.trajectory and self.scheduler not in (None, "ddim"):
+            raise SDiTError(f"--synth-trajectory runs DDIM, whose states rebuild from (x̂_0, ε, t): drop "
+                            f"--synth-scheduler {self.scheduler}")
         if self.guidance < 0:
             raise SDiTError(f"--synth-guidance {self.guidance}: the CFG scale cannot be negative")
         if self.scheduler is not None:

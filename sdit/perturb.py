@@ -12,6 +12,8 @@ Kinds:
 - swap:  another caption (another record's, or a text-only prompt's);
 - mix:   (1 - w)·caption_a + w·caption_b, two other captions' embeddings;
 - null:  the empty caption (the unconditional prediction classifier-free guidance needs).
+Trajectory draws (`Kind.TRAJECTORY`) are not drawn here: they are the states the teacher's sampler visits from pure
+noise for a prompt of the bank (sdit.synthesize), each with its own caption.
 Caption perturbations (swap, mix) are only drawn at high noise (t >= caption_min_t): at low noise the
 teacher's prediction for a mismatched caption follows the image, which teaches the student to ignore
 captions.
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdit.config import CAPTION_KINDS, CaptionFrom, Kind, PerturbConfig
+from sdit.config import CAPTION_KINDS, DRAWN_KINDS, CaptionFrom, Kind, PerturbConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def sample_draw(config: PerturbConfig, gen: np.random.Generator, *, latent_shape
         stratum[0] * num_timesteps // stratum[1], (stratum[0] + 1) * num_timesteps // stratum[1])
     t = int(gen.integers(lo, hi))
     can_swap = t >= config.caption_min_t and num_records + num_prompts > 1
-    kind = Kind(int(gen.choice(len(Kind), p=config.probabilities(can_swap))))
+    kind = DRAWN_KINDS[int(gen.choice(len(DRAWN_KINDS), p=config.probabilities(can_swap)))]
     noise = gen.standard_normal(latent_shape, dtype=np.float32).astype(np.float16)
     xi = gen.standard_normal(latent_shape, dtype=np.float32).astype(np.float16) if kind == Kind.INPUT else None
     sources, indices, weight = [CaptionFrom.OWN, CaptionFrom.OWN], [-1, -1], 0.0
@@ -71,7 +73,7 @@ def perturbed_text(kind: int, own: np.ndarray, a: np.ndarray | None, b: np.ndarr
                    null: np.ndarray) -> torch.Tensor:
     """The teacher's text input for one draw, (L, D) fp16, from stored embeddings; a mix is computed in
     float32 on the CPU and rounded to fp16, so stage two rebuilds it bit for bit."""
-    if kind in (Kind.NONE, Kind.INPUT):
+    if kind in (Kind.NONE, Kind.INPUT, Kind.TRAJECTORY):
         return torch.as_tensor(np.asarray(own, np.float16))
     if kind == Kind.NULL:
         return torch.as_tensor(np.asarray(null, np.float16))

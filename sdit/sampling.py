@@ -6,7 +6,7 @@ the run's (the teacher's) scheduler config, so the student and the teacher can b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import diffusers
@@ -67,20 +67,30 @@ def denoise(eps_model: EpsModel, scheduler, noise: torch.Tensor, text: torch.Ten
     With `null` (N, L, D) and guidance != 1, each step runs the model once on the doubled batch (text and
     null) and returns ε_u + w·(ε_c − ε_u), as Stable Diffusion's pipeline does.
     """
+    for i, out in enumerate(denoising_steps(eps_model, scheduler, noise, text, null, steps, guidance)):
+        x = out.prev_sample
+        if progress:
+            progress(i + 1)
+    return x
+
+
+def denoising_steps(eps_model: EpsModel, scheduler, noise: torch.Tensor, text: torch.Tensor, null: torch.Tensor | None,
+                    steps: int, guidance: float) -> Iterator:
+    """`denoise` one step at a time: yields the scheduler's output of each step (its `prev_sample`, and for DDIM
+    its `pred_original_sample`), so that a caller can stop early."""
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     guided = null is not None and guidance != 1.0
     context = torch.cat([text, null]) if guided else text
-    for i, t in enumerate(scheduler.timesteps):
+    for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         eps = eps_model(model_in, t.expand(len(model_in)), context)
         if guided:
             eps_c, eps_u = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x).prev_sample
-        if progress:
-            progress(i + 1)
-    return x
+        out = scheduler.step(eps, t, x)
+        x = out.prev_sample
+        yield out
 
 
 @torch.no_grad()

@@ -80,6 +80,7 @@ class Column:
     dtype: str  # numpy dtype name, or "str"
     per_record_shape: tuple[str, ...]  # symbolic, filled from the manifest (e.g. ("C", "h", "w"))
     per_record: bool = True  # False: a side table with its own row count (indexed from a per-record column)
+    optional: bool = False  # only some shards of its group have it (say which in the column's comment)
 
 
 RECORD_COLUMNS = {
@@ -93,7 +94,9 @@ RECORD_COLUMNS = {
 PROMPT_COLUMNS = {name: RECORD_COLUMNS[name] for name in ("text_emb", "token_count", "captions", "positions")}
 # Synthetic records: a teacher sample (latents) for a prompt of the bank (text_emb, token_count, captions); positions
 # number them prompt_index * samples + sample.
-SYNTHETIC_COLUMNS = RECORD_COLUMNS | {"prompt_index": Column("int64", ()), "sample": Column("int32", ())}
+SYNTHETIC_COLUMNS = RECORD_COLUMNS | {"prompt_index": Column("int64", ()), "sample": Column("int32", ()),
+                                     # trajectory sets only: the K states of each sample, as ε with x̂_0 as latents
+                                     "states": Column("float16", ("K", "C", "h", "w"), optional=True)}
 # Teacher labels: K draws per record, in `labels/<name>/NNNNN`, one label shard per records shard (and in
 # `labels/<name>/synthetic/NNNNN`, one per synthetic shard).
 LABEL_COLUMNS = {
@@ -394,8 +397,10 @@ def write_shard(store: Store, group: str, index: int, columns: dict[str, np.ndar
     """
     compressors = CHECKSUM if checksum else None
     spec = columns_of(group)
-    if set(columns) != set(spec):
-        raise ValueError(f"shard columns {sorted(columns)} != {sorted(spec)}")
+    required = {name for name, col in spec.items() if not col.optional}
+    if not required <= set(columns) <= set(spec):
+        raise ValueError(f"shard columns {sorted(columns)}: need {sorted(required)}, may add "
+                         f"{sorted(set(spec) - required)}")
     n = len(next(columns[name] for name, col in spec.items() if col.per_record))
     url = f"{store.url}/{group}/{shard_name(index)}"
     shard = zarr.open_group(url, mode="w", zarr_format=3)

@@ -6,6 +6,14 @@ of its own: a sample of the teacher with its own scheduler and classifier-free g
 real record, and its true noise is a valid target (the latent is a sample of the teacher's distribution for that
 caption).
 
+A trajectory set (`--synth-trajectory`) stops each sample after K steps of DDIM (K: the labels' draws per record)
+and keeps the states it visited: record r's draw d is the teacher asked at state d, at timestep
+`trajectory_timesteps[d]`, with its own caption (`Kind.TRAJECTORY`). No finished image is made, and a draw costs
+about three teacher forwards (two for the guided step, one for the label) instead of a whole sample. A state x_d
+is stored so that both stages rebuild it with the one formula every draw uses, x_t = √ᾱ_t·latent + √(1 − ᾱ_t)·ε:
+the record's latent is the sampler's last x̂_0 and state d's ε is (x_d − √ᾱ_d·x̂_0)/√(1 − ᾱ_d), both fp16
+(the `states` column). That ε is no true noise: trajectory draws train on the teacher's ε alone.
+
 Randomness comes from explicit generators, as everywhere in stage one (invariant 2):
 
     initial noise of sample s of prompt p:      (seed, p, s, NOISE_STREAM)             whatever the shard or batch
@@ -27,6 +35,7 @@ about as large as a records shard.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +48,7 @@ import torch
 import sdit
 from sdit import sampling
 from sdit.config import SynthesisConfig
+from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.store import Store, from_versioned, write_shard
 
@@ -73,6 +83,7 @@ class SyntheticManifest:
     status: str = "in_progress"  # "complete" once every shard is
     sdit_version: str = ""
     counts: dict = field(default_factory=dict)  # samples, dropped, planned, shards, teacher_forwards
+    trajectory_timesteps: list[int] = field(default_factory=list)  # a trajectory set's: the timestep of each state
     schema_version: int = SYNTHETIC_VERSION
 
     def to_json(self) -> dict:
@@ -127,11 +138,24 @@ def make_sampler(scheduler_config: dict, name: str | None = None):
     return scheduler
 
 
-def forwards_per_sample(scheduler, steps: int, guided: bool) -> int:
-    """Teacher UNet forwards one sample costs: one per scheduler timestep (PNDM takes steps + 1), twice with
-    guidance (the conditional and the unconditional branch)."""
+def forwards_per_sample(scheduler, steps: int, guided: bool, stop_after: int = 0) -> int:
+    """Teacher UNet forwards one sample costs: one per scheduler timestep (PNDM takes steps + 1), or per step up
+    to `stop_after` (a trajectory), twice with guidance (the conditional and the unconditional branch)."""
     scheduler.set_timesteps(steps)
-    return len(scheduler.timesteps) * (2 if guided else 1)
+    return (stop_after or len(scheduler.timesteps)) * (2 if guided else 1)
+
+
+def trajectory_timesteps(scheduler, steps: int, stop_after: int) -> list[int]:
+    """The timestep of the state DDIM reaches after each of its first `stop_after` steps (DDIM steps from t to
+    t − T // steps)."""
+    scheduler.set_timesteps(steps)
+    stride = scheduler.config.num_train_timesteps // steps
+    return [int(t) - stride for t in scheduler.timesteps[:stop_after]]
+
+
+def sampler_name(config: SynthesisConfig) -> str | None:
+    """The sampler a set is made with: DDIM for trajectories (its states rebuild from x̂_0 and ε)."""
+    return "ddim" if config.trajectory else config.scheduler
 
 
 def read_prompts(store: Store, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -163,19 +187,29 @@ class ShardSynthesizer:
         self.per_shard = prompts_per_shard(manifest.shard_size, config.samples)
         self.num_prompts = sum(r["count"] for r in store.finished("prompts").values())
         self.null = store.null_embedding()
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
 
     @torch.inference_mode()
-    def sample(self, noise: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Latents (B, C, h, w) float32 on the CPU from initial noise (B, C, h, w) and text (B, L, D) fp16, and
-        the teacher forwards they took (one per row of each UNet call)."""
+    def sample(self, noise: torch.Tensor, text: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """From initial noise (B, C, h, w) and text (B, L, D) fp16: latents (B, C, h, w) fp16, a trajectory set's
+        states (B, K, C, h, w) fp16 (else None), and the teacher forwards they took (one per row of each UNet call)."""
         forwards: list[int] = []
         c = self.config
         text = text.to(self.device)
         null = torch.as_tensor(self.null).to(self.device).expand_as(text) if c.guided else None
-        scheduler = make_sampler(self.scheduler_config, c.scheduler)  # fresh per batch: schedulers keep state
-        latents = sampling.denoise(sampling.teacher_eps(self.unet, forwards.append), scheduler, noise.to(self.device),
-                                   text, null, c.steps, c.guidance)
-        return latents.float().cpu(), sum(forwards)
+        scheduler = make_sampler(self.scheduler_config, sampler_name(c))  # fresh per batch: schedulers keep state
+        steps = sampling.denoising_steps(sampling.teacher_eps(self.unet, forwards.append), scheduler,
+                                         noise.to(self.device), text, null, c.steps, c.guidance)
+        if not c.trajectory:
+            *_, last = steps
+            return last.prev_sample.float().cpu().to(torch.float16).numpy(), None, sum(forwards)
+        outs = list(itertools.islice(steps, c.trajectory))
+        x0 = outs[-1].pred_original_sample.float().cpu().to(torch.float16)  # the latent the states rebuild from
+        t = torch.as_tensor(trajectory_timesteps(scheduler, c.steps, c.trajectory))
+        signal, sigma = (v.view(1, -1, 1, 1, 1) for v in self.schedule.coefficients(t))  # (1, K, 1, 1, 1)
+        x = torch.stack([o.prev_sample.float().cpu() for o in outs], dim=1)  # (B, K, C, h, w)
+        eps = (x - signal * x0.float().unsqueeze(1)) / sigma
+        return x0.numpy(), eps.to(torch.float16).numpy(), sum(forwards)
 
     def __call__(self, shard: int) -> dict:
         c, start = self.config, shard * self.per_shard
@@ -185,13 +219,15 @@ class ShardSynthesizer:
         sample = np.tile(np.arange(c.samples), stop - start)
         n = len(prompt)
         latents, keep, forwards = np.zeros((n, *self.shape), np.float16), np.zeros(n, bool), 0
+        states = np.zeros((n, c.trajectory, *self.shape), np.float16) if c.trajectory else None
         for b in range(0, n, self.batch_size):
             rows = slice(b, b + self.batch_size)
             noise = initial_noise(c.seed, prompt[rows], sample[rows], self.shape)
-            out, used = self.sample(noise, torch.as_tensor(prompts["text_emb"][prompt[rows] - start]))
-            out16 = out.to(torch.float16).numpy()  # fp16 overflow is as unusable as a NaN
-            finite = np.isfinite(out16).reshape(len(out16), -1).all(axis=1)
-            latents[rows], keep[rows] = np.where(finite[:, None, None, None], out16, 0), finite
+            out, visited, used = self.sample(noise, torch.as_tensor(prompts["text_emb"][prompt[rows] - start]))
+            finite = _finite(out) & (_finite(visited) if visited is not None else True)  # fp16 overflow too
+            latents[rows], keep[rows] = np.where(finite[:, None, None, None], out, 0), finite
+            if visited is not None:
+                states[rows] = np.where(finite[:, None, None, None, None], visited, 0)
             forwards += used
         local = prompt[keep] - start
         columns = {
@@ -200,10 +236,15 @@ class ShardSynthesizer:
             "ids": np.array([f"synth-{p}-{s}" for p, s in zip(prompt[keep], sample[keep])], dtype=str),
             "positions": (prompt * c.samples + sample)[keep].astype(np.int64),
             "prompt_index": prompt[keep].astype(np.int64), "sample": sample[keep].astype(np.int32),
-        }
+        } | ({"states": states[keep]} if states is not None else {})
         record = {"samples": n, "dropped": int(n - keep.sum()), "teacher_forwards": forwards, "prompts": [start, stop]}
         write_shard(self.store, SYNTHETIC, shard, columns, record)
         return {"index": shard, "count": int(keep.sum()), **record}
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """(B,) whether every value of each row is finite."""
+    return np.isfinite(values).reshape(len(values), -1).all(axis=1)
 
 
 # --- the set's manifest ------------------------------------------------------------------------------------------
@@ -222,15 +263,16 @@ def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> S
     if not prompts:
         raise SDiTError(f"--synthesize needs a text-only prompt bank, and {store.url} has none; encode the store "
                         "with `sdit encode ... --prompt-bank FILE`")
-    sampler = make_sampler(teacher.scheduler_config, config.scheduler)
+    sampler = make_sampler(teacher.scheduler_config, sampler_name(config))
     per_shard = prompts_per_shard(manifest.shard_size, config.samples)
     meta = SyntheticManifest(
         set_id=secrets.token_hex(8), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         store_created=manifest.created, teacher=teacher.identity.to_json(), config=dataclasses.asdict(config),
         scheduler={"class": type(sampler).__name__, "config": teacher.scheduler_config}, prompts=prompts,
         prompts_per_shard=per_shard, shards=-(-prompts // per_shard),
-        forwards_per_sample=forwards_per_sample(sampler, config.steps, config.guided),
-        latent_scale=manifest.latent_scale, sdit_version=sdit.__version__)
+        forwards_per_sample=forwards_per_sample(sampler, config.steps, config.guided, config.trajectory),
+        latent_scale=manifest.latent_scale, sdit_version=sdit.__version__,
+        trajectory_timesteps=trajectory_timesteps(sampler, config.steps, config.trajectory))
     old = read_synthetic(store)
     if old is None or old.store_created != manifest.created:
         return meta  # none yet, or made for an earlier encoding of this store (re-encoded with --overwrite)

@@ -15,17 +15,21 @@ from pipeline.encode import EncodeConfig, encode
 from pipeline.label import LabelConfig, ShardLabeler, label
 from pipeline.train import TrainConfig, train
 from pipeline.train_monitor import read_metrics
+from sdit import sampling
 from sdit.config import SynthesisConfig
+from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position
-from sdit.losses import distillation_loss, draw_weight
+from sdit.losses import distillation_loss, draw_weight, true_noise_mask
 from sdit.perturb import Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store, columns_of
-from sdit.synthesize import ShardSynthesizer, initial_noise, read_prompts
+from sdit.synthesize import ShardSynthesizer, initial_noise, read_prompts, read_synthetic
+from sdit.teacher import load_teacher
 
 MIX = PerturbConfig(mix={"none": 0.4, "input": 0.15, "swap": 0.15, "mix": 0.15, "null": 0.15}, caption_min_t=0)
 # 3 prompts x 2 samples: 2 prompts a synthetic shard (the store's shard size 4 // 2 samples), so two shards.
 SYNTH = SynthesisConfig(samples=2, steps=4, guidance=5.0)
+TRAJECTORY = SynthesisConfig(samples=2, steps=4, guidance=5.0, trajectory=2)  # the labels' 2 draws: 2 DDIM steps
 runner = CliRunner()
 
 
@@ -100,7 +104,8 @@ def test_sigkill_while_synthesizing_or_labelling_synthetic_records_then_rerun_eq
 
     whole = shutil.copytree(store, tmp_path / "whole")
     subprocess.run(cli_command(*args(whole)), check=True, env=child_env(), capture_output=True)
-    n_synthetic, n_labels = len(columns_of("synthetic")), len(LABEL_COLUMNS)
+    n_synthetic = sum(not column.optional for column in columns_of("synthetic").values())
+    n_labels = len(LABEL_COLUMNS)
     n_records = len(Store(str(store)).finished("records"))
     # Zarr arrays are written in this order: 2 synthetic shards, the labels of the record shards, then those of
     # the 2 synthetic shards. Kill just before the second array of the second synthetic shard, and of its labels.
@@ -124,7 +129,8 @@ def _manifests(store) -> tuple[dict, dict]:
             {k: v for k, v in labels.items() if k != "synthetic_set"})
 
 
-def test_stage_two_rebuilds_every_input_from_the_store_alone(store, tiny_teacher, monkeypatch):
+@pytest.mark.parametrize("synthesis", [SYNTH, TRAJECTORY], ids=["samples", "trajectories"])
+def test_stage_two_rebuilds_every_input_from_the_store_alone(store, tiny_teacher, monkeypatch, synthesis):
     seen, original = [], ShardLabeler.teacher_eps
 
     def spy(self, inputs, guidance):
@@ -132,7 +138,7 @@ def test_stage_two_rebuilds_every_input_from_the_store_alone(store, tiny_teacher
         return original(self, inputs, guidance)
 
     monkeypatch.setattr(ShardLabeler, "teacher_eps", spy)
-    _label(store, tiny_teacher)
+    _label(store, tiny_teacher, synthesis=synthesis)
     data = LabelledStore(str(store), "synth")
     assert data.synthetic_counts == {0: 4, 1: 2}
     # Stage one labelled records shards, then synthetic shards, each in (record, draw) order: so does an
@@ -190,7 +196,7 @@ def test_manifests_record_provenance_and_teacher_forwards(store, tiny_teacher, m
     s = Store(str(store))
     made = s.read_json("synthetic", "manifest.json")
     assert made["status"] == "complete" and made["config"] == {"samples": 2, "steps": 4, "guidance": 5.0, "seed": 0,
-                                                               "scheduler": None}
+                                                               "scheduler": None, "trajectory": 0}
     assert made["scheduler"]["class"] == "PNDMScheduler" and set(made["teacher"]["hashes"]) == {"vae", "text_encoder",
                                                                                               "unet"}
     assert made["forwards_per_sample"] == (4 + 1) * 2  # PNDM runs steps + 1 timesteps; x2 with guidance
@@ -208,10 +214,10 @@ def test_non_finite_samples_are_dropped_or_stop_the_run(store, tiny_teacher, mon
     original = ShardSynthesizer.sample
 
     def poisoned(self, noise, text):
-        latents, forwards = original(self, noise, text)
-        latents = latents.clone()
+        latents, states, forwards = original(self, noise, text)
+        latents = latents.copy()
         latents[0] = float("nan")
-        return latents, forwards
+        return latents, states, forwards
 
     monkeypatch.setattr(ShardSynthesizer, "sample", poisoned)
     # Batches of 3 samples: shard 0 (4 samples) loses samples 0 and 3, shard 1 (2 samples) its first.
@@ -252,6 +258,43 @@ def test_training_on_synthetic_records(store, tiny_teacher, tmp_path):
     assert not (tmp_path / "run2").exists()  # refused before any work
 
 
+@pytest.mark.slow
+def test_trajectory_draws_are_the_states_the_teachers_sampler_visits(store, tiny_teacher, monkeypatch):
+    rows, forward = [], UNet2DConditionModel.forward
+
+    def counting(self, sample, *args, **kwargs):
+        rows.append(len(sample))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+    counts = _label(store, tiny_teacher, synthesis=TRAJECTORY)
+    s = Store(str(store))
+    made = read_synthetic(s)
+    # DDIM with 4 steps strides 250 from 751: the states after its first two steps sit at 501 and 251.
+    assert made.trajectory_timesteps == [501, 251] and made.forwards_per_sample == 2 * 2
+    assert counts["teacher_forwards"] == {"records": 22, "synthetic": 12, "synthesis": 24, "total": 58}
+    assert sum(rows) == 58 and counts["synthetic"]["kinds"] == {"none": 0, "input": 0, "swap": 0, "mix": 0,
+                                                                "null": 0, "trajectory": 12}
+    # The stored (x̂_0, ε) rebuild the states the teacher's own DDIM loop visits from the same initial noise.
+    teacher = load_teacher(tiny_teacher)
+    synth, labels = s.shard_group("synthetic", 0), s.shard_group("labels/synth/synthetic", 0)
+    text = torch.as_tensor(synth["text_emb"][:]).float()
+    null = torch.as_tensor(s.null_embedding()).float().expand_as(text)
+    noise = initial_noise(0, synth["prompt_index"][:], synth["sample"][:], (4, 8, 8))
+    scheduler = sampling.make_scheduler("ddim", teacher.scheduler_config)
+    steps = sampling.denoising_steps(sampling.teacher_eps(teacher.unet), scheduler, noise, text, null, 4, 5.0)
+    visited = torch.stack([next(steps).prev_sample for _ in range(2)], dim=1)  # (4, 2, C, h, w)
+    schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+    for d, t in enumerate(made.trajectory_timesteps):
+        rebuilt = noisy_latents(schedule, synth["latents"][:], synth["states"][:, d], torch.full((4,), t))
+        assert torch.allclose(rebuilt, visited[:, d], atol=1e-2), d
+    # Each state is a draw with its record's own caption, the state as noise, and no true-noise target.
+    assert (labels["kind"][:] == Kind.TRAJECTORY).all() and (labels["timesteps"][:] == [501, 251]).all()
+    assert np.array_equal(labels["noise"][:], synth["states"][:]) and (labels["caption_index"][:] == -1).all()
+    kinds = torch.as_tensor(labels["kind"][:]).flatten().long()
+    assert not true_noise_mask(kinds, torch.zeros(len(kinds))).any()
+
+
 def test_errors_are_one_line(encoded, store, tiny_teacher, tmp_path):
     def one_line(args: list[str], fragment: str) -> None:
         result = runner.invoke(app, args)
@@ -269,6 +312,11 @@ def test_errors_are_one_line(encoded, store, tiny_teacher, tmp_path):
     assert runner.invoke(app, [*base[:1], str(store), *base[1:], "--synth-steps", "2"]).exit_code == 0
     one_line([base[0], str(store), *base[1:], "--synth-steps", "3", "--labels", "other"],
              "synthetic records were made with steps 2 (now 3)")
+    one_line([base[0], str(store), *base[1:5], "--synth-trajectory"], "give --synthesize N as well")
+    one_line([base[0], str(store), *base[1:], "--synth-trajectory", "--draws", "4", "--synth-steps", "4"],
+             "give --synth-steps above 4 (now 4)")
+    one_line([base[0], str(store), *base[1:], "--synth-trajectory", "--synth-scheduler", "pndm"],
+             "drop --synth-scheduler pndm")
 
 
 @pytest.mark.slow
