@@ -531,9 +531,10 @@ def bench_train(
 def bench_distill(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the data, store, runs and report.")] = DistillConfig.out,
     teacher: Annotated[str, typer.Option("--teacher", "-t", show_default="data/toy-sd", help="The teacher.")] = DistillConfig.teacher,
-    runs: Annotated[Optional[str], typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_guided (default: all; with --sizes no_teacher,kd_perturb).")] = None,
+    runs: Annotated[Optional[str], typer.Option(help="Comma-separated: no_teacher, kd, kd_perturb, kd_synth, kd_traj, kd_guided (default: all; with --sizes no_teacher,kd_perturb).")] = None,
     variants: Annotated[Optional[str], typer.Option(help="A TOML file of more runs, each a run above with some options changed (the tuning tables in docs/tuning/).")] = None,
-    synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank.")] = DistillConfig.synth_samples,
+    synth_samples: Annotated[int, typer.Option(min=1, help="kd_synth: teacher samples per prompt of the bank; kd_traj: trajectories.")] = DistillConfig.synth_samples,
+    trajectory_steps: Annotated[int, typer.Option(min=2, help="kd_traj: the DDIM schedule its trajectories step through, --draws steps of it each.")] = DistillConfig.trajectory_steps,
     bank_per_pair: Annotated[int, typer.Option(min=0, max=54, help="The prompt bank (swaps and kd_synth's samples): this many prompts of each of the 36 shape-colour pairs; 0: all 1,944.")] = DistillConfig.bank_per_pair,
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = DistillConfig.records,
     draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = DistillConfig.draws,
@@ -570,7 +571,8 @@ def bench_distill(
                            records=records, draws=draws, student=student, steps=steps, batch_size=batch_size,
                            lr=lr, lr_schedule=lr_schedule, per_prompt=per_prompt, sample_steps=sample_steps,
                            guidance=guidance, seed=seed, high_noise_weight=high_noise_weight,
-                           synth_samples=synth_samples, bank_per_pair=bank_per_pair or None,
+                           synth_samples=synth_samples, trajectory_steps=trajectory_steps,
+                           bank_per_pair=bank_per_pair or None,
                            curve_points=curve_points, curve_prompts=curve_prompts, curve_per_prompt=curve_per_prompt,
                            jobs=jobs, guidance_range=LabelConfig.parse_guidance(guidance_range),
                            perturb=PerturbConfig.from_option(perturb, caption_min_t=caption_min_t))

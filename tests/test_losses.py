@@ -8,9 +8,9 @@ from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config
 
 
 def test_true_noise_is_a_target_for_real_pairs_only():
-    kinds = torch.tensor([int(k) for k in Kind])
-    assert true_noise_mask(kinds, torch.zeros(5)).tolist() == [True, True, False, False, True]
-    assert not true_noise_mask(kinds, torch.full((5,), 3.0)).any()  # guided targets are not the true noise
+    kinds = torch.tensor([int(k) for k in Kind])  # none, input, swap, mix, null, trajectory
+    assert true_noise_mask(kinds, torch.zeros(6)).tolist() == [True, True, False, False, True, False]
+    assert not true_noise_mask(kinds, torch.full((6,), 3.0)).any()  # guided targets are not the true noise
 
 
 def test_losses_are_the_weighted_mses_and_split_across_workers_exactly():

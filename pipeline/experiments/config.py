@@ -23,7 +23,7 @@ PERTURBED = PerturbConfig()  # the default mix: none, input, swap, mix, null (sw
 
 @dataclass(frozen=True)
 class Recipe:
-    labels: str  # the kind of labelling the run trains on: plain, perturbed, synthetic or guided
+    labels: str  # the kind of labelling the run trains on: plain, perturbed, synthetic, trajectory or guided
     kd_weight: float
     task_weight: float = 1.0
 
@@ -33,11 +33,13 @@ RECIPES = {
     "kd": Recipe("plain", 1.0),
     "kd_perturb": Recipe("perturbed", 1.0),
     "kd_synth": Recipe("synthetic", 1.0),
+    "kd_traj": Recipe("trajectory", 1.0),  # labels only: the teacher's ε at states of its own sampler, no image
     "kd_guided": Recipe("guided", 1.0, task_weight=0.0),  # guided targets: the true noise is no target
 }
 
 
 GUIDED_LABELS = "guided"
+SYNTHESIS_LABELS = ("synthetic", "trajectory")  # labellings that make the teacher sample the prompt bank first
 
 
 # What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
@@ -60,7 +62,10 @@ class DistillConfig:
     # More runs, each a recipe of RECIPES with some options changed: name -> {"from": recipe, option: value}
     # (LABEL_OPTIONS, TRAIN_OPTIONS). The tuning tables are such files (`load_variants`).
     variants: dict[str, dict] = field(default_factory=dict)
-    synth_samples: int = 1  # teacher samples per prompt for kd_synth
+    synth_samples: int = 1  # teacher samples per prompt for kd_synth, trajectories per prompt for kd_traj
+    # kd_traj: its trajectories step through a DDIM schedule of this many steps; a record's `draws` states are those
+    # after its first `draws` steps (16 steps, 8 draws: t = 869, 807, ..., 435, all at high noise).
+    trajectory_steps: int = 16
     # The prompt bank: this many prompts of each of the 36 shape-colour pairs (None: all 1,944). 12 (432 prompts)
     # covers the world evenly at 4.5x fewer teacher forwards for kd_synth's samples.
     bank_per_pair: int | None = 12

@@ -7,6 +7,8 @@ limited data for each run; only what the student learns from differs:
     kd           the teacher's ε on the real pairs, no perturbations
     kd_perturb   the teacher's ε with perturbations, including caption swaps from the text-only prompt bank
     kd_synth     as kd_perturb, plus the teacher's own samples for every prompt of the bank as extra records
+    kd_traj      as kd_perturb, plus trajectory draws for every prompt of the bank: the teacher's ε at the states
+                 its own sampler visits in its first steps from pure noise (labels only: no teacher image)
     kd_guided    as kd_perturb, but the targets are the teacher's guided ε_u + w(ε_c − ε_u) for a w drawn per draw
                  in `guidance_range`, the student takes w (--guidance-embed) and learns the targets alone
                  (--task-weight 0): it samples with one forward a step where the others run two
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from pipeline.encode import EncodeConfig, encode
 from pipeline.experiments.config import DistillConfig, Say
-from pipeline.experiments.plan import Labelling, plan, train_configs
+from pipeline.experiments.plan import STORE, TRAJECTORY_STORE, Labelling, plan, store_of, train_configs
 from pipeline.experiments.plots import plot_budget
 from pipeline.experiments.report import format_report
 from pipeline.experiments.scoring import add_curves, score_all
@@ -59,6 +61,7 @@ from pipeline.label import LabelConfig, label
 from sdit.config import SynthesisConfig
 from sdit.files import check_folder, replace_text
 from sdit.shapes import files, world
+from sdit.store import WRITER_LOCK
 from sdit.teacher import load_teacher
 
 
@@ -70,14 +73,14 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     config.check()
     out = check_folder(config.out)
     labellings, runs = plan(config)
-    trainings = train_configs(config, out / "store", runs)
+    trainings = train_configs(config, runs)
     for training in trainings.values():  # refuse bad training options before any work
         training.check()
     started = time.perf_counter()
-    store = prepare_store(config, out, labellings, say)
+    prepare_store(config, out, labellings, say)
     for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind start from one init
         if not (out / run.init).exists():
-            init_for_store(str(store), run.labels, str(out / run.init), run.student, teacher=config.teacher,
+            init_for_store(str(out / run.store), run.labels, str(out / run.init), run.student, teacher=config.teacher,
                            seed=config.seed)
     for training in trainings.values():  # a folder left by a start that trained nothing begins again
         if not training.resume:
@@ -85,7 +88,7 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     train_side_by_side(trainings, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), say, on_step)
     say("sample and score")
     teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
-    results = score_all(config, out, store, teacher, labellings, runs)
+    results = score_all(config, out, teacher, labellings, runs)
     if config.curve_points:
         say("learning curves")
         add_curves(config, out, results, teacher, runs)
@@ -98,9 +101,10 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     return report
 
 
-def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], say: Say) -> Path:
-    """The limited split and the world's prompt bank, encoded, and each labelling the runs need."""
-    data, store = out / "data", out / "store"
+def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], say: Say) -> None:
+    """The limited split and the world's prompt bank, encoded, and each labelling the runs need (trajectories in
+    a copy of the encoded store: a store holds one set of synthetic records)."""
+    data, store = out / "data", out / STORE
     if not (data / "images").exists():
         say("write the limited split and the prompt bank")
         files.write_split(world.limited_split(config.records, config.seed), data / "images")
@@ -108,15 +112,37 @@ def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labell
     say("encode")
     encode(EncodeConfig(source=str(data / "images"), teacher=config.teacher, out=str(store), resolution=64,
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))
+    if any(labelling.kind == "trajectory" for labelling in labellings.values()):
+        copy_encoded(store, out / TRAJECTORY_STORE)
     for name, labelling in sorted(labellings.items()):
         say(f"teacher-label {name}")
-        # The teacher samples with the sampler whose accuracy the report's teacher row measures.
-        synthesis = SynthesisConfig(samples=config.synth_samples, steps=config.sample_steps, guidance=config.guidance,
-                                    seed=config.seed, scheduler="ddim") if labelling.kind == "synthetic" else None
-        label(LabelConfig(store=str(store), teacher=config.teacher, name=name, draws=labelling.draws,
-                          perturb=labelling.perturb, seed=config.seed, synthesis=synthesis,
-                          guidance=labelling.guidance))
-    return store
+        label(LabelConfig(store=str(out / store_of(labelling.kind)), teacher=config.teacher, name=name,
+                          draws=labelling.draws, perturb=labelling.perturb, seed=config.seed,
+                          synthesis=_synthesis(config, labelling), guidance=labelling.guidance))
+
+
+def _synthesis(config: DistillConfig, labelling: Labelling) -> SynthesisConfig | None:
+    """kd_synth's samples, with the sampler whose accuracy the report's teacher row measures; kd_traj's
+    trajectories, the states of its first `draws` steps."""
+    if labelling.kind == "synthetic":
+        return SynthesisConfig(samples=config.synth_samples, steps=config.sample_steps, guidance=config.guidance,
+                               seed=config.seed, scheduler="ddim")
+    if labelling.kind == "trajectory":
+        return SynthesisConfig(samples=config.synth_samples, steps=config.trajectory_steps, guidance=config.guidance,
+                               seed=config.seed, trajectory=labelling.draws)
+    return None
+
+
+def copy_encoded(store: Path, to: Path) -> None:
+    """A copy of the encoded store (its manifest, records, prompts and null embedding; no labels or synthetic
+    records), made whole under another name first, so that an interrupted copy is never taken for one."""
+    if to.exists():
+        return
+    partial = to.with_name(to.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    skip = {"labels", "synthetic", WRITER_LOCK}
+    shutil.copytree(store, partial, ignore=lambda folder, names: [n for n in names if n in skip])
+    partial.rename(to)
 
 
 def _jsonable(value):

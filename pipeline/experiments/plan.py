@@ -18,6 +18,10 @@ from sdit.errors import SDiTError
 from sdit.perturb import PerturbConfig
 from sdit.run import RUN_FILE, read_run
 
+STORE = "store"  # OUT/store: the limited split and the prompt bank, encoded, and the labellings
+# A store holds one set of synthetic records: trajectories go into a copy of the encoded store, beside the samples.
+TRAJECTORY_STORE = "store-trajectory"
+
 
 def load_variants(path: str | None) -> dict[str, dict]:
     """A TOML file of variants, one table each: `[name]`, `from = "kd_perturb"`, then the options it changes
@@ -37,7 +41,7 @@ def load_variants(path: str | None) -> dict[str, dict]:
 @dataclass(frozen=True)
 class Labelling:
     """One labelling of the store: its kind and what its draws were made with."""
-    kind: str  # plain, perturbed, synthetic or guided (Recipe.labels)
+    kind: str  # plain, perturbed, synthetic, trajectory or guided (Recipe.labels)
     perturb: PerturbConfig
     draws: int
     guidance: tuple[float, float] | None  # guided targets: w drawn per draw in this window
@@ -48,6 +52,7 @@ class Run:
     """One student of the experiment: the labelling it trains on, where it starts, what its training changes."""
     recipe: str
     labels: str  # the labelling's name in the store
+    store: str  # the store's folder in OUT (STORE or TRAJECTORY_STORE)
     init: str  # the folder (in OUT) of its initial weights, shared by every run of its student and kind
     student: str  # its preset
     training: dict  # TrainConfig fields set for this run: its recipe's weights, a variant's training options
@@ -70,8 +75,13 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
             "" if student == config.student else "-" + student.replace("/", "-"))
         training = {"kd_weight": recipe.kd_weight, "task_weight": recipe.task_weight} | {
             k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"}
-        runs[name] = Run(options["from"], labels, init, student, training)
+        runs[name] = Run(options["from"], labels, store_of(recipe.labels), init, student, training)
     return labellings, runs
+
+
+def store_of(kind: str) -> str:
+    """The store folder (in OUT) of a labelling of this kind."""
+    return TRAJECTORY_STORE if kind == "trajectory" else STORE
 
 
 def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
@@ -87,7 +97,7 @@ def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
     return Labelling(kind, perturb, options.get("draws", config.draws), guidance)
 
 
-def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> dict[str, TrainConfig]:
+def train_configs(config: DistillConfig, runs: dict[str, Run]) -> dict[str, TrainConfig]:
     """Each run's training options: the experiment's, but for its labels, initial weights and its own options.
     A run folder trained before (an interrupted experiment) resumes."""
     trainings = {}
@@ -95,7 +105,8 @@ def train_configs(config: DistillConfig, store: Path, runs: dict[str, Run]) -> d
         steps = run_steps(config, run)
         out = Path(config.out) / name
         trainings[name] = replace(TrainConfig(
-            store=str(store), out=str(out), labels=run.labels, init=str(Path(config.out) / run.init),
+            store=str(Path(config.out) / run.store), out=str(out), labels=run.labels,
+            init=str(Path(config.out) / run.init),
             steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
             lr_schedule=config.lr_schedule, ema_decay=config.ema_decay, high_noise_weight=config.high_noise_weight,
             holdout=config.holdout, seed=config.seed, sample_every=0,

@@ -21,7 +21,7 @@ from sdit.shapes import reader, samples, world
 from sdit.shapes.scores import HEADLINES, figures, headline_draws, interval, resample
 
 
-def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings: dict[str, Labelling],
+def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, Labelling],
               runs: dict[str, Run]) -> dict[str, dict]:
     """Samples of the teacher and every student from the same noise; fair held-out scores, attribute accuracy
     on held-out and seen prompts; teacher agreement on held-out draws."""
@@ -47,10 +47,10 @@ def score_all(config: DistillConfig, out: Path, store: Path, teacher, labellings
             # targets, its own kind
             run = runs[name]
             plain = "plain" in labellings and labellings[run.labels].kind != GUIDED_LABELS
-            agreement = evaluate(EvalConfig(run=str(out / name), store=str(store),
+            agreement = evaluate(EvalConfig(run=str(out / name), store=str(out / run.store),
                                             labels="plain" if plain else run.labels))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
-            results[name]["teacher_forwards"] = teacher_forwards(store, run)
+            results[name]["teacher_forwards"] = teacher_forwards(out / run.store, run)
     add_intervals(results, draws)
     write_grid(out / "grid.png", images, prompts, config.per_prompt)
     return results

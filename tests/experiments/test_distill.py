@@ -31,7 +31,7 @@ from sdit.tiny import save_tiny_teacher
 
 @pytest.mark.slow
 def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_path):
-    """The demo path end to end on the tiny teacher: split, encode, label, train five students, sample, score."""
+    """The demo path end to end on the tiny teacher: split, encode, label, train six students, sample, score."""
     out, figures = tmp_path / "distill", tmp_path / "distill.json"
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
@@ -39,7 +39,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
                                       "--bank-per-pair", "1", "--curve-prompts", "1", "--json", str(figures)])
     assert result.exit_code == 0, result.output
     report = json.loads(figures.read_text())
-    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth", "kd_guided"}
+    assert set(report["runs"]) == {"no_teacher", "kd", "kd_perturb", "kd_synth", "kd_traj", "kd_guided"}
     for name, run in report["runs"].items():
         assert {"heldout_acc", "heldout_hit", "seen_acc", "teacher_mse", "speedup", "curves"} <= set(run)
         assert -1 <= run["heldout_acc"] <= 1 and 0 <= run["heldout_hit"] <= 1 and run["teacher_mse"] > 0
@@ -67,6 +67,11 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     forwards = {name: run["teacher_forwards"] for name, run in report["runs"].items()}
     assert forwards["no_teacher"] == 0 and forwards["kd"] == forwards["kd_perturb"] < forwards["kd_synth"]
     assert forwards["kd_guided"] == 2 * forwards["kd_perturb"]  # a guided target costs two teacher forwards
+    # kd_traj: 36 prompts x 2 states, each state 2 forwards to reach (a guided step) and 1 to label, in its own store
+    assert forwards["kd_traj"] == forwards["kd_perturb"] + 36 * 2 * 3
+    assert read_run(out / "kd_traj")["train"]["config"]["store"] == str(out / "store-trajectory")
+    trajectory = LabelledStore(str(out / "store-trajectory"), "trajectory").labels.counts["synthetic"]["kinds"]
+    assert trajectory == {"none": 0, "input": 0, "swap": 0, "mix": 0, "null": 0, "trajectory": 72}
     # kd_guided: guided targets alone, a student that takes w and samples with one forward a step
     guided = read_run(out / "kd_guided")["train"]
     assert (guided["labels"], guided["config"]["task_weight"]) == ("guided", 0.0)
@@ -79,7 +84,7 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     perturbed = LabelledStore(str(out / "store"), "perturbed").labels.counts["kinds"]
     assert perturbed[Kind.SWAP.name.lower()] > 0
     grid = Image.open(out / "grid.png")
-    assert grid.size[0] > 8 * 64 and grid.size[1] > 6 * 64  # 8 prompts, a teacher row and five student rows
+    assert grid.size[0] > 8 * 64 and grid.size[1] > 7 * 64  # 8 prompts, a teacher row and six student rows
     assert "| kd_perturb |" in (out / "report.md").read_text() and "95% intervals" in (out / "report.md").read_text()
 
 
