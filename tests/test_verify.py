@@ -100,3 +100,16 @@ def test_json_cut_short_is_a_problem_of_the_store(store, file, tmp_path):
     result = _train(store, tmp_path)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith(f"error: {store}: {file} is damaged")
+
+
+@pytest.mark.slow
+def test_a_trajectory_set_without_its_states_is_a_problem(encoded_store, tiny_teacher, tmp_path):
+    from pipeline.label import LabelConfig, label
+    from sdit.config import SynthesisConfig
+
+    store = shutil.copytree(encoded_store, tmp_path / "store")
+    label(LabelConfig(store=str(store), teacher=str(tiny_teacher), name="traj", draws=2,
+                      synthesis=SynthesisConfig(samples=1, steps=4, trajectory=2)))
+    assert verify(str(store)).ok
+    shutil.rmtree(store / "synthetic" / "00000" / "states")
+    assert verify(str(store)).problems == ["synthetic/00000 states: missing"]

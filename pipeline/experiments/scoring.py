@@ -12,11 +12,12 @@ from safetensors.torch import load_model
 
 from pipeline.evaluate import EvalConfig, evaluate
 from pipeline.experiments.config import GUIDED_LABELS, PROMPTS_PER_PAIR, DistillConfig
-from pipeline.experiments.plan import Labelling, Run
+from pipeline.experiments.plan import STORE, Labelling, Run
 from pipeline.experiments.plots import plot_curves, write_grid
 from pipeline.train_run import checkpoint_dirs
 from sdit.files import replacing
 from sdit.pipeline_sdit import SDiTPipeline
+from sdit.run import read_run
 from sdit.shapes import reader, samples, world
 from sdit.shapes.scores import HEADLINES, figures, headline_draws, interval, resample
 
@@ -47,8 +48,10 @@ def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, L
             # targets, its own kind
             run = runs[name]
             plain = "plain" in labellings and labellings[run.labels].kind != GUIDED_LABELS
-            agreement = evaluate(EvalConfig(run=str(out / name), store=str(out / run.store),
-                                            labels="plain" if plain else run.labels))
+            store = STORE if plain else run.store
+            agreement = evaluate(EvalConfig(run=str(out / name), store=str(out / store),
+                                            labels="plain" if plain else run.labels,
+                                            **({} if store == run.store else same_split(out / name))))
             results[name]["teacher_mse"] = agreement["teacher_agreement"]["mse"]
             results[name]["teacher_forwards"] = teacher_forwards(out / run.store, run)
     add_intervals(results, draws)
@@ -152,6 +155,13 @@ def steps_to_reach(curve: list[dict], target: float, key: str = "seen_acc") -> f
             share = (target - before[key]) / (after[key] - before[key])
             return before["step"] + share * (after["step"] - before["step"])
     return None
+
+
+def same_split(run: Path) -> dict:
+    """EvalConfig options naming the held-out records of `run` in another store with the same records (a
+    trajectory store copies the main store's: the plain labels of its records sit in the main one)."""
+    train = read_run(run)["train"]
+    return {"holdout": train["holdout"], "split_seed": train["split_seed"]}
 
 
 def teacher_forwards(store: Path, run: Run) -> int:
