@@ -104,9 +104,10 @@ def restore_cuda_rng(states: list[torch.Tensor]) -> list[str]:
     if len(states) > here:
         return [f"the random state of {len(states) - here} of the checkpoint's {len(states)} CUDA devices was "
                 f"not restored: {here} here"]
-    if here > len(states) > 0:
+    if here > len(states):
+        saved = f"{len(states)}" if states else "none (it was trained without CUDA)"
         return [f"CUDA devices {len(states)} to {here - 1} start from a fresh random state: the checkpoint saved "
-                f"{len(states)}"]
+                f"{saved}"]
     return []
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdit.errors import SDiTError
-from sdit.training import OPTIMIZER, STATE, load_checkpoint, lr_factor, save_checkpoint
+from sdit.training import OPTIMIZER, STATE, load_checkpoint, lr_factor, restore_cuda_rng, save_checkpoint
 
 
 def _parts(seed: int):
@@ -88,3 +88,20 @@ def test_the_learning_rate_warms_up_then_follows_its_schedule(schedule, expected
     assert [lr_factor(step, 4, 10, schedule) for step in range(4, 10)] == pytest.approx(expected[4:], abs=1e-6)
     assert [lr_factor(step, 4, 10, schedule) for step in range(4)] == pytest.approx(expected[:4])
     assert lr_factor(12, 4, 10, schedule) == (1.0 if schedule == "constant" else 0.0)  # past the end
+
+
+@pytest.mark.parametrize("saved, here, restored, note", [
+    (2, 2, [0, 1], None),
+    (2, 1, [0], "the random state of 1 of the checkpoint's 2 CUDA devices was not restored: 1 here"),
+    (1, 2, [0], "CUDA devices 1 to 1 start from a fresh random state: the checkpoint saved 1"),
+    (0, 2, [], "CUDA devices 0 to 1 start from a fresh random state: the checkpoint saved none (it was trained "
+               "without CUDA)"),
+    (0, 0, [], None),
+])
+def test_cuda_random_states_restore_what_fits_and_say_what_did_not(monkeypatch, saved, here, restored, note):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: here > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: here)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(device))
+    notes = restore_cuda_rng([torch.zeros(8, dtype=torch.uint8)] * saved)
+    assert calls == restored and notes == ([note] if note else [])
