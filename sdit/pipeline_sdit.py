@@ -21,6 +21,10 @@ whatever the batch it is sampled in, and on whatever device the network runs.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +49,10 @@ from .text import encode_text
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER = "transformer"
+# The module files of a folder's code: diffusers looks for a component's code in its own folder, under the name
+# model_index.json gives; "dit" would name diffusers' own DiT pipeline module instead.
+PIPELINE_MODULE = "pipeline_sdit"
+MODEL_MODULE = "modeling_sdit"
 OUTPUT_TYPES = ("pil", "np", "latent")
 SEED_RANGE = 2**62  # per-image seeds drawn from one generator lie in [0, SEED_RANGE)
 
@@ -71,6 +79,22 @@ def expand(values: str | list[str] | None, n_prompts: int, per_prompt: int, what
     if len(values) != n_prompts:
         raise SDiTError(f"{len(values)} {what}s for {n_prompts} prompts: give one, or one per prompt")
     return [v for v in values for _ in range(per_prompt)]
+
+
+def copy_code(module: Path, target: Path) -> list[Path]:
+    """`module` (a file of sdit, or of a folder's copy of it) as `target`, and beside it the modules it imports
+    relatively: what diffusers copies when it loads `target` with trust_remote_code. Returns the files written."""
+    written = [Path(shutil.copyfile(module, target))]
+    for name in relative_imports(module):
+        written.append(Path(shutil.copyfile(module.with_name(f"{name}.py"), target.with_name(f"{name}.py"))))
+    return written
+
+
+def relative_imports(module: Path) -> list[str]:
+    """The modules `module` imports as `from .name import ...` (the form diffusers follows)."""
+    tree = ast.parse(Path(module).read_text())
+    return [node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
 
 
 def read_index(run: Path, pipeline_class: str) -> dict:
@@ -125,6 +149,18 @@ class SDiTPipeline(DiffusionPipeline):
             raise SDiTError(f"cannot load run folder {run}: {str(err).strip().splitlines()[0]}") from err
         pipe = cls(**parts)
         return pipe if torch_dtype is None else pipe.to(torch_dtype)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' save_pretrained, plus what loads the folder where sdit is not installed, as in a run folder:
+        this module's code at the top, the student's in transformer/, both named in model_index.json."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        copy_code(Path(__file__), folder / f"{PIPELINE_MODULE}.py")
+        model = type(self.transformer)
+        copy_code(Path(inspect.getfile(model)), folder / TRANSFORMER / f"{MODEL_MODULE}.py")
+        index = read_json_object(folder / MODEL_INDEX, "save the pipeline again")
+        index |= {"_class_name": [PIPELINE_MODULE, type(self).__name__], TRANSFORMER: [MODEL_MODULE, model.__name__]}
+        (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     # --- sizes -----------------------------------------------------------------------------------------
     @property

@@ -19,9 +19,7 @@ the parts. Nothing here loads a teacher: stage two imports this module.
 
 from __future__ import annotations
 
-import ast
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from sdit.config import DEFAULT_SCHEDULER
 from sdit.dit import SDiT
 from sdit.errors import SDiTError, read_json_object
 from sdit.files import recover_folder, replace_text, writing_folder
-from sdit.pipeline_sdit import MODEL_INDEX, TRANSFORMER, SDiTPipeline
+from sdit.pipeline_sdit import MODEL_INDEX, MODEL_MODULE, PIPELINE_MODULE, TRANSFORMER, SDiTPipeline, copy_code
 from sdit.sampling import SCHEDULERS, make_scheduler
 
 if TYPE_CHECKING:  # for annotations only: importing the teacher loader here would put it into stage two
@@ -42,10 +40,6 @@ if TYPE_CHECKING:  # for annotations only: importing the teacher loader here wou
 
 RUN_FILE = "sdit_run.json"
 RUN_VERSION = 1
-# The module files of the folder's code: diffusers looks for a component's code in its own folder, under the name
-# model_index.json gives; "dit" would name diffusers' own DiT pipeline module instead.
-PIPELINE_MODULE = "pipeline_sdit"
-MODEL_MODULE = "modeling_sdit"
 
 
 @dataclass(frozen=True)
@@ -90,22 +84,6 @@ def _write_parts(folder: Path, student: SDiT, teacher: Teacher, provenance: dict
     run = {"schema_version": RUN_VERSION, "teacher": teacher.identity.to_json(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **provenance}
     (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-
-
-def copy_code(module: Path, target: Path) -> list[Path]:
-    """`module` (a file of this package) as `target`, and beside it the modules it imports relatively: what
-    diffusers copies when it loads `target` with trust_remote_code. Returns the files written."""
-    written = [Path(shutil.copyfile(module, target))]
-    for name in relative_imports(module):
-        written.append(Path(shutil.copyfile(module.with_name(f"{name}.py"), target.with_name(f"{name}.py"))))
-    return written
-
-
-def relative_imports(module: Path) -> list[str]:
-    """The modules `module` imports as `from .name import ...` (the form diffusers follows)."""
-    tree = ast.parse(Path(module).read_text())
-    return [node.module for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
 
 
 def read_run(run: str | Path) -> dict:

@@ -14,7 +14,8 @@ from conftest import REPO, new_run
 from pipeline.config import SampleConfig
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
-from sdit.run import load_student, read_run, relative_imports, save_student, update_run
+from sdit.pipeline_sdit import relative_imports
+from sdit.run import load_student, read_run, save_student, update_run
 from sdit.sampling import SCHEDULERS
 
 
@@ -98,11 +99,20 @@ try:
     sys.exit("sdit is importable here")
 except ImportError:
     pass
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-pipe.set_progress_bar_config(disable=True)
-images = pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=2,
-              output_type="np").images
-np.save(sys.argv[2], images)
+
+
+def sample(folder):
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=2,
+                  output_type="np").images
+    return pipe, images[0]
+
+
+run, saved, resaved, out = sys.argv[1:]
+pipe, image = sample(run)
+pipe.save_pretrained(resaved)  # saved again where sdit is not installed
+np.save(out, np.stack([image, sample(saved)[1], sample(resaved)[1]]))
 print(type(pipe).__module__, type(pipe.transformer).__module__, type(pipe.scheduler).__name__)
 """
 
@@ -110,24 +120,30 @@ print(type(pipe).__module__, type(pipe.transformer).__module__, type(pipe.schedu
 @pytest.mark.slow
 def test_a_run_folder_loads_with_diffusers_where_sdit_is_not_installed(tiny_teacher, tmp_path):
     """A virtual environment with torch, diffusers and transformers (this one's packages, without the editable
-    install of sdit, whose .pth file is not read there) samples the folder as sdit does, from the same seed."""
+    install of sdit, whose .pth file is not read there) samples the folder as sdit does, from the same seed; so it
+    does a folder the pipeline's save_pretrained wrote, here or there."""
     from sdit.pipeline_sdit import SDiTPipeline
     from test_pipeline_sdit import assert_same_image, make_run
 
     run = make_run(tmp_path / "run", tiny_teacher)
+    pipe = SDiTPipeline.from_pretrained(run)
+    pipe.save_pretrained(tmp_path / "saved")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
     (site / "packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {"PATH": os.environ["PATH"], "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", LOAD_WITHOUT_SDIT, str(run),
-                           str(tmp_path / "images.npy")], cwd=tmp_path, env=env, capture_output=True, text=True)
+                           str(tmp_path / "saved"), str(tmp_path / "resaved"), str(tmp_path / "images.npy")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     pipeline_module, model_module, scheduler = done.stdout.split()
     assert pipeline_module.startswith("diffusers_modules") and model_module.startswith("diffusers_modules")
     assert scheduler == SCHEDULERS[SampleConfig.scheduler]
-    pipe = SDiTPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     ours = pipe("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=2,
                 output_type="np").images
-    assert_same_image(np.load(tmp_path / "images.npy")[0], ours[0])
+    for image in np.load(tmp_path / "images.npy"):  # the run folder, saved here, saved there
+        assert_same_image(image, ours[0])
+    carried = (tmp_path / "resaved" / "transformer" / "modeling_sdit.py").read_text()
+    assert carried == (REPO / "sdit" / "dit.py").read_text()
