@@ -279,13 +279,15 @@ def init(
     teacher_config: TeacherConfig = None,
     sample_size: Annotated[Optional[int], typer.Option(min=1, help="Latent side the student is built for (default: the teacher UNet's).")] = None,
     guidance_embed: Annotated[bool, typer.Option("--guidance-embed", help="A guidance-distilled student: it takes the CFG scale w (for guided labels).")] = False,
+    guidance_linear: Annotated[bool, typer.Option("--guidance-linear", help="With --guidance-embed: w scales a second output head, ε = u + w·d, as the teacher's ε_u + w(ε_c − ε_u), rather than entering through an embedding.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the student's initial weights.")] = InitConfig.seed,
 ):
     """Write an untrained run folder: a fresh student beside the teacher's VAE, text encoder, tokenizer and scheduler."""
     from pipeline.init import init as run_init
 
     summary = run_init(InitConfig(teacher=teacher, student=student, out=out, teacher_config=teacher_config,
-                                  sample_size=sample_size, guidance_embed=guidance_embed, seed=seed))
+                                  sample_size=sample_size, guidance_embed=guidance_embed,
+                                  guidance_linear=guidance_linear, seed=seed))
     typer.echo(summary.line())
 
 

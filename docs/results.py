@@ -146,6 +146,9 @@ DISTILL_COLUMNS = {
     "speedup": ("speed-up", lambda r, t: num(r.get("speedup"), ".1f", "x"), True),
     "mse": ("teacher MSE", lambda r, t: num(r.get("teacher_mse"), ".4f"), True),
     "forwards": ("teacher forwards", lambda r, t: num(r.get("teacher_forwards"), ","), False),
+    "sampling": ("forwards / image", lambda r, t: num(r.get("sample_forwards"), "d"), False),
+    "speed": ("images / s", lambda r, t: num(1 / r["sample_s_per_image"] if r.get("sample_s_per_image") else None,
+                                             ".1f"), True),
 }
 
 

@@ -137,6 +137,7 @@ class InitConfig:
     teacher_config: str | None = None
     sample_size: int | None = None  # latent side the student is built for; None: the teacher UNet's
     guidance_embed: bool = False  # a guidance-distilled student: it takes the CFG scale w (for guided labels)
+    guidance_linear: bool = False  # with guidance_embed: w at the output, ε = u + w·d of two heads, not embedded
     seed: int = 0  # of the student's initial weights
 
     def check(self) -> None:
@@ -144,6 +145,8 @@ class InitConfig:
             raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
         if self.sample_size is not None and self.sample_size < 1:
             raise SDiTError(f"--sample-size {self.sample_size}: at least 1")
+        if self.guidance_linear and not self.guidance_embed:
+            raise SDiTError("--guidance-linear is how a guidance-distilled student takes w: add --guidance-embed")
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up; cosine and linear decay to 0 at --steps

@@ -63,17 +63,18 @@ def init(config: InitConfig, space: LatentSpace | None = None) -> InitSummary:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         student = build_student(config.student, sample_size=space.sample_size, in_channels=space.in_channels,
-                                text_dim=space.text_dim, guidance_embed=config.guidance_embed)
+                                text_dim=space.text_dim, guidance_embed=config.guidance_embed,
+                                guidance_linear=config.guidance_linear)
     parts = load_teacher(config.teacher, components=("vae", "text_encoder"), config_dir=config.teacher_config)
     run = write_run(config.out, student, parts, {"student": {"preset": config.student, "seed": config.seed}})
     return InitSummary(run, config.student, count_parameters(student)["total"], space)
 
 
 def init_for_store(store: str, labels: str, out: str, student: str, *, teacher: str | None = None,
-                   teacher_config: str | None = None, seed: int = 0) -> InitSummary:
+                   teacher_config: str | None = None, seed: int = 0, guidance_linear: bool = False) -> InitSummary:
     """A fresh student for training on `store`'s labels: sized from the store's latents and text width, taking
-    the guidance scale when the labels are guided, beside the VAE and text encoder of the store's teacher (or of
-    `teacher`, when that one's files are elsewhere)."""
+    the guidance scale when the labels are guided (at the output with `guidance_linear`), beside the VAE and text
+    encoder of the store's teacher (or of `teacher`, when that one's files are elsewhere)."""
     s = Store(store)
     manifest = s.manifest()
     meta = read_labels(s, labels)
@@ -83,5 +84,6 @@ def init_for_store(store: str, labels: str, out: str, student: str, *, teacher: 
                         "encoder go into the run folder)")
     c, h, _ = manifest.latent_shape
     config = InitConfig(teacher=path, student=student, out=out, teacher_config=teacher_config,
-                        guidance_embed=meta is not None and meta.guided, seed=seed)
+                        guidance_embed=meta is not None and meta.guided,
+                        guidance_linear=guidance_linear and meta is not None and meta.guided, seed=seed)
     return init(config, LatentSpace(h, c, manifest.text_shape[1]))

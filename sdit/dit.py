@@ -2,8 +2,10 @@
 
 DiT (Peebles & Xie, 2023) with two additions for text: cross-attention to the projected
 CLIP token embeddings in every block, and a pooled text vector added to the conditioning
-vector c that drives the adaLN-Zero modulation. With `guidance_embed`, c also carries the
-classifier-free guidance scale w, for students distilled from a guided teacher.
+vector c that drives the adaLN-Zero modulation. With `guidance_embed`, the student also takes the
+classifier-free guidance scale w, for students distilled from a guided teacher: through c (an embedding of w,
+as LCM's), or, with `guidance_linear`, at the output, which then has two heads combined as u + w·d, the form of
+the teacher's own ε_u + w·(ε_c − ε_u), so that w needs no learning at all.
 
 The file reads from small parts to large: embedders, attention, the block, the final
 layer, the model, positional helpers, size presets. The network is only ε(x_t, t, text, [w]);
@@ -211,9 +213,12 @@ class SDiT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         text_dim: int = 768,
         guidance_embed: bool = False,
+        guidance_linear: bool = False,
     ):
         super().__init__()
         check_sizes(sample_size=sample_size, patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads)
+        if guidance_linear and not guidance_embed:
+            raise SDiTError("guidance_linear is a way for a guidance-distilled student to take w: set guidance_embed")
         self.gradient_checkpointing = False  # switched by enable_gradient_checkpointing()
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
@@ -221,11 +226,12 @@ class SDiT(ModelMixin, ConfigMixin):
         # Fixed, so not saved: rebuilt here, and in forward for other resolutions.
         self.register_buffer("pos_embed", sincos_2d_embedding(hidden_size, grid, grid), persistent=False)
         self.t_embedder = ScalarEmbedder(hidden_size)
-        self.g_embedder = ScalarEmbedder(hidden_size, GUIDANCE_EMBED_SCALE) if guidance_embed else None
+        self.g_embedder = ScalarEmbedder(hidden_size, GUIDANCE_EMBED_SCALE) \
+            if guidance_embed and not guidance_linear else None
         self.text_proj = TextProjection(text_dim, hidden_size)
         self.text_pool = TextPooler(hidden_size)
         self.blocks = nn.ModuleList(SDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels * (2 if guidance_linear else 1))
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -263,7 +269,7 @@ class SDiT(ModelMixin, ConfigMixin):
         on the teacher's scale (0..999 for SD); encoder_hidden_states (N, L, text_dim);
         guidance (N,) or a scalar, the CFG scale w, required if and only if the model was
         built with guidance_embed. Returns ε (N, C, H, W), or a Transformer2DModelOutput
-        with return_dict=True.
+        with return_dict=True; with guidance_linear, ε = u + w·d of the output's two heads.
         """
         n, _, h, w = sample.shape
         self._check_inputs(sample, encoder_hidden_states, guidance)
@@ -281,7 +287,10 @@ class SDiT(ModelMixin, ConfigMixin):
             else:
                 x = block(x, c, text)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C)
-        eps = unpatchify(x, h // p, w // p, p)  # (N, C, H, W)
+        eps = unpatchify(x, h // p, w // p, p)  # (N, C, H, W), or (N, 2C, H, W) with guidance_linear
+        if self.config.guidance_linear:
+            u, d = eps.chunk(2, dim=1)  # 2 × (N, C, H, W)
+            eps = u + per_sample(guidance, n, sample.device).to(d.dtype).view(n, 1, 1, 1) * d
         return Transformer2DModelOutput(sample=eps) if return_dict else eps
 
     def _pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -375,6 +384,7 @@ def build_student(
     in_channels: int,
     text_dim: int,
     guidance_embed: bool = False,
+    guidance_linear: bool = False,
     **overrides,
 ) -> SDiT:
     """A fresh student of a named size; `overrides` replace any of the preset's fields."""
@@ -385,7 +395,8 @@ def build_student(
         raise SDiTError(f"cannot override {', '.join(unknown)} of a preset; allowed: {', '.join(sorted(allowed))}")
     size = asdict(PRESETS[preset]) | overrides
     return SDiT(
-        sample_size=sample_size, in_channels=in_channels, text_dim=text_dim, guidance_embed=guidance_embed, **size
+        sample_size=sample_size, in_channels=in_channels, text_dim=text_dim, guidance_embed=guidance_embed,
+        guidance_linear=guidance_linear, **size
     )
 
 

@@ -103,6 +103,19 @@ def test_guidance_changes_the_output_and_is_required_exactly_when_embedded():
             nano()(**x, guidance=7.5)
 
 
+def test_a_linear_guidance_student_is_exactly_affine_in_w():
+    model = nano(guidance_embed=True, guidance_linear=True)
+    randomize(model)
+    assert model.g_embedder is None and model.final_layer.linear.out_features == 2 * 2 * 2 * 4  # p·p·2C
+    with torch.no_grad():
+        x = inputs(3)
+        u, at_1 = model(**x, guidance=0.0), model(**x, guidance=1.0)
+        w = torch.tensor([0.5, 3.0, 7.5])
+        assert torch.allclose(model(**x, guidance=w), u + w.view(3, 1, 1, 1) * (at_1 - u), atol=1e-5)
+    with pytest.raises(SDiTError, match="set guidance_embed"):
+        nano(guidance_linear=True)
+
+
 def test_save_and_load_round_trip_exactly(tmp_path):
     model = nano(guidance_embed=True)
     randomize(model)

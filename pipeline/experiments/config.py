@@ -47,6 +47,10 @@ SYNTHESIS_LABELS = ("synthetic", "trajectory")  # labellings that make the teach
 LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str}
 
 
+# ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
+INIT_OPTIONS = {"guidance_linear": bool}
+
+
 TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "warmup": int, "lr_schedule": str,
                  "high_noise_weight": float, "kd_weight": float, "task_weight": float, "student": str}
 
@@ -129,7 +133,7 @@ def check_variant(name: str, options: dict) -> None:
         raise SDiTError(f"variant {name!r}: use letters, digits, '_' and '-', and not a run's name or 'init...'")
     if options.get("from") not in RECIPES:
         raise SDiTError(f"variant {name!r}: say which run it changes, from = one of {list(RECIPES)}")
-    allowed = LABEL_OPTIONS | TRAIN_OPTIONS
+    allowed = LABEL_OPTIONS | TRAIN_OPTIONS | INIT_OPTIONS
     for key, value in options.items():
         if key == "from":
             continue
@@ -138,6 +142,8 @@ def check_variant(name: str, options: dict) -> None:
         kind = allowed[key]
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
+    if options.get("guidance_linear") and RECIPES[options["from"]].labels != GUIDED_LABELS:
+        raise SDiTError(f"variant {name!r}: guidance_linear is for students of guided labels (from = \"kd_guided\")")
     if "student" in options and options["student"] not in PRESETS:
         raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
     if "perturb" in options:  # a mix that does not sum to 1 is refused before the experiment starts

@@ -81,7 +81,7 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind start from one init
         if not (out / run.init).exists():
             init_for_store(str(out / run.store), run.labels, str(out / run.init), run.student, teacher=config.teacher,
-                           seed=config.seed)
+                           seed=config.seed, guidance_linear=run.guidance_linear)
     for training in trainings.values():  # a folder left by a start that trained nothing begins again
         if not training.resume:
             shutil.rmtree(training.out, ignore_errors=True)

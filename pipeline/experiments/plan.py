@@ -55,6 +55,7 @@ class Run:
     store: str  # the store's folder in OUT (STORE or TRAJECTORY_STORE)
     init: str  # the folder (in OUT) of its initial weights, shared by every run of its student and kind
     student: str  # its preset
+    guidance_linear: bool  # a guided student that takes w at its output (sdit init --guidance-linear)
     training: dict  # TrainConfig fields set for this run: its recipe's weights, a variant's training options
 
 
@@ -71,11 +72,12 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
             labels = recipe.labels if labelling == _labelling(config, recipe.labels, {}) else name
             labellings[labels] = labelling
         student = options.get("student", config.student)
-        init = "init" + ("-guided" if recipe.labels == GUIDED_LABELS else "") + (
+        linear = bool(options.get("guidance_linear"))
+        init = "init" + ("-guided" if recipe.labels == GUIDED_LABELS else "") + ("-linear" if linear else "") + (
             "" if student == config.student else "-" + student.replace("/", "-"))
         training = {"kd_weight": recipe.kd_weight, "task_weight": recipe.task_weight} | {
             k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"}
-        runs[name] = Run(options["from"], labels, store_of(recipe.labels), init, student, training)
+        runs[name] = Run(options["from"], labels, store_of(recipe.labels), init, student, linear, training)
     return labellings, runs
 
 

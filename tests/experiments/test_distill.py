@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
 from pipeline.experiments.config import DistillConfig
-from pipeline.experiments.plan import load_variants, longest_steps, total_steps
+from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps
 from pipeline.experiments.scoring import teacher_samples
 from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
@@ -193,6 +193,16 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
             {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
 
 
+def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
+    variants = {"linear": {"from": "kd_guided", "guidance_linear": True},
+                "small": {"from": "kd", "student": "SDiT-Nano/2"}}
+    _, runs = plan(DistillConfig(runs=("kd", "kd_traj", "kd_guided"), variants=variants))
+    assert {name: (run.init, run.store, run.guidance_linear) for name, run in runs.items()} == {
+        "kd": ("init", "store", False), "kd_traj": ("init", "store-trajectory", False),
+        "kd_guided": ("init-guided", "store", False), "linear": ("init-guided-linear", "store", True),
+        "small": ("init-SDiT-Nano-2", "store", False)}
+
+
 def test_the_runs_steps_set_the_progress_bars():
     """One run at a time, a bar per run of the longest run's steps; side by side, one bar of all their steps."""
     assert longest_steps(DistillConfig(runs=("kd",), steps=40)) == 40
@@ -234,6 +244,7 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a\n', "--variants"),
     ('[a]\nfrom = "kd_perturb"\nperturb = "none=0.5,swap=0.2"\n',
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
+    ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
 ])
 def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_path, text, error):
     variants, out = tmp_path / "variants.toml", tmp_path / "distill"
