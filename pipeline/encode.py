@@ -28,6 +28,7 @@ from sdit.files import check_folder
 from sdit.latents import to_latent_space
 from sdit.progress import Progress, no_progress
 from sdit.prompts import PromptSource, open_prompts
+from sdit.run import location
 from sdit.sources import SourceItem, open_source
 from sdit.store import MANIFEST, WRITER_LOCK, Manifest, Store, write_shard
 from sdit.teacher import Teacher, load_teacher
@@ -413,6 +414,10 @@ def _difference(old, new) -> str:
 
 
 def _normal(value):
+    """A manifest field as a rerun compares it: tuples as lists, a location however it is written (a relative path
+    or a symlink leading to the same folder is the same source)."""
+    if isinstance(value, dict) and isinstance(value.get("location"), str):
+        return value | {"location": location(value["location"])}
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -211,6 +211,15 @@ def test_rerun_with_other_options_is_refused(folder_store, tiny_teacher):
                             shard_size=4))
 
 
+def test_a_rerun_naming_the_same_source_another_way_resumes(tiny_teacher, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    _encode(SAMPLES, tiny_teacher, store, shard_size=4, batch_size=3)
+    (tmp_path / "link").symlink_to(SAMPLES)
+    monkeypatch.chdir(tmp_path)
+    summary = encode(EncodeConfig(source="link", teacher=str(tiny_teacher), out="store", resolution=64, shard_size=4))
+    assert (summary.records, summary.skipped_shards) == (11, summary.shards)  # resumed, every shard kept
+
+
 def test_overwrite_and_limit(tiny_teacher, tmp_path):
     out = tmp_path / "s"
     _encode(SAMPLES, tiny_teacher, out, shard_size=4)
