@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lint test test-fast demo docs results bench bench-substitution tune-labels-only tune-best-run bench-sd15 bench-gpu clean
+.PHONY: install lint test test-fast demo docs results bench bench-substitution tune-labels-only tune-best-run tune-levers bench-sd15 bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,11 @@ tune-labels-only: install
 tune-best-run: install
 	$(BIN)/sdit bench distill --runs "" --variants docs/tuning/best-run.toml --curve-points 0 \
 		--out runs/best-run --json runs/best-run.json
+
+# The levers at equal teacher cost: labels only, trajectory draws, the teacher's samples, guidance-distilled students.
+tune-levers: install
+	$(BIN)/sdit bench distill --runs no_teacher,kd_perturb,kd_synth,kd_traj,kd_guided --variants docs/tuning/levers.toml \
+		--curve-points 0 --per-prompt 2 --out runs/levers --json runs/levers.json
 
 # SD 1.5's architecture with random weights at 512 px: every stage, the students' speed against the teacher's.
 bench-sd15: install

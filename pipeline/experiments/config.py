@@ -44,7 +44,8 @@ SYNTHESIS_LABELS = ("synthetic", "trajectory")  # labellings that make the teach
 
 # What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
 # training's. Each takes the type given.
-LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str}
+LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str,
+                 "synth_samples": int, "trajectory_steps": int}
 
 
 # ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
@@ -113,6 +114,12 @@ class DistillConfig:
         if self.per_prompt < 2:
             raise SDiTError(f"--per-prompt {self.per_prompt}: give 2 or more (a score's 95% interval resamples each "
                             "prompt's samples)")
+        for name in self.names:
+            options = self.variants.get(name, {"from": name})
+            steps, draws = options.get("trajectory_steps", self.trajectory_steps), options.get("draws", self.draws)
+            if RECIPES[options["from"]].labels == "trajectory" and not draws < steps:
+                raise SDiTError(f"{name}: a trajectory stops after its {draws} draws' steps, so --trajectory-steps "
+                                f"must be above --draws (now {steps})")
         if self.jobs < 0:
             raise SDiTError("--jobs must be at least 0 (0: as many as runs, up to the cores)")
         if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR or self.curve_per_prompt < 1:
@@ -142,6 +149,11 @@ def check_variant(name: str, options: dict) -> None:
         kind = allowed[key]
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
+    kind = RECIPES[options["from"]].labels
+    if "synth_samples" in options and (kind not in SYNTHESIS_LABELS or options["synth_samples"] < 1):
+        raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's or kd_traj's variants")
+    if "trajectory_steps" in options and kind != "trajectory":
+        raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants")
     if options.get("guidance_linear") and RECIPES[options["from"]].labels != GUIDED_LABELS:
         raise SDiTError(f"variant {name!r}: guidance_linear is for students of guided labels (from = \"kd_guided\")")
     if "student" in options and options["student"] not in PRESETS:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from pipeline.encode import EncodeConfig, encode
 from pipeline.experiments.config import DistillConfig, Say
-from pipeline.experiments.plan import STORE, TRAJECTORY_STORE, Labelling, plan, store_of, train_configs
+from pipeline.experiments.plan import STORE, Labelling, plan, store_of, train_configs
 from pipeline.experiments.plots import plot_budget
 from pipeline.experiments.report import format_report
 from pipeline.experiments.scoring import add_curves, score_all
@@ -112,11 +112,11 @@ def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labell
     say("encode")
     encode(EncodeConfig(source=str(data / "images"), teacher=config.teacher, out=str(store), resolution=64,
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))
-    if any(labelling.kind == "trajectory" for labelling in labellings.values()):
-        copy_encoded(store, out / TRAJECTORY_STORE)
     for name, labelling in sorted(labellings.items()):
+        if store_of(name, labelling) != STORE:
+            copy_encoded(store, out / store_of(name, labelling))
         say(f"teacher-label {name}")
-        label(LabelConfig(store=str(out / store_of(labelling.kind)), teacher=config.teacher, name=name,
+        label(LabelConfig(store=str(out / store_of(name, labelling)), teacher=config.teacher, name=name,
                           draws=labelling.draws, perturb=labelling.perturb, seed=config.seed,
                           synthesis=_synthesis(config, labelling), guidance=labelling.guidance))
 
@@ -125,10 +125,10 @@ def _synthesis(config: DistillConfig, labelling: Labelling) -> SynthesisConfig |
     """kd_synth's samples, with the sampler whose accuracy the report's teacher row measures; kd_traj's
     trajectories, the states of its first `draws` steps."""
     if labelling.kind == "synthetic":
-        return SynthesisConfig(samples=config.synth_samples, steps=config.sample_steps, guidance=config.guidance,
+        return SynthesisConfig(samples=labelling.samples, steps=config.sample_steps, guidance=config.guidance,
                                seed=config.seed, scheduler="ddim")
     if labelling.kind == "trajectory":
-        return SynthesisConfig(samples=config.synth_samples, steps=config.trajectory_steps, guidance=config.guidance,
+        return SynthesisConfig(samples=labelling.samples, steps=labelling.trajectory_steps, guidance=config.guidance,
                                seed=config.seed, trajectory=labelling.draws)
     return None
 

@@ -11,7 +11,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from pipeline.experiments.config import GUIDED_LABELS, PLAIN, RECIPES, TRAIN_OPTIONS, DistillConfig
+from pipeline.experiments.config import (
+    GUIDED_LABELS,
+    PLAIN,
+    RECIPES,
+    SYNTHESIS_LABELS,
+    TRAIN_OPTIONS,
+    DistillConfig,
+)
 from pipeline.label import LabelConfig
 from pipeline.train import TrainConfig
 from sdit.errors import SDiTError
@@ -19,8 +26,8 @@ from sdit.perturb import PerturbConfig
 from sdit.run import RUN_FILE, read_run
 
 STORE = "store"  # OUT/store: the limited split and the prompt bank, encoded, and the labellings
-# A store holds one set of synthetic records: trajectories go into a copy of the encoded store, beside the samples.
-TRAJECTORY_STORE = "store-trajectory"
+# A store holds one set of synthetic records: kd_synth's samples go into STORE, every other labelling that makes some
+# (kd_traj's trajectories, a variant's) into a copy of the encoded store of its own, OUT/store-<labels name>.
 
 
 def load_variants(path: str | None) -> dict[str, dict]:
@@ -45,6 +52,8 @@ class Labelling:
     perturb: PerturbConfig
     draws: int
     guidance: tuple[float, float] | None  # guided targets: w drawn per draw in this window
+    samples: int = 0  # the teacher's samples (or trajectories) per prompt of the bank; 0: none
+    trajectory_steps: int = 0  # trajectories: the DDIM schedule they step through
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class Run:
     """One student of the experiment: the labelling it trains on, where it starts, what its training changes."""
     recipe: str
     labels: str  # the labelling's name in the store
-    store: str  # the store's folder in OUT (STORE or TRAJECTORY_STORE)
+    store: str  # the store's folder in OUT (`store_of`)
     init: str  # the folder (in OUT) of its initial weights, shared by every run of its student and kind
     student: str  # its preset
     guidance_linear: bool  # a guided student that takes w at its output (sdit init --guidance-linear)
@@ -77,13 +86,13 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
             "" if student == config.student else "-" + student.replace("/", "-"))
         training = {"kd_weight": recipe.kd_weight, "task_weight": recipe.task_weight} | {
             k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"}
-        runs[name] = Run(options["from"], labels, store_of(recipe.labels), init, student, linear, training)
+        runs[name] = Run(options["from"], labels, store_of(labels, labelling), init, student, linear, training)
     return labellings, runs
 
 
-def store_of(kind: str) -> str:
-    """The store folder (in OUT) of a labelling of this kind."""
-    return TRAJECTORY_STORE if kind == "trajectory" else STORE
+def store_of(name: str, labelling: Labelling) -> str:
+    """The store folder (in OUT) of labelling `name`."""
+    return STORE if not labelling.samples or name == "synthetic" else f"{STORE}-{name}"
 
 
 def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
@@ -96,7 +105,9 @@ def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
     if kind == GUIDED_LABELS:
         guidance = LabelConfig.parse_guidance(options["guidance_range"]) if "guidance_range" in options \
             else config.guidance_range
-    return Labelling(kind, perturb, options.get("draws", config.draws), guidance)
+    samples = options.get("synth_samples", config.synth_samples) if kind in SYNTHESIS_LABELS else 0
+    steps = options.get("trajectory_steps", config.trajectory_steps) if kind == "trajectory" else 0
+    return Labelling(kind, perturb, options.get("draws", config.draws), guidance, samples, steps)
 
 
 def train_configs(config: DistillConfig, runs: dict[str, Run]) -> dict[str, TrainConfig]:

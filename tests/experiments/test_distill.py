@@ -195,12 +195,14 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
 
 def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
     variants = {"linear": {"from": "kd_guided", "guidance_linear": True},
-                "small": {"from": "kd", "student": "SDiT-Nano/2"}}
-    _, runs = plan(DistillConfig(runs=("kd", "kd_traj", "kd_guided"), variants=variants))
+                "small": {"from": "kd", "student": "SDiT-Nano/2"}, "traj2": {"from": "kd_traj", "synth_samples": 2}}
+    labellings, runs = plan(DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants))
     assert {name: (run.init, run.store, run.guidance_linear) for name, run in runs.items()} == {
-        "kd": ("init", "store", False), "kd_traj": ("init", "store-trajectory", False),
-        "kd_guided": ("init-guided", "store", False), "linear": ("init-guided-linear", "store", True),
-        "small": ("init-SDiT-Nano-2", "store", False)}
+        "kd": ("init", "store", False), "kd_synth": ("init", "store", False),
+        "kd_traj": ("init", "store-trajectory", False), "kd_guided": ("init-guided", "store", False),
+        "linear": ("init-guided-linear", "store", True), "small": ("init-SDiT-Nano-2", "store", False),
+        "traj2": ("init", "store-traj2", False)}  # a store holds one set of the teacher's samples or trajectories
+    assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
 
 
 def test_the_runs_steps_set_the_progress_bars():
@@ -245,6 +247,8 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a]\nfrom = "kd_perturb"\nperturb = "none=0.5,swap=0.2"\n',
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
+    ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's or kd_traj's"),
+    ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
 ])
 def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_path, text, error):
     variants, out = tmp_path / "variants.toml", tmp_path / "distill"
