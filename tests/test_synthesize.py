@@ -44,6 +44,19 @@ def store(encoded, tmp_path):
     return shutil.copytree(encoded, tmp_path / "store")
 
 
+@pytest.fixture
+def unet_rows(monkeypatch) -> list[int]:
+    """The rows of every teacher UNet call from here on: the teacher forwards a test's run took."""
+    rows, forward = [], UNet2DConditionModel.forward
+
+    def counting(self, sample, *args, **kwargs):
+        rows.append(len(sample))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+    return rows
+
+
 def _label(store, teacher, name="synth", synthesis=SYNTH, **options):
     config = dict(store=str(store), teacher=str(teacher), name=name, draws=2, perturb=MIX, batch_size=3,
                   synthesis=synthesis)
@@ -184,14 +197,7 @@ def test_synthetic_draws_have_their_own_generators_and_respect_the_caption_range
 
 
 @pytest.mark.slow
-def test_manifests_record_provenance_and_teacher_forwards(store, tiny_teacher, monkeypatch):
-    rows, forward = [], UNet2DConditionModel.forward
-
-    def counting(self, sample, *args, **kwargs):
-        rows.append(len(sample))
-        return forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+def test_manifests_record_provenance_and_teacher_forwards(store, tiny_teacher, unet_rows):
     counts = _label(store, tiny_teacher)
     s = Store(str(store))
     made = s.read_json("synthetic", "manifest.json")
@@ -203,7 +209,7 @@ def test_manifests_record_provenance_and_teacher_forwards(store, tiny_teacher, m
     assert made["counts"] == {"samples": 6, "dropped": 0, "planned": 6, "shards": 2, "teacher_forwards": 60}
     forwards = counts["teacher_forwards"]
     assert forwards == {"records": 22, "synthetic": 12, "synthesis": 60, "total": 94}
-    assert sum(rows) == forwards["total"]  # every UNet row the run computed, and no other
+    assert sum(unet_rows) == forwards["total"]  # every UNet row the run computed, and no other
     meta = s.read_json("labels/synth/manifest.json")
     assert meta["synthesis"] == made["config"] and meta["synthetic_set"] == made["set_id"]
     assert meta["counts"]["synthetic"]["records"] == 6 and meta["counts"]["draws"] == 22
@@ -259,21 +265,14 @@ def test_training_on_synthetic_records(store, tiny_teacher, tmp_path):
 
 
 @pytest.mark.slow
-def test_trajectory_draws_are_the_states_the_teachers_sampler_visits(store, tiny_teacher, monkeypatch):
-    rows, forward = [], UNet2DConditionModel.forward
-
-    def counting(self, sample, *args, **kwargs):
-        rows.append(len(sample))
-        return forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+def test_trajectory_draws_are_the_states_the_teachers_sampler_visits(store, tiny_teacher, unet_rows):
     counts = _label(store, tiny_teacher, synthesis=TRAJECTORY)
     s = Store(str(store))
     made = read_synthetic(s)
     # DDIM with 4 steps strides 250 from 751: the states after its first two steps sit at 501 and 251.
     assert made.trajectory_timesteps == [501, 251] and made.forwards_per_sample == 2 * 2
     assert counts["teacher_forwards"] == {"records": 22, "synthetic": 12, "synthesis": 24, "total": 58}
-    assert sum(rows) == 58 and counts["synthetic"]["kinds"] == {"none": 0, "input": 0, "swap": 0, "mix": 0,
+    assert sum(unet_rows) == 58 and counts["synthetic"]["kinds"] == {"none": 0, "input": 0, "swap": 0, "mix": 0,
                                                                 "null": 0, "trajectory": 12}
     # The stored (x̂_0, ε) rebuild the states the teacher's own DDIM loop visits from the same initial noise.
     teacher = load_teacher(tiny_teacher)
