@@ -78,7 +78,7 @@ class ShardLabeler:
                   for name, col in LABEL_COLUMNS.items() if col.per_record}
         labels["xi_index"][:] = -1
         if states is not None:
-            labels["timesteps"][:] = read_synthetic(self.store).trajectory_timesteps
+            labels["timesteps"][:] = self.synthesizer.state_timesteps
             labels["kind"][:], labels["caption_index"][:], labels["noise"][:] = Kind.TRAJECTORY, -1, states
         xi = []
         for r in range(n):

@@ -187,7 +187,11 @@ class ShardSynthesizer:
         self.per_shard = prompts_per_shard(manifest.shard_size, config.samples)
         self.num_prompts = sum(r["count"] for r in store.finished("prompts").values())
         self.null = store.null_embedding()
-        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        # A trajectory set's: the timestep of each state (as its manifest says), and its (1, K, 1, 1, 1) coefficients
+        self.state_timesteps = trajectory_timesteps(make_sampler(self.scheduler_config, "ddim"), config.steps,
+                                                    config.trajectory) if config.trajectory else []
+        self.state_coefficients = tuple(v.view(1, -1, 1, 1, 1) for v in NoiseSchedule.from_config(
+            self.scheduler_config).coefficients(self.state_timesteps))
 
     @torch.inference_mode()
     def sample(self, noise: torch.Tensor, text: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -205,8 +209,7 @@ class ShardSynthesizer:
             return last.prev_sample.float().cpu().to(torch.float16).numpy(), None, sum(forwards)
         outs = list(itertools.islice(steps, c.trajectory))
         x0 = outs[-1].pred_original_sample.float().cpu().to(torch.float16)  # the latent the states rebuild from
-        t = torch.as_tensor(trajectory_timesteps(scheduler, c.steps, c.trajectory))
-        signal, sigma = (v.view(1, -1, 1, 1, 1) for v in self.schedule.coefficients(t))  # (1, K, 1, 1, 1)
+        signal, sigma = self.state_coefficients
         x = torch.stack([o.prev_sample.float().cpu() for o in outs], dim=1)  # (B, K, C, h, w)
         eps = (x - signal * x0.float().unsqueeze(1)) / sigma
         return x0.numpy(), eps.to(torch.float16).numpy(), sum(forwards)

@@ -154,7 +154,7 @@ def check_variant(name: str, options: dict) -> None:
         raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's or kd_traj's variants")
     if "trajectory_steps" in options and kind != "trajectory":
         raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants")
-    if options.get("guidance_linear") and RECIPES[options["from"]].labels != GUIDED_LABELS:
+    if options.get("guidance_linear") and kind != GUIDED_LABELS:
         raise SDiTError(f"variant {name!r}: guidance_linear is for students of guided labels (from = \"kd_guided\")")
     if "student" in options and options["student"] not in PRESETS:
         raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
