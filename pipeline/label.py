@@ -128,6 +128,7 @@ class ShardLabeler:
         if task.synthesize:
             return self.synthesizer(task.index)
         shard = task.index
+        read, caption_read, fetched = self.store.bytes_read, self.bank.bytes_read, self.bank.fetches
         trajectory = task.group == SYNTHETIC and self.config.synthesis.trajectory
         records = self.store.read(task.group, shard, ("latents", "text_emb") + (("states",) if trajectory else ()))
         latents, text_emb = records["latents"], records["text_emb"]
@@ -146,7 +147,10 @@ class ShardLabeler:
         kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
         kinds = {name: count for name, count in kinds.items() if count or Kind[name.upper()] in DRAWN_KINDS}
         record = {"draws": n * K, "dropped": int((~labels["valid"]).sum()), "kinds": kinds,
-                  "bytes": int(sum(v.nbytes for v in labels.values()))}
+                  "bytes": int(sum(v.nbytes for v in labels.values())),
+                  # bytes read: in all (the records shard and the captions), and for swaps' and mixes' captions
+                  "read_bytes": self.store.bytes_read - read, "caption_bytes": self.bank.bytes_read - caption_read,
+                  "caption_reads": self.bank.fetches - fetched}
         write_shard(self.store, self.config.label_group(task.group), shard, labels, record)
         return {"group": task.group, "index": shard, "count": n, **record}
 
@@ -300,24 +304,30 @@ def _tally(done: dict[int, dict]) -> dict:
     for record in done.values():
         for kind, count in record["kinds"].items():
             kinds[kind] = kinds.get(kind, 0) + count
-    return {"draws": sum(r["draws"] for r in done.values()), "dropped": sum(r["dropped"] for r in done.values()),
-            "kinds": kinds, "shards": len(done), "bytes": sum(r["bytes"] for r in done.values())}
+    total = {key: sum(r.get(key, 0) for r in done.values())
+             for key in ("draws", "dropped", "bytes", *_READS)}
+    return total | {"kinds": kinds, "shards": len(done)}
+
+
+# What reading cost (a resumed run reads with cold caches): in the returned counts, not the labels' manifest.
+_READS = ("read_bytes", "caption_bytes", "caption_reads")
 
 
 def finish(store: Store, config: LabelConfig, meta: LabelsManifest, seconds: float) -> dict:
     """Counts of the records' draws (and, apart, the synthetic records'), and the teacher forwards the labels
     cost in all: one a draw (two with guidance), plus the synthesis of the synthetic records they label."""
     records = _tally(store.all_finished(config.group, store.finished("records")))
-    counts = {k: v for k, v in records.items() if k != "bytes"}
+    counts = {k: v for k, v in records.items() if k not in ("bytes", *_READS)}
     counts["bytes_per_draw"] = records["bytes"] / max(records["draws"], 1)
+    reads = {f"{k}_per_draw": records[k] / max(records["draws"], 1) for k in _READS}
     per_draw = 2 if config.guidance else 1
     forwards = {"records": records["draws"] * per_draw}
     if config.synthesis:
         synthetic = _tally(store.all_finished(config.label_group(SYNTHETIC), store.finished(SYNTHETIC)))
         made = read_synthetic(store).counts
-        counts["synthetic"] = {k: v for k, v in synthetic.items() if k != "bytes"} | {
+        counts["synthetic"] = {k: v for k, v in synthetic.items() if k not in ("bytes", *_READS)} | {
             "records": made["samples"], "samples_dropped": made["dropped"]}
         forwards |= {"synthetic": synthetic["draws"] * per_draw, "synthesis": made["teacher_forwards"]}
     counts["teacher_forwards"] = forwards | {"total": sum(forwards.values())}
     write_labels(store, dataclasses.replace(meta, counts=counts, status="complete"))
-    return counts | {"seconds": seconds}
+    return counts | reads | {"seconds": seconds}

@@ -20,7 +20,7 @@ import torch
 from sdit.config import labels_group
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
-from sdit.store import CHUNK_RECORDS, Store, from_versioned
+from sdit.store import Store, from_versioned
 
 LABELS_MANIFEST = "manifest.json"
 LABELS_VERSION = 1
@@ -71,13 +71,15 @@ def write_labels(store: Store, manifest: LabelsManifest) -> None:
 
 
 class CaptionBank:
-    """Text embeddings of any record or prompt, by (CaptionFrom, index), read in whole chunks with a small
-    LRU cache (zarr pays per chunk read, not per row)."""
+    """Text embeddings of any record or prompt, by (CaptionFrom, index): one row read at a time (stores chunk
+    `text_emb` by the row), the last `cache_rows` kept. `fetches` and `bytes_read` say what the reads cost."""
 
-    def __init__(self, store: Store, cache_chunks: int = 16):
-        self.store, self.cache_chunks = store, cache_chunks
+    def __init__(self, store: Store, cache_rows: int = 256):
+        self.store, self.cache_rows = store, cache_rows
         self.cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.arrays: dict[tuple, object] = {}  # (group, shard): its text_emb array, opened once
         self.offsets = {group: self._offsets(group) for group in ("records", "prompts")}
+        self.fetches = self.bytes_read = 0
 
     def _offsets(self, group: str) -> tuple[list[int], list[int]]:
         done = self.store.finished(group)
@@ -97,15 +99,23 @@ class CaptionBank:
         if not 0 <= index < starts[-1]:
             raise IndexError(f"{group} caption {index} out of range (0..{starts[-1] - 1})")
         k = int(np.searchsorted(starts, index, side="right")) - 1
-        row = index - starts[k]
-        key = (group, shards[k], row // CHUNK_RECORDS)
+        key = (group, shards[k], index - starts[k])
         if key not in self.cache:
-            block = row // CHUNK_RECORDS * CHUNK_RECORDS
-            self.cache[key] = self.store.read(group, shards[k], ("text_emb",), block, block + CHUNK_RECORDS)["text_emb"]
-            if len(self.cache) > self.cache_chunks:
+            self.cache[key] = self._read(*key)
+            if len(self.cache) > self.cache_rows:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
-        return self.cache[key][row % CHUNK_RECORDS]
+        return self.cache[key]
+
+    def _read(self, group: str, shard: int, row: int) -> np.ndarray:
+        before = self.store.bytes_read
+        with self.store.checked(group, shard, f"text_emb row {row}"):
+            if (group, shard) not in self.arrays:
+                self.arrays[group, shard] = self.store.shard_group(group, shard)["text_emb"]
+            out = self.arrays[group, shard][row]
+        self.fetches += 1
+        self.bytes_read += self.store.bytes_read - before
+        return out
 
 
 @dataclass(frozen=True)

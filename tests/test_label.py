@@ -16,7 +16,7 @@ from sdit.config import DRAWN_KINDS
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, teacher_inputs
-from sdit.perturb import Kind, PerturbConfig
+from sdit.perturb import CaptionFrom, Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store
 
 MIX = PerturbConfig(mix=ALL_KINDS, caption_min_t=0)
@@ -65,6 +65,24 @@ def test_inputs_rebuilt_from_the_store_equal_what_the_teacher_saw(store, tiny_te
     assert torch.equal(torch.cat(x_t), torch.cat([i.x_t for i in seen]))
     assert torch.equal(torch.cat(text), torch.cat([i.text for i in seen]))
     assert torch.equal(torch.cat(t), torch.cat([i.timesteps for i in seen]))
+    # A swap or mix reads one embedding for each caption it takes, about its own bytes (plus a shard index).
+    row = 2 * np.prod(s.manifest().text_shape)
+    per_read = counts["caption_bytes_per_draw"] / counts["caption_reads_per_draw"]
+    assert row < per_read < 1.5 * row  # and its checksum, and a shard's index and zarr.json when first read
+    assert counts["read_bytes_per_draw"] > counts["caption_bytes_per_draw"]
+
+
+def test_the_caption_bank_reads_a_row_once_while_it_is_cached(store):
+    s = Store(str(store))
+    bank = CaptionBank(s, cache_rows=2)
+    text = {i: s.read("records", k, ("text_emb",))["text_emb"] for i, k in enumerate(s.finished("records"))}
+    first = bank.get(CaptionFrom.RECORD, 0)
+    assert np.array_equal(first, text[0][0]) and bank.fetches == 1 and bank.bytes_read > first.nbytes
+    bank.get(CaptionFrom.RECORD, 0)
+    assert bank.fetches == 1
+    bank.get(CaptionFrom.RECORD, 1), bank.get(CaptionFrom.RECORD, 2), bank.get(CaptionFrom.RECORD, 0)
+    assert bank.fetches == 4  # row 0 left the cache of two rows
+    assert np.array_equal(bank.get(CaptionFrom.PROMPT, 0), s.read("prompts", 0, ("text_emb",))["text_emb"][0])
 
 
 @pytest.mark.slow

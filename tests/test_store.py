@@ -1,5 +1,6 @@
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -186,3 +187,28 @@ def test_stages_read_only_stores_with_records(tmp_path):
         store.encoded()
     store.write_manifest(_manifest(counts={"records": 3}, status="complete"))
     assert store.encoded().counts["records"] == 3
+
+
+@pytest.mark.parametrize("url", ["local", "memory://reads"])
+def test_a_row_of_text_reads_about_its_own_bytes_and_reads_are_counted(tmp_path, url):
+    """Text embeddings are chunked by the row, so one caption costs its own bytes (a caption swap), not its
+    chunk's 63 neighbours; a shard's chunk index is read once; every byte read through Zarr is counted."""
+    store = Store(str(tmp_path / "s") if url == "local" else url)
+    cols = _columns(200)
+    write_shard(store, "records", 0, cols, {})
+    text = store.shard_group("records", 0)["text_emb"]
+    assert text.chunks == (1, 77, 32) and store.shard_group("records", 0)["latents"].chunks == (64, 4, 8, 8)
+    row = 77 * 32 * 2
+    before = store.bytes_read
+    assert np.array_equal(text[5], cols["text_emb"][5])
+    first = store.bytes_read - before
+    assert row < first <= row + 200 * 16 + 4 + 4  # the row (its checksum too) and the shard's chunk index
+    before = store.bytes_read
+    assert np.array_equal(text[77], cols["text_emb"][77])
+    assert row <= store.bytes_read - before <= row + 4  # the index is kept: a finished shard never changes
+    before = store.bytes_read
+    assert np.array_equal(store.read("records", 0, ("latents",), 64, 128)["latents"], cols["latents"][64:128])
+    assert store.bytes_read - before >= 64 * 4 * 8 * 8 * 2
+    assert pickle.loads(pickle.dumps(store)).bytes_read == store.bytes_read  # Ray ships stores to its workers
+    if url != "local":
+        store.remove()

@@ -1,5 +1,6 @@
 """`sdit bench label`: draws/s of `sdit teacher-label` against the bare UNet forward on the same prebuilt
-batches (best of three, alternating), bytes per draw on disk, and the UNet's FLOP rate against a matmul."""
+batches (best of three, alternating), bytes per draw written and read (swapped captions apart), and the UNet's
+FLOP rate against a matmul."""
 
 import tempfile
 import time
@@ -41,11 +42,16 @@ def bench_label(config: BenchLabelConfig, repeats: int = 3) -> dict:
             _, seconds = timed(partial(_bare_labels, labeler, batches), labeler.device)
             bare.append(sum(len(b.timesteps) for b in batches) / seconds)
         flops_per_draw = _unet_flops(labeler, batches[0]) / len(batches[0].timesteps)
+        text_row_bytes = batches[0].text[0].numel() * 2  # one caption's embedding in fp16
     stage_rate, bare_rate = max(stage), max(bare)
     matmul = matmul_gflops(labeler.device)
     return {
         "stage_draws_per_s": stage_rate, "bare_draws_per_s": bare_rate, "ratio": stage_rate / bare_rate,
-        "bytes_per_draw": counts["bytes_per_draw"],
+        "bytes_per_draw": counts["bytes_per_draw"], "read_bytes_per_draw": counts["read_bytes_per_draw"],
+        # what caption swaps and mixes read of other records' embeddings, per draw (of all), and per embedding read
+        "caption_bytes_per_draw": counts["caption_bytes_per_draw"],
+        "caption_bytes_per_read": counts["caption_bytes_per_draw"] / max(counts["caption_reads_per_draw"], 1e-9),
+        "caption_reads_per_draw": counts["caption_reads_per_draw"], "text_row_bytes": text_row_bytes,
         "projected_hours": config.project_images * config.project_draws / stage_rate / 3600,
         "achieved_gflops": flops_per_draw * bare_rate / 1e9, "matmul_gflops": matmul,
         "flops_per_draw": flops_per_draw, "device": str(labeler.device), "config": asdict(config),
@@ -84,6 +90,10 @@ def format_label_table(result: dict) -> str:
         f"{'bare UNet forward':<40}{result['bare_draws_per_s']:>10.1f} draws/s",
         f"{'stage / bare':<40}{result['ratio']:>10.3f}",
         f"{'bytes per draw on disk':<40}{result['bytes_per_draw']:>10.0f}",
+        f"{'bytes read per draw':<40}{result['read_bytes_per_draw']:>10.0f}",
+        f"{'  of it, swapped captions':<40}{result['caption_bytes_per_draw']:>10.0f}"
+        f"  ({result['caption_reads_per_draw']:.2f} reads of {result['caption_bytes_per_read']:.0f} bytes;"
+        f" a caption is {result['text_row_bytes']:,} bytes)",
         f"{'UNet compute, achieved':<40}{result['achieved_gflops']:>10.2f} GFLOP/s",
         f"{'fp32 matmul ceiling':<40}{result['matmul_gflops']:>10.2f} GFLOP/s",
         f"{'projected: ' + format(c['project_images'], ',') + ' images x ' + str(c['project_draws']):<40}"

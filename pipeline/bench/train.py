@@ -66,8 +66,14 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
             return batch
 
         rates = {"store": [], "memory": [], "online": []}
+        read = {"all": data.store.bytes_read, "captions": data.bank.bytes_read, "caption_reads": data.bank.fetches}
         for _ in range(repeats):  # each timed run starts a fresh stream: its reads are in the timed steps
             rates["store"].append(_steps_per_s(trainer, memory, stream.batches(Position()), config, device))
+            if len(rates["store"]) == 1:  # what one pass of `steps` steps read
+                draws = config.steps * config.batch_size
+                read = {"read_bytes_per_draw": (data.store.bytes_read - read["all"]) / draws,
+                        "caption_bytes_per_draw": (data.bank.bytes_read - read["captions"]) / draws,
+                        "caption_reads_per_draw": (data.bank.fetches - read["caption_reads"]) / draws}
             rates["memory"].append(_steps_per_s(trainer, memory, iter(memory), config, device))
             rates["online"].append(_steps_per_s(trainer, memory, map(online, stream.batches(Position())), config,
                                                 device))
@@ -84,7 +90,8 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         "train_step_flops": {p: TRAIN_STEP_FORWARDS * f for p, f in flops.items() if p != "sd15_unet"},
         "online_step_flops": {p: TRAIN_STEP_FORWARDS * f + flops["sd15_unet"] for p, f in flops.items()
                               if p != "sd15_unet"},
-        "store_records": records, "window_records": config.buffer_records,
+        "store_records": records, "window_records": config.buffer_records, **read,
+        "label_bytes_per_draw": data.labels.counts["bytes_per_draw"],
         "device": str(device), "config": asdict(config),
     }
 
@@ -106,6 +113,10 @@ def format_train_table(result: dict) -> str:
         f"{'checksums (CRC32C) on reads':<44}{result['checksum_share']:>10.2%} of a store step",
         f"{'online (+ teacher UNet forward)':<44}{result['online_steps_per_s']:>10.2f} steps/s",
         f"{'online / offline':<44}{result['online_ratio']:>10.3f}",
+        f"{'bytes read per draw':<44}{result['read_bytes_per_draw']:>10.0f}",
+        f"{'  of it, swapped captions':<44}{result['caption_bytes_per_draw']:>10.0f}"
+        f"  ({result['caption_reads_per_draw']:.2f} reads a draw)",
+        f"{'  the labels of a draw':<44}{result['label_bytes_per_draw']:>10.0f}",
         "",
         f"{'GFLOPs per forward at 64x64 latents':<44}{'forward':>10}{'train step':>12}{'online step':>13}",
     ]
