@@ -35,10 +35,14 @@ class LocalExecutor:
 
 class RayExecutor:
     """One actor per GPU (or per `num_workers` CPU slots) holding the models; at most two tasks in flight
-    per actor, so the driver never holds more than a few shards' inputs in memory."""
+    per actor, so the driver never holds more than a few shards' inputs in memory.
+
+    A worker that dies (its process killed, its node lost) is started again, up to `restarts` times, and its
+    unfinished tasks run again: a task writes its shard whole (a shard left half-written is overwritten), so the
+    store ends the same as an uninterrupted run's."""
 
     def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], *, num_workers: int | None = None,
-                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0):
+                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, restarts: int = 3):
         import ray
 
         @ray.remote
@@ -53,7 +57,9 @@ class RayExecutor:
             resources = ray.cluster_resources()
             num_workers = int(resources.get("GPU", 0)) if gpus_per_worker else int(resources.get("CPU", 1))
             num_workers = max(1, num_workers)
-        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+        self.restarts = restarts
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": restarts,
+                   "max_task_retries": restarts}
         self.actors = [Worker.options(**options).remote(make_worker) for _ in range(num_workers)]
 
     def map(self, tasks: Iterable[Any]) -> Iterator[Any]:
@@ -76,7 +82,13 @@ class RayExecutor:
                 break
             [ref], _ = ray.wait(list(running), num_returns=1)
             idle.append(running.pop(ref))
-            yield ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                again = f"; started again {self.restarts} times, it died each time" if self.restarts else ""
+                raise SDiTError(f"a worker died running a task ({type(err).__name__}){again}; the run stopped and "
+                                "its finished shards are kept: run the command again to go on") from None
+            yield result
 
 
 def ray_temp_dir(run_dir: str | Path) -> str:

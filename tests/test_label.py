@@ -1,8 +1,11 @@
 import json
 import shutil
 import subprocess
+import tempfile
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import zarr
@@ -235,18 +238,36 @@ def test_ray_writes_the_same_labels(store, tiny_teacher):
     assert local.keys() == remote.keys() and all(np.array_equal(local[k], remote[k]) for k in local)
 
 
-@pytest.mark.slow
-def test_sigkill_between_shards_or_mid_shard_then_rerun_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def sharded(tiny_teacher, tmp_path_factory):
+    """A store of 24 shards, labelled once uninterrupted ("whole"), and the label command's arguments."""
     from pipeline.bench import generate_images
 
-    store = tmp_path / "store"
-    encode(EncodeConfig(source=str(generate_images(tmp_path / "images", 96, 64)), teacher=str(tiny_teacher),
+    tmp = tmp_path_factory.mktemp("sharded")
+    store = tmp / "store"
+    encode(EncodeConfig(source=str(generate_images(tmp / "images", 96, 64)), teacher=str(tiny_teacher),
                         out=str(store), resolution=64, shard_size=4))
     args = ["teacher-label", store, "--teacher", tiny_teacher, "--draws", "2", "--batch-size", "4"]
     subprocess.run(cli_command(*args, "--labels", "whole"), check=True, env=child_env(), capture_output=True)
+    return store, args
+
+
+def _done(store, name: str) -> list:
+    return sorted((store / "_done" / "labels" / name).glob("*.json"))
+
+
+def _same_as_whole(store, name: str) -> None:
+    whole, other = _labels(store, "whole"), _labels(store, name)
+    assert whole.keys() == other.keys() and all(np.array_equal(whole[k], other[k]) for k in whole), name
+    assert _manifest(store, name) | {"name": "whole"} == _manifest(store, "whole")
+
+
+@pytest.mark.slow
+def test_sigkill_between_shards_or_mid_shard_then_rerun_equals_an_uninterrupted_run(sharded, tmp_path):
+    store, args = sharded
 
     def done(name: str) -> list:
-        return sorted((store / "_done" / "labels" / name).glob("*.json"))
+        return _done(store, name)
 
     kill_when([*args, "--labels", "between"], lambda: len(done("between")) >= 3)
     # Just before the second array of the third shard: its first array written, the rest not, no completion mark.
@@ -257,9 +278,35 @@ def test_sigkill_between_shards_or_mid_shard_then_rerun_equals_an_uninterrupted_
         assert 2 <= len(done(name)) < 24, "the kill should land mid-run"
         assert _manifest(store, name)["status"] == "in_progress"
         subprocess.run(cli_command(*args, "--labels", name), check=True, env=child_env(), capture_output=True)
-        whole, killed = _labels(store, "whole"), _labels(store, name)
-        assert whole.keys() == killed.keys() and all(np.array_equal(whole[k], killed[k]) for k in whole), name
-        assert _manifest(store, name) | {"name": "whole"} == _manifest(store, "whole")
+        _same_as_whole(store, name)
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_run_is_started_again_and_the_run_ends_as_an_uninterrupted_one(sharded):
+    """SIGKILL of one of two Ray workers while it labels: Ray starts it again, its shard is labelled again, the
+    command exits 0 and the labels equal an uninterrupted run's."""
+    store, args = sharded
+    command = cli_command(*args, "--labels", "ray", "--ray-address", "local", "--num-workers", "2")
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline, victim = time.monotonic() + 180, None
+        while victim is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a worker ran a task"
+            busy = [p for p in psutil.Process(proc.pid).children(recursive=True) if _title(p) == "ray::Worker.run"]
+            victim = busy[0] if busy else None
+            time.sleep(0.002)
+        victim.kill()
+        killed_at = len(_done(store, "ray"))
+        assert proc.wait(timeout=300) == 0, stderr.seek(0) or stderr.read().decode()[-2000:]
+    assert killed_at < 24, "the kill should land mid-run"
+    _same_as_whole(store, "ray")
+
+
+def _title(process) -> str:
+    try:
+        return " ".join(process.cmdline()).strip()
+    except psutil.Error:
+        return ""
 
 
 def _manifest(store, name: str) -> dict:
