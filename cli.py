@@ -515,16 +515,18 @@ def bench_train(
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per step.")] = BenchTrainConfig.batch_size,
     buffer_records: Annotated[int, typer.Option(min=64, help="The loader's shuffle window; the store must hold 4x as many records.")] = BenchTrainConfig.buffer_records,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement.")] = BenchTrainConfig.steps,
+    startup_shards: Annotated[int, typer.Option(min=0, help="Time the draw stream's start-up on a random labelled store of this many shards (0: not).")] = BenchTrainConfig.startup_shards,
     device: Device = BenchTrainConfig.device,
     json_out: JsonOut = None,
 ):
-    """Steps/s from the store vs from memory, offline vs online distillation, and FLOPs per step of each preset."""
+    """Steps/s from the store vs from memory, offline vs online distillation, bytes read per draw, the draw stream's
+    start-up, and FLOPs per step of each preset."""
     from pipeline.bench.train import bench_train as run
     from pipeline.bench.train import format_train_table
 
     result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
                                   images=images, batch_size=batch_size, buffer_records=buffer_records, steps=steps,
-                                  device=device))
+                                  startup_shards=startup_shards, device=device))
     _report(format_train_table(result), result, json_out)
 
 

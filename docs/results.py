@@ -287,6 +287,7 @@ def label_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
         ["bare UNet forward", f"{r['bare_draws_per_s']:.1f} draws/s"],
         ["stage / bare", f"{r['ratio']:.3f}"],
         ["bytes per draw on disk", f"{r['bytes_per_draw']:,.0f}"],
+        *reads_rows(r),
         ["UNet compute, achieved", f"{r['achieved_gflops']:.1f} GFLOP/s"],
         ["fp32 matmul ceiling", f"{r['matmul_gflops']:.1f} GFLOP/s"],
         [f"projected: {c['project_images']:,} images × {c['project_draws']} draws",
@@ -303,7 +304,22 @@ def train_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
         ["CRC32C checksums on reads", f"{r['checksum_share']:.2%} of a store step"],
         ["online (+ the teacher UNet's forward)", f"{r['online_steps_per_s']:.2f} steps/s"],
         ["online / offline", f"{r['online_ratio']:.3f}"],
+        *reads_rows(r),
+        *([[f"draw stream start-up, {r['startup_shards']:,} shards", f"{r['stream_startup_s']:.2f} s "
+            f"({r['stream_startup_unindexed_s']:.2f} s without the labels' index)"]]
+          if "stream_startup_s" in r else []),
     ])
+
+
+def reads_rows(r: dict) -> list[list[str]]:
+    """Bytes read per draw, and what caption swaps and mixes read of them (bench label and bench train)."""
+    if "read_bytes_per_draw" not in r:
+        return []
+    own = r.get("label_bytes_per_draw", r.get("bytes_per_draw"))
+    return [["bytes read per draw", f"{r['read_bytes_per_draw']:,.0f}"],
+            ["of them, captions of swaps and mixes", f"{r['caption_bytes_per_draw']:,.0f} "
+             f"({r['caption_reads_per_draw']:.2f} embeddings a draw; {r['caption_bytes_per_draw'] / own:.2f}× "
+             "a draw's own labels)"]]
 
 
 def flops_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:

@@ -27,7 +27,7 @@ from sdit.config import DRAWN_KINDS
 from sdit.devices import resolve_device, setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
-from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_labels
+from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_index, write_labels
 from sdit.perturb import Kind, draw_generator, sample_draw
 from sdit.progress import Progress, no_progress
 from sdit.store import LABEL_COLUMNS, Store, write_shard
@@ -146,7 +146,9 @@ class ShardLabeler:
             labels["eps_teacher"][r, d] = np.where(finite, eps16, 0)
         kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
         kinds = {name: count for name, count in kinds.items() if count or Kind[name.upper()] in DRAWN_KINDS}
-        record = {"draws": n * K, "dropped": int((~labels["valid"]).sum()), "kinds": kinds,
+        invalid = (~labels["valid"]).sum(axis=1)
+        record = {"draws": n * K, "dropped": int(invalid.sum()), "kinds": kinds,
+                  "invalid_rows": {str(row): int(invalid[row]) for row in np.flatnonzero(invalid)},
                   "bytes": int(sum(v.nbytes for v in labels.values())),
                   # bytes read: in all (the records shard and the captions), and for swaps' and mixes' captions
                   "read_bytes": self.store.bytes_read - read, "caption_bytes": self.bank.bytes_read - caption_read,
@@ -316,18 +318,21 @@ _READS = ("read_bytes", "caption_bytes", "caption_reads")
 def finish(store: Store, config: LabelConfig, meta: LabelsManifest, seconds: float) -> dict:
     """Counts of the records' draws (and, apart, the synthetic records'), and the teacher forwards the labels
     cost in all: one a draw (two with guidance), plus the synthesis of the synthetic records they label."""
-    records = _tally(store.all_finished(config.group, store.finished("records")))
+    done = {"records": store.all_finished(config.group, store.finished("records"))}
+    records = _tally(done["records"])
     counts = {k: v for k, v in records.items() if k not in ("bytes", *_READS)}
     counts["bytes_per_draw"] = records["bytes"] / max(records["draws"], 1)
     reads = {f"{k}_per_draw": records[k] / max(records["draws"], 1) for k in _READS}
     per_draw = 2 if config.guidance else 1
     forwards = {"records": records["draws"] * per_draw}
     if config.synthesis:
-        synthetic = _tally(store.all_finished(config.label_group(SYNTHETIC), store.finished(SYNTHETIC)))
+        done[SYNTHETIC] = store.all_finished(config.label_group(SYNTHETIC), store.finished(SYNTHETIC))
+        synthetic = _tally(done[SYNTHETIC])
         made = read_synthetic(store).counts
         counts["synthetic"] = {k: v for k, v in synthetic.items() if k not in ("bytes", *_READS)} | {
             "records": made["samples"], "samples_dropped": made["dropped"]}
         forwards |= {"synthetic": synthetic["draws"] * per_draw, "synthesis": made["teacher_forwards"]}
     counts["teacher_forwards"] = forwards | {"total": sum(forwards.values())}
+    write_index(store, config.name, done, config.draws)
     write_labels(store, dataclasses.replace(meta, counts=counts, status="complete"))
     return counts | reads | {"seconds": seconds}

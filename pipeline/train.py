@@ -72,6 +72,14 @@ class Workers:
             torch.distributed.all_reduce(values)
         return values
 
+    def gather(self, value) -> list:
+        """Every worker's `value` (picklable), in rank order."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
 
 def _start_workers(workers: Workers, device: torch.device) -> None:
     if workers.world > 1 and not torch.distributed.is_initialized():
@@ -102,8 +110,9 @@ class Trainer:
     student takes their scale w."""
 
     def __init__(self, config: TrainConfig, state: TrainState, device: torch.device, *, schedule: NoiseSchedule,
-                 guided: bool, workers: Workers = Workers()):
+                 guided: bool, workers: Workers = Workers(), window_blocks: int = 0):
         self.config, self.state, self.device, self.workers = config, state, device, workers
+        self.window_blocks = window_blocks  # the stream's window, in blocks (checkpoints record it)
         self.schedule, self.guided = schedule, guided
         self.autocast = autocast(config.precision, device)
 
@@ -172,9 +181,10 @@ class Trainer:
             last = time.perf_counter()  # checkpoints, samples and evaluations do not count against samples/s
 
     def save(self) -> None:
+        positions = self.workers.gather(self.state.position)
         if self.workers.main:
             out = Path(self.config.out)
-            save_state(out, self.state, self.config.keep_checkpoints)
+            save_state(out, self.state, self.config.keep_checkpoints, positions, self.window_blocks)
             save_student(out, self.state.ema)  # the run folder always holds the latest EMA weights
             update_run(out, train=read_run(out)["train"] | {"step": self.state.step})
         self.workers.barrier()
@@ -234,7 +244,11 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         resume(out, state)
     stream = DrawStream(data, config.batch_size, split=Split(config.holdout, config.seed), seed=config.seed,
                         buffer_records=config.buffer_records, rank=workers.rank, world=workers.world)
-    trainer = Trainer(config, state, device, schedule=data.schedule, guided=data.labels.guided, workers=workers)
+    if state.saved_positions:
+        state.position, reset = stream.resumed(state.saved_positions, state.saved_window_blocks)
+        state.reset += [reset] if reset else []
+    trainer = Trainer(config, state, device, schedule=data.schedule, guided=data.labels.guided, workers=workers,
+                      window_blocks=stream.blocks_per_window)
     monitor = Monitor(config, data, device, trainer.autocast) if workers.main else None
     if monitor:
         if config.resume:

@@ -48,8 +48,11 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
-    position: Position = dataclasses.field(default_factory=Position)
+    position: Position = dataclasses.field(default_factory=Position)  # this worker's
     reset: list[str] = dataclasses.field(default_factory=list)  # what a resume could not restore, in words
+    # from a checkpoint: every worker's position and the stream's window (sdit.loader.DrawStream.resumed)
+    saved_positions: list[Position] = dataclasses.field(default_factory=list)
+    saved_window_blocks: int | None = None
 
 
 def plain(model: torch.nn.Module) -> SDiT:
@@ -151,12 +154,14 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
 
 
-def save_state(out: Path, state: TrainState, keep: int) -> Path:
-    """A checkpoint folder `checkpoints/step-N` (sdit.training); then the oldest beyond `keep` go."""
+def save_state(out: Path, state: TrainState, keep: int, positions: list[Position], window_blocks: int) -> Path:
+    """A checkpoint folder `checkpoints/step-N` (sdit.training) with every worker's data position; then the oldest
+    beyond `keep` go."""
+    meta = {"step": state.step, "positions": [dataclasses.asdict(p) for p in positions],
+            "window_blocks": window_blocks}
     final = save_checkpoint(out / CHECKPOINTS / f"step-{state.step:08d}", {"model": plain(state.model),
                                                                           "ema": state.ema},
-                            state.optimizer, {"step": state.step, "position": dataclasses.asdict(state.position)},
-                            state.scheduler)
+                            state.optimizer, meta, state.scheduler)
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -175,7 +180,10 @@ def tidy_checkpoints(out: Path) -> None:
 def load_state(folder: Path, state: TrainState) -> None:
     meta = load_checkpoint(folder, {"model": plain(state.model), "ema": state.ema}, state.optimizer,
                            state.scheduler)
-    state.step, state.position, state.reset = meta["step"], Position(**meta["position"]), meta["reset"]
+    state.step, state.reset = meta["step"], meta["reset"]
+    # checkpoints written before workers had positions of their own: one position, one worker's window
+    state.saved_positions = [Position(**p) for p in meta.get("positions", [meta.get("position")])]
+    state.saved_window_blocks = meta.get("window_blocks")
 
 
 def resume(out: Path, state: TrainState) -> None:

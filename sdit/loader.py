@@ -9,8 +9,9 @@ each), a window of `buffer_records` records at a time, and shuffles the draws in
     batches:   cut from that stream; a batch may span two windows (or epochs)
 
 So the stream is a pure function of the seed: a `Position` (epoch, window, offset) says where it stands, and
-a resumed run reads on exactly where it stopped. Inputs are rebuilt with `sdit.labels.teacher_inputs`, the
-function stage one fed the teacher with (invariant 1).
+a resumed run reads on exactly where it stopped. Data-parallel workers split each window's blocks between them
+(`DrawStream`), so each reads only its share of the store and has a position of its own. Inputs are rebuilt
+with `sdit.labels.teacher_inputs`, the function stage one fed the teacher with (invariant 1).
 
 A `Split` holds some records out of training, chosen per record from (seed, shard, row), so a held-out
 evaluation sees images and draws the student never trained on.
@@ -31,7 +32,7 @@ import torch
 
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
-from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs
+from sdit.labels import CaptionBank, LabelsManifest, read_index, read_labels, teacher_inputs
 from sdit.store import CHUNK_RECORDS, Manifest, Store
 from sdit.synthesize import SYNTHETIC, read_synthetic
 
@@ -122,9 +123,16 @@ class LabelledStore:
         self.schedule = NoiseSchedule.from_config(meta.scheduler)
         self.input_gamma = float(meta.perturb["input_gamma"])
         self.draws = meta.draws
-        self.counts = {i: r["count"] for i, r in self.store.finished(self.group).items()}
+        self.index = read_index(self.store, labels)  # None: labels made before indexes; read the shards instead
+        self.counts = self.index["records"].as_dict() if self.index else \
+            {i: r["count"] for i, r in self.store.finished(self.group).items()}
         self.synthetic_counts = self._synthetic_counts(labels)
-        self.bank = CaptionBank(self.store)
+        self.valid = None  # (synthetic, shard): each record's valid draws, from the index
+        if self.index:
+            self.valid = {(kind == SYNTHETIC, shard): valid for kind in ("records", SYNTHETIC) if kind in self.index
+                          for shard, valid in self.index[kind].valid_by_shard().items()}
+        self.bank = CaptionBank(self.store, counts={"records": self.counts, "prompts": self.index["prompts"].as_dict()}
+                                if self.index else None)
         self.null = self.store.null_embedding()
 
     def _synthetic_counts(self, labels: str) -> dict[int, int]:
@@ -135,6 +143,8 @@ class LabelledStore:
         if made is None or made.set_id != self.labels.synthetic_set:
             raise SDiTError(f"labels {labels!r} of {self.store.url} describe synthetic records the store no longer "
                             "holds; relabel with `sdit teacher-label --synthesize ... --overwrite`")
+        if self.index:
+            return self.index[SYNTHETIC].as_dict()
         return {i: r["count"] for i, r in self.store.finished(f"{self.group}/{SYNTHETIC}").items()}
 
     def blocks(self) -> list[Block]:
@@ -187,9 +197,11 @@ class LabelledStore:
 class DrawStream:
     """Batches of `batch_size` draws of one split, shuffled through a window of `buffer_records` records.
 
-    With `world` > 1 every worker walks the same stream and keeps positions rank, rank + world, ... of each
-    batch: together the workers see exactly the batches one worker would. `repeat=False, shuffle=False`
-    reads the split once in store order (evaluation).
+    With `world` > 1 the workers split the blocks between them, so that each reads only its share of the store:
+    each window holds `world` x `buffer_records` records, and worker `rank` reads blocks rank, rank + world, ...
+    of it, shuffles their draws and takes batch_size / world of them a step. Each worker's stream is its own and
+    so is its `Position`; together the workers see every draw of the split once an epoch. `repeat=False,
+    shuffle=False` reads the split once in store order (evaluation).
     """
 
     def __init__(self, data: LabelledStore, batch_size: int, *, split: Split = Split(), train: bool = True,
@@ -199,65 +211,89 @@ class DrawStream:
             raise SDiTError(f"batch size {batch_size} is not divisible by the {world} workers")
         self.data, self.batch_size, self.split, self.train = data, batch_size, split, train
         self.seed, self.shuffle, self.repeat, self.rank, self.world = seed, shuffle, repeat, rank, world
-        self.blocks_per_window = max(1, buffer_records // CHUNK_RECORDS)
-        self.blocks = data.blocks()
-        self.total = sum(len(self._selected(b)[0]) for b in self.blocks)
+        self.blocks_per_window = max(1, buffer_records // CHUNK_RECORDS) * world
+        self.blocks = _at_least(data.blocks(), world)
+        self.total = self._total()
         if self.total == 0:
             which = "training" if train else "held-out"
             raise SDiTError(f"no {which} draws in {data.store.url} (labels {data.group}); check --holdout")
 
-    def _selected(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, draws) of a block's draws in this split whose teacher output is finite. Synthetic records are
-        never held out."""
+    def _total(self) -> int:
+        """Draws in this split: from the labels' index, else from every block's `valid` array."""
+        if self.data.valid is None:
+            return sum(len(self._selected(b)[0]) for b in self.blocks)
+        return int(sum(self.data.valid[b.synthetic, b.shard][b.start:b.stop][self._keep(b)].sum() for b in self.blocks))
+
+    def _keep(self, block: Block) -> np.ndarray:
+        """(rows,) bool: the block's records in this split. Synthetic records are never held out."""
         if block.synthetic:
-            keep = np.full(block.stop - block.start, self.train)
-        else:
-            keep = self.split.held_out(block.shard, self.data.counts[block.shard])[block.start:block.stop]
-            keep = keep if not self.train else ~keep
-        valid = self.data.store.read(self.data.labels_group(block), block.shard, ("valid",), block.start,
-                                     block.stop)["valid"]
-        rows, draws = np.nonzero(valid & keep[:, None])
-        return rows, draws
+            return np.full(block.stop - block.start, self.train)
+        keep = self.split.held_out(block.shard, self.data.counts[block.shard])[block.start:block.stop]
+        return keep if not self.train else ~keep
+
+    def _selected(self, block: Block, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, draws) of a block's draws in this split whose teacher output is finite (`valid`: the block's
+        (rows, K) flags, read here when not given)."""
+        if valid is None:
+            valid = self.data.store.read(self.data.labels_group(block), block.shard, ("valid",), block.start,
+                                         block.stop)["valid"]
+        return np.nonzero(valid & self._keep(block)[:, None])
 
     def windows(self, epoch: int) -> list[list[Block]]:
+        """This worker's blocks of each window of epoch `epoch`."""
         order = np.arange(len(self.blocks))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
         w = self.blocks_per_window
-        return [[self.blocks[i] for i in order[k:k + w]] for k in range(0, len(order), w)]
+        windows = [[self.blocks[i] for i in order[k:k + w]][self.rank::self.world] for k in range(0, len(order), w)]
+        return [blocks for blocks in windows if blocks]
 
     def _window(self, epoch: int, index: int, blocks: list[Block]) -> tuple[dict, np.ndarray, np.ndarray]:
         data = self.data.read(blocks)
         rows, draws, base = [], [], 0
         for b in blocks:
-            r, d = self._selected(b)
+            r, d = self._selected(b, data["valid"][base:base + b.stop - b.start])
             rows.append(r + base)
             draws.append(d)
             base += b.stop - b.start
         rows, draws = np.concatenate(rows), np.concatenate(draws)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, index]).permutation(len(rows))
+            order = np.random.default_rng([self.seed, epoch, index, *([self.rank] if self.world > 1 else [])])
+            order = order.permutation(len(rows))
             rows, draws = rows[order], draws[order]
         return data, rows, draws
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches(Position())
 
+    def resumed(self, saved: list[Position], window_blocks: int | None) -> tuple[Position, str | None]:
+        """Where this worker goes on from a checkpoint whose workers stood at `saved` with windows of
+        `window_blocks` blocks (None: a checkpoint that did not say; one worker's window), and what could not be
+        kept as it was. The same workers: each exactly where it stood. Another number: every worker from the
+        window that all of them had reached (at most a window of draws is read again)."""
+        window_blocks = window_blocks or self.blocks_per_window // self.world
+        if len(saved) == self.world and window_blocks == self.blocks_per_window:
+            return saved[self.rank], None
+        epoch, window = min((p.epoch, p.window) for p in saved)
+        position = Position(epoch, window * window_blocks // self.blocks_per_window, 0)
+        return position, (f"the data position: saved by {len(saved)} workers, resumed by {self.world}; every "
+                          f"worker goes on from block {window * window_blocks:,} of epoch {epoch}, where all had "
+                          "reached (a window of draws may be seen again)")
+
     def batches(self, start: Position) -> Iterator[Batch]:
-        parts, filled = [], 0  # filled: draws of the global batch taken so far (all workers)
+        """This worker's batches (batch_size / world draws each) from `start` on."""
+        size = self.batch_size // self.world
+        parts, filled = [], 0
         epoch, window, offset = start.epoch, start.window, start.offset
         while True:
             windows = self.windows(epoch)
             for index in range(window, len(windows)):
                 data, rows, draws = self._window(epoch, index, windows[index])
                 while offset < len(rows):
-                    take = min(self.batch_size - filled, len(rows) - offset)
-                    mine = np.arange(offset, offset + take)
-                    mine = mine[(filled + mine - offset) % self.world == self.rank]
-                    if len(mine):
-                        parts.append(self.data.batch(data, rows[mine], draws[mine]))
+                    take = min(size - filled, len(rows) - offset)
+                    parts.append(self.data.batch(data, rows[offset:offset + take], draws[offset:offset + take]))
                     filled, offset = filled + take, offset + take
-                    if filled == self.batch_size:
+                    if filled == size:
                         yield Batch.cat(parts, Position(epoch, index, offset))
                         parts, filled = [], 0
                 offset = 0
@@ -267,3 +303,16 @@ class DrawStream:
                 if parts:
                     yield Batch.cat(parts, Position(epoch, 0, 0))
                 return
+
+
+def _at_least(blocks: list[Block], n: int) -> list[Block]:
+    """`blocks`, the largest cut in two until there are `n` (a store of fewer blocks than workers)."""
+    blocks = list(blocks)
+    while len(blocks) < n:
+        b = max(blocks, key=lambda b: b.stop - b.start)
+        if b.stop - b.start < 2:
+            raise SDiTError(f"{len(blocks)} records cannot be shared between {n} workers")
+        middle = (b.start + b.stop) // 2
+        i = blocks.index(b)
+        blocks[i:i + 1] = [Block(b.shard, b.start, middle, b.synthetic), Block(b.shard, middle, b.stop, b.synthetic)]
+    return blocks

@@ -43,8 +43,8 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from zarr.codecs import Crc32cCodec
 from zarr.abc.store import SuffixByteRequest
+from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from sdit.errors import SDiTError

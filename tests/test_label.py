@@ -18,7 +18,7 @@ from pipeline.label import LabelConfig, ShardLabeler, label
 from sdit.config import DRAWN_KINDS
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
-from sdit.labels import CaptionBank, teacher_inputs
+from sdit.labels import CaptionBank, read_index, teacher_inputs
 from sdit.perturb import CaptionFrom, Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store
 
@@ -212,6 +212,8 @@ def test_non_finite_teacher_outputs_are_dropped_or_stop_the_run(store, tiny_teac
     labels = _labels(store, "nan")
     batches = sum(-(-r["count"] * 2 // 4) for r in Store(str(store)).finished("records").values())
     assert counts["dropped"] == batches and not labels["00000/valid"][0, 0]  # the first draw of every batch
+    valid = read_index(Store(str(store)), "nan")["records"].valid_by_shard()  # readers count draws from it
+    assert all(np.array_equal(valid[k], labels[f"{k:05d}/valid"].sum(axis=1)) for k in valid)
     assert all(np.isfinite(labels[k]).all() for k in labels if k.endswith("eps_teacher"))
     with pytest.raises(SDiTError, match="NaN or inf"):
         _label(store, tiny_teacher, name="nan2", draws=2, max_dropped=0.0)

@@ -104,14 +104,43 @@ def test_a_stream_restarted_at_a_position_goes_on_exactly(data):
         assert [_ids(b) for b in resumed] == [_ids(b) for b in batches[k + 1:]]
 
 
-def test_workers_split_each_batch_between_them(data):
-    whole = _take(DrawStream(data, 6, seed=0), 9)
-    halves = [_take(DrawStream(data, 6, seed=0, rank=r, world=2), 9) for r in (0, 1)]
-    for b, h0, h1 in zip(whole, *halves):
-        assert len(h0) == len(h1) == 3
-        assert sorted(_ids(h0) + _ids(h1)) == sorted(_ids(b))
+def test_workers_share_every_epoch_and_each_reads_only_its_share(tmp_path):
+    """4 workers: each takes 1/4 of every global batch from blocks no other worker reads, together every draw of
+    an epoch once; each reads at most 0.3 of the bytes one worker reads for the same global batches."""
+    from pipeline.bench import random_labelled_store
+
+    url = random_labelled_store(str(tmp_path / "s"), shards=16, records=64, draws=2)  # 16 blocks, 2,048 draws
+    one = DrawStream(LabelledStore(url), 32, buffer_records=256, seed=1)
+    steps = one.total // 32  # an epoch
+    whole = [i for b in _take(one, steps) for i in _ids(b)]
+    workers = [DrawStream(LabelledStore(url), 32, buffer_records=256, seed=1, rank=r, world=4) for r in range(4)]
+    shares = [_take(w, steps) for w in workers]
+    assert all(len(b) == 8 for share in shares for b in share)
+    drawn = [{i for b in share for i in _ids(b)} for share in shares]
+    assert sum(map(len, drawn)) == len(set().union(*drawn)) == len(whole)  # disjoint
+    assert set().union(*drawn) == set(whole)
+    for w in workers:
+        assert w.data.store.bytes_read <= 0.3 * one.data.store.bytes_read
     with pytest.raises(SDiTError, match="not divisible"):
-        DrawStream(data, 5, world=2)
+        DrawStream(one.data, 5, world=2)
+
+
+def test_a_store_of_fewer_blocks_than_workers_is_shared_by_rows(data):
+    epoch = {i for b in DrawStream(data, 4, shuffle=False, repeat=False) for i in _ids(b)}
+    shares = [{i for b in DrawStream(data, 4, repeat=False, rank=r, world=4) for i in _ids(b)} for r in range(4)]
+    assert all(shares) and sum(map(len, shares)) == len(epoch) and set().union(*shares) == epoch
+
+
+def test_the_index_gives_what_reading_every_shard_gives(data, monkeypatch):
+    """Counts and draws per split from the labels' index equal those read from the completion records and the
+    `valid` arrays (labels made before indexes are read that way)."""
+    assert data.index is not None
+    split = Split(holdout=0.3, seed=0)
+    indexed = [DrawStream(data, 4, split=split, train=train).total for train in (True, False)]
+    monkeypatch.setattr("sdit.loader.read_index", lambda store, name: None)
+    plain = LabelledStore(data.store.url)
+    assert plain.counts == data.counts and plain.bank.offsets == data.bank.offsets
+    assert [DrawStream(plain, 4, split=split, train=train).total for train in (True, False)] == indexed
 
 
 def test_held_out_records_never_reach_training(data):

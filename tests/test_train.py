@@ -300,19 +300,42 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_data_parallel_workers_follow_one_workers_loss_curve(labelled_store, tmp_path):
-    """Each of the two workers takes its 4 draws of a step in 2 parts (--grad-accum 2), synchronising once."""
-    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--steps", "6"]
+def test_two_data_parallel_workers_take_the_steps_one_worker_takes_on_both_shares(labelled_store, tiny_teacher,
+                                                                                  tmp_path):
+    """Two gloo workers, each taking its 4 draws of a step in 2 parts (--grad-accum 2) and synchronising once, take
+    the steps one worker takes with both workers' shares as its batch; a resume on one worker goes on from where
+    both had reached, and says so."""
+    from pipeline.train import Trainer, Workers, make_state
+    from sdit.loader import Batch, DrawStream, LabelledStore, Position
+
     env = child_env()
-    subprocess.run(cli_command("train", labelled_store, "--out", tmp_path / "one", *options), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(cli_command("init", "--teacher", tiny_teacher, "--student", "SDiT-Nano/2", "--out",
+                               tmp_path / "init"), check=True, env=env, capture_output=True)
+    options = ["--init", str(tmp_path / "init"), "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+               "--buffer-records", "4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, "-m", "cli", "train", str(labelled_store), "--out", str(tmp_path / "two"),
-                           *options, "--grad-accum", "2"], env=env, capture_output=True, text=True)
+                           *options, "--steps", "6", "--checkpoint-every", "3", "--grad-accum", "2"], env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+
+    config = TrainConfig(store=str(labelled_store), out=str(tmp_path / "one"), init=str(tmp_path / "init"),
+                         batch_size=8, lr=1e-3, warmup=2, buffer_records=4, steps=6)
+    data, cpu = LabelledStore(str(labelled_store)), torch.device("cpu")
+    trainer = Trainer(config, make_state(load_student(tmp_path / "init"), config, cpu, Workers()), cpu,
+                      schedule=data.schedule, guided=False)
+    shares = [DrawStream(data, 8, buffer_records=4, rank=r, world=2).batches(Position()) for r in (0, 1)]
+    one = [trainer.step(Batch.cat([next(s) for s in shares], Position())) for _ in range(6)]
+    two = _losses(tmp_path / "two")
     assert [r[0] for r in two] == list(range(1, 7))
-    np.testing.assert_allclose(np.array(two, dtype=float)[:, 1:], np.array(one, dtype=float)[:, 1:], rtol=1e-4)
+    np.testing.assert_allclose(np.array(two, dtype=float)[:, 1:],
+                               [[m["loss"], m["task_loss"], m["kd_loss"], m["grad_norm"]] for m in one], rtol=1e-4)
+
+    resumed = subprocess.run(cli_command("train", labelled_store, "--out", tmp_path / "two", *options, "--steps", "8",
+                                         "--resume"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "saved by 2 workers, resumed by 1" in resumed.stdout + resumed.stderr
+    assert [r[0] for r in _losses(tmp_path / "two")] == list(range(1, 9))
 
 
 @pytest.mark.slow

@@ -41,6 +41,57 @@ def encoded_store(folder: Path, teacher: str, images: int, resolution: int, teac
     return store
 
 
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon"}
+
+
+def random_labelled_store(url: str, shards: int, records: int, draws: int = 2, latent_shape=(4, 8, 8),
+                          text_shape=(77, 32), seed: int = 0) -> str:
+    """A finished, labelled store of random arrays, written directly (no teacher, no images): `shards` shards of
+    `records` records, `draws` draws each, every kind of draw but input perturbations (labels "default", indexed as
+    `sdit teacher-label` indexes them). For what the loader costs at a size no test could label."""
+    from sdit.labels import LabelsManifest, write_index, write_labels
+    from sdit.perturb import Kind
+    from sdit.store import LABEL_COLUMNS, Manifest, Store, write_shard
+
+    rng = np.random.default_rng(seed)
+    store = Store(url)
+    root = store.root_group(mode="w")
+    root.create_array("null_text_emb", shape=text_shape, dtype="float16", fill_value=0)[:] = 0
+    done = {}
+    for k in range(shards):
+        n, base = records, k * records
+        write_shard(store, "records", k, {
+            "latents": rng.standard_normal((n, *latent_shape)).astype(np.float16),
+            "text_emb": rng.standard_normal((n, *text_shape)).astype(np.float16),
+            "token_count": np.full(n, 5, np.int16), "ids": np.array([str(base + i) for i in range(n)]),
+            "captions": np.array([f"caption {base + i}" for i in range(n)]),
+            "positions": np.arange(base, base + n, dtype=np.int64)}, {"rejects": [], "truncated": 0})
+        kind = rng.choice([Kind.NONE, Kind.SWAP, Kind.MIX, Kind.NULL], size=(n, draws)).astype(np.uint8)
+        labels = {name: np.zeros((n, draws, *((2,) if name.startswith("caption") else ())), col.dtype)
+                  for name, col in LABEL_COLUMNS.items() if col.per_record}
+        labels |= {"timesteps": rng.integers(0, 1000, (n, draws), dtype=np.int32), "kind": kind,
+                   "caption_index": rng.integers(0, shards * records, (n, draws, 2)),
+                   "xi_index": np.full((n, draws), -1, np.int32),
+                   "weight": rng.random((n, draws), np.float32), "valid": np.ones((n, draws), bool),
+                   "noise": rng.standard_normal((n, draws, *latent_shape)).astype(np.float16),
+                   "eps_teacher": rng.standard_normal((n, draws, *latent_shape)).astype(np.float16),
+                   "xi": np.zeros((0, *latent_shape), np.float16)}
+        labels["caption_from"][:] = 1  # CaptionFrom.RECORD
+        done[k] = {"draws": n * draws, "dropped": 0, "invalid_rows": {}, "count": n}
+        write_shard(store, "labels/default", k, labels, done[k])
+    manifest = Manifest(source={"location": "random", "format": "random"}, teacher={"scheduler": SD_SCHEDULER},
+                        resolution=8 * latent_shape[-1], latent_scale=0.18215, latent_shape=tuple(latent_shape),
+                        text_shape=tuple(text_shape), shard_size=records, status="complete",
+                        counts={"records": shards * records, "shards": shards})
+    store.write_manifest(manifest)
+    write_index(store, "default", {"records": done}, draws)
+    write_labels(store, LabelsManifest(name="default", teacher={}, scheduler=SD_SCHEDULER, prediction_type="epsilon",
+                                       seed=seed, draws=draws, timesteps="uniform",
+                                       perturb={"input_gamma": 0.1, "caption_min_t": 0}, status="complete"))
+    return url
+
+
 def write_json(result: dict, path: str | Path) -> None:
     replace_text(path, json.dumps(result, indent=2) + "\n")
 

@@ -51,6 +51,7 @@ class BenchTrainConfig:
     steps: int = 64  # timed steps per measurement (1,024 records x 4 draws / 64: one pass over the store)
     warmup: int = 3  # untimed steps first, on in-memory batches: the store is read cold in the timed steps
     device: str = "auto"
+    startup_shards: int = 1000  # the draw stream's start-up is timed on a random store of this many shards (0: not)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         if records < 4 * config.buffer_records:
             raise SDiTError(f"the store has {records} records; the loader figure needs at least 4x the shuffle window "
                             f"({4 * config.buffer_records}): pass more --images or a smaller --buffer-records")
-        memory = list(itertools.islice(stream.batches(Position()), max(config.steps, config.warmup)))
+        # built from a reader of its own, so that the store's first timed pass reads with cold caches
+        memory = DrawStream(LabelledStore(store), config.batch_size, seed=0, buffer_records=config.buffer_records)
+        memory = list(itertools.islice(memory.batches(Position()), max(config.steps, config.warmup)))
 
         def online(batch):
             with torch.no_grad():
@@ -78,6 +80,7 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
             rates["online"].append(_steps_per_s(trainer, memory, map(online, stream.batches(Position())), config,
                                                 device))
         crc = checksum_seconds(store, ["records", data.labels.group])
+        startup = stream_startup(tmp / "startup", config.startup_shards) if config.startup_shards else {}
     flops = flops_table(DEFAULT_PRESETS, sample_size=64)
     store_rate, memory_rate, online_rate = (max(rates[k]) for k in ("store", "memory", "online"))
     return {
@@ -90,10 +93,29 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         "train_step_flops": {p: TRAIN_STEP_FORWARDS * f for p, f in flops.items() if p != "sd15_unet"},
         "online_step_flops": {p: TRAIN_STEP_FORWARDS * f + flops["sd15_unet"] for p, f in flops.items()
                               if p != "sd15_unet"},
-        "store_records": records, "window_records": config.buffer_records, **read,
+        "store_records": records, "window_records": config.buffer_records, **read, **startup,
         "label_bytes_per_draw": data.labels.counts["bytes_per_draw"],
         "device": str(device), "config": asdict(config),
     }
+
+
+def stream_startup(folder: Path, shards: int, records: int = 4, repeats: int = 3) -> dict:
+    """Seconds from opening a labelled store of `shards` shards to the draw stream's first batch, with the labels'
+    index and without it (every completion record and `valid` array read instead; labels made before indexes)."""
+    from pipeline.bench import random_labelled_store
+    from sdit.labels import LABELS_INDEX
+    from sdit.store import Store
+
+    url = random_labelled_store(str(folder / "store"), shards, records)
+
+    def first_batch():
+        next(iter(DrawStream(LabelledStore(url), 32)))
+
+    indexed = min(timed(first_batch, torch.device("cpu"))[1] for _ in range(repeats))
+    Store(url).remove("labels", "default", LABELS_INDEX)
+    plain = min(timed(first_batch, torch.device("cpu"))[1] for _ in range(repeats))
+    return {"startup_shards": shards, "stream_startup_s": indexed,
+            "stream_startup_unindexed_s": plain}
 
 
 def _steps_per_s(trainer: Trainer, warm: list, batches, config: BenchTrainConfig, device: torch.device) -> float:
@@ -117,6 +139,9 @@ def format_train_table(result: dict) -> str:
         f"{'  of it, swapped captions':<44}{result['caption_bytes_per_draw']:>10.0f}"
         f"  ({result['caption_reads_per_draw']:.2f} reads a draw)",
         f"{'  the labels of a draw':<44}{result['label_bytes_per_draw']:>10.0f}",
+        *([f"{'draw stream start-up, ' + format(result['startup_shards'], ',') + ' shards':<44}"
+           f"{result['stream_startup_s']:>10.2f} s  ({result['stream_startup_unindexed_s']:.2f} s without the index)"]
+          if "stream_startup_s" in result else []),
         "",
         f"{'GFLOPs per forward at 64x64 latents':<44}{'forward':>10}{'train step':>12}{'online step':>13}",
     ]

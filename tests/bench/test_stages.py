@@ -29,4 +29,6 @@ def test_bench_label_reports_every_figure():
     assert keys <= result.keys() and all(result[k] > 0 for k in keys)
     assert result["bytes_per_draw"] > 2 * 2 * 4 * 8 * 8  # noise + ε_T at 64 px, fp16
     assert result["flops_per_draw"] > 1e6
+    assert 0 < result["caption_bytes_per_draw"] < result["read_bytes_per_draw"]
+    assert result["text_row_bytes"] < result["caption_bytes_per_read"] < 2 * result["text_row_bytes"]
     assert "stage / bare" in format_label_table(result)

@@ -13,6 +13,8 @@ KEYS = {"store_steps_per_s", "memory_steps_per_s", "loader_ratio", "offline_step
 # Seconds of each timed measurement of 2 steps, in the order bench train takes them: store, memory, online, three
 # times. Best steps/s: store 2 / 0.5 = 4 (first), memory 2 / 0.25 = 8 (third), online 2 / 1.0 = 2 (second).
 SECONDS = [0.5, 0.5, 2.0, 1.0, 1.0, 1.0, 2.0, 0.25, 4.0]
+# Then the draw stream's start-up, three times with the labels' index (best 0.2 s) and three without (best 1.0 s).
+SECONDS += [0.3, 0.2, 0.4, 1.5, 1.0, 2.0]
 
 
 @pytest.mark.slow
@@ -24,7 +26,7 @@ def test_bench_train_reports_the_loader_the_teacher_and_flops(tiny_teacher, tmp_
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "train", "--teacher", str(tiny_teacher), "--images", "256",
                                       "--buffer-records", "64", "--student", "SDiT-Nano/2", "--batch-size", "8",
-                                      "--steps", "2", "--json", str(out)])
+                                      "--steps", "2", "--startup-shards", "8", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "store / memory" in result.output and "sd15_unet" in result.output
     figures = json.loads(out.read_text())
@@ -36,6 +38,12 @@ def test_bench_train_reports_the_loader_the_teacher_and_flops(tiny_teacher, tmp_
     assert "0.500" in result.output
     assert -0.5 < figures["checksum_share"] < 0.5 and "checksums (CRC32C) on reads" in result.output
     assert figures["store_records"] >= 4 * figures["window_records"] == 4 * 64
+    assert figures["stream_startup_s"] == pytest.approx(0.2)
+    assert figures["stream_startup_unindexed_s"] == pytest.approx(1.0)
+    assert "1.00 s without the index" in result.output
+    # bytes read: the draws' records and labels, and (a fraction of them) the captions of swaps and mixes
+    assert 0 < figures["caption_bytes_per_draw"] < figures["read_bytes_per_draw"]
+    assert 0 < figures["caption_reads_per_draw"] < 1 and figures["label_bytes_per_draw"] > 0
     flops = figures["flops"]
     assert set(flops) == {"SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2", "sd15_unet"}
     assert flops["SDiT-S/2"] < flops["SDiT-B/2"] < flops["SDiT-L/2"] < flops["SDiT-XL/2"]
