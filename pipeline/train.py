@@ -28,12 +28,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.train_monitor import LOSS_PLOT, METRICS, Monitor, plot_losses, summary_writer, trim_metrics
 from pipeline.train_run import TrainState, plain, prepare_run, resume, save_state
-from sdit.agreement import check_fit
+from sdit.agreement import agreement, check_fit
 from sdit.devices import setup_worker
 from sdit.diffusion import NoiseSchedule
 from sdit.dit import SDiT
@@ -107,11 +108,12 @@ def make_state(student: SDiT, config: TrainConfig, device: torch.device, workers
 class Trainer:
     """One training step at a time; `fit` runs the loop with checkpoints, and a `Monitor` on the main worker.
     `schedule` is the teacher's noise schedule (for timestep weights); `guided`: the labels are guided, and the
-    student takes their scale w."""
+    student takes their scale w; `data`: the labels, for --eval-every's held-out figures."""
 
     def __init__(self, config: TrainConfig, state: TrainState, device: torch.device, *, schedule: NoiseSchedule,
-                 guided: bool, workers: Workers = Workers(), window_blocks: int = 0):
-        self.config, self.state, self.device, self.workers = config, state, device, workers
+                 guided: bool, workers: Workers = Workers(), window_blocks: int = 0,
+                 data: LabelledStore | None = None):
+        self.config, self.state, self.device, self.workers, self.data = config, state, device, workers, data
         self.window_blocks = window_blocks  # the stream's window, in blocks (checkpoints record it)
         self.schedule, self.guided = schedule, guided
         self.autocast = autocast(config.precision, device)
@@ -168,8 +170,9 @@ class Trainer:
             metrics = self.step(batch)
             now = time.perf_counter()
             metrics["samples_per_s"] = c.batch_size / (now - last)
-            if monitor and c.eval_every and s.step % c.eval_every == 0:
-                metrics |= monitor.agreement(s.ema)
+            if c.eval_every and s.step % c.eval_every == 0:
+                metrics |= self.held_out(s.ema)
+                metrics |= monitor.clip_score(s.ema) if monitor else {}
             if monitor:
                 monitor.log(metrics)
             if s.step % c.checkpoint_every == 0 or s.step == c.steps:
@@ -179,6 +182,21 @@ class Trainer:
             if on_step:
                 on_step(metrics)
             last = time.perf_counter()  # checkpoints, samples and evaluations do not count against samples/s
+
+    @torch.no_grad()
+    def held_out(self, ema: SDiT) -> dict:
+        """The EMA student on the first `eval_draws` held-out draws (the same every time): MSE to the teacher's ε
+        and to the true noise, `sdit eval`'s overall figures on fewer draws. Every worker measures its share, so
+        none waits for the main one."""
+        c = self.config
+        result = agreement(ema, self.data, Split(c.holdout, c.seed), self.device, batch_size=c.batch_size,
+                           limit=c.eval_draws, autocast=self.autocast, rank=self.workers.rank,
+                           world=self.workers.world, reduce=self._sum)
+        return {"eval_teacher_mse": result["mse"], "eval_true_noise_mse": result["true_noise"]["student_mse"],
+                "eval_draws": result["draws"]}
+
+    def _sum(self, values: np.ndarray) -> np.ndarray:
+        return self.workers.sum(torch.as_tensor(values, device=self.device)).cpu().numpy()
 
     def save(self) -> None:
         positions = self.workers.gather(self.state.position)
@@ -248,7 +266,7 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
         state.position, reset = stream.resumed(state.saved_positions, state.saved_window_blocks)
         state.reset += [reset] if reset else []
     trainer = Trainer(config, state, device, schedule=data.schedule, guided=data.labels.guided, workers=workers,
-                      window_blocks=stream.blocks_per_window)
+                      window_blocks=stream.blocks_per_window, data=data)
     monitor = Monitor(config, data, device, trainer.autocast) if workers.main else None
     if monitor:
         if config.resume:

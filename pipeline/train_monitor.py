@@ -19,13 +19,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import TrainConfig
-from sdit.agreement import agreement
 from sdit.clip import clip_score
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
 from sdit.files import replace_text, replacing
 from sdit.images import grid
-from sdit.loader import LabelledStore, Split
+from sdit.loader import LabelledStore
 from sdit.sampling import decode, denoise, initial_noise, make_scheduler, student_eps
 
 METRICS = "metrics.jsonl"
@@ -64,21 +63,13 @@ class Monitor:
                     self.board.add_scalar(board_tag(key), value, metrics["step"])
 
     @torch.no_grad()
-    def agreement(self, ema: SDiT) -> dict:
-        """The EMA student on the first `eval_draws` held-out draws (the same every time): MSE to the teacher's
-        ε and to the true noise, `sdit eval`'s overall figures on fewer draws; with --eval-clip, the CLIP score of
-        its samples of the sample captions."""
-        c = self.config
-        result = agreement(ema, self.data, Split(c.holdout, c.seed), self.device, batch_size=c.batch_size,
-                           limit=c.eval_draws, autocast=self.autocast)
-        figures = {"eval_teacher_mse": result["mse"], "eval_true_noise_mse": result["true_noise"]["student_mse"],
-                   "eval_draws": result["draws"]}
-        if c.eval_clip:
-            images, captions = self.sample_images(ema)
-            cosines = self.clip().cosines([Image.fromarray(im) for im in images], captions)
-            figures["eval_clip_score"] = clip_score(cosines, "torchmetrics")
-            figures["eval_clip_convention"] = "torchmetrics"
-        return figures
+    def clip_score(self, ema: SDiT) -> dict:
+        """With --eval-clip, the CLIP score of the EMA student's samples of the sample captions."""
+        if not self.config.eval_clip:
+            return {}
+        images, captions = self.sample_images(ema)
+        cosines = self.clip().cosines([Image.fromarray(im) for im in images], captions)
+        return {"eval_clip_score": clip_score(cosines, "torchmetrics"), "eval_clip_convention": "torchmetrics"}
 
     def clip(self):
         """The --eval-clip model, loaded once (a wrong folder fails in one line)."""

@@ -89,12 +89,15 @@ def check_fit(data: LabelledStore, student: torch.nn.Module, run: dict, *, size:
 def agreement(student: torch.nn.Module, data: LabelledStore, split: Split, device: torch.device, *,
               batch_size: int, limit: int | None = None, buckets: int = 10, dtype: torch.dtype = torch.float32,
               autocast: AbstractContextManager | None = None, progress: Progress = no_progress,
-              on_total: Callable[[int], None] | None = None) -> dict:
+              on_total: Callable[[int], None] | None = None, rank: int = 0, world: int = 1,
+              reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """The student's agreement with the teacher on the first `limit` (default: all) held-out draws of `split`, in
     a fixed order: `Agreement.result()`. `on_total(n)` is told how many draws there are, `progress(n)` counts
-    them."""
-    stream = DrawStream(data, batch_size, split=split, train=False, shuffle=False, repeat=False)
-    total = min(stream.total, limit) if limit else stream.total
+    them. With `world` workers each measures its share (its blocks of the store, limit / world draws) and
+    `reduce` sums an array over the workers."""
+    stream = DrawStream(data, batch_size * world, split=split, train=False, shuffle=False, repeat=False, rank=rank,
+                        world=world)
+    total = stream.own_total if not limit or limit >= stream.total else min(stream.own_total, -(-limit // world))
     if on_total:
         on_total(total)
     sums = Agreement(buckets, len(data.schedule.alphas_cumprod))
@@ -109,4 +112,6 @@ def agreement(student: torch.nn.Module, data: LabelledStore, split: Split, devic
                  errors.task.double().numpy(), errors.task_teacher.double().numpy())
         seen += len(batch)
         progress(len(batch))
+    if reduce:
+        sums.sums = {key: reduce(value) for key, value in sums.sums.items()}
     return sums.result()

@@ -213,16 +213,21 @@ class DrawStream:
         self.seed, self.shuffle, self.repeat, self.rank, self.world = seed, shuffle, repeat, rank, world
         self.blocks_per_window = max(1, buffer_records // CHUNK_RECORDS) * world
         self.blocks = _at_least(data.blocks(), world)
-        self.total = self._total()
+        self.total = self._count(self.blocks)
         if self.total == 0:
             which = "training" if train else "held-out"
             raise SDiTError(f"no {which} draws in {data.store.url} (labels {data.group}); check --holdout")
 
-    def _total(self) -> int:
-        """Draws in this split: from the labels' index, else from every block's `valid` array."""
+    @property
+    def own_total(self) -> int:
+        """Draws this worker reads in an epoch (all of them, for one worker)."""
+        return self.total if self.world == 1 else self._count([b for window in self.windows(0) for b in window])
+
+    def _count(self, blocks: list[Block]) -> int:
+        """Draws of `blocks` in this split: from the labels' index, else from each block's `valid` array."""
         if self.data.valid is None:
-            return sum(len(self._selected(b)[0]) for b in self.blocks)
-        return int(sum(self.data.valid[b.synthetic, b.shard][b.start:b.stop][self._keep(b)].sum() for b in self.blocks))
+            return sum(len(self._selected(b)[0]) for b in blocks)
+        return int(sum(self.data.valid[b.synthetic, b.shard][b.start:b.stop][self._keep(b)].sum() for b in blocks))
 
     def _keep(self, block: Block) -> np.ndarray:
         """(rows,) bool: the block's records in this split. Synthetic records are never held out."""

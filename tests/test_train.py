@@ -306,7 +306,7 @@ def test_two_data_parallel_workers_take_the_steps_one_worker_takes_on_both_share
     the steps one worker takes with both workers' shares as its batch; a resume on one worker goes on from where
     both had reached, and says so."""
     from pipeline.train import Trainer, Workers, make_state
-    from sdit.loader import Batch, DrawStream, LabelledStore, Position
+    from sdit.loader import Batch, DrawStream, LabelledStore, Position, Split
 
     env = child_env()
     subprocess.run(cli_command("init", "--teacher", tiny_teacher, "--student", "SDiT-Nano/2", "--out",
@@ -315,21 +315,25 @@ def test_two_data_parallel_workers_take_the_steps_one_worker_takes_on_both_share
                "--buffer-records", "4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, "-m", "cli", "train", str(labelled_store), "--out", str(tmp_path / "two"),
-                           *options, "--steps", "6", "--checkpoint-every", "3", "--grad-accum", "2"], env=env,
-                          capture_output=True, text=True)
+                           *options, "--steps", "6", "--checkpoint-every", "3", "--grad-accum", "2", "--holdout", "0.3",
+                           "--eval-every", "3"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
     config = TrainConfig(store=str(labelled_store), out=str(tmp_path / "one"), init=str(tmp_path / "init"),
-                         batch_size=8, lr=1e-3, warmup=2, buffer_records=4, steps=6)
-    data, cpu = LabelledStore(str(labelled_store)), torch.device("cpu")
+                         batch_size=8, lr=1e-3, warmup=2, buffer_records=4, steps=6, holdout=0.3)
+    data, cpu, split = LabelledStore(str(labelled_store)), torch.device("cpu"), Split(0.3, 0)
     trainer = Trainer(config, make_state(load_student(tmp_path / "init"), config, cpu, Workers()), cpu,
                       schedule=data.schedule, guided=False)
-    shares = [DrawStream(data, 8, buffer_records=4, rank=r, world=2).batches(Position()) for r in (0, 1)]
+    shares = [DrawStream(data, 8, split=split, buffer_records=4, rank=r, world=2).batches(Position()) for r in (0, 1)]
     one = [trainer.step(Batch.cat([next(s) for s in shares], Position())) for _ in range(6)]
     two = _losses(tmp_path / "two")
     assert [r[0] for r in two] == list(range(1, 7))
     np.testing.assert_allclose(np.array(two, dtype=float)[:, 1:],
                                [[m["loss"], m["task_loss"], m["kd_loss"], m["grad_norm"]] for m in one], rtol=1e-4)
+    # --eval-every: each worker measures its share of the held-out draws, summed over both
+    held_out = DrawStream(data, 8, split=split, train=False).total
+    evals = [m for m in read_metrics(tmp_path / "two" / "metrics.jsonl") if "eval_draws" in m]
+    assert [(m["step"], m["eval_draws"]) for m in evals] == [(3, held_out), (6, held_out)]
 
     resumed = subprocess.run(cli_command("train", labelled_store, "--out", tmp_path / "two", *options, "--steps", "8",
                                          "--resume"), env=env, capture_output=True, text=True)
