@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import posixpath
 import re
 import tarfile
 import zlib
@@ -24,10 +25,13 @@ from glob import glob
 from pathlib import Path
 from typing import Any, Protocol
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from braceexpand import braceexpand
 
 from sdit.errors import RejectedInput, SDiTError
+from sdit.store import filesystem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # tar preference order
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -53,7 +57,7 @@ class SourceItem:
         if self.path is None:
             raise RejectedInput("missing_image", "no image file for this record")
         try:
-            return Path(self.path).read_bytes()
+            return fsspec.open(self.path, "rb").open().read() if remote(self.path) else Path(self.path).read_bytes()
         except FileNotFoundError:
             raise RejectedInput("missing_image", f"{self.path} does not exist") from None
         except OSError as e:
@@ -86,8 +90,14 @@ def open_source(
 
     A folder holding metadata.{jsonl,csv,parquet} is an imagefolder; one with top-level .parquet
     or tar files is a Parquet or webdataset source; otherwise it is a folder of images with .txt
-    captions. A file or a glob is Parquet or tar by its suffix.
+    captions. A file or a glob is Parquet or tar by its suffix. A brace list ('shards/{00000..00099}.tar', as
+    webdataset writes them) names several files or globs; a URL (s3://, gs://, ...: fsspec, with its filesystem
+    package installed, e.g. `pip install 'sdit[s3]'`) names Parquet or tar files on object storage.
     """
+    listed = list(braceexpand(location)) if "{" in location and not os.path.exists(location) else [location]
+    if len(listed) > 1 or remote(location):
+        files = [f for item in listed for f in _listed_files(item)]
+        return _open_files(location, files, image_column, caption_column, id_column, caption_key)
     if re.search(r"[*?\[]", location) and not os.path.exists(location):  # "photos [2019]" is a folder
         files = sorted(f for f in glob(location, recursive=True) if os.path.isfile(f))
         if not files:
@@ -116,6 +126,42 @@ def open_source(
     return FolderSource(location, path)
 
 
+def remote(location: str) -> bool:
+    """A URL of a filesystem other than the local one (s3://, gs://, memory://, ...)."""
+    return "://" in location and not location.startswith("file://")
+
+
+def _listed_files(item: str) -> list[str]:
+    """The Parquet or tar files one item of a list (or a URL) names: the file itself, a glob's matches, or the
+    Parquet and tar files at the top of a folder."""
+    if not remote(item):
+        files = sorted(f for f in glob(item, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise SDiTError(f"{item} does not exist" if not re.search(r"[*?\[]", item) else f"no files match {item!r}")
+        return files
+    fs, path = filesystem(item)
+    protocol = item.split("://", 1)[0]
+    if re.search(r"[*?\[]", path):
+        files = sorted(fs.glob(path))
+    elif fs.isfile(path):
+        files = [path]
+    elif fs.isdir(path):
+        files = sorted(f for f in fs.ls(path, detail=False) if _kind(f) != "unknown")
+        if not files:
+            raise SDiTError(f"{item} holds no .parquet or .tar files: on object storage SDiT reads Parquet or "
+                            "webdataset tar shards (a folder of images: pack it with img2dataset first)")
+    else:
+        raise SDiTError(f"{item} does not exist (or these credentials cannot see it)")
+    if not files:
+        raise SDiTError(f"no files match {item!r}")
+    return [f"{protocol}://{f}" for f in files]
+
+
+def _open_binary(file: str):
+    """A file to read: a local path as it is, a URL opened through fsspec."""
+    return fsspec.open(file, "rb") if remote(file) else open(file, "rb")
+
+
 def _kind(name: str) -> str:
     lower = name.lower()
     if lower.endswith(".parquet"):
@@ -133,7 +179,7 @@ def _open_files(
 ) -> Source:
     kinds = {_kind(f) for f in files}
     if kinds == {"parquet"}:
-        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        base = posixpath.commonpath([posixpath.dirname(_absolute(f)) for f in files])
         for f in files:
             _check_parquet(f, image_column, caption_column, id_column)
         return ParquetSource(location, tuple(files), base, image_column, caption_column, id_column)
@@ -143,6 +189,11 @@ def _open_files(
         f"cannot tell the format of {location} ({', '.join(sorted({Path(f).suffix or f for f in files}))}); "
         "pass a folder of images, .parquet files, or .tar/.tar.gz shards"
     )
+
+
+def _absolute(file: str) -> str:
+    """A local path made absolute; a URL without its protocol."""
+    return file.split("://", 1)[1] if remote(file) else os.path.abspath(file)
 
 
 class _Stream:
@@ -294,32 +345,39 @@ class ParquetSource(_Stream):
     format: str = field(default="parquet", init=False)
 
     def num_items(self) -> int:
-        return sum(pq.ParquetFile(file).metadata.num_rows for file in self.files)  # footers only
+        total = 0
+        for file in self.files:  # footers only
+            with _open_binary(file) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
 
     def iter_from(self, start: int) -> Iterator[SourceItem]:
         columns = [self.image_column, self.caption_column] + ([self.id_column] if self.id_column else [])
         offset = 0  # position of the file's first row
         for file in self.files:
-            parquet = pq.ParquetFile(file)
-            rows = parquet.metadata.num_rows
-            if offset + rows > start:  # whole files before `start` cost one footer read
-                for row, record in _parquet_rows(parquet, columns, max(0, start - offset)):
-                    yield self._item(offset + row, file, row, record)
+            with _open_binary(file) as f:
+                parquet = pq.ParquetFile(f)
+                rows = parquet.metadata.num_rows
+                if offset + rows > start:  # whole files before `start` cost one footer read
+                    for row, record in _parquet_rows(parquet, columns, max(0, start - offset)):
+                        yield self._item(offset + row, file, row, record)
             offset += rows
 
     def _item(self, position: int, file: str, row: int, record: dict[str, Any]) -> SourceItem:
         image = record[self.image_column]
         data, path = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
         if data is None and path:  # an image stored by reference: relative to the parquet file
-            path = os.path.join(os.path.dirname(os.path.abspath(file)), path)
+            folder = posixpath.dirname(file) if remote(file) else os.path.dirname(os.path.abspath(file))
+            path = posixpath.join(folder, path) if remote(file) else os.path.join(folder, path)
         raw_id = record.get(self.id_column) if self.id_column else None
-        id_ = str(raw_id) if raw_id is not None else f"{os.path.relpath(os.path.abspath(file), self.base)}:{row}"
+        id_ = str(raw_id) if raw_id is not None else f"{posixpath.relpath(_absolute(file), self.base)}:{row}"
         return SourceItem(position, id_, _clean_caption(record[self.caption_column]), data=data, path=path)
 
 
 def _check_parquet(file: str, image_column: str, caption_column: str, id_column: str | None) -> None:
     try:
-        schema = pq.ParquetFile(file).schema_arrow
+        with _open_binary(file) as f:
+            schema = pq.ParquetFile(f).schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise SDiTError(f"{file} is not a readable Parquet file ({e}); remove or replace it") from None
     options = {image_column: "--image-column", caption_column: "--caption-column", id_column: "--id-column"}
@@ -410,7 +468,7 @@ def _tar_records(shard: str, read_from: int) -> Iterator[tuple[str, dict[str, by
     files: dict[str, bytes] = {}
     count = 0
     try:
-        with tarfile.open(shard, "r|*", tarinfo=_StrictTarInfo) as tar:
+        with _open_binary(shard) as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 tar.members = []  # TarFile keeps every header it has read; a stream needs none of them
                 match = _TAR_MEMBER.match(member.name.removeprefix("./"))

@@ -179,6 +179,15 @@ def from_versioned(cls, data: dict, version: int, what: str):
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for a local path or URL; a URL whose filesystem package is not installed
+    (s3fs for s3://, gcsfs for gs://) is refused in one line."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        raise SDiTError(f"{url}: {err} (`pip install 'sdit[s3]'` for s3://, 'sdit[gcs]' for gs://)") from None
+
+
 def shard_name(index: int) -> str:
     return f"{index:05d}"
 
@@ -188,7 +197,7 @@ class Store:
 
     def __init__(self, url: str):
         self.url = str(url).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = filesystem(self.url)
         self._reads = [0]  # bytes read through Zarr, shared with the reader below
         self._reader: "Reader | None" = None
 

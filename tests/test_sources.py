@@ -333,3 +333,33 @@ def test_num_items_where_cheap(tmp_path):
         info.size = 1
         tar.addfile(info, io.BytesIO(b"c"))
     assert open_source(str(tmp_path / "s.tar")).num_items() is None
+
+
+def test_parquet_and_tar_on_a_url_and_brace_lists_read_as_local_files(tmp_path):
+    """Object storage through fsspec (memory:// here; s3:// in test_object_storage.py): the same items as the
+    local files, by folder, glob, brace list or file; a folder of images there is refused in one line."""
+    import fsspec
+
+    formats = make_each_format(tmp_path)
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "pq"), "/data/pq", recursive=True)
+    fs.put(str(tmp_path / "tar"), "/data/tar", recursive=True)
+    fs.put(str(tmp_path / "folder"), "/data/folder", recursive=True)
+    try:
+        local = {kind: [outcome(i) for i in open_source(str(formats[kind]))] for kind in ("parquet", "webdataset")}
+        for kind, url in (("parquet", "memory://data/pq"), ("parquet", "memory://data/pq/*.parquet"),
+                          ("parquet", "memory://data/pq/{a,b}.parquet"), ("webdataset", "memory://data/tar"),
+                          ("webdataset", "memory://data/tar/{a.tar,b.tar.gz}")):
+            source = open_source(url)
+            assert source.format == kind and [outcome(i) for i in source] == local[kind], url
+            assert [outcome(i) for i in source.iter_from(3)] == local[kind][3:], url
+        ids = [i.id for i in open_source("memory://data/pq")]
+        assert ids == [i.id for i in open_source(str(formats["parquet"]))]  # "a.parquet:0", ...
+        braces = open_source(str(tmp_path / "tar" / "{a.tar,b.tar.gz}"))
+        assert [outcome(i) for i in braces] == local["webdataset"]
+        with pytest.raises(SDiTError, match="Parquet or webdataset tar shards"):
+            open_source("memory://data/folder")
+        with pytest.raises(SDiTError, match="does not exist"):
+            open_source("memory://data/nothing")
+    finally:
+        fs.rm("/data", recursive=True)

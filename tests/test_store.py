@@ -212,3 +212,8 @@ def test_a_row_of_text_reads_about_its_own_bytes_and_reads_are_counted(tmp_path,
     assert pickle.loads(pickle.dumps(store)).bytes_read == store.bytes_read  # Ray ships stores to its workers
     if url != "local":
         store.remove()
+
+
+def test_a_url_whose_filesystem_is_not_installed_is_refused_in_one_line():
+    with pytest.raises(SDiTError, match=r"gs://bucket/store: .*gcsfs.*sdit\[gcs\]"):
+        Store("gs://bucket/store")
