@@ -7,6 +7,7 @@ command runs, and each stage module imports its config from here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from sdit.config import (
@@ -22,6 +23,15 @@ from sdit.config import (
 from sdit.errors import SDiTError
 from sdit.fid_protocols import DEFAULT_PROTOCOL
 from sdit.presets import PRESETS
+
+
+def check_cluster_path(ray_address: str | None, path: str, what: str) -> None:
+    """Joining a Ray cluster, workers write the store wherever they run: a relative path there is not the driver's
+    folder, so it is refused in one line before any work (a URL, or an absolute path every machine mounts)."""
+    if ray_address and ray_address != "local" and "://" not in path and not os.path.isabs(path):
+        raise SDiTError(f"{what} {path} is a relative path, which each machine of the Ray cluster at {ray_address} "
+                        "would read from its own working folder: give an absolute path every machine mounts, or an "
+                        "object-storage URL (s3://...)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class EncodeConfig:
     threads: int | None = None
 
     def check(self) -> None:
+        check_cluster_path(self.ray_address, self.out, "--out")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise SDiTError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         for name in ("batch_size", "shard_size"):
@@ -95,6 +106,7 @@ class LabelConfig:
     synthesis: SynthesisConfig | None = None  # also make and label the teacher's samples for the prompt bank
 
     def check(self) -> None:
+        check_cluster_path(self.ray_address, self.store, "STORE")
         if self.draws < 1 or self.batch_size < 1:
             raise SDiTError("--draws and --batch-size must be at least 1")
         if self.timesteps not in TIMESTEP_SAMPLING:

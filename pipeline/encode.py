@@ -19,7 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import sdit
 from pipeline.config import EncodeConfig
-from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from pipeline.executors import LocalExecutor, RayExecutor, ray_session, worker_device
 from sdit.config import vae_scale_factor
 from sdit.decode import load_image
 from sdit.devices import setup_worker
@@ -172,7 +172,9 @@ def encode(config: EncodeConfig, progress: Progress = no_progress,
     source = open_source(config.source, image_column=config.image_column, caption_column=config.caption_column,
                          id_column=config.id_column, caption_key=config.caption_key)
     prompts = open_prompts(config.prompts, config.prompt_column) if config.prompts else None
-    encoder = EncoderFactory(config)()  # the driver's copy: identity, shapes, the null embedding; the local worker
+    # The driver's copy: identity, shapes, the null embedding; the local worker. On Ray the workers' devices come
+    # from the cluster, and the driver (perhaps a CPU-only head) encodes on its CPU.
+    encoder = EncoderFactory(dataclasses.replace(config, device="cpu") if config.ray_address else config)()
     config = encoder.config = config.with_resolution(encoder.teacher.vae.config.sample_size)
     factory = EncoderFactory(config)
     with store.writer("encode"):
@@ -185,8 +187,9 @@ def encode(config: EncodeConfig, progress: Progress = no_progress,
         tasks = _pending(plan(config, source, prompts), done, planned, progress)
         if config.ray_address:
             with ray_session(config.ray_address, config.out):
-                _run(RayExecutor(factory, num_workers=config.num_workers,
-                                 gpus_per_worker=1.0 if encoder.device.type == "cuda" else 0.0), tasks, config,
+                device, gpus = worker_device(config.device)
+                factory = EncoderFactory(dataclasses.replace(config, device=device))
+                _run(RayExecutor(factory, num_workers=config.num_workers, gpus_per_worker=gpus), tasks, config,
                      progress)
         else:
             encoder.store = store

@@ -91,6 +91,21 @@ class RayExecutor:
             yield result
 
 
+def worker_device(device: str) -> tuple[str, float]:
+    """The device every Ray worker uses and the GPUs it asks for, from the cluster's resources (a CPU-only driver,
+    where `ray job submit` runs, says nothing of the workers): `auto` is one GPU a worker when the cluster has GPUs,
+    else the CPU, so that a worker without a GPU of its own never touches one; `cuda` on a cluster without GPUs is
+    refused in one line."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device.startswith("cuda") and not gpus:
+        raise SDiTError(f"--device {device}: the Ray cluster has no GPUs; pass --device cpu or add GPU machines")
+    return device, 1.0 if device.startswith("cuda") else 0.0
+
+
 def ray_temp_dir(run_dir: str | Path) -> str:
     """Ray's session files go under the run's own folder, unless that path is too long for its sockets."""
     preferred = Path(run_dir).resolve() / ".ray"

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from pipeline.config import LabelConfig
-from pipeline.executors import LocalExecutor, RayExecutor, ray_session
+from pipeline.executors import LocalExecutor, RayExecutor, ray_session, worker_device
 from sdit.config import DRAWN_KINDS
-from sdit.devices import resolve_device, setup_worker
+from sdit.devices import setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_index, write_labels
@@ -227,9 +227,9 @@ def _executor(config: LabelConfig, teacher: Teacher):
     """Workers that each hold the teacher's UNet: Ray actors, or the driver's teacher as the one worker."""
     if config.ray_address:
         with ray_session(config.ray_address, config.store):
-            gpu = resolve_device(config.device).type == "cuda"
-            yield RayExecutor(LabelerFactory(config), num_workers=config.num_workers,
-                              gpus_per_worker=1.0 if gpu else 0.0)
+            device, gpus = worker_device(config.device)
+            yield RayExecutor(LabelerFactory(dataclasses.replace(config, device=device)),
+                              num_workers=config.num_workers, gpus_per_worker=gpus)
         return
     device, dtype = setup_worker(config.device, config.dtype, config.threads)
     teacher.unet.to(device=device, dtype=dtype)

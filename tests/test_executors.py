@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.executors import LocalExecutor, RayExecutor, ray_session, ray_temp_dir
+from pipeline.executors import LocalExecutor, RayExecutor, ray_session, ray_temp_dir, worker_device
+from sdit.errors import SDiTError
 
 
 class Square:
@@ -47,3 +48,24 @@ def test_ray_executor_runs_every_task_with_bounded_inflight(tmp_path):
     import ray
 
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("device, resources, expected", [
+    ("auto", {"CPU": 64, "GPU": 8}, ("cuda", 1.0)),  # a CPU-only driver, GPU workers: GPUs used
+    ("auto", {"CPU": 64}, ("cpu", 0.0)),  # no GPUs in the cluster: workers never touch one
+    ("cpu", {"CPU": 64, "GPU": 8}, ("cpu", 0.0)),
+    ("cuda", {"CPU": 64, "GPU": 8}, ("cuda", 1.0)),
+])
+def test_workers_devices_come_from_the_clusters_resources(monkeypatch, device, resources, expected):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert worker_device(device) == expected
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64})
+    with pytest.raises(SDiTError, match="the Ray cluster has no GPUs"):
+        worker_device("cuda")

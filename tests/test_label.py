@@ -1,5 +1,6 @@
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -262,6 +263,38 @@ def _same_as_whole(store, name: str) -> None:
     whole, other = _labels(store, "whole"), _labels(store, name)
     assert whole.keys() == other.keys() and all(np.array_equal(whole[k], other[k]) for k in whole), name
     assert _manifest(store, name) | {"name": "whole"} == _manifest(store, "whole")
+
+
+@pytest.mark.slow
+def test_a_cluster_joined_at_ray_address_writes_the_same_labels(store, tiny_teacher, tmp_path):
+    """`--ray-address ray://host:port` (Ray Client, from the declared extras) joins a head started apart, as on a
+    cluster; a relative store is refused in one line before any work."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    env = child_env() | {"RAY_AUTH_MODE": "disabled"}
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    subprocess.run(["ray", "start", "--head", "--port", str(ports[0]), "--ray-client-server-port", str(ports[1]),
+                    "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard", "false"], check=True, env=env,
+                   capture_output=True)
+    try:
+        address = f"ray://127.0.0.1:{ports[1]}"
+        args = ["teacher-label", "--teacher", tiny_teacher, "--draws", "2", "--ray-address", address]
+        refused = subprocess.run(cli_command(*args[:1], "store", *args[1:]), env=env, capture_output=True, text=True,
+                                 cwd=tmp_path)
+        assert refused.returncode == 2 and "relative path" in refused.stderr and len(refused.stderr.splitlines()) == 1
+        done = subprocess.run(cli_command(*args[:1], store, *args[1:], "--labels", "client", "--num-workers", "2"),
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+    subprocess.run(cli_command("teacher-label", store, *args[1:5], "--labels", "here"), check=True, env=env,
+                   capture_output=True)
+    here, client = _labels(store, "here"), _labels(store, "client")
+    assert here.keys() == client.keys() and all(np.array_equal(here[k], client[k]) for k in here)
 
 
 @pytest.mark.slow
