@@ -11,6 +11,7 @@ saw (invariant 1).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
@@ -143,6 +144,7 @@ class CaptionBank:
                             for group in ("records", "prompts")}
         self.offsets = {group: self._offsets(counts[group]) for group in ("records", "prompts")}
         self.fetches = self.bytes_read = 0
+        self.lock = threading.Lock()  # a prefetching reader and an evaluation may share the bank
 
     @staticmethod
     def _offsets(counts: dict[int, int]) -> tuple[list[int], list[int]]:
@@ -159,12 +161,13 @@ class CaptionBank:
             raise IndexError(f"{group} caption {index} out of range (0..{starts[-1] - 1})")
         k = int(np.searchsorted(starts, index, side="right")) - 1
         key = (group, shards[k], index - starts[k])
-        if key not in self.cache:
-            self.cache[key] = self._read(*key)
-            if len(self.cache) > self.cache_rows:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(key)
-        return self.cache[key]
+        with self.lock:
+            if key not in self.cache:
+                self.cache[key] = self._read(*key)
+                if len(self.cache) > self.cache_rows:
+                    self.cache.popitem(last=False)
+            self.cache.move_to_end(key)
+            return self.cache[key]
 
     def _read(self, group: str, shard: int, row: int) -> np.ndarray:
         before = self.store.bytes_read

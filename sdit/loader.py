@@ -24,6 +24,8 @@ measures real images the student never saw).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -308,6 +310,39 @@ class DrawStream:
                 if parts:
                     yield Batch.cat(parts, Position(epoch, 0, 0))
                 return
+
+
+def prefetch(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """`batches` read ahead by a background thread, at most `depth` batches ahead, so that reading the store and
+    rebuilding inputs overlap the training step (zarr's reads and numpy's work release the GIL). An error of the
+    reader is raised here, at the batch it stopped; closing this generator stops the thread."""
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ahead.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ahead.put(end)
+        except BaseException as err:  # handed to the consumer, which raises it
+            ahead.put(err)
+
+    thread = threading.Thread(target=read, name="sdit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _at_least(blocks: list[Block], n: int) -> list[Block]:

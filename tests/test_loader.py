@@ -170,3 +170,29 @@ def test_labels_of_another_manifest_version_are_refused_in_one_line(labelled_sto
         LabelledStore(str(store))
     message = str(err.value)
     assert "\n" not in message and "labels manifest version 2, this SDiT reads version 1" in message
+
+
+def test_prefetch_reads_ahead_in_order_raises_the_readers_error_and_stops_when_closed(data):
+    import threading
+    import time
+
+    from sdit.loader import prefetch
+
+    stream = DrawStream(data, 4, seed=5)
+    expected = [_ids(b) for b in _take(stream, 6)]
+    ahead = prefetch(stream.batches(Position()))
+    assert [_ids(next(ahead)) for _ in range(6)] == expected
+    ahead.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "sdit-prefetch" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the reading thread outlived its generator"
+        time.sleep(0.01)
+
+    def failing():
+        yield from _take(stream, 2)
+        raise SDiTError("a chunk fails its checksum")
+
+    ahead = prefetch(failing())
+    next(ahead), next(ahead)
+    with pytest.raises(SDiTError, match="checksum"):
+        next(ahead)

@@ -52,6 +52,9 @@ class BenchTrainConfig:
     warmup: int = 3  # untimed steps first, on in-memory batches: the store is read cold in the timed steps
     device: str = "auto"
     startup_shards: int = 1000  # the draw stream's start-up is timed on a random store of this many shards (0: not)
+    # where the loader's supply is measured, on a random store at SD 1.5's size: "local" (a temporary folder) or a
+    # URL (s3://bucket/prefix: object storage); none: not measured
+    supply_at: tuple[str, ...] = ("local",)
 
 
 @dataclass(frozen=True)

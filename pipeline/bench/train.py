@@ -2,7 +2,8 @@
 
 Three ways to run the same training steps on the same batches, alternated, best of `repeats` each:
 
-    store     the real thing: read blocks, shuffle, rebuild inputs (sdit.loader), then the student's step
+    store     the real thing: read blocks, shuffle, rebuild inputs (sdit.loader, read ahead by a thread as
+              `sdit train` does), then the student's step
     memory    the same batches built beforehand: the student's step alone; store / memory is the loader's cost
     online    the store's batches, plus the teacher UNet's forward on each to make ε_T: online distillation,
               what the two-stage design saves
@@ -26,7 +27,7 @@ from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
 from sdit.flops import TRAIN_STEP_FORWARDS, flops_table
-from sdit.loader import DrawStream, LabelledStore, Position
+from sdit.loader import DrawStream, LabelledStore, Position, prefetch
 from sdit.presets import DEFAULT_PRESETS
 from sdit.run import load_student
 
@@ -70,17 +71,20 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         rates = {"store": [], "memory": [], "online": []}
         read = {"all": data.store.bytes_read, "captions": data.bank.bytes_read, "caption_reads": data.bank.fetches}
         for _ in range(repeats):  # each timed run starts a fresh stream: its reads are in the timed steps
-            rates["store"].append(_steps_per_s(trainer, memory, stream.batches(Position()), config, device))
+            rates["store"].append(_steps_per_s(trainer, memory, prefetch(stream.batches(Position())), config,
+                                               device))
             if len(rates["store"]) == 1:  # what one pass of `steps` steps read
                 draws = config.steps * config.batch_size
                 read = {"read_bytes_per_draw": (data.store.bytes_read - read["all"]) / draws,
                         "caption_bytes_per_draw": (data.bank.bytes_read - read["captions"]) / draws,
                         "caption_reads_per_draw": (data.bank.fetches - read["caption_reads"]) / draws}
             rates["memory"].append(_steps_per_s(trainer, memory, iter(memory), config, device))
-            rates["online"].append(_steps_per_s(trainer, memory, map(online, stream.batches(Position())), config,
-                                                device))
+            rates["online"].append(_steps_per_s(trainer, memory, map(online, prefetch(stream.batches(Position()))),
+                                                config, device))
         crc = checksum_seconds(store, ["records", data.labels.group])
         startup = stream_startup(tmp / "startup", config.startup_shards) if config.startup_shards else {}
+        supply = {where: loader_supply(str(tmp / "supply") if where == "local" else where)
+                  for where in config.supply_at}
     flops = flops_table(DEFAULT_PRESETS, sample_size=64)
     store_rate, memory_rate, online_rate = (max(rates[k]) for k in ("store", "memory", "online"))
     return {
@@ -94,9 +98,41 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
         "online_step_flops": {p: TRAIN_STEP_FORWARDS * f + flops["sd15_unet"] for p, f in flops.items()
                               if p != "sd15_unet"},
         "store_records": records, "window_records": config.buffer_records, **read, **startup,
+        "supply": supply, "need": step_need(flops["SDiT-B/2"], supply),
         "label_bytes_per_draw": data.labels.counts["bytes_per_draw"],
         "device": str(device), "config": asdict(config),
     }
+
+
+SD15_SHAPES = {"latent_shape": (4, 64, 64), "text_shape": (77, 768)}  # 512 px
+H100_BF16_TFLOPS = 989.0  # dense, SXM (pipeline/bench/sd15_throughput.py)
+UTILISATION = 0.4  # of the bf16 peak a well-fed training step reaches
+
+
+def loader_supply(url: str, shards: int = 8, records: int = 64, draws: int = 4, batch_size: int = 64) -> dict:
+    """What one worker's loader delivers, reading a random labelled store at SD 1.5's size (64x64x4 latents,
+    77x768 text; half the draws swap or mix captions) at `url`: draws/s, records/s and MB/s over an epoch,
+    inputs rebuilt as training takes them, no training step."""
+    from pipeline.bench import random_labelled_store
+
+    random_labelled_store(url, shards, records, draws, **SD15_SHAPES)
+    data = LabelledStore(url)
+    batches = DrawStream(data, batch_size, buffer_records=256).batches(Position())
+    steps = shards * records * draws // batch_size
+    _, seconds = timed(lambda: [next(batches) for _ in range(steps)], torch.device("cpu"))
+    draws_per_s = steps * batch_size / seconds
+    return {"draws_per_s": draws_per_s, "records_per_s": draws_per_s / draws,
+            "mb_per_s": data.store.bytes_read / seconds / 1e6,
+            "bytes_per_draw": data.store.bytes_read / (steps * batch_size), "draws": draws}
+
+
+def step_need(forward_flops: float, supply: dict) -> dict:
+    """What one GPU's training step of SDiT-B/2 at 512 px takes in on an H100 at `UTILISATION` of its bf16 peak:
+    draws/s (3 forwards' FLOPs a draw), and MB/s at the bytes per draw the loader read."""
+    draws_per_s = UTILISATION * H100_BF16_TFLOPS * 1e12 / (TRAIN_STEP_FORWARDS * forward_flops)
+    per_draw = next(iter(supply.values()), {}).get("bytes_per_draw")
+    return {"draws_per_s": draws_per_s, "mb_per_s": per_draw and draws_per_s * per_draw / 1e6,
+            "gpu": "H100 SXM", "peak_tflops": H100_BF16_TFLOPS, "utilisation": UTILISATION}
 
 
 def stream_startup(folder: Path, shards: int, records: int = 4, repeats: int = 3) -> dict:
@@ -139,6 +175,9 @@ def format_train_table(result: dict) -> str:
         f"{'  of it, swapped captions':<44}{result['caption_bytes_per_draw']:>10.0f}"
         f"  ({result['caption_reads_per_draw']:.2f} reads a draw)",
         f"{'  the labels of a draw':<44}{result['label_bytes_per_draw']:>10.0f}",
+        *[f"{'loader supply per worker, ' + where:<44}{r['draws_per_s']:>10.0f} draws/s  {r['mb_per_s']:.0f} MB/s"
+          for where, r in result["supply"].items()],
+        f"{'need: SDiT-B/2 at 512 px, one H100 at 40%':<44}{result['need']['draws_per_s']:>10.0f} draws/s",
         *([f"{'draw stream start-up, ' + format(result['startup_shards'], ',') + ' shards':<44}"
            f"{result['stream_startup_s']:>10.2f} s  ({result['stream_startup_unindexed_s']:.2f} s without the index)"]
           if "stream_startup_s" in result else []),
