@@ -516,6 +516,7 @@ def bench_train(
     buffer_records: Annotated[int, typer.Option(min=64, help="The loader's shuffle window; the store must hold 4x as many records.")] = BenchTrainConfig.buffer_records,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement.")] = BenchTrainConfig.steps,
     startup_shards: Annotated[int, typer.Option(min=0, help="Time the draw stream's start-up on a random labelled store of this many shards (0: not).")] = BenchTrainConfig.startup_shards,
+    supply_at: Annotated[Optional[list[str]], typer.Option(help="Where to measure the loader's supply on an SD 1.5-sized random store (repeatable): local, or a URL such as s3://bucket/prefix (default: local).")] = None,
     device: Device = BenchTrainConfig.device,
     json_out: JsonOut = None,
 ):
@@ -526,7 +527,8 @@ def bench_train(
 
     result = run(BenchTrainConfig(store=store, teacher=teacher, teacher_config=teacher_config, student=student,
                                   images=images, batch_size=batch_size, buffer_records=buffer_records, steps=steps,
-                                  startup_shards=startup_shards, device=device))
+                                  startup_shards=startup_shards, device=device,
+                                  supply_at=tuple(supply_at) if supply_at else BenchTrainConfig.supply_at))
     _report(format_train_table(result), result, json_out)
 
 

@@ -311,6 +311,18 @@ def train_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     ])
 
 
+def supply_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """The loader's supply per worker (bench train, SD 1.5-sized store) beside what a training step takes in."""
+    (_, r), = files
+    rows = [[f"loader, one worker, store {'on local disk' if where == 'local' else 'at ' + where}",
+             f"{x['draws_per_s']:,.0f}", f"{x['records_per_s']:,.0f}", f"{x['mb_per_s']:,.0f}"]
+            for where, x in r["supply"].items()]
+    need, draws = r["need"], next(iter(r["supply"].values()))["draws"]
+    rows.append([f"need: one SDiT-B/2 step at 512 px on an {need['gpu']} at {need['utilisation']:.0%} of bf16 peak",
+                 f"{need['draws_per_s']:,.0f}", f"{need['draws_per_s'] / draws:,.0f}", num(need["mb_per_s"], ",.0f")])
+    return table(["", "draws/s", "records/s", "MB/s"], rows)
+
+
 def reads_rows(r: dict) -> list[list[str]]:
     """Bytes read per draw, and what caption swaps and mixes read of them (bench label and bench train)."""
     if "read_bytes_per_draw" not in r:
@@ -456,7 +468,8 @@ def startup_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
 VIEWS = {
     "distill": distill_view, "concepts": concepts_view, "substitution": substitution_view,
     "evaluator": evaluator_view, "toy-eval": toy_eval_view,
-    "encode": encode_view, "label": label_view, "train": train_view, "flops": flops_view, "sample": sample_view,
+    "encode": encode_view, "label": label_view, "train": train_view, "supply": supply_view, "flops": flops_view,
+    "sample": sample_view,
     "sd15-stages": sd15_stages_view, "sd15-speed": sd15_speed_view, "sd15-precision": sd15_precision_view,
     "sd15-throughput": sd15_throughput_view,
     "memory": memory_view, "gpu-batches": gpu_batches_view, "startup": startup_view,
