@@ -170,6 +170,8 @@ class Trainer:
             metrics = self.step(batch)
             now = time.perf_counter()
             metrics["samples_per_s"] = c.batch_size / (now - last)
+            if self.data is not None:  # this worker's reads of the store so far (with those read ahead)
+                metrics["read_mb"] = self.data.store.bytes_read / 1e6
             if c.eval_every and s.step % c.eval_every == 0:
                 metrics |= self.held_out(s.ema)
                 metrics |= monitor.clip_score(s.ema) if monitor else {}

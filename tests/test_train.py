@@ -55,7 +55,7 @@ def test_a_run_trains_from_the_store_alone(labelled_store, tiny_teacher, tmp_pat
     assert summary["steps"] == 6
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 7))
-    assert set(metrics[0]) == {"step", "loss", "task_loss", "kd_loss", "lr", "grad_norm", "samples_per_s"}
+    assert set(metrics[0]) == {"step", "loss", "task_loss", "kd_loss", "lr", "grad_norm", "samples_per_s", "read_mb"}
     # 2 warm-up steps, then a linear decay over the other 4 (each step logs the rate it took)
     assert [m["lr"] for m in metrics] == pytest.approx([5e-4, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
@@ -340,6 +340,33 @@ def test_two_data_parallel_workers_take_the_steps_one_worker_takes_on_both_share
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "saved by 2 workers, resumed by 1" in resumed.stdout + resumed.stderr
     assert [r[0] for r in _losses(tmp_path / "two")] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_each_of_four_workers_reads_a_quarter_of_the_store(tiny_teacher, tmp_path):
+    """Over two epochs of 16 shards (a block each), rank 0 of four gloo workers reads at most 0.3 of the bytes one
+    worker reads (each reads ahead two batches more, a block at most)."""
+    from pipeline.bench import generate_images
+    from pipeline.encode import EncodeConfig, encode
+    from pipeline.label import LabelConfig, label
+    from sdit.perturb import PerturbConfig
+
+    store = tmp_path / "store"
+    encode(EncodeConfig(source=str(generate_images(tmp_path / "images", 64, 64)), teacher=str(tiny_teacher),
+                        out=str(store), resolution=64, shard_size=4))
+    # no caption swaps: each worker's cache of captions would hold this small store whole (bench train counts the
+    # bytes swaps read)
+    label(LabelConfig(store=str(store), teacher=str(tiny_teacher), draws=2, perturb=PerturbConfig(mix={"none": 1.0})))
+    options = ["--student", "SDiT-Nano/2", "--batch-size", "8", "--steps", "32", "--buffer-records", "4"]
+    env = child_env()
+    subprocess.run(cli_command("train", store, "--out", tmp_path / "one", *options), check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    done = subprocess.run([*torchrun, "-m", "cli", "train", str(store), "--out", str(tmp_path / "four"), *options],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, four = (read_metrics(tmp_path / run / "metrics.jsonl")[-1]["read_mb"] for run in ("one", "four"))
+    assert 0 < four <= 0.3 * one
 
 
 @pytest.mark.slow
