@@ -9,6 +9,7 @@ rerun after a crash plans the same shards, skips the finished ones and redoes th
 """
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class ShardEncoder:
     def __init__(self, config: EncodeConfig, teacher: Teacher, device: torch.device, dtype: torch.dtype):
         self.config, self.teacher, self.device, self.dtype = config, teacher, device, dtype
         self.store = Store(config.out)
+        # Images decode on several threads (Pillow releases the GIL), so that one GPU is fed by more than one core.
+        self.decoders = ThreadPoolExecutor(max_workers=config.threads or os.cpu_count() or 1,
+                                           thread_name_prefix="sdit-decode")
 
     @torch.inference_mode()
     def encode_text(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -122,13 +126,19 @@ class ShardEncoder:
     def _decode(self, items: list[SourceItem]) -> tuple[list[SourceItem], np.ndarray, list[dict]]:
         """Images of one batch as one (N, 3, H, W) array; the ones that fail become rejects."""
         kept, pixels, rejects = [], [], []
-        for item in items:
-            try:
-                pixels.append(load_image(item.read(), self.config.resolution, min_size=self.config.min_short_side))
+        for item, image in zip(items, self.decoders.map(self._load, items)):
+            if isinstance(image, RejectedInput):
+                rejects.append(reject_entry("records", item, image.reason, image.detail))
+            else:
+                pixels.append(image)
                 kept.append(item)
-            except RejectedInput as err:
-                rejects.append(reject_entry("records", item, err.reason, err.detail))
         return kept, np.stack(pixels) if pixels else np.zeros((0,)), rejects
+
+    def _load(self, item: SourceItem) -> np.ndarray | RejectedInput:
+        try:
+            return load_image(item.read(), self.config.resolution, min_size=self.config.min_short_side)
+        except RejectedInput as err:
+            return err
 
     def _prompt_shard(self, task: ShardTask) -> dict:
         text, counts, truncated = self._encode_captions([item.caption for item in task.items])
