@@ -109,7 +109,7 @@ H100_BF16_TFLOPS = 989.0  # dense, SXM (pipeline/bench/sd15_throughput.py)
 UTILISATION = 0.4  # of the bf16 peak a well-fed training step reaches
 
 
-def loader_supply(url: str, shards: int = 8, records: int = 64, draws: int = 4, batch_size: int = 64) -> dict:
+def loader_supply(url: str, shards: int = 4, records: int = 64, draws: int = 4, batch_size: int = 64) -> dict:
     """What one worker's loader delivers, reading a random labelled store at SD 1.5's size (64x64x4 latents,
     77x768 text; half the draws swap or mix captions) at `url`: draws/s, records/s and MB/s over an epoch,
     inputs rebuilt as training takes them, no training step."""

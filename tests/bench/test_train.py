@@ -13,8 +13,9 @@ KEYS = {"store_steps_per_s", "memory_steps_per_s", "loader_ratio", "offline_step
 # Seconds of each timed measurement of 2 steps, in the order bench train takes them: store, memory, online, three
 # times. Best steps/s: store 2 / 0.5 = 4 (first), memory 2 / 0.25 = 8 (third), online 2 / 1.0 = 2 (second).
 SECONDS = [0.5, 0.5, 2.0, 1.0, 1.0, 1.0, 2.0, 0.25, 4.0]
-# Then the draw stream's start-up, three times with the labels' index (best 0.2 s) and three without (best 1.0 s).
-SECONDS += [0.3, 0.2, 0.4, 1.5, 1.0, 2.0]
+# Then the draw stream's start-up, three times with the labels' index (best 0.2 s) and three without (best 1.0 s), and
+# the loader's supply on an SD 1.5-sized store: an epoch of 1,024 draws in 0.5 s.
+SECONDS += [0.3, 0.2, 0.4, 1.5, 1.0, 2.0, 0.5]
 
 
 @pytest.mark.slow
@@ -41,6 +42,12 @@ def test_bench_train_reports_the_loader_the_teacher_and_flops(tiny_teacher, tmp_
     assert figures["stream_startup_s"] == pytest.approx(0.2)
     assert figures["stream_startup_unindexed_s"] == pytest.approx(1.0)
     assert "1.00 s without the index" in result.output
+    supply = figures["supply"]["local"]
+    assert supply["draws_per_s"] == pytest.approx(2048) and supply["records_per_s"] == pytest.approx(512)
+    assert supply["bytes_per_draw"] > 2 * 4 * 64 * 64 * 2  # the noise and ε_T of a draw at 512 px, at least
+    assert supply["mb_per_s"] == pytest.approx(supply["bytes_per_draw"] * 2048 / 1e6)
+    need = figures["need"]  # SDiT-B/2 at 512 px, 3 forwards a draw, on an H100 at 40% of 989 TFLOP/s
+    assert need["draws_per_s"] == pytest.approx(0.4 * 989e12 / (3 * figures["flops"]["SDiT-B/2"]))
     # bytes read: the draws' records and labels, and (a fraction of them) the captions of swaps and mixes
     assert 0 < figures["caption_bytes_per_draw"] < figures["read_bytes_per_draw"]
     assert 0 < figures["caption_reads_per_draw"] < 1 and figures["label_bytes_per_draw"] > 0
