@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from sdit.errors import SDiTError
-from sdit.labels import read_labels
+from sdit.labels import LABELS_INDEX, read_index, read_labels
 from sdit.progress import Progress, no_progress
 from sdit.store import CHUNK_RECORDS, MANIFEST, Damaged, OtherVersion, Store, columns_of, json_problem, shard_name
 from sdit.synthesize import SYNTHETIC, read_synthetic
@@ -76,6 +76,7 @@ def _check_manifests(store: Store, report: Report) -> None:
     readers = [(MANIFEST, store.manifest), ("synthetic/manifest.json", lambda: read_synthetic(store))]
     for name in store.children("labels"):
         readers.append((f"labels/{name}/manifest.json", lambda name=name: read_labels(store, name)))
+        readers.append((f"labels/{name}/{LABELS_INDEX}", lambda name=name: read_index(store, name)))
     for where, read in readers:
         try:
             read()

@@ -22,7 +22,7 @@ import zarr
 from sdit.config import labels_group
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
-from sdit.store import CHECKSUM, Store, from_versioned
+from sdit.store import CHECKSUM, Damaged, Store, from_versioned
 
 LABELS_MANIFEST = "manifest.json"
 LABELS_VERSION = 1
@@ -125,7 +125,12 @@ def read_index(store: Store, name: str) -> dict[str, ShardIndex] | None:
         return None
     with store.parsing(f"{path}/zarr.json"):
         group = zarr.open_group(store.zarr_reader(), path=path, mode="r", zarr_format=3)
-        arrays = {key: array[:] for key, array in group.arrays()}
+        try:
+            arrays = {key: array[:] for key, array in group.arrays()}
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+            raise Damaged(store.url, path, "a chunk fails its checksum") from None
     return {kind: ShardIndex(arrays[f"{kind}_shard"], arrays[f"{kind}_count"], arrays.get(f"{kind}_valid"))
             for kind in ("records", "synthetic", "prompts") if f"{kind}_shard" in arrays}
 

@@ -57,6 +57,16 @@ def test_a_flipped_byte_is_named_by_verify_and_stops_training(store, array, tmp_
     assert message.startswith("error: ") and shard in message and "fails its checksum" in message
 
 
+def test_a_flipped_byte_in_the_labels_index_is_named_by_verify_and_stops_training(store, tmp_path):
+    _flip(_chunk_files(store / "labels/default/index/records_valid")[0], offset=2)
+    report = verify(str(store))
+    assert report.problems == ["labels/default/index: damaged (a chunk fails its checksum)"]
+    result = CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "run"), "--student", "SDiT-Nano/2",
+                                      "--steps", "2", "--batch-size", "4"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "labels/default/index is damaged" in result.output
+
+
 def test_stores_written_before_checksums_are_refused_with_how_to_upgrade(store):
     manifest = store / "manifest.json"
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"schema_version": 1}))
