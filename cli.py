@@ -261,7 +261,9 @@ def teacher_label(
         counts = label(config, progress=bar.update, on_stage=on_stage)
     kinds = ", ".join(f"{k} {v}" for k, v in counts["kinds"].items())
     typer.echo(f"labelled {counts['draws']} draws in {counts['shards']} shards into {store}/labels/{labels} "
-               f"({kinds}; {counts['dropped']} dropped; {counts['bytes_per_draw']:.0f} bytes a draw)")
+               f"({kinds}; {counts['dropped']} dropped; {counts['bytes_per_draw']:.0f} bytes a draw written, "
+               f"{counts['read_bytes_per_draw']:.0f} read, {counts['caption_bytes_per_draw']:.0f} of them for swapped "
+               "captions)")
     if "synthetic" in counts:
         s = counts["synthetic"]
         typer.echo(f"and {s['draws']} draws of {s['records']} synthetic records ({s['samples_dropped']} samples "
