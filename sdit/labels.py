@@ -159,30 +159,49 @@ class CaptionBank:
     def size(self, group: str) -> int:
         return self.offsets[group][1][-1]
 
-    def get(self, source: int, index: int) -> np.ndarray:
+    def _key(self, source: int, index: int) -> tuple[str, int, int]:
+        """(group, shard, row) of caption `index` of `source`."""
         group = "records" if source == CaptionFrom.RECORD else "prompts"
         shards, starts = self.offsets[group]
         if not 0 <= index < starts[-1]:
             raise IndexError(f"{group} caption {index} out of range (0..{starts[-1] - 1})")
         k = int(np.searchsorted(starts, index, side="right")) - 1
-        key = (group, shards[k], index - starts[k])
+        return group, shards[k], index - starts[k]
+
+    def get(self, source: int, index: int) -> np.ndarray:
+        key = self._key(source, index)
         with self.lock:
             if key not in self.cache:
-                self.cache[key] = self._read(*key)
-                if len(self.cache) > self.cache_rows:
-                    self.cache.popitem(last=False)
+                self._read(key[0], key[1], [key[2]])
             self.cache.move_to_end(key)
             return self.cache[key]
 
-    def _read(self, group: str, shard: int, row: int) -> np.ndarray:
+    def fetch(self, captions: list[tuple[int, int]]) -> None:
+        """Read the embeddings of `captions` ((source, index) pairs) not cached yet: one read a shard, not one a
+        row (each read is a call into zarr's event loop)."""
+        wanted: dict[tuple[str, int], set[int]] = {}
+        for source, index in captions:
+            group, shard, row = self._key(source, index)
+            if (group, shard, row) not in self.cache:
+                wanted.setdefault((group, shard), set()).add(row)
+        with self.lock:
+            for (group, shard), rows in wanted.items():
+                self._read(group, shard, sorted(rows))
+
+    def _read(self, group: str, shard: int, rows: list[int]) -> None:
+        """Rows of one shard into the cache (the oldest beyond `cache_rows` leave it)."""
         before = self.store.bytes_read
-        with self.store.checked(group, shard, f"text_emb row {row}"):
+        with self.store.checked(group, shard, f"text_emb rows {rows[0]}..{rows[-1]}"):
             if (group, shard) not in self.arrays:
                 self.arrays[group, shard] = self.store.shard_group(group, shard)["text_emb"]
-            out = self.arrays[group, shard][row]
-        self.fetches += 1
+            values = self.arrays[group, shard].get_orthogonal_selection(np.array(rows))
+        self.fetches += len(rows)
         self.bytes_read += self.store.bytes_read - before
-        return out
+        for row, value in zip(rows, values):
+            self.cache[group, shard, row] = value
+            self.cache.move_to_end((group, shard, row))
+        while len(self.cache) > self.cache_rows:
+            self.cache.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -209,6 +228,10 @@ def teacher_inputs(schedule: NoiseSchedule, latents: np.ndarray, text_emb: np.nd
         noise[is_input] = input_noise(noise[is_input], xi, input_gamma).numpy()
     t = torch.as_tensor(labels["timesteps"][rows, draws], dtype=torch.long)
     x_t = noisy_latents(schedule, latents[rows], noise, t)
+    swapped = np.isin(kinds, (Kind.SWAP, Kind.MIX))
+    sources, indices = labels["caption_from"][rows, draws][swapped], labels["caption_index"][rows, draws][swapped]
+    bank.fetch([(int(s), int(i)) for k, ss, ii in zip(kinds[swapped], sources, indices)
+                for s, i in list(zip(ss, ii))[:2 if k == Kind.MIX else 1]])
     text = torch.stack([
         perturbed_text(int(kind), text_emb[r], *_captions(bank, labels, r, d, int(kind)), float(labels["weight"][r, d]),
                        null)
