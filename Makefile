@@ -59,12 +59,13 @@ bench: install
 # bench train, with the loader's supply measured on local disk and on a local S3-compatible endpoint (moto's server,
 # from the test extras), as a cluster reads a store on object storage.
 S3_PORT ?= 5555
+BENCH_TRAIN_JSON ?= runs/bench-train.json
 S3_ENV := AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1 \
 	AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT)
 bench-train: install
 	$(BIN)/moto_server -p $(S3_PORT) >/dev/null 2>&1 & trap "kill $$!" EXIT; sleep 3; \
 	$(S3_ENV) $(BIN)/python -c "import s3fs; s3fs.S3FileSystem().mkdir('sdit-bench')" && \
-	$(S3_ENV) $(BIN)/sdit bench train --supply-at local --supply-at s3://sdit-bench/supply --json runs/bench-train.json
+	$(S3_ENV) $(BIN)/sdit bench train --supply-at local --supply-at s3://sdit-bench/supply --json $(BENCH_TRAIN_JSON)
 
 # How many records the teacher is worth: bench distill's no_teacher and kd_perturb at 250 to 4,000 records.
 bench-substitution: install

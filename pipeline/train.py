@@ -279,7 +279,8 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
             monitor.open_board(purge_step=state.step + 1)
     started, first = time.perf_counter(), state.step
     try:
-        trainer.fit(prefetch(stream.batches(state.position)), monitor, on_step)
+        batches = stream.batches(state.position)
+        trainer.fit(prefetch(batches) if device.type == "cuda" else batches, monitor, on_step)
         seconds = time.perf_counter() - started
         summary = {"steps": state.step, "seconds": seconds,
                    "steps_per_s": (state.step - first) / seconds if seconds else None,

@@ -314,8 +314,9 @@ class DrawStream:
 
 def prefetch(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
     """`batches` read ahead by a background thread, at most `depth` batches ahead, so that reading the store and
-    rebuilding inputs overlap the training step (zarr's reads and numpy's work release the GIL). An error of the
-    reader is raised here, at the batch it stopped; closing this generator stops the thread."""
+    rebuilding inputs overlap a training step on a GPU (zarr's reads and numpy's work release the GIL). Not for a
+    step on the CPU, whose threads already take every core: a reader beside them slows the step more than it saves.
+    An error of the reader is raised here, at the batch it stopped; closing this generator stops the thread."""
     ahead: queue.Queue = queue.Queue(maxsize=depth)
     stop, end = threading.Event(), object()
 

@@ -93,6 +93,8 @@ def random_labelled_store(url: str, shards: int, records: int, draws: int = 2, l
 
 
 def write_json(result: dict, path: str | Path) -> None:
+    """`--json PATH`: the figures, atomically, into PATH (its folder made when missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     replace_text(path, json.dumps(result, indent=2) + "\n")
 
 

@@ -2,8 +2,8 @@
 
 Three ways to run the same training steps on the same batches, alternated, best of `repeats` each:
 
-    store     the real thing: read blocks, shuffle, rebuild inputs (sdit.loader, read ahead by a thread as
-              `sdit train` does), then the student's step
+    store     the real thing: read blocks, shuffle, rebuild inputs (sdit.loader; read ahead by a thread on a
+              GPU, as `sdit train` does), then the student's step
     memory    the same batches built beforehand: the student's step alone; store / memory is the loader's cost
     online    the store's batches, plus the teacher UNet's forward on each to make ε_T: online distillation,
               what the two-stage design saves
@@ -68,18 +68,18 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
                                          encoder_hidden_states=batch.text.to(device).float()).sample.cpu()
             return batch
 
+        ahead = prefetch if device.type == "cuda" else iter  # as `sdit train` reads: ahead on a GPU only
         rates = {"store": [], "memory": [], "online": []}
         read = {"all": data.store.bytes_read, "captions": data.bank.bytes_read, "caption_reads": data.bank.fetches}
         for _ in range(repeats):  # each timed run starts a fresh stream: its reads are in the timed steps
-            rates["store"].append(_steps_per_s(trainer, memory, prefetch(stream.batches(Position())), config,
-                                               device))
+            rates["store"].append(_steps_per_s(trainer, memory, ahead(stream.batches(Position())), config, device))
             if len(rates["store"]) == 1:  # what one pass of `steps` steps read
                 draws = config.steps * config.batch_size
                 read = {"read_bytes_per_draw": (data.store.bytes_read - read["all"]) / draws,
                         "caption_bytes_per_draw": (data.bank.bytes_read - read["captions"]) / draws,
                         "caption_reads_per_draw": (data.bank.fetches - read["caption_reads"]) / draws}
             rates["memory"].append(_steps_per_s(trainer, memory, iter(memory), config, device))
-            rates["online"].append(_steps_per_s(trainer, memory, map(online, prefetch(stream.batches(Position()))),
+            rates["online"].append(_steps_per_s(trainer, memory, map(online, ahead(stream.batches(Position()))),
                                                 config, device))
         crc = checksum_seconds(store, ["records", data.labels.group])
         startup = stream_startup(tmp / "startup", config.startup_shards) if config.startup_shards else {}
