@@ -136,13 +136,14 @@ def read_index(store: Store, name: str) -> dict[str, ShardIndex] | None:
 
 
 class CaptionBank:
-    """Text embeddings of any record or prompt, by (CaptionFrom, index): one row read at a time (stores chunk
-    `text_emb` by the row), the last `cache_rows` kept. `fetches` and `bytes_read` say what the reads cost."""
+    """Text embeddings of any record or prompt, by (CaptionFrom, index): read by the row (stores chunk `text_emb`
+    by the row), the last `cache_bytes` of them kept (1,138 rows at SD 1.5's 77x768; a small store's whole bank).
+    `fetches` and `bytes_read` say what the reads cost."""
 
-    def __init__(self, store: Store, cache_rows: int = 256, counts: dict[str, dict[int, int]] | None = None):
+    def __init__(self, store: Store, cache_bytes: int = 128 << 20, counts: dict[str, dict[int, int]] | None = None):
         """`counts`: records per finished shard of "records" and "prompts", when known (a labels index); else
         read from the completion records."""
-        self.store, self.cache_rows = store, cache_rows
+        self.store, self.cache_bytes, self.cached_bytes = store, cache_bytes, 0
         self.cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.arrays: dict[tuple, object] = {}  # (group, shard): its text_emb array, opened once
         counts = counts or {group: {k: r["count"] for k, r in store.finished(group).items()}
@@ -180,16 +181,16 @@ class CaptionBank:
         """Read the embeddings of `captions` ((source, index) pairs) not cached yet: one read a shard, not one a
         row (each read is a call into zarr's event loop)."""
         wanted: dict[tuple[str, int], set[int]] = {}
-        for source, index in captions:
-            group, shard, row = self._key(source, index)
-            if (group, shard, row) not in self.cache:
-                wanted.setdefault((group, shard), set()).add(row)
         with self.lock:
+            for source, index in captions:
+                group, shard, row = self._key(source, index)
+                if (group, shard, row) not in self.cache:
+                    wanted.setdefault((group, shard), set()).add(row)
             for (group, shard), rows in wanted.items():
                 self._read(group, shard, sorted(rows))
 
     def _read(self, group: str, shard: int, rows: list[int]) -> None:
-        """Rows of one shard into the cache (the oldest beyond `cache_rows` leave it)."""
+        """Rows of one shard into the cache (the oldest beyond `cache_bytes` leave it)."""
         before = self.store.bytes_read
         with self.store.checked(group, shard, f"text_emb rows {rows[0]}..{rows[-1]}"):
             if (group, shard) not in self.arrays:
@@ -199,9 +200,9 @@ class CaptionBank:
         self.bytes_read += self.store.bytes_read - before
         for row, value in zip(rows, values):
             self.cache[group, shard, row] = value
-            self.cache.move_to_end((group, shard, row))
-        while len(self.cache) > self.cache_rows:
-            self.cache.popitem(last=False)
+            self.cached_bytes += value.nbytes
+        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+            self.cached_bytes -= self.cache.popitem(last=False)[1].nbytes
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_inputs_rebuilt_from_the_store_equal_what_the_teacher_saw(store, tiny_te
 
 def test_the_caption_bank_reads_a_row_once_while_it_is_cached(store):
     s = Store(str(store))
-    bank = CaptionBank(s, cache_rows=2)
+    bank = CaptionBank(s, cache_bytes=2 * 2 * np.prod(s.manifest().text_shape))  # two rows
     text = {i: s.read("records", k, ("text_emb",))["text_emb"] for i, k in enumerate(s.finished("records"))}
     first = bank.get(CaptionFrom.RECORD, 0)
     assert np.array_equal(first, text[0][0]) and bank.fetches == 1 and bank.bytes_read > first.nbytes
