@@ -2,8 +2,10 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -276,7 +278,8 @@ def test_a_cluster_joined_at_ray_address_writes_the_same_labels(store, tiny_teac
             ports.append(sock.getsockname()[1])
     env = child_env() | {"RAY_AUTH_MODE": "disabled"}
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    subprocess.run(["ray", "start", "--head", "--port", str(ports[0]), "--ray-client-server-port", str(ports[1]),
+    ray = str(Path(sys.executable).parent / "ray")  # the environment's, whether or not it is on PATH
+    subprocess.run([ray, "start", "--head", "--port", str(ports[0]), "--ray-client-server-port", str(ports[1]),
                     "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard", "false"], check=True, env=env,
                    capture_output=True)
     try:
@@ -289,7 +292,7 @@ def test_a_cluster_joined_at_ray_address_writes_the_same_labels(store, tiny_teac
                               env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)
     subprocess.run(cli_command("teacher-label", store, *args[1:5], "--labels", "here"), check=True, env=env,
                    capture_output=True)

@@ -106,7 +106,7 @@ def test_a_stream_restarted_at_a_position_goes_on_exactly(data):
 
 def test_workers_share_every_epoch_and_each_reads_only_its_share(tmp_path):
     """4 workers: each takes 1/4 of every global batch from blocks no other worker reads, together every draw of
-    an epoch once; each reads at most 0.3 of the bytes one worker reads for the same global batches."""
+    an epoch once; each reads at most 0.3 of the blocks' bytes one worker reads for the same global batches."""
     from pipeline.bench import random_labelled_store
 
     url = random_labelled_store(str(tmp_path / "s"), shards=16, records=64, draws=2)  # 16 blocks, 2,048 draws
@@ -119,8 +119,10 @@ def test_workers_share_every_epoch_and_each_reads_only_its_share(tmp_path):
     drawn = [{i for b in share for i in _ids(b)} for share in shares]
     assert sum(map(len, drawn)) == len(set().union(*drawn)) == len(whole)  # disjoint
     assert set().union(*drawn) == set(whole)
-    for w in workers:
-        assert w.data.store.bytes_read <= 0.3 * one.data.store.bytes_read
+    def blocks(stream):  # bytes of blocks read: captions of swaps apart (a worker's cache may hold this store whole)
+        return stream.data.store.bytes_read - stream.data.bank.bytes_read
+
+    assert all(blocks(w) <= 0.3 * blocks(one) for w in workers)
     with pytest.raises(SDiTError, match="not divisible"):
         DrawStream(one.data, 5, world=2)
 

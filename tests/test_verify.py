@@ -108,6 +108,9 @@ def test_json_cut_short_is_a_problem_of_the_store(store, file, tmp_path):
     assert len(report.problems) == 1 and report.problems[0].startswith(f"{file}: damaged (not valid JSON: ")
     assert report.shards == shards  # every other shard is still read
     result = _train(store, tmp_path)
+    if file.startswith("_done/labels/"):  # training reads the labels' index, which holds what these records held
+        assert result.exit_code == 0, result.output
+        return
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith(f"error: {store}: {file} is damaged")
 
