@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,12 +139,23 @@ def ray_session(address: str, run_dir: str | Path, num_cpus: int | None = None):
             os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
     else:
         kwargs["address"] = address
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        os.environ.clear()
-        os.environ.update(saved)
-        raise SDiTError(f"cannot start or join Ray at {address!r}: {str(err).splitlines()[0]}") from err
+    for attempt in range(3):
+        try:
+            ray.init(**kwargs)
+            break
+        except ConnectionAbortedError:  # Ray Client: the server could not start this client's session yet
+            ray.shutdown()
+            if attempt == 2:
+                os.environ.clear()
+                os.environ.update(saved)
+                raise SDiTError(f"cannot join Ray at {address!r}: its client server could not start a session "
+                                "for this client three times; see the head's ray_client_server logs") from None
+            time.sleep(2)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            os.environ.clear()
+            os.environ.update(saved)
+            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise SDiTError(f"cannot start or join Ray at {address!r}: {reason}") from err
     try:
         yield
     finally:
