@@ -229,21 +229,21 @@ def teacher_inputs(schedule: NoiseSchedule, latents: np.ndarray, text_emb: np.nd
         noise[is_input] = input_noise(noise[is_input], xi, input_gamma).numpy()
     t = torch.as_tensor(labels["timesteps"][rows, draws], dtype=torch.long)
     x_t = noisy_latents(schedule, latents[rows], noise, t)
-    swapped = np.isin(kinds, (Kind.SWAP, Kind.MIX))
-    sources, indices = labels["caption_from"][rows, draws][swapped], labels["caption_index"][rows, draws][swapped]
-    bank.fetch([(int(s), int(i)) for k, ss, ii in zip(kinds[swapped], sources, indices)
-                for s, i in list(zip(ss, ii))[:2 if k == Kind.MIX else 1]])
+    refs = [_caption_refs(labels, r, d, int(kind)) for kind, r, d in zip(kinds, rows, draws)]
+    bank.fetch([ref for draw in refs for ref in draw])  # one read a shard for the whole batch
     text = torch.stack([
-        perturbed_text(int(kind), text_emb[r], *_captions(bank, labels, r, d, int(kind)), float(labels["weight"][r, d]),
-                       null)
-        for kind, r, d in zip(kinds, rows, draws)])
+        perturbed_text(int(kind), text_emb[r], *_captions(bank, ref), float(labels["weight"][r, d]), null)
+        for kind, r, d, ref in zip(kinds, rows, draws, refs)])
     return TeacherInputs(x_t, text, t)
 
 
-def _captions(bank: CaptionBank, labels: dict, r: int, d: int, kind: int) -> tuple:
-    if kind not in (Kind.SWAP, Kind.MIX):
-        return None, None
-    sources, indices = labels["caption_from"][r, d], labels["caption_index"][r, d]
-    a = bank.get(int(sources[0]), int(indices[0]))
-    b = bank.get(int(sources[1]), int(indices[1])) if kind == Kind.MIX else None
+def _caption_refs(labels: dict, r: int, d: int, kind: int) -> list[tuple[int, int]]:
+    """(CaptionFrom, index) of each caption draw (r, d) takes: a for a swap, a and b for a mix, none otherwise."""
+    takes = {Kind.SWAP: 1, Kind.MIX: 2}.get(kind, 0)
+    return [(int(labels["caption_from"][r, d, i]), int(labels["caption_index"][r, d, i])) for i in range(takes)]
+
+
+def _captions(bank: CaptionBank, refs: list[tuple[int, int]]) -> tuple:
+    """Captions a and b of a draw (None where it takes none)."""
+    a, b = [bank.get(*ref) for ref in refs] + [None] * (2 - len(refs))
     return a, b

@@ -24,6 +24,7 @@ measures real images the student never saw).
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -50,10 +51,15 @@ class Split:
     seed: int = 0
 
     def held_out(self, shard: int, n: int) -> np.ndarray:
-        """(n,) bool for the records of one shard."""
-        if self.holdout <= 0:
-            return np.zeros(n, bool)
-        return np.random.default_rng([self.seed, shard, 0x5EED]).random(n) < self.holdout
+        """(n,) bool for the records of one shard (read-only: drawn once a shard, not once a block)."""
+        return _held_out(self.holdout, self.seed, shard, n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _held_out(holdout: float, seed: int, shard: int, n: int) -> np.ndarray:
+    keep = np.zeros(n, bool) if holdout <= 0 else np.random.default_rng([seed, shard, 0x5EED]).random(n) < holdout
+    keep.flags.writeable = False
+    return keep
 
 
 @dataclass(frozen=True, order=True)

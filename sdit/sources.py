@@ -57,7 +57,8 @@ class SourceItem:
         if self.path is None:
             raise RejectedInput("missing_image", "no image file for this record")
         try:
-            return fsspec.open(self.path, "rb").open().read() if remote(self.path) else Path(self.path).read_bytes()
+            with _open_binary(self.path) as f:
+                return f.read()
         except FileNotFoundError:
             raise RejectedInput("missing_image", f"{self.path} does not exist") from None
         except OSError as e:
