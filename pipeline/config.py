@@ -94,6 +94,8 @@ class LabelConfig:
     timesteps: str = "uniform"
     perturb: PerturbConfig = dataclasses.field(default_factory=PerturbConfig)
     guidance: tuple[float, float] | None = None  # (w_min, w_max): store ε_u + w(ε_c − ε_u)
+    # With guidance: this share of draws takes w = 1 (the conditional ε), on which a student learns the true noise too.
+    guidance_conditional: float = 0.0
     seed: int = 0
     batch_size: int = 64
     max_dropped: float = 0.01  # stop when more than this fraction of draws has a non-finite teacher output
@@ -113,6 +115,9 @@ class LabelConfig:
             raise SDiTError(f"--timesteps {self.timesteps!r}: choose {' or '.join(TIMESTEP_SAMPLING)}")
         if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
             raise SDiTError(f"--guidance {self.guidance}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
+        if self.guidance_conditional and (self.guidance is None or not 0 <= self.guidance_conditional <= 1):
+            raise SDiTError(f"--guidance-conditional {self.guidance_conditional}: a share from 0 to 1 of the draws "
+                            "of guided labels (give --guidance W_MIN:W_MAX too)")
         if not self.name or "/" in self.name:
             raise SDiTError(f"--labels {self.name!r}: a plain name, no '/'")
         if self.synthesis is not None:

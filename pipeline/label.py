@@ -86,7 +86,7 @@ class ShardLabeler:
                 gen = generator(c.seed, shard, r, d)
                 if states is not None:
                     if c.guidance:
-                        labels["guidance"][r, d] = gen.uniform(*c.guidance)
+                        labels["guidance"][r, d] = self._guidance(gen)
                     continue
                 draw = sample_draw(c.perturb, gen, latent_shape=shape, num_timesteps=self.schedule.num_timesteps,
                                    num_records=self.bank.size("records"), num_prompts=self.bank.size("prompts"),
@@ -98,9 +98,17 @@ class ShardLabeler:
                     labels["xi_index"][r, d] = len(xi)
                     xi.append(draw.xi)
                 if c.guidance:
-                    labels["guidance"][r, d] = gen.uniform(*c.guidance)
+                    labels["guidance"][r, d] = self._guidance(gen)
         labels["xi"] = np.stack(xi) if xi else np.zeros((0, *shape), np.float16)
         return labels
+
+    def _guidance(self, gen: np.random.Generator) -> float:
+        """A guided draw's w: 1 (the conditional ε) for a share `guidance_conditional` of draws, else uniform in
+        the window."""
+        share = self.config.guidance_conditional
+        if share and gen.random() < share:
+            return 1.0
+        return gen.uniform(*self.config.guidance)
 
     @staticmethod
     def _tail(name: str, latent_shape: tuple) -> tuple:
@@ -268,13 +276,15 @@ def _manifest(config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifes
         name=config.name, teacher=teacher.identity.to_json(), scheduler=teacher.scheduler_config,
         prediction_type=schedule.prediction_type, seed=config.seed, draws=config.draws, timesteps=config.timesteps,
         perturb=dataclasses.asdict(config.perturb), guidance=list(config.guidance) if config.guidance else None,
+        guidance_conditional=config.guidance_conditional,
         synthesis=dataclasses.asdict(config.synthesis) if config.synthesis else None,
         synthetic_set=synthetic.set_id if synthetic else None)
 
 
 # What must match for a rerun to resume a labelling rather than refuse it; of the teacher, its weights' hashes
 # alone: the same weights resume wherever their files sit and in either layout.
-_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "synthesis", "synthetic_set")
+_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "guidance_conditional", "synthesis",
+                "synthetic_set")
 
 
 def _resume_value(meta: LabelsManifest, key: str):

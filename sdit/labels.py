@@ -42,6 +42,7 @@ class LabelsManifest:
     timesteps: str  # "uniform" | "stratified"
     perturb: dict  # PerturbConfig as a dict
     guidance: list[float] | None = None  # [w_min, w_max] of guided targets; None: unguided
+    guidance_conditional: float = 0.0  # share of guided draws at w = 1 (the conditional ε)
     synthesis: dict | None = None  # SynthesisConfig as a dict, when synthetic records are labelled too
     synthetic_set: str | None = None  # set_id of the synthetic records they label
     status: str = "in_progress"  # "complete" once every shard is labelled

@@ -30,9 +30,10 @@ class Losses:
 
 
 def true_noise_mask(kind: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: draws whose true noise the student should predict."""
+    """(B,) bool: draws whose true noise the student should predict: real pairs whose label is unguided (w = 0) or
+    guided at w = 1 exactly (ε_u + 1·(ε_c − ε_u) is the teacher's conditional ε, whose target the true noise is)."""
     kinds = torch.tensor([int(k) for k in TRUE_NOISE_KINDS], device=kind.device)
-    return torch.isin(kind, kinds) & (guidance == 0)
+    return torch.isin(kind, kinds) & ((guidance == 0) | (guidance == 1))
 
 
 def min_snr_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

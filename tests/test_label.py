@@ -190,6 +190,19 @@ def test_guidance_targets(store, tiny_teacher):
         torch.testing.assert_close(target, eps_u + w * (eps_c - eps_u), atol=2e-3, rtol=2e-3)  # stored in fp16
 
 
+def test_a_share_of_guided_draws_at_w_1(store, tiny_teacher):
+    counts = _label(store, tiny_teacher, name="conditional", draws=4, guidance=(2.0, 6.0), guidance_conditional=0.5)
+    labels = _labels(store, "conditional")
+    w = np.concatenate([labels[k].ravel() for k in labels if k.endswith("/guidance")])
+    assert 0.25 < (w == 1.0).mean() < 0.75 and ((w == 1.0) | ((w >= 2.0) & (w <= 6.0))).all()
+    meta = json.loads((store / "labels" / "conditional" / "manifest.json").read_text())
+    assert meta["guidance_conditional"] == 0.5 and counts["dropped"] == 0
+    with pytest.raises(SDiTError, match="another guidance_conditional"):
+        _label(store, tiny_teacher, name="conditional", draws=4, guidance=(2.0, 6.0), guidance_conditional=0.25)
+    with pytest.raises(SDiTError, match="--guidance-conditional"):
+        _label(store, tiny_teacher, name="other", draws=4, guidance_conditional=0.5)
+
+
 @pytest.mark.slow
 def test_labels_made_before_synthesis_existed_still_resume(store, tiny_teacher):
     _label(store, tiny_teacher, name="older", draws=2)

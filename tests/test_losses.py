@@ -11,6 +11,8 @@ def test_true_noise_is_a_target_for_real_pairs_only():
     kinds = torch.tensor([int(k) for k in Kind])  # none, input, swap, mix, null, trajectory
     assert true_noise_mask(kinds, torch.zeros(6)).tolist() == [True, True, False, False, True, False]
     assert not true_noise_mask(kinds, torch.full((6,), 3.0)).any()  # guided targets are not the true noise
+    # ... but a guided target at w = 1 is the teacher's conditional ε: the true noise is its target too.
+    assert true_noise_mask(kinds, torch.ones(6)).tolist() == [True, True, False, False, True, False]
 
 
 def test_losses_are_the_weighted_mses_and_split_across_workers_exactly():

@@ -45,7 +45,7 @@ SYNTHESIS_LABELS = ("synthetic", "trajectory")  # labellings that make the teach
 # What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
 # training's. Each takes the type given.
 LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str,
-                 "synth_samples": int, "trajectory_steps": int}
+                 "guidance_conditional": float, "synth_samples": int, "trajectory_steps": int}
 
 
 # ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
