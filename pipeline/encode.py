@@ -1,14 +1,19 @@
 """Stage one, part 1: image-caption pairs -> scaled VAE latents and CLIP text embeddings in a store.
 
     plan (driver, sequential)        caption checks, duplicate ids, shard boundaries by source position
-    encode_shard (worker)            decode images, VAE + text encoder in batches, write the shard whole
-    finish (driver)                  rejects file, counts, manifest status "complete"
+    encode_shard (worker)            read and decode images, VAE + text encoder in batches, write the shard whole
+    finish (driver)                  duplicates across tar shards, rejects file, counts, manifest "complete"
 
 Shard k holds the accepted items among source positions [k*shard_size, (k+1)*shard_size), so a
-rerun after a crash plans the same shards, skips the finished ones and redoes the rest.
+rerun after a crash plans the same shards, skips the finished ones and redoes the rest. The driver reads
+ids and captions, never an image: a folder's items name their files, a Parquet source's their file and row.
+Webdataset tar files hold their captions beside the images, so there shard k is tar file k, read whole by
+the worker that encodes it (which checks its captions and ids); a duplicate id across tar files is
+dropped from the later shard when all are done. (With --limit, the driver reads the tar files in order.)
 """
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +35,8 @@ from sdit.latents import to_latent_space
 from sdit.progress import Progress, no_progress
 from sdit.prompts import PromptSource, open_prompts
 from sdit.run import location
-from sdit.sources import SourceItem, open_source
-from sdit.store import MANIFEST, WRITER_LOCK, Manifest, Store, write_shard
+from sdit.sources import SourceItem, TarSource, open_source, parquet_images, tar_items
+from sdit.store import MANIFEST, RECORD_COLUMNS, WRITER_LOCK, Manifest, Store, shard_name, write_shard
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize
 
@@ -43,6 +48,7 @@ class ShardTask:
     items: list[SourceItem]  # passed the driver's checks; images not decoded yet
     rejects: list[dict] = field(default_factory=list)
     size: int = 0  # source items this shard covers, for progress
+    tar: str | None = None  # a webdataset tar file whose items the worker reads and checks itself (items empty)
 
 
 @dataclass
@@ -95,15 +101,14 @@ class ShardEncoder:
         if task.group == "prompts":
             return self._prompt_shard(task)
         rejects, kept, latents = list(task.rejects), [], []
-        size = self.config.batch_size
-        batches = [task.items[i:i + size] for i in range(0, len(task.items), size)]
-        # Decode batch i+1 while the VAE runs on batch i: Pillow releases the GIL while it decodes.
+        items = self._tar_items(task, rejects) if task.tar else iter(task.items)
+        batches = iter(lambda: list(itertools.islice(items, self.config.batch_size)), [])
+        # Read and decode batch i+1 while the VAE runs on batch i: Pillow releases the GIL while it decodes.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._decode, batches[0]) if batches else None
-            for i in range(len(batches)):
-                batch, pixels, batch_rejects = pending.result()
-                if i + 1 < len(batches):
-                    pending = pool.submit(self._decode, batches[i + 1])
+            pending = pool.submit(self._decode_next, batches)
+            while (decoded := pending.result()) is not None:
+                pending = pool.submit(self._decode_next, batches)
+                batch, pixels, batch_rejects = decoded
                 rejects.extend(batch_rejects)
                 if batch:
                     latents.append(self.encode_images(pixels))
@@ -119,12 +124,30 @@ class ShardEncoder:
             "captions": np.array([i.caption for i in kept], dtype=str),
             "positions": np.array([i.position for i in kept], dtype=np.int64),
         }
-        record = {"rejects": rejects, "truncated": truncated, "size": task.size}
+        record = {"rejects": sorted(rejects, key=lambda r: r["position"]), "truncated": truncated, "size": task.size}
         write_shard(self.store, "records", task.index, columns, record)
         return {"group": "records", "index": task.index, "count": len(kept), **record}
 
+    def _tar_items(self, task: ShardTask, rejects: list[dict]) -> Iterator[SourceItem]:
+        """The items of a tar file that pass the checks the driver makes of other sources (captions, ids within
+        the file); the others go to `rejects`. Counts the file's items into task.size."""
+        seen: set[str] = set()
+        for item in tar_items(task.tar, self.config.caption_key):
+            task.size += 1
+            if reason := _driver_reject(item, seen):
+                rejects.append(reject_entry("records", item, reason))
+            else:
+                yield item
+
+    def _decode_next(self, batches: Iterator[list[SourceItem]]):
+        """The next batch decoded (`_decode`), or None after the last."""
+        batch = next(batches, None)
+        return None if batch is None else self._decode(batch)
+
     def _decode(self, items: list[SourceItem]) -> tuple[list[SourceItem], np.ndarray, list[dict]]:
-        """Images of one batch as one (N, 3, H, W) array; the ones that fail become rejects."""
+        """Images of one batch as one (N, 3, H, W) array; the ones that fail become rejects. Images left in their
+        Parquet files are read here, by the worker."""
+        items = parquet_images(items)
         kept, pixels, rejects = [], [], []
         for item, image in zip(items, self.decoders.map(self._load, items)):
             if isinstance(image, RejectedInput):
@@ -181,6 +204,8 @@ def encode(config: EncodeConfig, progress: Progress = no_progress,
     check_out(store)
     source = open_source(config.source, image_column=config.image_column, caption_column=config.caption_column,
                          id_column=config.id_column, caption_key=config.caption_key)
+    if source.format == "parquet":  # the driver reads ids and captions; each worker reads its shard's images
+        source = dataclasses.replace(source, images=False)
     prompts = open_prompts(config.prompts, config.prompt_column) if config.prompts else None
     # The driver's copy: identity, shapes, the null embedding; the local worker. On Ray the workers' devices come
     # from the cluster, and the driver (perhaps a CPU-only head) encodes on its CPU.
@@ -204,14 +229,20 @@ def encode(config: EncodeConfig, progress: Progress = no_progress,
         else:
             encoder.store = store
             _run(LocalExecutor(lambda: encoder), tasks, config, progress)
+        if by_tar_file(source, config):
+            drop_duplicates_across_shards(store, planned["records"])
         return finish(store, manifest, planned, skipped=sum(len(d) for d in done.values()),
                       min_size=config.min_short_side)
 
 
 def plan(config: EncodeConfig, source: Iterable[SourceItem],
          prompts: Iterable[SourceItem] | None) -> Iterator[ShardTask]:
-    """Shard tasks in order: driver-side checks (captions, ids, missing images) need no image decoding."""
-    yield from _plan_group("records", source, config)
+    """Shard tasks in order: driver-side checks (captions, ids, missing images) need no image decoding; a tar
+    file is a task of its own, which its worker reads and checks."""
+    if by_tar_file(source, config):
+        yield from (ShardTask("records", index, [], tar=file) for index, file in enumerate(source.shards))
+    else:
+        yield from _plan_group("records", source, config)
     if prompts is not None:
         yield from _plan_group("prompts", prompts, config)
 
@@ -240,8 +271,13 @@ def _plan_group(group: str, items: Iterable[SourceItem], config: EncodeConfig) -
         yield task
 
 
+def by_tar_file(source, config: EncodeConfig) -> bool:
+    """Whether shard k is tar file k: a webdataset source without --limit (which counts items in order)."""
+    return isinstance(source, TarSource) and config.limit is None
+
+
 def _driver_reject(item: SourceItem, seen: set[str]) -> str | None:
-    if item.data is None and item.path is None:
+    if item.data is None and item.path is None and item.image_at is None:
         return "missing_image"
     if reason := _caption_reject(item):
         return reason
@@ -267,7 +303,7 @@ def _pending(tasks: Iterable[ShardTask], done: dict[str, dict], planned: dict[st
     for task in tasks:
         planned[task.group].add(task.index)
         if task.index in done[task.group]:
-            progress(task.size)
+            progress(done[task.group][task.index].get("size", task.size))
             continue
         yield task
 
@@ -279,14 +315,38 @@ def _run(executor, tasks: Iterable[ShardTask], config: EncodeConfig, progress: P
         progress(result["size"])
 
 
+def drop_duplicates_across_shards(store: Store, shards: Iterable[int]) -> None:
+    """Each id once: a record whose id an earlier shard holds leaves its shard, rewritten whole without it, and
+    becomes a duplicate_id reject. Its completion record goes first, so a kill mid-rewrite leaves the shard to be
+    encoded again and checked again."""
+    seen: set[str] = set()
+    for index in sorted(shards):
+        ids = store.read("records", index, ("ids",))["ids"]
+        keep = np.ones(len(ids), bool)
+        for row, record_id in enumerate(ids):
+            keep[row] = record_id not in seen
+            seen.add(str(record_id))
+        if keep.all():
+            continue
+        record = store.read_json("_done", "records", f"{shard_name(index)}.json")
+        columns = store.read("records", index, tuple(RECORD_COLUMNS))
+        positions = columns["positions"]
+        dropped = [{"group": "records", "id": str(ids[row]), "position": int(positions[row]),
+                    "reason": "duplicate_id", "detail": "an earlier tar file holds this id"}
+                   for row in np.flatnonzero(~keep)]
+        store.remove("_done", "records", f"{shard_name(index)}.json")
+        write_shard(store, "records", index, {name: values[keep] for name, values in columns.items()},
+                    {"rejects": sorted(record["rejects"] + dropped, key=lambda r: r["position"]),
+                     "truncated": record["truncated"], "size": record["size"]})
+
+
 def finish(store: Store, manifest: Manifest, planned: dict[str, set[int]], skipped: int,
            min_size: int) -> EncodeSummary:
     """Count what the shards hold and mark the store complete. The store stays unfinished, refused in one line,
     when a planned shard is not there as the driver sees it (the workers wrote where the driver cannot read), and
     when it holds no records (the line tallies why every item was rejected)."""
     records, prompts = (store.all_finished(group, planned[group]) for group in ("records", "prompts"))
-    rejects = sorted((r for d in (records, prompts) for rec in d.values() for r in rec["rejects"]),
-                     key=lambda r: (r["group"], r["position"]))
+    rejects = [r for d in (records, prompts) for index in sorted(d) for r in d[index]["rejects"]]  # source order
     store.write_lines(iter(rejects), "rejects.jsonl")
     counts = {
         "records": sum(r["count"] for r in records.values()),

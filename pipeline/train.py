@@ -223,10 +223,11 @@ class NonFinite(SDiTError):
 
 
 def check_targets(data: LabelledStore, config: TrainConfig) -> None:
-    """Guided labels are no task target: a one-line refusal of --task-weight for them."""
-    if data.labels.guided and config.task_weight > 0:
+    """Guided labels are no task target (but for their draws at w = 1): a one-line refusal of --task-weight for
+    labels with none of those."""
+    if data.labels.guided and not data.labels.guidance_conditional and config.task_weight > 0:
         raise SDiTError(f"labels {config.labels!r} are guided (ε_T = ε_u + w·(ε_c − ε_u)), so the true noise is "
-                        "no target for them: pass --task-weight 0")
+                        "no target for them: pass --task-weight 0, or label with --guidance-conditional")
 
 
 # --- the whole stage ---------------------------------------------------------------------------------------------

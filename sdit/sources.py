@@ -12,7 +12,10 @@ record and turns a `RejectedInput` into a line of the rejects file (invariant 6)
 
 from __future__ import annotations
 
+import bisect
 import csv
+import dataclasses
+import itertools
 import json
 import os
 import posixpath
@@ -49,11 +52,15 @@ class SourceItem:
     caption: str | None
     data: bytes | None = field(default=None, repr=False)
     path: str | None = None
+    # An image left in its Parquet file (`ParquetSource.images`): (file, image column, row).
+    image_at: tuple[str, str, int] | None = None
 
     def read(self) -> bytes:
         """The image bytes; a missing or unreadable file becomes a reject, not a crash."""
         if self.data is not None:
             return self.data
+        if self.image_at is not None:
+            return parquet_images([self])[0].read()  # one image alone: an encode worker reads its shard's at once
         if self.path is None:
             raise RejectedInput("missing_image", "no image file for this record")
         try:
@@ -343,6 +350,9 @@ class ParquetSource(_Stream):
     image_column: str
     caption_column: str
     id_column: str | None
+    # False: items name their (file, row) and carry no image; `parquet_images` reads a batch of them where the image
+    # is needed (an encode worker), so that whoever plans the work reads ids and captions alone.
+    images: bool = True
     format: str = field(default="parquet", init=False)
 
     def num_items(self) -> int:
@@ -353,7 +363,8 @@ class ParquetSource(_Stream):
         return total
 
     def iter_from(self, start: int) -> Iterator[SourceItem]:
-        columns = [self.image_column, self.caption_column] + ([self.id_column] if self.id_column else [])
+        columns = [self.image_column] if self.images else []
+        columns += [self.caption_column] + ([self.id_column] if self.id_column else [])
         offset = 0  # position of the file's first row
         for file in self.files:
             with _open_binary(file) as f:
@@ -365,14 +376,50 @@ class ParquetSource(_Stream):
             offset += rows
 
     def _item(self, position: int, file: str, row: int, record: dict[str, Any]) -> SourceItem:
-        image = record[self.image_column]
-        data, path = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
-        if data is None and path:  # an image stored by reference: relative to the parquet file
-            folder = posixpath.dirname(file) if remote(file) else os.path.dirname(os.path.abspath(file))
-            path = posixpath.join(folder, path) if remote(file) else os.path.join(folder, path)
         raw_id = record.get(self.id_column) if self.id_column else None
         id_ = str(raw_id) if raw_id is not None else f"{posixpath.relpath(_absolute(file), self.base)}:{row}"
-        return SourceItem(position, id_, _clean_caption(record[self.caption_column]), data=data, path=path)
+        caption = _clean_caption(record[self.caption_column])
+        if not self.images:
+            return SourceItem(position, id_, caption, image_at=(file, self.image_column, row))
+        data, path = _parquet_image(file, record[self.image_column])
+        return SourceItem(position, id_, caption, data=data, path=path)
+
+
+def _parquet_image(file: str, image: Any) -> tuple[bytes | None, str | None]:
+    """(bytes, path) of an image cell: a struct of bytes and path, or plain binary; an image stored by reference
+    (no bytes) is a path relative to the Parquet file."""
+    data, path = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
+    if data is None and path:
+        folder = posixpath.dirname(file) if remote(file) else os.path.dirname(os.path.abspath(file))
+        path = posixpath.join(folder, path) if remote(file) else os.path.join(folder, path)
+    return data, path
+
+
+def parquet_images(items: list[SourceItem]) -> list[SourceItem]:
+    """`items` with the images their `image_at` names read in: per file, each row group that holds some of them
+    read once, image column alone. Items that carry their image already pass unchanged."""
+    wanted: dict[tuple[str, str], set[int]] = {}
+    for item in items:
+        if item.image_at is not None:
+            file, column, row = item.image_at
+            wanted.setdefault((file, column), set()).add(row)
+    cells: dict[tuple[str, str, int], Any] = {}
+    for (file, image_column), rows in wanted.items():
+        with _open_binary(file) as f:
+            parquet = pq.ParquetFile(f)
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            firsts = list(itertools.accumulate(sizes, initial=0))
+            for g in sorted({bisect.bisect_right(firsts, r) - 1 for r in rows}):
+                column = parquet.read_row_group(g, columns=[image_column]).column(image_column)
+                for r in rows & set(range(firsts[g], firsts[g + 1])):
+                    cells[file, image_column, r] = column[r - firsts[g]].as_py()
+    out = []
+    for item in items:
+        if item.image_at is not None:
+            data, path = _parquet_image(item.image_at[0], cells[item.image_at])
+            item = dataclasses.replace(item, data=data, path=path, image_at=None)
+        out.append(item)
+    return out
 
 
 def _check_parquet(file: str, image_column: str, caption_column: str, id_column: str | None) -> None:
@@ -438,11 +485,18 @@ class TarSource(_Stream):
     def iter_from(self, start: int) -> Iterator[SourceItem]:
         position = 0
         for shard in self.shards:
-            for key, files in _tar_records(shard, read_from=start - position):
-                if position >= start:
-                    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-                    yield SourceItem(position, key, _tar_caption(files, self.caption_key), data=image)
-                position += 1
+            for item in tar_items(shard, self.caption_key, first=position, start=start):
+                position = item.position + 1
+                if item.position >= start:
+                    yield item
+
+
+def tar_items(shard: str, caption_key: str | None, first: int = 0, start: int = 0) -> Iterator[SourceItem]:
+    """The items of one tar shard, at positions from `first`; those before `start` come without image or caption,
+    unread."""
+    for position, (key, files) in enumerate(_tar_records(shard, read_from=start - first), start=first):
+        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+        yield SourceItem(position, key, _tar_caption(files, caption_key), data=image)
 
 
 class _StrictTarInfo(tarfile.TarInfo):

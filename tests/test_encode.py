@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 import pipeline.encode as encode_stage
+import sdit.sources as sources
 from conftest import SAMPLES, child_env, cli_command, kill_when
 from pipeline.bench import generate_images
 from pipeline.encode import EncodeConfig, EncodeSummary, encode
@@ -102,9 +103,9 @@ def _write_parquet(path: Path) -> None:
     pq.write_table(table, path, row_group_size=4)
 
 
-def _write_tar(path: Path) -> None:
+def _write_tar(path: Path, samples: list[tuple[str, bytes, str]] | None = None) -> None:
     with tarfile.open(path, "w") as tar:
-        for stem, data, caption in _accepted_samples():
+        for stem, data, caption in _accepted_samples() if samples is None else samples:
             for name, payload in ((f"{stem}.img", data), (f"{stem}.txt", caption.encode())):
                 info = tarfile.TarInfo(name.replace(".img", _suffix(data)))
                 info.size = len(payload)
@@ -130,20 +131,76 @@ def test_every_source_format_gives_the_same_records(fmt, folder_store, tiny_teac
     out = tmp_path / "store"
     summary = _encode(source, tiny_teacher, out, shard_size=64, **options)
     assert summary.records == len(_accepted_samples()) and summary.rejects == 0
-    by_id = {}
-    for store in (folder_store, out):
-        root = zarr.open_group(str(store), mode="r")
-        records = {}
-        for _, shard in root["records"].groups():
-            for i, record_id in enumerate(shard["ids"][:]):
-                records[str(record_id)] = (shard["latents"][i], shard["text_emb"][i], str(shard["captions"][i]))
-        by_id[store] = records
-    folder, other = by_id[folder_store], by_id[out]
-    assert folder.keys() == other.keys()
-    for key in folder:  # same image bytes and caption -> same latent and embedding, whatever the format
-        assert np.allclose(folder[key][0], other[key][0], atol=1e-3), key
-        assert np.allclose(folder[key][1], other[key][1], atol=1e-3), key
-        assert folder[key][2] == other[key][2]
+    _assert_same_records(folder_store, out)
+
+
+def _assert_same_records(store: Path, other: Path) -> None:
+    """The same ids with the same latents, embeddings and captions, whatever the shards they sit in."""
+    by_id = []
+    for path in (store, other):
+        root = zarr.open_group(str(path), mode="r")
+        by_id.append({str(record_id): (shard["latents"][i], shard["text_emb"][i], str(shard["captions"][i]))
+                      for _, shard in root["records"].groups() for i, record_id in enumerate(shard["ids"][:])})
+    a, b = by_id
+    assert a.keys() == b.keys()
+    for key in a:  # same image bytes and caption -> same latent and embedding, whatever the format
+        assert np.allclose(a[key][0], b[key][0], atol=1e-3), key
+        assert np.allclose(a[key][1], b[key][1], atol=1e-3), key
+        assert a[key][2] == b[key][2]
+
+
+def test_parquet_images_are_read_by_the_workers(folder_store, tiny_teacher, tmp_path, monkeypatch):
+    """The driver plans from ids and captions: its tasks name each image's file and row, and carry no bytes."""
+    source = tmp_path / "data.parquet"
+    _write_parquet(source)
+    run, handed = encode_stage._run, []
+
+    def spy(executor, tasks, config, progress):
+        tasks = list(tasks)
+        handed.extend(item for task in tasks for item in task.items)
+        run(executor, tasks, config, progress)
+
+    monkeypatch.setattr(encode_stage, "_run", spy)
+    _encode(source, tiny_teacher, tmp_path / "store", shard_size=4, caption_column="caption", id_column="key")
+    assert len(handed) == len(_accepted_samples())
+    assert all(item.data is None and item.image_at[0] == str(source) for item in handed)
+    _assert_same_records(folder_store, tmp_path / "store")
+
+
+def test_a_tar_file_is_a_shard_its_worker_reads(folder_store, tiny_teacher, tmp_path, monkeypatch):
+    """The driver hands out tar files, never an image; each worker checks its file's captions and ids; an id that
+    an earlier file holds leaves the later shard once all are done; a rerun reads only the unfinished files."""
+    samples = _accepted_samples()
+    first, second = samples[:5], samples[5:] + [samples[1]]  # samples[1]'s id in both files
+    _write_tar(tmp_path / "a.tar", first + [("no_text", samples[0][1], " ")])
+    _write_tar(tmp_path / "b.tar", second)
+    run, handed = encode_stage._run, []
+
+    def spy(executor, tasks, config, progress):
+        tasks = list(tasks)
+        handed.extend(tasks)
+        run(executor, tasks, config, progress)
+
+    monkeypatch.setattr(encode_stage, "_run", spy)
+    out = tmp_path / "store"
+    summary = _encode(tmp_path / "{a,b}.tar", tiny_teacher, out, shard_size=4)
+    assert [(t.index, Path(t.tar).name, t.items) for t in handed] == [(0, "a.tar", []), (1, "b.tar", [])]
+    assert summary.shards == 2 and summary.records == len(samples)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"], r["position"]) for r in rejects] == [
+        ("no_text", "empty_caption", 5), (samples[1][0], "duplicate_id", len(second) - 1)]
+    root = zarr.open_group(str(out), mode="r")
+    assert list(root["records/00001/ids"][:]) == [stem for stem, _, _ in samples[5:]]
+    _assert_same_records(folder_store, out)
+    before = _arrays(out)
+
+    (out / "_done" / "records" / "00001.json").unlink()  # as if the run died rewriting shard 1
+    read = []
+    monkeypatch.setattr(encode_stage, "tar_items", lambda file, key: read.append(Path(file).name) or
+                        sources.tar_items(file, key))
+    assert _encode(tmp_path / "{a,b}.tar", tiny_teacher, out, shard_size=4).skipped_shards == 1
+    assert read == ["b.tar"]
+    _assert_same(before, _arrays(out))
 
 
 def test_prompt_bank_and_truncation(tiny_teacher, tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdit.decode import load_image
 from sdit.errors import RejectedInput, SDiTError
-from sdit.sources import SourceItem, open_source
+from sdit.sources import SourceItem, open_source, parquet_images
 from test_decode import centre_and_corner, encode
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
@@ -127,6 +127,35 @@ def test_parquet_custom_columns_binary_and_by_reference(tmp_path: Path) -> None:
     items = list(open_source(str(tmp_path / "*.parquet"), image_column="jpg", caption_column="prompt"))
     assert [(i.id, i.caption) for i in items] == [("a.parquet:0", "x"), ("a.parquet:1", None), ("b.parquet:0", "raw")]
     assert [i.read() for i in items] == [PNG] * 3
+
+
+def test_parquet_images_read_apart_from_ids_and_captions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without images, items name their image's file, column and row, and the image column is never read;
+    parquet_images reads those of many items with one read of each row group that holds some."""
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "x.png").write_bytes(PNG)
+    rows = hf_rows(7) + [{"image": {"bytes": None, "path": "pics/x.png"}, "text": "by reference", "key": "r"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet", row_group_size=3)
+    source = open_source(str(tmp_path / "a.parquet"))
+    with_images = list(source)
+    source.images = False
+    columns: list[object] = []
+    original = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, **kw: columns.append(kw["columns"]) or original(self, **kw))
+    items = list(source)
+    assert columns == [["text"]] and all(i.data is None and i.path is None for i in items)
+    assert [(i.position, i.id, i.caption) for i in items] == [(i.position, i.id, i.caption) for i in with_images]
+    groups: list[int] = []
+    read_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, g, **kw: groups.append(g) or read_group(self, g, **kw))
+    wanted = [items[i] for i in (0, 2, 4, 7)]
+    filled = parquet_images(wanted)
+    assert sorted(groups) == [0, 1, 2]  # rows 0 and 2 share a row group: read once
+    assert [(i.read(), i.image_at) for i in filled] == [(PNG, None)] * 4
+    assert filled[-1].path == str(tmp_path / "pics" / "x.png")
+    assert items[5].read() == PNG  # one item alone reads its own
 
 
 @pytest.mark.parametrize(

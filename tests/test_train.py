@@ -471,3 +471,20 @@ def test_sample_prompts_0_trains_without_sample_grids(labelled_store, tmp_path):
     run = tmp_path / "run"
     summary = _train(labelled_store, run, steps=2, sample_every=1, sample_prompts=0)
     assert summary["steps"] == 2 and summary["samples"] is None and not (run / "samples").exists()
+
+
+def test_guided_labels_take_a_task_weight_only_with_draws_at_w_1():
+    from types import SimpleNamespace
+
+    from pipeline.train import check_targets
+    from sdit.labels import LabelsManifest
+
+    def labels(conditional: float):
+        meta = LabelsManifest(name="g", teacher={}, scheduler={}, prediction_type="epsilon", seed=0, draws=2,
+                              timesteps="uniform", perturb={}, guidance=[1.0, 3.0], guidance_conditional=conditional)
+        return SimpleNamespace(labels=meta)
+
+    with pytest.raises(SDiTError, match="no target for them: pass --task-weight 0, or label with --guidance-cond"):
+        check_targets(labels(0.0), TrainConfig(store="s", out="o", labels="g", task_weight=1.0))
+    check_targets(labels(0.25), TrainConfig(store="s", out="o", labels="g", task_weight=1.0))
+    check_targets(labels(0.0), TrainConfig(store="s", out="o", labels="g", task_weight=0.0))
