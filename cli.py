@@ -22,6 +22,7 @@ from pipeline.bench.config import (
     SD15_STAGES,
     BenchEncodeConfig,
     BenchLabelConfig,
+    BenchRayEncodeConfig,
     BenchSampleConfig,
     BenchTrainConfig,
     MemoryConfig,
@@ -410,6 +411,22 @@ def bench_encode(
     result = run(BenchEncodeConfig(source=source, teacher=teacher, teacher_config=teacher_config, images=images,
                                    resolution=resolution, batch_size=batch_size, shard_size=shard_size,
                                    device=device, dtype=dtype))
+    _report(format_table(result), result, json_out)
+
+
+@bench_app.command("ray-encode")
+@command
+def bench_ray_encode(
+    images: Annotated[int, typer.Option(min=8, help="Generated images, in one Parquet file.")] = BenchRayEncodeConfig.images,
+    workers: Annotated[int, typer.Option(min=1, help="Encoder actors of each engine.")] = BenchRayEncodeConfig.workers,
+    cpus: Annotated[int, typer.Option(min=2, help="CPUs of the local Ray.")] = BenchRayEncodeConfig.cpus,
+    json_out: JsonOut = None,
+):
+    """`sdit encode`'s actor pool against a Ray Data pipeline on the same Parquet source and the same local Ray."""
+    from pipeline.bench.ray_encode import bench_ray_encode as run
+    from pipeline.bench.ray_encode import format_table
+
+    result = run(BenchRayEncodeConfig(images=images, workers=workers, cpus=cpus))
     _report(format_table(result), result, json_out)
 
 

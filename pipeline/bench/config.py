@@ -24,6 +24,17 @@ class BenchEncodeConfig:
 
 
 @dataclass(frozen=True)
+class BenchRayEncodeConfig:
+    images: int = 1024  # generated, in one Parquet file
+    resolution: int = 128
+    batch_size: int = 32
+    shard_size: int = 256
+    workers: int = 1  # encoder actors of each engine (Ray Data's decode tasks take the other CPUs)
+    cpus: int = 2  # the local Ray's
+    repeats: int = 2
+
+
+@dataclass(frozen=True)
 class BenchLabelConfig:
     store: str | None = None  # default: generated images encoded with the teacher
     teacher: str | None = None  # default: a tiny random SD-shaped teacher

@@ -32,3 +32,16 @@ def test_bench_label_reports_every_figure():
     assert 0 < result["caption_bytes_per_draw"] < result["read_bytes_per_draw"]
     assert result["text_row_bytes"] < result["caption_bytes_per_read"] < 2 * result["text_row_bytes"]
     assert "stage / bare" in format_label_table(result)
+
+
+@pytest.mark.slow
+def test_bench_ray_encode_runs_both_engines_on_the_same_job(tmp_path):
+    from pipeline.bench.ray_encode import BenchRayEncodeConfig, bench_ray_encode
+    from pipeline.bench.ray_encode import format_table as ray_table
+
+    result = bench_ray_encode(BenchRayEncodeConfig(images=24, resolution=32, batch_size=8, shard_size=16, repeats=1))
+    assert result["same_records"] is True  # both wrote the same store: the comparison is of one job
+    assert result["pool_records_per_s"] > 0 and result["ray_data_records_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["pool_records_per_s"] / result["ray_data_records_per_s"])
+    assert result["ray_data_driver_bytes_per_record"] > 4 * 4 * 4 * 2  # at least each record's latents
+    assert "pool / Ray Data" in ray_table(result)
