@@ -51,6 +51,7 @@ demo: install
 bench: install
 	$(BIN)/sdit bench startup --json runs/bench-startup.json
 	$(BIN)/sdit bench encode --json runs/bench-encode.json
+	$(BIN)/sdit bench ray-encode --json runs/bench-ray-encode.json
 	$(BIN)/sdit bench label --json runs/bench-label.json
 	$(MAKE) bench-train
 	$(BIN)/sdit bench sample --json runs/bench-sample.json

@@ -279,6 +279,16 @@ def encode_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     return table(["figure", "value"], rows)
 
 
+def ray_encode_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    (_, r), = files
+    rows = [["actor pool (`sdit encode --ray-address local`)", f"{r['pool_records_per_s']:.1f} records/s"],
+            ["Ray Data pipeline", f"{r['ray_data_records_per_s']:.1f} records/s"],
+            ["pool / Ray Data", f"{r['ratio']:.2f}"],
+            ["bytes through the driver, Ray Data", f"{r['ray_data_driver_bytes_per_record']:,.0f} a record"],
+            ["the same store", "yes" if r["same_records"] else "no"]]
+    return table(["figure", "value"], rows)
+
+
 def label_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     (_, r), = files
     c = r["config"]
@@ -468,7 +478,8 @@ def startup_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
 VIEWS = {
     "distill": distill_view, "concepts": concepts_view, "substitution": substitution_view,
     "evaluator": evaluator_view, "toy-eval": toy_eval_view,
-    "encode": encode_view, "label": label_view, "train": train_view, "supply": supply_view, "flops": flops_view,
+    "encode": encode_view, "ray-encode": ray_encode_view, "label": label_view, "train": train_view,
+    "supply": supply_view, "flops": flops_view,
     "sample": sample_view,
     "sd15-stages": sd15_stages_view, "sd15-speed": sd15_speed_view, "sd15-precision": sd15_precision_view,
     "sd15-throughput": sd15_throughput_view,

@@ -28,6 +28,7 @@ from sdit.devices import setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_index, write_labels
+from sdit.loader import read_ahead
 from sdit.perturb import Kind, draw_generator, sample_draw
 from sdit.progress import Progress, no_progress
 from sdit.store import LABEL_COLUMNS, Store, write_shard
@@ -143,10 +144,14 @@ class ShardLabeler:
         n, K = len(latents), self.config.draws
         labels = self.draw_labels(shard, n, synthetic=task.group == SYNTHETIC, states=records.get("states"))
         rows, draws = np.divmod(np.arange(n * K), K)
-        for start in range(0, n * K, self.config.batch_size):
-            r, d = rows[start:start + self.config.batch_size], draws[start:start + self.config.batch_size]
-            inputs = teacher_inputs(self.schedule, latents, text_emb, labels, r, d, self.bank, self.null,
-                                    self.config.perturb.input_gamma)
+
+        def batches():  # the teacher's inputs, batch by batch: captions of swaps read from the store as needed
+            for start in range(0, n * K, self.config.batch_size):
+                r, d = rows[start:start + self.config.batch_size], draws[start:start + self.config.batch_size]
+                yield r, d, teacher_inputs(self.schedule, latents, text_emb, labels, r, d, self.bank, self.null,
+                                           self.config.perturb.input_gamma)
+
+        for r, d, inputs in read_ahead(batches(), self.device):  # on a GPU, built while the UNet runs
             eps = self.teacher_eps(inputs, labels["guidance"][r, d] if self.config.guidance else None)
             eps16 = eps.cpu().to(torch.float16).numpy()
             finite = np.isfinite(eps16)

@@ -40,7 +40,7 @@ from sdit.diffusion import NoiseSchedule
 from sdit.dit import SDiT
 from sdit.errors import SDiTError
 from sdit.files import check_folder
-from sdit.loader import Batch, DrawStream, LabelledStore, Split, prefetch
+from sdit.loader import Batch, DrawStream, LabelledStore, Split, read_ahead
 from sdit.losses import Losses, distillation_loss, draw_weight, timestep_weight, true_noise_mask
 from sdit.run import load_student, read_run, save_student, update_run
 from sdit.training import ema_decay, lr_factor, update_ema
@@ -281,7 +281,7 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     started, first = time.perf_counter(), state.step
     try:
         batches = stream.batches(state.position)
-        trainer.fit(prefetch(batches) if device.type == "cuda" else batches, monitor, on_step)
+        trainer.fit(read_ahead(batches, device), monitor, on_step)
         seconds = time.perf_counter() - started
         summary = {"steps": state.step, "seconds": seconds,
                    "steps_per_s": (state.step - first) / seconds if seconds else None,

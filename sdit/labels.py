@@ -11,6 +11,7 @@ saw (invariant 1).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import zarr
 from sdit.config import labels_group
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
-from sdit.store import CHECKSUM, Damaged, Store, from_versioned
+from sdit.store import CHECKSUM, Damaged, Store, concurrently, from_versioned
 
 LABELS_MANIFEST = "manifest.json"
 LABELS_VERSION = 1
@@ -136,6 +137,11 @@ def read_index(store: Store, name: str) -> dict[str, ShardIndex] | None:
             for kind in ("records", "synthetic", "prompts") if f"{kind}_shard" in arrays}
 
 
+# Caption rows a read of the bank takes: each row is a chunk of its own, read one after another within a read (zarr
+# 3.1 reads a shard's chunks in turn), so reads of a few rows in flight at once overlap their requests.
+READ_ROWS = 8
+
+
 class CaptionBank:
     """Text embeddings of any record or prompt, by (CaptionFrom, index): read by the row (stores chunk `text_emb`
     by the row), the last `cache_bytes` of them kept (1,138 rows at SD 1.5's 77x768; a small store's whole bank).
@@ -179,26 +185,38 @@ class CaptionBank:
             return self.cache[key]
 
     def fetch(self, captions: list[tuple[int, int]]) -> None:
-        """Read the embeddings of `captions` ((source, index) pairs) not cached yet: one read a shard, not one a
-        row (each read is a call into zarr's event loop)."""
+        """Read the embeddings of `captions` ((source, index) pairs) not cached yet, READ_ROWS rows a read, the
+        reads at once (`concurrently`): each read is a call into zarr's event loop, and on object storage a
+        request for each row."""
         wanted: dict[tuple[str, int], set[int]] = {}
         with self.lock:
             for source, index in captions:
                 group, shard, row = self._key(source, index)
                 if (group, shard, row) not in self.cache:
                     wanted.setdefault((group, shard), set()).add(row)
-            for (group, shard), rows in wanted.items():
-                self._read(group, shard, sorted(rows))
+            reads = [(group, shard, rows[i:i + READ_ROWS]) for (group, shard), rows in wanted.items()
+                     for rows in [sorted(rows)] for i in range(0, len(rows), READ_ROWS)]
+            before = self.store.bytes_read
+            values = concurrently([functools.partial(self._rows, *read) for read in reads])
+            self.bytes_read += self.store.bytes_read - before
+            for (group, shard, rows), rows_values in zip(reads, values):
+                self._keep(group, shard, rows, rows_values)
 
-    def _read(self, group: str, shard: int, rows: list[int]) -> None:
-        """Rows of one shard into the cache (the oldest beyond `cache_bytes` leave it)."""
-        before = self.store.bytes_read
+    def _rows(self, group: str, shard: int, rows: list[int]) -> np.ndarray:
         with self.store.checked(group, shard, f"text_emb rows {rows[0]}..{rows[-1]}"):
             if (group, shard) not in self.arrays:
                 self.arrays[group, shard] = self.store.shard_group(group, shard)["text_emb"]
-            values = self.arrays[group, shard].get_orthogonal_selection(np.array(rows))
-        self.fetches += len(rows)
+            return self.arrays[group, shard].get_orthogonal_selection(np.array(rows))
+
+    def _read(self, group: str, shard: int, rows: list[int]) -> None:
+        before = self.store.bytes_read
+        values = self._rows(group, shard, rows)
         self.bytes_read += self.store.bytes_read - before
+        self._keep(group, shard, rows, values)
+
+    def _keep(self, group: str, shard: int, rows: list[int], values: np.ndarray) -> None:
+        """Rows of one shard into the cache (the oldest beyond `cache_bytes` leave it)."""
+        self.fetches += len(rows)
         for row, value in zip(rows, values):
             self.cache[group, shard, row] = value
             self.cached_bytes += value.nbytes

@@ -36,7 +36,7 @@ import torch
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, LabelsManifest, read_index, read_labels, teacher_inputs
-from sdit.store import CHUNK_RECORDS, Manifest, Store
+from sdit.store import CHUNK_RECORDS, Manifest, Store, concurrently
 from sdit.synthesize import SYNTHETIC, read_synthetic
 
 LABEL_ARRAYS = ("timesteps", "kind", "caption_from", "caption_index", "weight", "guidance", "noise", "xi_index",
@@ -169,21 +169,22 @@ class LabelledStore:
 
     def read(self, blocks: list[Block]) -> dict:
         """The blocks' records and labels, concatenated as if they were one shard (each block's rows of the
-        `xi` side table are gathered and re-indexed)."""
-        parts = []
-        for b in blocks:
-            part = self.store.read(self.labels_group(b), b.shard, LABEL_ARRAYS, b.start, b.stop)
-            part |= self.store.read(self.records_group(b), b.shard, ("latents", "text_emb"), b.start, b.stop)
+        `xi` side table are gathered and re-indexed). Every array of every block is read at once
+        (`concurrently`): on object storage each is a request."""
+        columns = [(self.labels_group, name) for name in LABEL_ARRAYS] + \
+            [(self.records_group, name) for name in ("latents", "text_emb")]
+        values = iter(concurrently([functools.partial(self.store.read, group(b), b.shard, (name,), b.start, b.stop)
+                                    for b in blocks for group, name in columns]))
+        parts = [{name: next(values)[name] for _, name in columns} for _ in blocks]
+        xi = concurrently([functools.partial(self._xi, b, np.sort(part["xi_index"][part["xi_index"] >= 0]))
+                           for b, part in zip(blocks, parts)])
+        for b, part, rows in zip(blocks, parts, xi):
             part["synthetic"] = np.full(b.stop - b.start, b.synthetic)
             used = part["xi_index"] >= 0
-            with self.store.checked(self.labels_group(b), b.shard, "xi"):
-                xi = self.store.shard_group(self.labels_group(b), b.shard)["xi"]
-                part["xi"] = xi.get_orthogonal_selection(np.sort(part["xi_index"][used])) if used.any() \
-                    else np.zeros((0, *self.manifest.latent_shape), np.float16)
+            part["xi"] = rows
             xi_index = np.full_like(part["xi_index"], -1)
             xi_index[used] = np.searchsorted(np.sort(part["xi_index"][used]), part["xi_index"][used])
             part["xi_index"] = xi_index
-            parts.append(part)
         out = {}
         for name in parts[0]:
             out[name] = np.concatenate([p[name] for p in parts])
@@ -191,6 +192,13 @@ class LabelledStore:
         out["xi_index"] = np.concatenate([np.where(p["xi_index"] >= 0, p["xi_index"] + o, -1)
                                           for p, o in zip(parts, offsets)])
         return out
+
+    def _xi(self, block: Block, rows: np.ndarray) -> np.ndarray:
+        """Rows of a block's shard's `xi` side table (the input perturbations its draws use)."""
+        if not len(rows):
+            return np.zeros((0, *self.manifest.latent_shape), np.float16)
+        with self.store.checked(self.labels_group(block), block.shard, "xi"):
+            return self.store.shard_group(self.labels_group(block), block.shard)["xi"].get_orthogonal_selection(rows)
 
     def batch(self, data: dict, rows: np.ndarray, draws: np.ndarray) -> Batch:
         """Rebuild the draws (rows[i], draws[i]) of data read by `read`."""
@@ -316,6 +324,11 @@ class DrawStream:
                 if parts:
                     yield Batch.cat(parts, Position(epoch, 0, 0))
                 return
+
+
+def read_ahead(batches: Iterator, device: torch.device) -> Iterator:
+    """`batches` prefetched on a GPU, where reading overlaps the device's work; as they are on the CPU."""
+    return prefetch(batches) if device.type == "cuda" else batches
 
 
 def prefetch(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:

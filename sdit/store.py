@@ -29,15 +29,18 @@ records, Zarr metadata) that does not parse raises `Damaged`, one line naming th
 """
 
 import contextlib
+import functools
 import json
 import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import PurePath, PurePosixPath
+from typing import TypeVar
 
 import fsspec
 import numpy as np
@@ -424,6 +427,25 @@ class Store:
                 self.fs.rm(path, recursive=True)
                 removed.append(int(name))
         return removed
+
+
+# Reads in flight at once (`concurrently`): each read of a few rows is a request or two on object storage, which
+# waits on the network, not the CPU.
+READ_THREADS = 16
+T = TypeVar("T")
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="sdit-read")
+
+
+def concurrently(reads: list[Callable[[], T]]) -> list[T]:
+    """The results of `reads`, in order, run on the reader threads (zarr's reads release the GIL while they wait).
+    Not to be called from a read itself: the threads would wait on each other."""
+    if len(reads) <= 1:
+        return [read() for read in reads]
+    return list(_readers().map(lambda read: read(), reads))
 
 
 class Reader(WrapperStore):

@@ -107,6 +107,19 @@ def test_same_seed_same_labels_whatever_the_batch_size(store, tiny_teacher):
     assert not np.array_equal(b5["00000/noise"], seed1["00000/noise"])
 
 
+def test_inputs_built_ahead_give_the_same_labels(store, tiny_teacher, monkeypatch):
+    """On a GPU the next batches' inputs are built on a thread while the UNet runs: the same bytes either way."""
+    from sdit.loader import prefetch
+
+    _label(store, tiny_teacher, name="inline", draws=2)
+    threads = []
+    monkeypatch.setattr(label_stage, "read_ahead", lambda batches, device: threads.append(1) or prefetch(batches))
+    _label(store, tiny_teacher, name="ahead", draws=2)
+    inline, ahead = _labels(store, "inline"), _labels(store, "ahead")
+    assert threads and inline.keys() == ahead.keys()
+    assert all(np.array_equal(inline[key], ahead[key]) for key in inline)
+
+
 @pytest.mark.slow
 def test_resume_after_a_crash_equals_an_uninterrupted_run(store, tiny_teacher):
     _label(store, tiny_teacher, name="whole", draws=2)

@@ -27,7 +27,7 @@ from pipeline.train import TrainConfig, Trainer, Workers, make_state
 from sdit.devices import setup_worker
 from sdit.errors import SDiTError
 from sdit.flops import TRAIN_STEP_FORWARDS, flops_table
-from sdit.loader import DrawStream, LabelledStore, Position, prefetch
+from sdit.loader import DrawStream, LabelledStore, Position, read_ahead
 from sdit.presets import DEFAULT_PRESETS
 from sdit.run import load_student
 
@@ -68,19 +68,19 @@ def bench_train(config: BenchTrainConfig, repeats: int = 3) -> dict:
                                          encoder_hidden_states=batch.text.to(device).float()).sample.cpu()
             return batch
 
-        ahead = prefetch if device.type == "cuda" else iter  # as `sdit train` reads: ahead on a GPU only
         rates = {"store": [], "memory": [], "online": []}
         read = {"all": data.store.bytes_read, "captions": data.bank.bytes_read, "caption_reads": data.bank.fetches}
         for _ in range(repeats):  # each timed run starts a fresh stream: its reads are in the timed steps
-            rates["store"].append(_steps_per_s(trainer, memory, ahead(stream.batches(Position())), config, device))
+            rates["store"].append(_steps_per_s(trainer, memory, read_ahead(stream.batches(Position()), device), config,
+                                                 device))
             if len(rates["store"]) == 1:  # what one pass of `steps` steps read
                 draws = config.steps * config.batch_size
                 read = {"read_bytes_per_draw": (data.store.bytes_read - read["all"]) / draws,
                         "caption_bytes_per_draw": (data.bank.bytes_read - read["captions"]) / draws,
                         "caption_reads_per_draw": (data.bank.fetches - read["caption_reads"]) / draws}
             rates["memory"].append(_steps_per_s(trainer, memory, iter(memory), config, device))
-            rates["online"].append(_steps_per_s(trainer, memory, map(online, ahead(stream.batches(Position()))),
-                                                config, device))
+            labelled = map(online, read_ahead(stream.batches(Position()), device))
+            rates["online"].append(_steps_per_s(trainer, memory, labelled, config, device))
         crc = checksum_seconds(store, ["records", data.labels.group])
         startup = stream_startup(tmp / "startup", config.startup_shards) if config.startup_shards else {}
         supply = {where: loader_supply(str(tmp / "supply") if where == "local" else where)
