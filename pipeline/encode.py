@@ -13,6 +13,7 @@ dropped from the later shard when all are done. (With --limit, the driver reads 
 """
 
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,15 @@ from sdit.progress import Progress, no_progress
 from sdit.prompts import PromptSource, open_prompts
 from sdit.run import location
 from sdit.sources import SourceItem, TarSource, open_source, parquet_images, tar_items
-from sdit.store import MANIFEST, RECORD_COLUMNS, WRITER_LOCK, Manifest, Store, shard_name, write_shard
+from sdit.store import (
+    MANIFEST,
+    RECORD_COLUMNS,
+    WRITER_LOCK,
+    Manifest,
+    Store,
+    shard_name,
+    write_shard,
+)
 from sdit.teacher import Teacher, load_teacher
 from sdit.text import tokenize
 
@@ -320,8 +329,7 @@ def drop_duplicates_across_shards(store: Store, shards: Iterable[int]) -> None:
     becomes a duplicate_id reject. Its completion record goes first, so a kill mid-rewrite leaves the shard to be
     encoded again and checked again."""
     seen: set[str] = set()
-    for index in sorted(shards):
-        ids = store.read("records", index, ("ids",))["ids"]
+    for index, ids in _shard_ids(store, sorted(shards)):
         keep = np.ones(len(ids), bool)
         for row, record_id in enumerate(ids):
             keep[row] = record_id not in seen
@@ -338,6 +346,14 @@ def drop_duplicates_across_shards(store: Store, shards: Iterable[int]) -> None:
         write_shard(store, "records", index, {name: values[keep] for name, values in columns.items()},
                     {"rejects": sorted(record["rejects"] + dropped, key=lambda r: r["position"]),
                      "truncated": record["truncated"], "size": record["size"]})
+
+
+def _shard_ids(store: Store, shards: list[int], at_once: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+    """(shard, its ids) in order, `at_once` shards read at a time (on object storage each read is a request)."""
+    for k in range(0, len(shards), at_once):
+        part = shards[k:k + at_once]
+        yield from zip(part, (r["ids"] for r in store.concurrently(
+            [functools.partial(store.read, "records", index, ("ids",)) for index in part])))
 
 
 def finish(store: Store, manifest: Manifest, planned: dict[str, set[int]], skipped: int,

@@ -23,7 +23,7 @@ import zarr
 from sdit.config import labels_group
 from sdit.diffusion import NoiseSchedule, noisy_latents
 from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
-from sdit.store import CHECKSUM, Damaged, Store, concurrently, from_versioned
+from sdit.store import CHECKSUM, Damaged, Store, from_versioned
 
 LABELS_MANIFEST = "manifest.json"
 LABELS_VERSION = 1
@@ -185,19 +185,22 @@ class CaptionBank:
             return self.cache[key]
 
     def fetch(self, captions: list[tuple[int, int]]) -> None:
-        """Read the embeddings of `captions` ((source, index) pairs) not cached yet, READ_ROWS rows a read, the
-        reads at once (`concurrently`): each read is a call into zarr's event loop, and on object storage a
-        request for each row."""
+        """Read the embeddings of `captions` ((source, index) pairs) not cached yet: one read a shard on a local
+        filesystem (each read is a call into zarr's event loop); on object storage, where each row is a request,
+        READ_ROWS rows a read and the reads at once (`Store.concurrently`)."""
         wanted: dict[tuple[str, int], set[int]] = {}
         with self.lock:
             for source, index in captions:
                 group, shard, row = self._key(source, index)
                 if (group, shard, row) not in self.cache:
                     wanted.setdefault((group, shard), set()).add(row)
-            reads = [(group, shard, rows[i:i + READ_ROWS]) for (group, shard), rows in wanted.items()
-                     for rows in [sorted(rows)] for i in range(0, len(rows), READ_ROWS)]
+            reads = []
+            for (group, shard), rows in wanted.items():
+                rows = sorted(rows)
+                step = len(rows) if self.store.local else READ_ROWS  # a local read costs a call, not a request
+                reads += [(group, shard, rows[i:i + step]) for i in range(0, len(rows), step)]
             before = self.store.bytes_read
-            values = concurrently([functools.partial(self._rows, *read) for read in reads])
+            values = self.store.concurrently([functools.partial(self._rows, *read) for read in reads])
             self.bytes_read += self.store.bytes_read - before
             for (group, shard, rows), rows_values in zip(reads, values):
                 self._keep(group, shard, rows, rows_values)

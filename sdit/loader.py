@@ -36,7 +36,7 @@ import torch
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
 from sdit.labels import CaptionBank, LabelsManifest, read_index, read_labels, teacher_inputs
-from sdit.store import CHUNK_RECORDS, Manifest, Store, concurrently
+from sdit.store import CHUNK_RECORDS, Manifest, Store
 from sdit.synthesize import SYNTHETIC, read_synthetic
 
 LABEL_ARRAYS = ("timesteps", "kind", "caption_from", "caption_index", "weight", "guidance", "noise", "xi_index",
@@ -173,10 +173,10 @@ class LabelledStore:
         (`concurrently`): on object storage each is a request."""
         columns = [(self.labels_group, name) for name in LABEL_ARRAYS] + \
             [(self.records_group, name) for name in ("latents", "text_emb")]
-        values = iter(concurrently([functools.partial(self.store.read, group(b), b.shard, (name,), b.start, b.stop)
-                                    for b in blocks for group, name in columns]))
+        values = iter(self.store.concurrently([functools.partial(self.store.read, group(b), b.shard, (name,), b.start,
+                                                                 b.stop) for b in blocks for group, name in columns]))
         parts = [{name: next(values)[name] for _, name in columns} for _ in blocks]
-        xi = concurrently([functools.partial(self._xi, b, np.sort(part["xi_index"][part["xi_index"] >= 0]))
+        xi = self.store.concurrently([functools.partial(self._xi, b, np.sort(part["xi_index"][part["xi_index"] >= 0]))
                            for b, part in zip(blocks, parts)])
         for b, part, rows in zip(blocks, parts, xi):
             part["synthetic"] = np.full(b.stop - b.start, b.synthetic)

@@ -195,12 +195,32 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
+# Reads in flight at once (`concurrently`): each read of a few rows is a request or two on object storage, which
+# waits on the network, not the CPU.
+READ_THREADS = 16
+T = TypeVar("T")
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="sdit-read")
+
+
+def concurrently(reads: list[Callable[[], T]]) -> list[T]:
+    """The results of `reads`, in order, run on the reader threads (zarr's reads release the GIL while they wait).
+    Not to be called from a read itself: the threads would wait on each other."""
+    if len(reads) <= 1:
+        return [read() for read in reads]
+    return list(_readers().map(lambda read: read(), reads))
+
+
 class Store:
     """A store at a local path or fsspec URL: its manifest, its finished shards, and side files."""
 
     def __init__(self, url: str):
         self.url = str(url).rstrip("/")
         self.fs, self.root = filesystem(self.url)
+        self.local = isinstance(self.fs, LocalFileSystem)
         self._reads = [0]  # bytes read through Zarr, shared with the reader below
         self._reader: "Reader | None" = None
 
@@ -352,6 +372,12 @@ class Store:
                     damaged.append(err)
         return dict(sorted(out.items()))
 
+    def concurrently(self, reads: list[Callable[[], T]]) -> list[T]:
+        """The results of reads of this store, in order: at once on object storage, where each waits on a request
+        (`concurrently`); one after another on a local filesystem, where threads only cost (measured: 7% of the
+        loader's supply)."""
+        return [read() for read in reads] if self.local else concurrently(reads)
+
     def shard_group(self, group: str, index: int) -> zarr.Group:
         return zarr.open_group(self.zarr_reader(), path=f"{group}/{shard_name(index)}", mode="r", zarr_format=3)
 
@@ -427,25 +453,6 @@ class Store:
                 self.fs.rm(path, recursive=True)
                 removed.append(int(name))
         return removed
-
-
-# Reads in flight at once (`concurrently`): each read of a few rows is a request or two on object storage, which
-# waits on the network, not the CPU.
-READ_THREADS = 16
-T = TypeVar("T")
-
-
-@functools.cache
-def _readers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="sdit-read")
-
-
-def concurrently(reads: list[Callable[[], T]]) -> list[T]:
-    """The results of `reads`, in order, run on the reader threads (zarr's reads release the GIL while they wait).
-    Not to be called from a read itself: the threads would wait on each other."""
-    if len(reads) <= 1:
-        return [read() for read in reads]
-    return list(_readers().map(lambda read: read(), reads))
 
 
 class Reader(WrapperStore):

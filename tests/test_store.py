@@ -217,3 +217,21 @@ def test_a_row_of_text_reads_about_its_own_bytes_and_reads_are_counted(tmp_path,
 def test_a_url_whose_filesystem_is_not_installed_is_refused_in_one_line():
     with pytest.raises(SDiTError, match=r"gs://bucket/store: .*gcsfs.*sdit\[gcs\]"):
         Store("gs://bucket/store")
+
+
+def test_reads_of_object_storage_run_at_once_and_local_ones_in_turn(tmp_path):
+    import threading
+
+    together = threading.Barrier(8, timeout=10)  # broken unless all eight reads are in flight at once
+
+    def read(i, wait=True):
+        def run():
+            if wait:
+                together.wait()
+            return i, threading.current_thread().name
+        return run
+
+    remote = Store("memory://concurrent").concurrently([read(i) for i in range(8)])
+    assert [i for i, _ in remote] == list(range(8)) and all(name.startswith("sdit-read") for _, name in remote)
+    local = Store(str(tmp_path / "s")).concurrently([read(i, wait=False) for i in range(3)])
+    assert local == [(i, threading.current_thread().name) for i in range(3)]
