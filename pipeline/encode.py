@@ -331,9 +331,9 @@ def drop_duplicates_across_shards(store: Store, shards: Iterable[int]) -> None:
     seen: set[str] = set()
     for index, ids in _shard_ids(store, sorted(shards)):
         keep = np.ones(len(ids), bool)
-        for row, record_id in enumerate(ids):
+        for row, record_id in enumerate(map(str, ids)):
             keep[row] = record_id not in seen
-            seen.add(str(record_id))
+            seen.add(record_id)
         if keep.all():
             continue
         record = store.read_json("_done", "records", f"{shard_name(index)}.json")
