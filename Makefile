@@ -45,7 +45,7 @@ SEED ?= 0
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_synth --bank-per-pair 4 --synth-samples 3 \
-		--steps 1000 --lr 3e-3 --per-prompt 2 --sample-steps 20 --curve-points 5 --curve-prompts 1 --seed $(SEED) \
+		--steps 1500 --lr 3e-3 --per-prompt 2 --sample-steps 20 --curve-points 5 --curve-prompts 1 --seed $(SEED) \
 		--json $(DEMO)/figures.json
 
 bench: install
