@@ -251,8 +251,9 @@ def teacher_label(
         if synthesize else None
     config = LabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, name=labels, draws=draws,
                          timesteps=timesteps, perturb=mix, guidance=LabelConfig.parse_guidance(guidance),
-                         guidance_conditional=guidance_conditional, seed=seed, batch_size=batch_size, max_dropped=max_dropped, overwrite=overwrite, device=device,
-                         dtype=dtype, ray_address=ray_address, num_workers=num_workers, synthesis=synthesis)
+                         guidance_conditional=guidance_conditional, seed=seed, batch_size=batch_size,
+                         max_dropped=max_dropped, overwrite=overwrite, device=device, dtype=dtype,
+                         ray_address=ray_address, num_workers=num_workers, synthesis=synthesis)
     with progress_bar("teacher-label", "draw") as bar:
 
         def on_stage(name: str, total: int) -> None:

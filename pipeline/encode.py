@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 import sdit
 from pipeline.config import EncodeConfig
@@ -339,9 +338,8 @@ def drop_duplicates_across_shards(store: Store, shards: Iterable[int]) -> None:
         record = store.read_json("_done", "records", f"{shard_name(index)}.json")
         columns = store.read("records", index, tuple(RECORD_COLUMNS))
         positions = columns["positions"]
-        dropped = [{"group": "records", "id": str(ids[row]), "position": int(positions[row]),
-                    "reason": "duplicate_id", "detail": "an earlier tar file holds this id"}
-                   for row in np.flatnonzero(~keep)]
+        dropped = [reject_entry("records", SourceItem(int(positions[row]), str(ids[row]), None), "duplicate_id",
+                                "an earlier tar file holds this id") for row in np.flatnonzero(~keep)]
         store.remove("_done", "records", f"{shard_name(index)}.json")
         write_shard(store, "records", index, {name: values[keep] for name, values in columns.items()},
                     {"rejects": sorted(record["rejects"] + dropped, key=lambda r: r["position"]),
@@ -386,7 +384,7 @@ def finish(store: Store, manifest: Manifest, planned: dict[str, set[int]], skipp
 def check_out(store: Store) -> None:
     """--out must be a store, or a folder that is new or empty: anything else is refused (`--overwrite` or not)
     before any work, so that files which are not a store's are never written into, nor deleted."""
-    if isinstance(store.fs, LocalFileSystem):
+    if store.local:
         check_folder(store.root)
     if store.exists(MANIFEST):
         return

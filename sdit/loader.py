@@ -173,17 +173,18 @@ class LabelledStore:
         (`concurrently`): on object storage each is a request."""
         columns = [(self.labels_group, name) for name in LABEL_ARRAYS] + \
             [(self.records_group, name) for name in ("latents", "text_emb")]
-        values = iter(self.store.concurrently([functools.partial(self.store.read, group(b), b.shard, (name,), b.start,
-                                                                 b.stop) for b in blocks for group, name in columns]))
+        reads = [functools.partial(self.store.read, group(b), b.shard, (name,), b.start, b.stop)
+                 for b in blocks for group, name in columns]
+        values = iter(self.store.concurrently(reads))
         parts = [{name: next(values)[name] for _, name in columns} for _ in blocks]
-        xi = self.store.concurrently([functools.partial(self._xi, b, np.sort(part["xi_index"][part["xi_index"] >= 0]))
-                           for b, part in zip(blocks, parts)])
-        for b, part, rows in zip(blocks, parts, xi):
+        wanted = [np.sort(part["xi_index"][part["xi_index"] >= 0]) for part in parts]  # each block's xi rows
+        xi = self.store.concurrently([functools.partial(self._xi, b, rows) for b, rows in zip(blocks, wanted)])
+        for b, part, rows, values in zip(blocks, parts, wanted, xi):
             part["synthetic"] = np.full(b.stop - b.start, b.synthetic)
+            part["xi"] = values
             used = part["xi_index"] >= 0
-            part["xi"] = rows
             xi_index = np.full_like(part["xi_index"], -1)
-            xi_index[used] = np.searchsorted(np.sort(part["xi_index"][used]), part["xi_index"][used])
+            xi_index[used] = np.searchsorted(rows, part["xi_index"][used])
             part["xi_index"] = xi_index
         out = {}
         for name in parts[0]:

@@ -409,9 +409,12 @@ def parquet_images(items: list[SourceItem]) -> list[SourceItem]:
             parquet = pq.ParquetFile(f)
             sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
             firsts = list(itertools.accumulate(sizes, initial=0))
-            for g in sorted({bisect.bisect_right(firsts, r) - 1 for r in rows}):
+            by_group: dict[int, list[int]] = {}
+            for r in rows:
+                by_group.setdefault(bisect.bisect_right(firsts, r) - 1, []).append(r)
+            for g, group_rows in sorted(by_group.items()):
                 column = parquet.read_row_group(g, columns=[image_column]).column(image_column)
-                for r in rows & set(range(firsts[g], firsts[g + 1])):
+                for r in group_rows:
                     cells[file, image_column, r] = column[r - firsts[g]].as_py()
     out = []
     for item in items:

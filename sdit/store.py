@@ -235,7 +235,7 @@ class Store:
     def zarr_reader(self) -> "Reader":
         """The store read-only as Zarr sees it, counting the bytes it reads (see `Reader`)."""
         if self._reader is None:
-            base = LocalStore(self.root, read_only=True) if isinstance(self.fs, LocalFileSystem) \
+            base = LocalStore(self.root, read_only=True) if self.local \
                 else FsspecStore.from_url(self.url, read_only=True)
             self._reader = Reader(base, self._reads)
         return self._reader
@@ -262,7 +262,7 @@ class Store:
         data = json.dumps(obj, indent=1, default=_json_default).encode()
         path = self._path(*parts)
         self.fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
+        if self.local:
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -296,7 +296,7 @@ class Store:
         encode` or `sdit teacher-label`) is refused in one line naming the process that holds it. A lock left by
         a killed process (its pid gone on this host) is taken over. Local stores only: object stores have no
         atomic create, so on them one writer at a time is the user's to keep."""
-        if not isinstance(self.fs, LocalFileSystem):
+        if not self.local:
             yield
             return
         os.makedirs(self.root, exist_ok=True)
