@@ -155,7 +155,7 @@ class Trainer:
             eps = self.state.model(x, t, text, guidance=batch.guidance.to(dev) if self.guided else None)
         weight = timestep_weight(self.schedule, batch.timesteps, c.min_snr, c.high_noise_weight)
         weight = draw_weight(batch.synthetic.to(dev), c.synthetic_weight, None if weight is None else weight.to(dev))
-        mask = true_noise_mask(batch.kind, batch.guidance).to(dev)
+        mask = true_noise_mask(batch.kind, batch.guidance, self.guided).to(dev)
         return distillation_loss(eps, batch.noise.to(dev), batch.eps_teacher.to(dev), mask, c.task_weight,
                                  c.kd_weight, weight)
 

@@ -29,11 +29,14 @@ class Losses:
     kd_sum: torch.Tensor  # () Σ |ε_s − ε_T|²
 
 
-def true_noise_mask(kind: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: draws whose true noise the student should predict: real pairs whose label is unguided (w = 0) or
-    guided at w = 1 exactly (ε_u + 1·(ε_c − ε_u) is the teacher's conditional ε, whose target the true noise is)."""
+def true_noise_mask(kind: torch.Tensor, guidance: torch.Tensor, guided: bool) -> torch.Tensor:
+    """(B,) bool: draws whose true noise the student should predict: real pairs of unguided labels, or of `guided`
+    labels at w = 1 exactly (ε_u + 1·(ε_c − ε_u) is the teacher's conditional ε, whose target the true noise is).
+    At any other w, w = 0 included, the target is not the true noise: the student is given the caption, so the
+    true noise would teach it the conditional ε."""
     kinds = torch.tensor([int(k) for k in TRUE_NOISE_KINDS], device=kind.device)
-    return torch.isin(kind, kinds) & ((guidance == 0) | (guidance == 1))
+    real = torch.isin(kind, kinds)
+    return real & (guidance == 1) if guided else real
 
 
 def min_snr_weight(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -107,7 +110,7 @@ def draw_errors(student: torch.nn.Module, batch, device: torch.device, dtype: to
     eps = student(batch.x_t.to(device, dtype), batch.timesteps.to(device), batch.text.to(device, dtype),
                   guidance=guidance).float().cpu()
     eps_t, noise = batch.eps_teacher.float(), batch.noise.float()
-    mask = true_noise_mask(batch.kind, batch.guidance)
+    mask = true_noise_mask(batch.kind, batch.guidance, guided=guidance is not None)
     return DrawErrors((eps - eps_t).pow(2).mean(dim=(1, 2, 3)), mask,
                       (eps[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)),
                       (eps_t[mask] - noise[mask]).pow(2).mean(dim=(1, 2, 3)))

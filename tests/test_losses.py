@@ -9,10 +9,13 @@ from sdit.teacher import SD15_CONFIG_DIR, load_scheduler_config
 
 def test_true_noise_is_a_target_for_real_pairs_only():
     kinds = torch.tensor([int(k) for k in Kind])  # none, input, swap, mix, null, trajectory
-    assert true_noise_mask(kinds, torch.zeros(6)).tolist() == [True, True, False, False, True, False]
-    assert not true_noise_mask(kinds, torch.full((6,), 3.0)).any()  # guided targets are not the true noise
+    real = [True, True, False, False, True, False]
+    assert true_noise_mask(kinds, torch.zeros(6), guided=False).tolist() == real
+    assert not true_noise_mask(kinds, torch.full((6,), 3.0), guided=True).any()  # guided targets are not the true noise
     # ... but a guided target at w = 1 is the teacher's conditional ε: the true noise is its target too.
-    assert true_noise_mask(kinds, torch.ones(6)).tolist() == [True, True, False, False, True, False]
+    assert true_noise_mask(kinds, torch.ones(6), guided=True).tolist() == real
+    # At w = 0 it is ε_u, and the student sees the caption: the true noise would teach it the conditional ε instead.
+    assert not true_noise_mask(kinds, torch.zeros(6), guided=True).any()
 
 
 def test_losses_are_the_weighted_mses_and_split_across_workers_exactly():

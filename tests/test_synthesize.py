@@ -291,7 +291,7 @@ def test_trajectory_draws_are_the_states_the_teachers_sampler_visits(store, tiny
     assert (labels["kind"][:] == Kind.TRAJECTORY).all() and (labels["timesteps"][:] == [501, 251]).all()
     assert np.array_equal(labels["noise"][:], synth["states"][:]) and (labels["caption_index"][:] == -1).all()
     kinds = torch.as_tensor(labels["kind"][:]).flatten().long()
-    assert not true_noise_mask(kinds, torch.zeros(len(kinds))).any()
+    assert not true_noise_mask(kinds, torch.zeros(len(kinds)), guided=False).any()
 
 
 def test_errors_are_one_line(encoded, store, tiny_teacher, tmp_path):
