@@ -615,6 +615,23 @@ def bench_distill(
                f"score against the teacher's cost: {out}/budget.png")
 
 
+@bench_app.command("handoff")
+@command
+def bench_handoff(
+    out: Annotated[str, typer.Argument(help="A finished `bench distill` folder (its --out).")],
+    runs: Annotated[str, typer.Option(help="Comma-separated runs of that experiment.")],
+    at: Annotated[int, typer.Option(min=-1, max=999, help="The teacher takes over (or hands over) at the steps with t <= this.")] = 500,
+    json_out: JsonOut = None,
+):
+    """Where a student loses to the teacher: the experiment's samples drawn again with the teacher finishing
+    them (the steps at t <= --at) and with the teacher starting them, from the same noise; fair held-out
+    score and seen accuracy of each, with their 95% intervals."""
+    from pipeline.experiments.handoff import HandoffConfig, format_handoff, handoff
+
+    result = handoff(HandoffConfig(out=out, runs=_names(runs), at=at))
+    _report(format_handoff(result), result, json_out)
+
+
 @bench_app.command("substitution")
 @command
 def bench_substitution(

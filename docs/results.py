@@ -279,6 +279,23 @@ def encode_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     return table(["figure", "value"], rows)
 
 
+def handoff_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """Per seed and run: fair held-out score and seen accuracy alone and with the teacher at either end."""
+    orders = (("alone", "alone"), ("student_first", "teacher below t = {at}"),
+              ("teacher_first", "teacher above t = {at}"))
+    ats = {data["at"] for _, data in files}
+    if len(ats) != 1:
+        raise ResultsError(f"handoff files at different timesteps {sorted(ats)}: one table takes one")
+    at = ats.pop()
+    rows = []
+    for name, data in files:
+        for run_name, run in [*data["runs"].items(), ("teacher", {"alone": data["teacher"]})]:
+            rows.append([run_name, str(seed_of(name)),
+                         *(f"{with_interval(run[o], 'heldout_acc')} / {num(run[o]['seen_acc'])}" if o in run else ""
+                           for o, _ in orders)])
+    return table(["run", "seed", *(f"{label.format(at=at)}: fair / seen" for _, label in orders)], rows)
+
+
 def ray_encode_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     (_, r), = files
     rows = [["actor pool (`sdit encode --ray-address local`)", f"{r['pool_records_per_s']:.1f} records/s"],
@@ -478,7 +495,8 @@ def startup_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
 VIEWS = {
     "distill": distill_view, "concepts": concepts_view, "substitution": substitution_view,
     "evaluator": evaluator_view, "toy-eval": toy_eval_view,
-    "encode": encode_view, "ray-encode": ray_encode_view, "label": label_view, "train": train_view,
+    "handoff": handoff_view, "encode": encode_view, "ray-encode": ray_encode_view, "label": label_view,
+    "train": train_view,
     "supply": supply_view, "flops": flops_view,
     "sample": sample_view,
     "sd15-stages": sd15_stages_view, "sd15-speed": sd15_speed_view, "sd15-precision": sd15_precision_view,

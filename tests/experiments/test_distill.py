@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
+from experiments.conftest import run_variants, variants_args
 from pipeline.experiments.config import DistillConfig
 from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps
 from pipeline.experiments.scoring import teacher_samples
@@ -129,44 +130,6 @@ def test_steps_to_reach_interpolates_between_curve_points():
     assert steps_to_reach(curve, 0.0) is None  # reached before any step: no step count to compare
 
 
-VARIANTS = '''
-[swaps]  # another labelling: more swaps, at every timestep, fewer draws
-from = "kd_perturb"
-perturb = "none=0.5,swap=0.5"
-caption_min_t = 0
-draws = 3
-
-[longer]  # kd_perturb's own labelling, trained longer
-from = "kd_perturb"
-steps = 3
-'''
-
-
-def _variants_args(tiny_teacher, tmp_path, out) -> list:
-    variants = tmp_path / "variants.toml"
-    variants.write_text(VARIANTS)
-    return ["bench", "distill", "--out", out, "--teacher", tiny_teacher, "--runs", "no_teacher",
-            "--variants", variants, "--records", "24", "--draws", "2", "--steps", "2", "--batch-size", "8",
-            "--per-prompt", "2", "--sample-steps", "2", "--curve-points", "2", "--curve-prompts", "1",
-            "--bank-per-pair", "1", "--jobs", "1"]
-
-
-def _run_variants(tiny_teacher, folder: Path, out: Path) -> None:
-    """The variants experiment into `out`, in a child process with one thread, as every run here compares."""
-    done = subprocess.run(cli_command(*_variants_args(tiny_teacher, folder, out)), env=child_env(),
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def variants(tiny_teacher, tmp_path_factory) -> Path:
-    """One uninterrupted variants experiment, shared: the variants test reruns into it, the kill test compares
-    with it."""
-    folder = tmp_path_factory.mktemp("variants")
-    _run_variants(tiny_teacher, folder, folder / "distill")
-    return folder / "distill"
-
-
 @pytest.mark.slow
 def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_what_is_done(tiny_teacher, variants):
     out = variants
@@ -185,7 +148,7 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
     # A rerun keeps the store, the trained runs and the teacher's samples, and scores the same weights the same.
     kept = {path: path.stat().st_mtime_ns for path in [out / "teacher-samples.npz",
                                                         *out.glob("*/checkpoints/*/model.safetensors")]}
-    _run_variants(tiny_teacher, out.parent, out)
+    run_variants(tiny_teacher, out.parent, out)
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
     again = json.loads((out / "report.json").read_text())
     for name in report["runs"]:
@@ -263,10 +226,10 @@ def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_
 def test_an_experiment_killed_while_training_resumes_to_the_same_report(tiny_teacher, variants, tmp_path):
     whole, killed = variants, tmp_path / "killed"
     # torch.save writes each checkpoint's optimiser state: the third call is the swaps run's first checkpoint
-    kill_paused_at(_variants_args(tiny_teacher, tmp_path, killed), "torch:save", 3, tmp_path / "paused")
+    kill_paused_at(variants_args(tiny_teacher, tmp_path, killed), "torch:save", 3, tmp_path / "paused")
     assert read_run(killed / "no_teacher")["train"]["status"] == "complete"
     assert not (killed / "swaps" / "checkpoints" / "step-00000001").exists()
-    done = subprocess.run(cli_command(*_variants_args(tiny_teacher, tmp_path, killed)), env=child_env(),
+    done = subprocess.run(cli_command(*variants_args(tiny_teacher, tmp_path, killed)), env=child_env(),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = (json.loads((folder / "report.json").read_text()) for folder in (whole, killed))
