@@ -628,7 +628,9 @@ def bench_handoff(
     score and seen accuracy of each, with their 95% intervals."""
     from pipeline.experiments.handoff import HandoffConfig, format_handoff, handoff
 
-    result = handoff(HandoffConfig(out=out, runs=_names(runs), at=at))
+    with progress_bar("handoff", "image") as bar:
+        result = handoff(HandoffConfig(out=out, runs=_names(runs), at=at), progress=bar.update,
+                         on_total=lambda n: setattr(bar, "total", n))
     _report(format_handoff(result), result, json_out)
 
 

@@ -59,6 +59,16 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], dev
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def guided_eps(eps_model: EpsModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, null: torch.Tensor | None,
+               guidance: float) -> torch.Tensor:
+    """ε with classifier-free guidance: with `null` and guidance != 1, ε_u + w·(ε_c − ε_u) from one forward on the
+    doubled batch (text and null), as Stable Diffusion's pipeline runs it; else the model's ε on `text`."""
+    if null is None or guidance == 1.0:
+        return eps_model(x, t, text)
+    eps_c, eps_u = eps_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
 @torch.no_grad()
 def denoise(eps_model: EpsModel, scheduler, noise: torch.Tensor, text: torch.Tensor, null: torch.Tensor | None,
             steps: int, guidance: float, progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -80,14 +90,8 @@ def denoising_steps(eps_model: EpsModel, scheduler, noise: torch.Tensor, text: t
     its `pred_original_sample`), so that a caller can stop early."""
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
-    guided = null is not None and guidance != 1.0
-    context = torch.cat([text, null]) if guided else text
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        eps = eps_model(model_in, t.expand(len(model_in)), context)
-        if guided:
-            eps_c, eps_u = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
+        eps = guided_eps(eps_model, scheduler.scale_model_input(x, t), t.expand(len(x)), text, null, guidance)
         out = scheduler.step(eps, t, x)
         x = out.prev_sample
         yield out

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from pipeline.experiments.config import DistillConfig
-from pipeline.experiments.scoring import add_intervals, student_pipeline
+from pipeline.experiments.scoring import add_intervals, student_pipeline, teacher_samples
 from sdit import sampling
 from sdit.errors import SDiTError
+from sdit.progress import Progress, no_progress
 from sdit.shapes import reader, samples
 from sdit.shapes.scores import figures, headline_draws, resample
 from sdit.teacher import load_teacher
@@ -24,6 +25,8 @@ from sdit.text import encode_text
 # ε(x, t, text, null) of a model with its guidance applied: the teacher's and a student's CFG, a guided student's w.
 Guided = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ORDERS = ("alone", "student_first", "teacher_first")  # the student throughout; above `at`; at and below `at`
+# What the handoff takes of the experiment's settings: its teacher and how it sampled the evaluation prompts.
+SAMPLING = ("teacher", "teacher_samples", "seed", "per_prompt", "sample_steps", "guidance")
 
 
 @dataclass(frozen=True)
@@ -43,21 +46,16 @@ class HandoffConfig:
         if missing := [r for r in self.runs if not (out / r / "transformer" / "config.json").exists()]:
             trained = sorted(p.parent.parent.name for p in out.glob("*/transformer/config.json"))
             raise SDiTError(f"runs {missing} are not in {out}; it has {', '.join(trained) or 'none'}")
-        data = json.loads((out / "report.json").read_text())
-        known = DistillConfig.__dataclass_fields__
-        return replace(DistillConfig(), **{k: v for k, v in data["config"].items()
-                                          if k in known and k not in ("perturb", "variants", "runs")})
+        settings = json.loads((out / "report.json").read_text())["config"]
+        return replace(DistillConfig(), **{key: settings[key] for key in SAMPLING if key in settings})
 
 
 def with_guidance(eps: sampling.EpsModel, guidance: float, distilled: bool = False) -> Guided:
-    """A model's guided ε: ε_u + w(ε_c − ε_u) on the doubled batch, as `sampling.denoise` runs it, or a
-    guidance-distilled student's one forward (it takes w itself)."""
+    """A model's guided ε as `sampling.denoise` runs it (`sampling.guided_eps`), or a guidance-distilled student's
+    one forward (it takes w itself)."""
 
     def guided(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-        if distilled or guidance == 1.0:
-            return eps(x, t, text)
-        eps_c, eps_u = eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null])).chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
+        return sampling.guided_eps(eps, x, t, text, None if distilled else null, guidance)
 
     return guided
 
@@ -83,9 +81,12 @@ def handed_over(first: Guided, second: Guided, at: int, config: DistillConfig, t
     return made
 
 
-def handoff(config: HandoffConfig) -> dict:
+def handoff(config: HandoffConfig, progress: Progress = no_progress,
+            on_total: Callable[[int], None] | None = None) -> dict:
     """Each run's figures alone, with the teacher finishing its samples (student_first) and starting them
-    (teacher_first), each with its 95% interval; the teacher's alone."""
+    (teacher_first), each with its 95% interval; the teacher's alone (its samples from the experiment's cache,
+    drawn again only where that is missing). `on_total(n)` hears how many images the students' samplings draw,
+    `progress(n)` counts them."""
     experiment = config.check()
     out = Path(config.out)
     teacher = load_teacher(experiment.teacher)
@@ -93,20 +94,28 @@ def handoff(config: HandoffConfig) -> dict:
     prompts = samples.repeat(samples.evaluation_prompts(), experiment.per_prompt)
     texts = {split: [p.text for p in plist] for split, plist in prompts.items()}
     weights = resample(prompts, seed=experiment.seed)
+    if on_total:
+        on_total(len(config.runs) * len(ORDERS) * sum(map(len, texts.values())))
 
-    def score(first: Guided, second: Guided) -> tuple[dict, dict]:
-        images = {split: handed_over(first, second, config.at, experiment, teacher, t) for split, t in texts.items()}
+    def score(images: dict[str, list]) -> tuple[dict, dict]:
         readings = {split: reader.read_batch(images[split]) for split in prompts}
         return figures(readings, prompts), headline_draws(readings, prompts, weights)
 
+    def drawn(first: Guided, second: Guided) -> dict[str, list]:
+        images = {}
+        for split, chunk in texts.items():
+            images[split] = handed_over(first, second, config.at, experiment, teacher, chunk)
+            progress(len(chunk))
+        return images
+
     results, draws = {}, {}
-    results["teacher"], draws["teacher"] = score(teacher_guided, teacher_guided)
+    results["teacher"], draws["teacher"] = score(teacher_samples(experiment, out, teacher, texts)[0])
     for name in config.runs:
         pipe = student_pipeline(out / name)
         student = with_guidance(pipe.eps_model(experiment.guidance), experiment.guidance, pipe.guidance_distilled)
         for order, (first, second) in zip(ORDERS, ((student, student), (student, teacher_guided),
                                                    (teacher_guided, student)), strict=True):
-            results[f"{name}:{order}"], draws[f"{name}:{order}"] = score(first, second)
+            results[f"{name}:{order}"], draws[f"{name}:{order}"] = score(drawn(first, second))
     add_intervals(results, draws)
     return {"at": config.at, "steps": experiment.sample_steps, "guidance": experiment.guidance,
             "teacher": results.pop("teacher"),
