@@ -330,3 +330,26 @@ def test_ray_makes_the_same_synthetic_records_and_labels(store, tiny_teacher, tm
         ray.shutdown()
     for group in ("synthetic", "labels"):
         assert _same(_arrays(store, group), _arrays(local, group)), group
+
+
+@pytest.mark.slow
+def test_trajectory_draws_take_guided_targets(store, tiny_teacher, unet_rows):
+    """With guidance, a trajectory state is labelled as a record's draw is: ε_u + w(ε_c − ε_u), w drawn per draw."""
+    counts = _label(store, tiny_teacher, synthesis=TRAJECTORY, guidance=(1.0, 3.0))
+    assert counts["teacher_forwards"] == {"records": 44, "synthetic": 24, "synthesis": 24, "total": 92}
+    assert sum(unet_rows) == 92
+    s = Store(str(store))
+    teacher = load_teacher(tiny_teacher)
+    schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+    synth, labels = s.shard_group("synthetic", 0), s.shard_group("labels/synth/synthetic", 0)
+    w = labels["guidance"][:]
+    assert ((w >= 1.0) & (w <= 3.0)).all() and len(np.unique(w)) == w.size
+    text = torch.as_tensor(synth["text_emb"][:]).float()
+    null = torch.as_tensor(s.null_embedding()).float().expand_as(text)
+    for d, t in enumerate(read_synthetic(s).trajectory_timesteps):
+        x = noisy_latents(schedule, synth["latents"][:], synth["states"][:, d], torch.full((len(text),), t))
+        with torch.no_grad():
+            eps_c, eps_u = (teacher.unet(x, t, encoder_hidden_states=e).sample for e in (text, null))
+        guided = eps_u + torch.as_tensor(w[:, d]).view(-1, 1, 1, 1) * (eps_c - eps_u)
+        torch.testing.assert_close(torch.as_tensor(labels["eps_teacher"][:, d]).float(), guided, atol=2e-3,
+                                   rtol=2e-3)  # stored in fp16

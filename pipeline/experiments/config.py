@@ -45,7 +45,7 @@ SYNTHESIS_LABELS = ("synthetic", "trajectory")  # labellings that make the teach
 # What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
 # training's. Each takes the type given.
 LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str,
-                 "guidance_conditional": float, "synth_samples": int, "trajectory_steps": int}
+                 "guidance_conditional": float, "synth_samples": int, "trajectory_steps": int, "trajectories": bool}
 
 
 # ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
@@ -117,7 +117,7 @@ class DistillConfig:
         for name in self.names:
             options = self.variants.get(name, {"from": name})
             steps, draws = options.get("trajectory_steps", self.trajectory_steps), options.get("draws", self.draws)
-            if RECIPES[options["from"]].labels == "trajectory" and not draws < steps:
+            if has_trajectories(options) and not draws < steps:
                 raise SDiTError(f"{name}: a trajectory stops after its {draws} draws' steps, so --trajectory-steps "
                                 f"must be above --draws (now {steps})")
         if self.jobs < 0:
@@ -150,10 +150,16 @@ def check_variant(name: str, options: dict) -> None:
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
     kind = RECIPES[options["from"]].labels
+    if "trajectories" in options and kind != GUIDED_LABELS:
+        raise SDiTError(f"variant {name!r}: trajectories is for kd_guided's variants (kd_traj has them)")
+    if has_trajectories(options):
+        kind = "trajectory"  # a guided student of trajectory draws takes kd_traj's options too
     if "synth_samples" in options and (kind not in SYNTHESIS_LABELS or options["synth_samples"] < 1):
-        raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's or kd_traj's variants")
+        raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's or kd_traj's variants "
+                        "(or kd_guided's with trajectories = true)")
     if "trajectory_steps" in options and kind != "trajectory":
-        raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants")
+        raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants (or kd_guided's with "
+                        "trajectories = true)")
     if options.get("guidance_linear") and kind != GUIDED_LABELS:
         raise SDiTError(f"variant {name!r}: guidance_linear is for students of guided labels (from = \"kd_guided\")")
     if "student" in options and options["student"] not in PRESETS:
@@ -163,6 +169,12 @@ def check_variant(name: str, options: dict) -> None:
             PerturbConfig.from_option(options["perturb"])
         except SDiTError as err:
             raise SDiTError(f"variant {name!r}: {err}") from None
+
+
+def has_trajectories(options: dict) -> bool:
+    """Whether a run's labels include trajectory draws: kd_traj's, or a kd_guided variant's with
+    `trajectories = true` (guided targets at the states of the teacher's guided sampler)."""
+    return RECIPES[options["from"]].labels == "trajectory" or bool(options.get("trajectories"))
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def _synthesis(config: DistillConfig, labelling: Labelling) -> SynthesisConfig |
     if labelling.kind == "synthetic":
         return SynthesisConfig(samples=labelling.samples, steps=config.sample_steps, guidance=config.guidance,
                                seed=config.seed, scheduler="ddim")
-    if labelling.kind == "trajectory":
+    if labelling.trajectory_steps:  # kd_traj's, or a guided variant's
         return SynthesisConfig(samples=labelling.samples, steps=labelling.trajectory_steps, guidance=config.guidance,
                                seed=config.seed, trajectory=labelling.draws)
     return None

@@ -106,8 +106,9 @@ def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
     if kind == GUIDED_LABELS:
         guidance = LabelConfig.parse_guidance(options["guidance_range"]) if "guidance_range" in options \
             else config.guidance_range
-    samples = options.get("synth_samples", config.synth_samples) if kind in SYNTHESIS_LABELS else 0
-    steps = options.get("trajectory_steps", config.trajectory_steps) if kind == "trajectory" else 0
+    trajectories = kind == "trajectory" or bool(options.get("trajectories"))  # kd_guided's may have them too
+    samples = options.get("synth_samples", config.synth_samples) if kind in SYNTHESIS_LABELS or trajectories else 0
+    steps = options.get("trajectory_steps", config.trajectory_steps) if trajectories else 0
     conditional = options.get("guidance_conditional", 0.0) if kind == GUIDED_LABELS else 0.0
     return Labelling(kind, perturb, options.get("draws", config.draws), guidance, conditional, samples, steps)
 

@@ -158,14 +158,18 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
 
 def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
     variants = {"linear": {"from": "kd_guided", "guidance_linear": True},
-                "small": {"from": "kd", "student": "SDiT-Nano/2"}, "traj2": {"from": "kd_traj", "synth_samples": 2}}
+                "small": {"from": "kd", "student": "SDiT-Nano/2"}, "traj2": {"from": "kd_traj", "synth_samples": 2},
+                "guided_traj": {"from": "kd_guided", "trajectories": True, "trajectory_steps": 9}}
     labellings, runs = plan(DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants))
     assert {name: (run.init, run.store, run.guidance_linear) for name, run in runs.items()} == {
         "kd": ("init", "store", False), "kd_synth": ("init", "store", False),
         "kd_traj": ("init", "store-trajectory", False), "kd_guided": ("init-guided", "store", False),
         "linear": ("init-guided-linear", "store", True), "small": ("init-SDiT-Nano-2", "store", False),
-        "traj2": ("init", "store-traj2", False)}  # a store holds one set of the teacher's samples or trajectories
+        "traj2": ("init", "store-traj2", False),  # a store holds one set of the teacher's samples or trajectories
+        "guided_traj": ("init-guided", "store-guided_traj", False)}
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
+    guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
+    assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
 
 
 def test_the_runs_steps_set_the_progress_bars():
@@ -212,6 +216,9 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
     ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's or kd_traj's"),
     ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
+    ('[a]\nfrom = "kd_guided"\ntrajectory_steps = 9\n', "trajectory_steps is for kd_traj's variants"),
+    ('[a]\nfrom = "kd_traj"\ntrajectories = true\n', "trajectories is for kd_guided's variants"),
+    ('[a]\nfrom = "kd_guided"\ntrajectories = true\ntrajectory_steps = 8\n', "must be above --draws (now 8)"),
 ])
 def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_path, text, error):
     variants, out = tmp_path / "variants.toml", tmp_path / "distill"
