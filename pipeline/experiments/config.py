@@ -117,7 +117,7 @@ class DistillConfig:
         for name in self.names:
             options = self.variants.get(name, {"from": name})
             steps, draws = options.get("trajectory_steps", self.trajectory_steps), options.get("draws", self.draws)
-            if has_trajectories(options) and not draws < steps:
+            if has_trajectories(RECIPES[options["from"]].labels, options) and not draws < steps:
                 raise SDiTError(f"{name}: a trajectory stops after its {draws} draws' steps, so --trajectory-steps "
                                 f"must be above --draws (now {steps})")
         if self.jobs < 0:
@@ -152,12 +152,12 @@ def check_variant(name: str, options: dict) -> None:
     kind = RECIPES[options["from"]].labels
     if "trajectories" in options and kind != GUIDED_LABELS:
         raise SDiTError(f"variant {name!r}: trajectories is for kd_guided's variants (kd_traj has them)")
-    if has_trajectories(options):
-        kind = "trajectory"  # a guided student of trajectory draws takes kd_traj's options too
-    if "synth_samples" in options and (kind not in SYNTHESIS_LABELS or options["synth_samples"] < 1):
+    trajectories = has_trajectories(kind, options)  # a guided student of trajectory draws takes kd_traj's options
+    if "synth_samples" in options and (kind not in SYNTHESIS_LABELS and not trajectories
+                                       or options["synth_samples"] < 1):
         raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's or kd_traj's variants "
                         "(or kd_guided's with trajectories = true)")
-    if "trajectory_steps" in options and kind != "trajectory":
+    if "trajectory_steps" in options and not trajectories:
         raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants (or kd_guided's with "
                         "trajectories = true)")
     if options.get("guidance_linear") and kind != GUIDED_LABELS:
@@ -171,10 +171,10 @@ def check_variant(name: str, options: dict) -> None:
             raise SDiTError(f"variant {name!r}: {err}") from None
 
 
-def has_trajectories(options: dict) -> bool:
-    """Whether a run's labels include trajectory draws: kd_traj's, or a kd_guided variant's with
-    `trajectories = true` (guided targets at the states of the teacher's guided sampler)."""
-    return RECIPES[options["from"]].labels == "trajectory" or bool(options.get("trajectories"))
+def has_trajectories(kind: str, options: dict) -> bool:
+    """Whether labels of `kind` with a variant's `options` include trajectory draws: kd_traj's, or a kd_guided
+    variant's with `trajectories = true` (guided targets at the states of the teacher's guided sampler)."""
+    return kind == "trajectory" or bool(options.get("trajectories"))
 
 
 @dataclass(frozen=True)

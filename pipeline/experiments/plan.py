@@ -18,6 +18,7 @@ from pipeline.experiments.config import (
     SYNTHESIS_LABELS,
     TRAIN_OPTIONS,
     DistillConfig,
+    has_trajectories,
 )
 from pipeline.label import LabelConfig
 from pipeline.train import TrainConfig
@@ -106,7 +107,7 @@ def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
     if kind == GUIDED_LABELS:
         guidance = LabelConfig.parse_guidance(options["guidance_range"]) if "guidance_range" in options \
             else config.guidance_range
-    trajectories = kind == "trajectory" or bool(options.get("trajectories"))  # kd_guided's may have them too
+    trajectories = has_trajectories(kind, options)  # kd_guided's may have them too
     samples = options.get("synth_samples", config.synth_samples) if kind in SYNTHESIS_LABELS or trajectories else 0
     steps = options.get("trajectory_steps", config.trajectory_steps) if trajectories else 0
     conditional = options.get("guidance_conditional", 0.0) if kind == GUIDED_LABELS else 0.0

@@ -159,14 +159,19 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
 def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
     variants = {"linear": {"from": "kd_guided", "guidance_linear": True},
                 "small": {"from": "kd", "student": "SDiT-Nano/2"}, "traj2": {"from": "kd_traj", "synth_samples": 2},
-                "guided_traj": {"from": "kd_guided", "trajectories": True, "trajectory_steps": 9}}
-    labellings, runs = plan(DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants))
+                "guided_traj": {"from": "kd_guided", "trajectories": True, "trajectory_steps": 9},
+                "guided_traj_linear": {"from": "kd_guided", "trajectories": True, "synth_samples": 2,
+                                       "guidance_linear": True}}
+    config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
+    config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
+    labellings, runs = plan(config)
     assert {name: (run.init, run.store, run.guidance_linear) for name, run in runs.items()} == {
         "kd": ("init", "store", False), "kd_synth": ("init", "store", False),
         "kd_traj": ("init", "store-trajectory", False), "kd_guided": ("init-guided", "store", False),
         "linear": ("init-guided-linear", "store", True), "small": ("init-SDiT-Nano-2", "store", False),
         "traj2": ("init", "store-traj2", False),  # a store holds one set of the teacher's samples or trajectories
-        "guided_traj": ("init-guided", "store-guided_traj", False)}
+        "guided_traj": ("init-guided", "store-guided_traj", False),
+        "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True)}
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
     guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
     assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
