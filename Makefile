@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lint test test-fast demo docs results bench bench-train bench-substitution tune-labels-only tune-best-run tune-levers bench-sd15 bench-gpu clean
+.PHONY: install lint test test-fast demo docs results bench bench-train bench-substitution tune-labels-only tune-best-run tune-levers tune-onset bench-sd15 bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -86,6 +86,12 @@ tune-best-run: install
 tune-levers: install
 	$(BIN)/sdit bench distill --runs no_teacher,kd_perturb,kd_synth,kd_traj,kd_guided --variants docs/tuning/levers.toml \
 		--curve-points 0 --per-prompt 2 --out runs/levers --json runs/levers.json
+
+# What delays the students' first shapes: the demo's runs with one change at a time, a curve point every 100 steps.
+tune-onset: install
+	$(BIN)/sdit bench distill --runs no_teacher,kd_synth --variants docs/tuning/onset.toml --bank-per-pair 4 \
+		--synth-samples 3 --steps 900 --lr 3e-3 --per-prompt 2 --sample-steps 20 --curve-points 9 --curve-prompts 1 \
+		--out runs/onset --json runs/onset.json
 
 # SD 1.5's architecture with random weights at 512 px: every stage, the students' speed against the teacher's.
 bench-sd15: install

@@ -199,6 +199,32 @@ def distill_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     return table(header, rows)
 
 
+CURVE_METRICS = {"seen": "seen_acc", "fair": "heldout_acc"}
+
+
+def curves_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """Each run's learning curve, a row per run and seed: `metric` (seen accuracy or the fair held-out score) at
+    every step its curve scored."""
+    metric = options.get("metric", "seen")
+    if metric not in CURVE_METRICS:
+        raise ResultsError(f"curves metric {metric!r}: choose {' or '.join(CURVE_METRICS)}")
+    seeds = by_seed(files)
+    names = options["runs"].split(",") if "runs" in options else list(
+        dict.fromkeys(run for s in seeds.values() for run in s["runs"]))
+    rows, steps = [], set()
+    for run in names:
+        curves = [(seed, s["runs"][run].get("curves")) for seed, s in seeds.items() if run in s["runs"]]
+        if not curves or not all(curve for _, curve in curves):
+            raise ResultsError(f"run {run!r} has no learning curve in {', '.join(n for n, _ in files)}")
+        for seed, curve in curves:
+            steps |= {point["step"] for point in curve}
+            rows.append((run, seed, {point["step"]: point[CURVE_METRICS[metric]] for point in curve}))
+    steps = sorted(steps)
+    header = ["run", "seed", *(f"step {step:,}" for step in steps)]
+    return table(header, [[run, num(seed, "d"), *(num(curve.get(step), ".2f") for step in steps)]
+                          for run, seed, curve in rows])
+
+
 def concepts_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     """Per held-out concept, hit / false positive of each run that has them all, then the teacher."""
     (_, data), = files
@@ -493,7 +519,7 @@ def startup_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
 
 
 VIEWS = {
-    "distill": distill_view, "concepts": concepts_view, "substitution": substitution_view,
+    "distill": distill_view, "curves": curves_view, "concepts": concepts_view, "substitution": substitution_view,
     "evaluator": evaluator_view, "toy-eval": toy_eval_view,
     "handoff": handoff_view, "encode": encode_view, "ray-encode": ray_encode_view, "label": label_view,
     "train": train_view,

@@ -116,6 +116,23 @@ def test_a_page_is_rendered_again_from_its_files_and_a_changed_file_makes_it_sta
     assert results.stale(page) == ["distill x-seed0 x-seed1 columns=fair,share"]
 
 
+def test_the_curves_view_shows_each_run_at_every_step_it_scored_per_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    for seed, late in ((0, 0.5), (1, 0.625)):
+        data = distill_result(0.4, f"sdit bench distill --seed {seed}")
+        data["runs"]["kd"]["curves"] = [{"step": 0, "heldout_acc": 0.0, "seen_acc": 0.0},
+                                        {"step": 1500, "heldout_acc": 0.25, "seen_acc": late}]
+        (tmp_path / f"x-seed{seed}.json").write_text(json.dumps(data))
+    text = results.render("curves x-seed0 x-seed1")
+    assert "| run | seed | step 0 | step 1,500 |" in text
+    assert "| kd | 0 | 0.00 | 0.50 |" in text and "| kd | 1 | 0.00 | 0.62 |" in text
+    assert "| kd | 0 | 0.00 | 0.25 |" in results.render("curves x-seed0 metric=fair")
+    (tmp_path / "flat-seed0.json").write_text(json.dumps(distill_result(0.4, "sdit bench distill")))
+    for spec, words in (("curves flat-seed0", "no learning curve"), ("curves x-seed0 metric=colour", "metric")):
+        with pytest.raises(results.ResultsError, match=words):
+            results.render(spec)
+
+
 def test_a_marker_that_names_what_does_not_exist_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "RESULTS", tmp_path)
     (tmp_path / "x.json").write_text(json.dumps(distill_result(0.4, "sdit bench distill")))
