@@ -172,14 +172,21 @@ def by_seed(files: list[tuple[str, dict]]) -> dict[int | None, dict]:
     return seeds
 
 
-def distill_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
-    """One row per run (then the teacher), the chosen columns, each once per seed."""
-    seeds = by_seed(files)
+def run_names(files: list[tuple[str, dict]], seeds: dict[int | None, dict], options: dict[str, str]) -> list[str]:
+    """The runs a view shows: `runs=a,b` in that order, else every run of the files in their order; a named run
+    that none of the files holds is refused."""
     names = options["runs"].split(",") if "runs" in options else list(
         dict.fromkeys(run for s in seeds.values() for run in s["runs"]))
     for run in names:
         if not any(run in s["runs"] for s in seeds.values()):
             raise ResultsError(f"run {run!r} is in none of {', '.join(n for n, _ in files)}")
+    return names
+
+
+def distill_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
+    """One row per run (then the teacher), the chosen columns, each once per seed."""
+    seeds = by_seed(files)
+    names = run_names(files, seeds, options)
     header, cells = ["run"], []
     for key in options.get("columns", "fair,seen").split(","):
         title, cell, per_seed = distill_column(key)
@@ -209,12 +216,10 @@ def curves_view(files: list[tuple[str, dict]], options: dict[str, str]) -> str:
     if metric not in CURVE_METRICS:
         raise ResultsError(f"curves metric {metric!r}: choose {' or '.join(CURVE_METRICS)}")
     seeds = by_seed(files)
-    names = options["runs"].split(",") if "runs" in options else list(
-        dict.fromkeys(run for s in seeds.values() for run in s["runs"]))
     rows, steps = [], set()
-    for run in names:
+    for run in run_names(files, seeds, options):
         curves = [(seed, s["runs"][run].get("curves")) for seed, s in seeds.items() if run in s["runs"]]
-        if not curves or not all(curve for _, curve in curves):
+        if not all(curve for _, curve in curves):
             raise ResultsError(f"run {run!r} has no learning curve in {', '.join(n for n, _ in files)}")
         for seed, curve in curves:
             steps |= {point["step"] for point in curve}
