@@ -51,7 +51,7 @@ from pathlib import Path
 
 from pipeline.encode import EncodeConfig, encode
 from pipeline.experiments.config import DistillConfig, Say
-from pipeline.experiments.plan import STORE, Labelling, plan, store_of, train_configs
+from pipeline.experiments.plan import STORE, Labelling, Run, plan, store_of, train_configs
 from pipeline.experiments.plots import plot_budget
 from pipeline.experiments.report import format_report
 from pipeline.experiments.scoring import add_curves, score_all
@@ -59,7 +59,9 @@ from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
 from sdit.config import SynthesisConfig
+from sdit.errors import SDiTError
 from sdit.files import check_folder, replace_text
+from sdit.run import read_run
 from sdit.shapes import files, world
 from sdit.store import WRITER_LOCK
 from sdit.teacher import load_teacher
@@ -76,6 +78,7 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     trainings = train_configs(config, runs)
     for training in trainings.values():  # refuse bad training options before any work
         training.check()
+    check_inits(out, runs, config.seed)
     started = time.perf_counter()
     prepare_store(config, out, labellings, say)
     for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind start from one init
@@ -99,6 +102,20 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     replace_text(out / "report.md", format_report(report) + "\n")
     return report
+
+
+def check_inits(out: Path, runs: dict[str, Run], seed: int) -> None:
+    """Refuse a rerun whose students differ from the initial weights an earlier start left in `out` (another
+    --student or --seed): its runs would resume training those."""
+    for run in {r.init: r for r in runs.values()}.values():
+        folder = out / run.init
+        if not folder.exists():
+            continue
+        made = read_run(folder)["student"]
+        if (made["preset"], made["seed"]) != (run.student, seed):
+            raise SDiTError(f"{folder} holds the initial weights of a {made['preset']} student of seed "
+                            f"{made['seed']}, and this experiment trains a {run.student} of seed {seed}: pass "
+                            f"another --out, or remove {out} to start again")
 
 
 def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], say: Say) -> None:

@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at
 from experiments.conftest import run_variants, variants_args
+from pipeline.config import InitConfig
 from pipeline.experiments.config import DistillConfig
 from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps
 from pipeline.experiments.scoring import teacher_samples
 from pipeline.experiments.side_by_side import train_side_by_side
-from pipeline.init import init_for_store
+from pipeline.init import init, init_for_store
 from pipeline.train import TrainConfig
 from pipeline.train_monitor import read_metrics
 from sdit.loader import LabelledStore
@@ -154,6 +155,18 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
     for name in report["runs"]:
         assert {k: again["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")} == \
             {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
+
+
+@pytest.mark.parametrize("student, seed", [("SDiT-T/2", 0), ("SDiT-Nano/2", 1)])
+def test_a_rerun_with_another_student_or_seed_is_refused_before_any_work(tiny_teacher, tmp_path, student, seed):
+    """Its runs would otherwise resume training the students an earlier start made."""
+    out = tmp_path / "distill"
+    init(InitConfig(teacher=str(tiny_teacher), student="SDiT-Nano/2", out=str(out / "init"), seed=0))
+    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
+                                      "--runs", "no_teacher", "--student", student, "--seed", str(seed)])
+    assert result.exit_code != 0
+    assert f"a SDiT-Nano/2 student of seed 0, and this experiment trains a {student} of seed {seed}" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["init"]
 
 
 def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
