@@ -45,9 +45,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.encode import EncodeConfig, encode
 from pipeline.experiments.config import DistillConfig, Say
@@ -58,6 +61,7 @@ from pipeline.experiments.scoring import add_curves, score_all
 from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
+from pipeline.train_monitor import METRICS, read_metrics
 from sdit.config import SynthesisConfig
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replace_text
@@ -79,29 +83,50 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     for training in trainings.values():  # refuse bad training options before any work
         training.check()
     check_inits(out, runs, config.seed)
-    started = time.perf_counter()
-    prepare_store(config, out, labellings, say)
-    for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind start from one init
-        if not (out / run.init).exists():
-            init_for_store(str(out / run.store), run.labels, str(out / run.init), run.student, teacher=config.teacher,
-                           seed=config.seed, guidance_linear=run.guidance_linear)
-    for training in trainings.values():  # a folder left by a start that trained nothing begins again
-        if not training.resume:
-            shutil.rmtree(training.out, ignore_errors=True)
-    train_side_by_side(trainings, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), say, on_step)
+    started, stages = time.perf_counter(), {}
+    with timed(stages, "store"):
+        prepare_store(config, out, labellings, say)
+    with timed(stages, "train"):
+        for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind share one init
+            if not (out / run.init).exists():
+                init_for_store(str(out / run.store), run.labels, str(out / run.init), run.student,
+                               teacher=config.teacher, seed=config.seed, guidance_linear=run.guidance_linear)
+        for training in trainings.values():  # a folder left by a start that trained nothing begins again
+            if not training.resume:
+                shutil.rmtree(training.out, ignore_errors=True)
+        train_side_by_side(trainings, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), say, on_step)
     say("sample and score")
-    teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
-    results = score_all(config, out, teacher, labellings, runs)
+    with timed(stages, "score"):
+        teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
+        results = score_all(config, out, teacher, labellings, runs)
     if config.curve_points:
         say("learning curves")
-        add_curves(config, out, results, teacher, runs)
+        with timed(stages, "curves"):
+            add_curves(config, out, results, teacher, runs)
+    for name, training in trainings.items():
+        results[name]["train_steps_per_s"] = steps_per_second(Path(training.out), training.batch_size)
     report = {"runs": {n: results[n] for n in config.names}, "teacher": results["teacher"],
-              "seconds": time.perf_counter() - started, "config": _jsonable(asdict(config)),
+              "seconds": time.perf_counter() - started, "stages": stages, "config": _jsonable(asdict(config)),
               "teacher_hashes": teacher.identity.hashes}
     plot_budget(out / "budget.png", report["runs"], report["teacher"])
     replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     replace_text(out / "report.md", format_report(report) + "\n")
     return report
+
+
+@contextmanager
+def timed(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the seconds the block took to `stages[name]`."""
+    start = time.perf_counter()
+    yield
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
+
+def steps_per_second(run: Path, batch_size: int) -> float | None:
+    """A run's training speed: the median of its logged steps (checkpoints and evaluations left out); None for a
+    run that logged none."""
+    rates = [m["samples_per_s"] / batch_size for m in read_metrics(run / METRICS)]
+    return float(np.median(rates)) if rates else None
 
 
 def check_inits(out: Path, runs: dict[str, Run], seed: int) -> None:

@@ -145,6 +145,12 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
     assert sorted(p.name for p in (out / "store" / "labels").iterdir() if p.is_dir()) == ["perturbed", "plain", "swaps"]
     assert ("swaps: kd_perturb with perturb=none=0.5,swap=0.5, caption_min_t=0, draws=3."
             in (out / "report.md").read_text())
+    # Where the time went, and how fast each run trained.
+    assert list(report["stages"]) == ["store", "train", "score", "curves"]
+    assert 0 < sum(report["stages"].values()) <= report["seconds"]
+    assert all(run["train_steps_per_s"] > 0 for run in report["runs"].values())
+    assert " s in all (split, encode and labels " in (out / "report.md").read_text()
+    assert " steps/s a run)." in (out / "report.md").read_text()
 
     # A rerun keeps the store, the trained runs and the teacher's samples, and scores the same weights the same.
     kept = {path: path.stat().st_mtime_ns for path in [out / "teacher-samples.npz",
