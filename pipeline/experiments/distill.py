@@ -87,7 +87,7 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     with timed(stages, "store"):
         prepare_store(config, out, labellings, say)
     with timed(stages, "train"):
-        for run in {r.init: r for r in runs.values()}.values():  # runs of one student and kind share one init
+        for run in inits(runs):
             if not (out / run.init).exists():
                 init_for_store(str(out / run.store), run.labels, str(out / run.init), run.student,
                                teacher=config.teacher, seed=config.seed, guidance_linear=run.guidance_linear)
@@ -116,10 +116,10 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
 
 @contextmanager
 def timed(stages: dict[str, float], name: str) -> Iterator[None]:
-    """Adds the seconds the block took to `stages[name]`."""
+    """Keeps the seconds the block took as `stages[name]`."""
     start = time.perf_counter()
     yield
-    stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+    stages[name] = time.perf_counter() - start
 
 
 def steps_per_second(run: Path, batch_size: int) -> float | None:
@@ -129,10 +129,15 @@ def steps_per_second(run: Path, batch_size: int) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
+def inits(runs: dict[str, Run]) -> list[Run]:
+    """One run of each initial-weights folder: runs of one student and kind start from the same weights."""
+    return list({run.init: run for run in runs.values()}.values())
+
+
 def check_inits(out: Path, runs: dict[str, Run], seed: int) -> None:
     """Refuse a rerun whose students differ from the initial weights an earlier start left in `out` (another
     --student or --seed): its runs would resume training those."""
-    for run in {r.init: r for r in runs.values()}.values():
+    for run in inits(runs):
         folder = out / run.init
         if not folder.exists():
             continue

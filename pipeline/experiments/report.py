@@ -70,6 +70,7 @@ def timing(report: dict) -> str:
         return ""
     parts = ", ".join(f"{STAGE_NAMES.get(name, name)} {seconds:.0f} s" for name, seconds in stages.items())
     rates = [r["train_steps_per_s"] for r in report["runs"].values() if r.get("train_steps_per_s")]
-    span = sorted({f"{rate:.1f}" for rate in (min(rates), max(rates))}, key=float) if rates else []
-    speed = f"; training at {' to '.join(span)} steps/s a run" if rates else ""
-    return f" ({parts}{speed})"
+    if not rates:
+        return f" ({parts})"
+    low, high = f"{min(rates):.1f}", f"{max(rates):.1f}"
+    return f" ({parts}; training at {low if low == high else f'{low} to {high}'} steps/s a run)"
