@@ -22,11 +22,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 lint: install
 	$(BIN)/ruff check .
 
+# The test files side by side, one pytest-xdist worker per core, each file whole on one worker so that its shared
+# fixtures are built once; TEST_JOBS=0 runs them all in one process.
+TEST_JOBS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The docs site (mkdocs.yml, Material theme) into site/; the CLI reference is rendered from the typer app.
 docs: install
