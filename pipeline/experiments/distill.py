@@ -70,6 +70,9 @@ from sdit.shapes import files, world
 from sdit.store import WRITER_LOCK
 from sdit.teacher import load_teacher
 
+DATA = "data"  # the limited split (images/), the prompt bank (prompts.txt) and the options that drew them
+SPLIT_RECORD = "split.json"
+
 
 def distill(config: DistillConfig, say: Say = lambda _: None,
             on_step: Callable[[dict], None] | None = None) -> dict:
@@ -83,6 +86,7 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
     for training in trainings.values():  # refuse bad training options before any work
         training.check()
     check_inits(out, runs, config.seed)
+    check_split(out / DATA, config)
     started, stages = time.perf_counter(), {}
     with timed(stages, "store"):
         prepare_store(config, out, labellings, say)
@@ -148,14 +152,44 @@ def check_inits(out: Path, runs: dict[str, Run], seed: int) -> None:
                             f"another --out, or remove {out} to start again")
 
 
+def split_options(config: DistillConfig) -> dict:
+    """The options that draw the limited split and the prompt bank."""
+    return {"records": config.records, "bank_per_pair": config.bank_per_pair, "seed": config.seed}
+
+
+def check_split(data: Path, config: DistillConfig) -> None:
+    """Refuse a rerun whose split options differ from those an earlier start wrote `data` with: its runs would
+    train and be scored on the old split."""
+    record = data / SPLIT_RECORD
+    if not record.exists():  # no split yet, or one written before the record was kept
+        return
+    made, wanted = json.loads(record.read_text()), split_options(config)
+    if made != wanted:
+        differ = ", ".join(f"--{key.replace('_', '-')} {made[key]}, not {value}" for key, value in wanted.items()
+                           if made[key] != value)
+        raise SDiTError(f"{data} holds a split made with {differ}: pass another --out, or remove "
+                        f"{data.parent} to start again")
+
+
+def write_split(data: Path, config: DistillConfig, say: Say) -> None:
+    """The limited split, the world's prompt bank and the options that drew them, made whole under another name
+    first, so that a start killed while writing them is never taken for a whole split."""
+    if data.exists():
+        return
+    say("write the limited split and the prompt bank")
+    partial = data.with_name(data.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    files.write_split(world.limited_split(config.records, config.seed), partial / "images")
+    files.write_prompts(world.prompt_bank(config.seed, config.bank_per_pair), partial / "prompts.txt")
+    (partial / SPLIT_RECORD).write_text(json.dumps(split_options(config)) + "\n")
+    partial.rename(data)
+
+
 def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], say: Say) -> None:
     """The limited split and the world's prompt bank, encoded, and each labelling the runs need (trajectories in
     a copy of the encoded store: a store holds one set of synthetic records)."""
-    data, store = out / "data", out / STORE
-    if not (data / "images").exists():
-        say("write the limited split and the prompt bank")
-        files.write_split(world.limited_split(config.records, config.seed), data / "images")
-        files.write_prompts(world.prompt_bank(config.seed, config.bank_per_pair), data / "prompts.txt")
+    data, store = out / DATA, out / STORE
+    write_split(data, config, say)
     say("encode")
     encode(EncodeConfig(source=str(data / "images"), teacher=config.teacher, out=str(store), resolution=64,
                         prompts=str(data / "prompts.txt"), shard_size=512, batch_size=64))

@@ -17,6 +17,7 @@ from conftest import child_env, cli_command, kill_paused_at
 from experiments.conftest import run_variants, variants_args
 from pipeline.config import InitConfig
 from pipeline.experiments.config import DistillConfig
+from pipeline.experiments.distill import DATA, SPLIT_RECORD, write_split
 from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps
 from pipeline.experiments.scoring import teacher_samples
 from pipeline.experiments.side_by_side import train_side_by_side
@@ -173,6 +174,34 @@ def test_a_rerun_with_another_student_or_seed_is_refused_before_any_work(tiny_te
     assert result.exit_code != 0
     assert f"a SDiT-Nano/2 student of seed 0, and this experiment trains a {student} of seed {seed}" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["init"]
+
+
+@pytest.mark.parametrize("option, value, says", [("--records", "30", "--records 24, not 30"),
+                                                  ("--bank-per-pair", "2", "--bank-per-pair 1, not 2")])
+def test_a_rerun_with_another_split_is_refused_before_any_work(tiny_teacher, tmp_path, option, value, says):
+    """Its runs would otherwise train and be scored on the split an earlier start wrote."""
+    out = tmp_path / "distill"
+    write_split(out / DATA, DistillConfig(records=24, bank_per_pair=1), say=lambda _: None)
+    assert json.loads((out / DATA / SPLIT_RECORD).read_text()) == {"records": 24, "bank_per_pair": 1, "seed": 0}
+    args = ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher), "--runs", "no_teacher",
+            "--records", "24", "--bank-per-pair", "1", option, value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert f"holds a split made with {says}: pass another --out" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [DATA]
+
+
+def test_a_split_left_half_written_is_written_again_whole(tmp_path):
+    """A start killed while writing the split leaves only data.partial, which the next start replaces."""
+    config = DistillConfig(records=24, bank_per_pair=1)
+    partial = tmp_path / (DATA + ".partial")
+    (partial / "images").mkdir(parents=True)
+    (partial / "images" / "000000.txt").write_text("a stale caption\n")
+    write_split(tmp_path / DATA, config, say=lambda _: None)
+    assert not partial.exists()
+    assert len(list((tmp_path / DATA / "images").glob("*.png"))) == 24
+    assert "a stale caption" not in (tmp_path / DATA / "images" / "000000.txt").read_text()
+    assert (tmp_path / DATA / "prompts.txt").read_text().count("\n") == len(world.prompt_bank(0, 1))
 
 
 def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
