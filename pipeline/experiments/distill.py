@@ -153,8 +153,8 @@ def check_inits(out: Path, runs: dict[str, Run], seed: int) -> None:
 
 
 def split_options(config: DistillConfig) -> dict:
-    """The options that draw the limited split and the prompt bank."""
-    return {"records": config.records, "bank_per_pair": config.bank_per_pair, "seed": config.seed}
+    """The options that draw the limited split and the prompt bank, as the command line spells them."""
+    return {"records": config.records, "bank_per_pair": config.bank_per_pair or 0, "seed": config.seed}
 
 
 def check_split(data: Path, config: DistillConfig) -> None:

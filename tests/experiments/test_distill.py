@@ -177,7 +177,7 @@ def test_a_rerun_with_another_student_or_seed_is_refused_before_any_work(tiny_te
 
 
 @pytest.mark.parametrize("option, value, says", [("--records", "30", "--records 24, not 30"),
-                                                  ("--bank-per-pair", "2", "--bank-per-pair 1, not 2")])
+                                                  ("--bank-per-pair", "0", "--bank-per-pair 1, not 0")])
 def test_a_rerun_with_another_split_is_refused_before_any_work(tiny_teacher, tmp_path, option, value, says):
     """Its runs would otherwise train and be scored on the split an earlier start wrote."""
     out = tmp_path / "distill"
