@@ -64,7 +64,7 @@ from pipeline.label import LabelConfig, label
 from pipeline.train_monitor import METRICS, read_metrics
 from sdit.config import SynthesisConfig
 from sdit.errors import SDiTError
-from sdit.files import check_folder, replace_text
+from sdit.files import check_folder, replace_text, writing_folder
 from sdit.run import read_run
 from sdit.shapes import files, world
 from sdit.store import WRITER_LOCK
@@ -172,17 +172,15 @@ def check_split(data: Path, config: DistillConfig) -> None:
 
 
 def write_split(data: Path, config: DistillConfig, say: Say) -> None:
-    """The limited split, the world's prompt bank and the options that drew them, made whole under another name
-    first, so that a start killed while writing them is never taken for a whole split."""
+    """The limited split, the world's prompt bank and the options that drew them, written whole
+    (`writing_folder`), so that a start killed while writing them is never taken for a whole split."""
     if data.exists():
         return
     say("write the limited split and the prompt bank")
-    partial = data.with_name(data.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    files.write_split(world.limited_split(config.records, config.seed), partial / "images")
-    files.write_prompts(world.prompt_bank(config.seed, config.bank_per_pair), partial / "prompts.txt")
-    (partial / SPLIT_RECORD).write_text(json.dumps(split_options(config)) + "\n")
-    partial.rename(data)
+    with writing_folder(data) as tmp:
+        files.write_split(world.limited_split(config.records, config.seed), tmp / "images")
+        files.write_prompts(world.prompt_bank(config.seed, config.bank_per_pair), tmp / "prompts.txt")
+        (tmp / SPLIT_RECORD).write_text(json.dumps(split_options(config)) + "\n")
 
 
 def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labelling], say: Say) -> None:
@@ -217,14 +215,12 @@ def _synthesis(config: DistillConfig, labelling: Labelling) -> SynthesisConfig |
 
 def copy_encoded(store: Path, to: Path) -> None:
     """A copy of the encoded store (its manifest, records, prompts and null embedding; no labels or synthetic
-    records), made whole under another name first, so that an interrupted copy is never taken for one."""
+    records), written whole (`writing_folder`), so that an interrupted copy is never taken for one."""
     if to.exists():
         return
-    partial = to.with_name(to.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     skip = {"labels", "synthetic", WRITER_LOCK}
-    shutil.copytree(store, partial, ignore=lambda folder, names: [n for n in names if n in skip])
-    partial.rename(to)
+    with writing_folder(to) as tmp:
+        shutil.copytree(store, tmp, ignore=lambda folder, names: [n for n in names if n in skip], dirs_exist_ok=True)
 
 
 def _jsonable(value):

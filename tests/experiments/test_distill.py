@@ -192,9 +192,10 @@ def test_a_rerun_with_another_split_is_refused_before_any_work(tiny_teacher, tmp
 
 
 def test_a_split_left_half_written_is_written_again_whole(tmp_path):
-    """A start killed while writing the split leaves only data.partial, which the next start replaces."""
+    """A start killed while writing the split leaves only the hidden folder it was writing (sdit.files'
+    writing_folder), which the next start replaces."""
     config = DistillConfig(records=24, bank_per_pair=1)
-    partial = tmp_path / (DATA + ".partial")
+    partial = tmp_path / f".{DATA}.tmp"
     (partial / "images").mkdir(parents=True)
     (partial / "images" / "000000.txt").write_text("a stale caption\n")
     write_split(tmp_path / DATA, config, say=lambda _: None)
