@@ -153,10 +153,10 @@ def check_variant(name: str, options: dict) -> None:
     if "trajectories" in options and kind != GUIDED_LABELS:
         raise SDiTError(f"variant {name!r}: trajectories is for kd_guided's variants (kd_traj has them)")
     trajectories = has_trajectories(kind, options)  # a guided student of trajectory draws takes kd_traj's options
-    if "synth_samples" in options and (kind not in SYNTHESIS_LABELS and not trajectories
+    if "synth_samples" in options and (kind not in (*SYNTHESIS_LABELS, GUIDED_LABELS)
                                        or options["synth_samples"] < 1):
-        raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's or kd_traj's variants "
-                        "(or kd_guided's with trajectories = true)")
+        raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's, kd_traj's or kd_guided's "
+                        "variants")
     if "trajectory_steps" in options and not trajectories:
         raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants (or kd_guided's with "
                         "trajectories = true)")

@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -17,7 +18,7 @@ from conftest import child_env, cli_command, kill_paused_at
 from experiments.conftest import run_variants, variants_args
 from pipeline.config import InitConfig
 from pipeline.experiments.config import DistillConfig
-from pipeline.experiments.distill import DATA, SPLIT_RECORD, write_split
+from pipeline.experiments.distill import DATA, SPLIT_RECORD, _synthesis, write_split
 from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps
 from pipeline.experiments.scoring import teacher_samples
 from pipeline.experiments.side_by_side import train_side_by_side
@@ -210,7 +211,8 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
                 "small": {"from": "kd", "student": "SDiT-Nano/2"}, "traj2": {"from": "kd_traj", "synth_samples": 2},
                 "guided_traj": {"from": "kd_guided", "trajectories": True, "trajectory_steps": 9},
                 "guided_traj_linear": {"from": "kd_guided", "trajectories": True, "synth_samples": 2,
-                                       "guidance_linear": True}}
+                                       "guidance_linear": True},
+                "guided_synth": {"from": "kd_guided", "synth_samples": 2}}
     config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
     config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
     labellings, runs = plan(config)
@@ -220,10 +222,17 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
         "linear": ("init-guided-linear", "store", True), "small": ("init-SDiT-Nano-2", "store", False),
         "traj2": ("init", "store-traj2", False),  # a store holds one set of the teacher's samples or trajectories
         "guided_traj": ("init-guided", "store-guided_traj", False),
-        "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True)}
+        "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
+        "guided_synth": ("init-guided", "store-guided_synth", False)}
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
     guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
     assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
+    assert _synthesis(config, guided).trajectory == guided.draws  # the teacher stops at the states it labels
+    # without trajectories, a guided variant's samples are finished images, drawn as kd_synth's
+    finished = labellings["guided_synth"]
+    assert (finished.samples, finished.trajectory_steps) == (2, 0)
+    assert _synthesis(config, finished) == replace(_synthesis(config, labellings["synthetic"]), samples=2)
+    assert _synthesis(config, finished).trajectory == 0 and _synthesis(config, labellings["guided"]) is None
 
 
 def test_the_runs_steps_set_the_progress_bars():
@@ -268,7 +277,7 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a]\nfrom = "kd_perturb"\nperturb = "none=0.5,swap=0.2"\n',
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
-    ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's or kd_traj's"),
+    ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's, kd_traj's"),
     ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
     ('[a]\nfrom = "kd_guided"\ntrajectory_steps = 9\n', "trajectory_steps is for kd_traj's variants"),
     ('[a]\nfrom = "kd_traj"\ntrajectories = true\n', "trajectories is for kd_guided's variants"),
