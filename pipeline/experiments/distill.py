@@ -204,12 +204,12 @@ def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labell
 def _synthesis(config: DistillConfig, labelling: Labelling) -> SynthesisConfig | None:
     """kd_synth's samples (or a guided variant's), with the sampler whose accuracy the report's teacher row
     measures; kd_traj's trajectories (or a guided variant's), the states of its first `draws` steps."""
-    if labelling.samples and not labelling.trajectory_steps:
-        return SynthesisConfig(samples=labelling.samples, steps=config.sample_steps, guidance=config.guidance,
-                               seed=config.seed, scheduler="ddim")
     if labelling.trajectory_steps:  # kd_traj's, or a guided variant's
         return SynthesisConfig(samples=labelling.samples, steps=labelling.trajectory_steps, guidance=config.guidance,
                                seed=config.seed, trajectory=labelling.draws)
+    if labelling.samples:  # kd_synth's, or a guided variant's
+        return SynthesisConfig(samples=labelling.samples, steps=config.sample_steps, guidance=config.guidance,
+                               seed=config.seed, scheduler="ddim")
     return None
 
 

@@ -108,9 +108,9 @@ def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
         guidance = LabelConfig.parse_guidance(options["guidance_range"]) if "guidance_range" in options \
             else config.guidance_range
     trajectories = has_trajectories(kind, options)  # kd_guided's may have them too
-    # a guided variant's samples are finished images (synth_samples) or trajectories (with trajectories = true)
-    samples = options.get("synth_samples", config.synth_samples) if kind in SYNTHESIS_LABELS or trajectories \
-        else options.get("synth_samples", 0)
+    # samples (or trajectories) default to --synth-samples for kd_synth, kd_traj and guided trajectory variants; a
+    # guided variant without trajectories has finished samples only where it sets synth_samples
+    samples = options.get("synth_samples", config.synth_samples if kind in SYNTHESIS_LABELS or trajectories else 0)
     steps = options.get("trajectory_steps", config.trajectory_steps) if trajectories else 0
     conditional = options.get("guidance_conditional", 0.0) if kind == GUIDED_LABELS else 0.0
     return Labelling(kind, perturb, options.get("draws", config.draws), guidance, conditional, samples, steps)
