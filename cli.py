@@ -223,6 +223,7 @@ def teacher_label(
     prompt_share: Annotated[float, typer.Option(rich_help_panel=PERTURB, min=0, max=1, help="Share of swap/mix captions from the prompt bank.")] = PerturbConfig.prompt_share,
     guidance: Annotated[Optional[str], typer.Option(help="W_MIN:W_MAX: store guided targets ε_u + w(ε_c − ε_u) with w stored.")] = None,
     guidance_conditional: Annotated[float, typer.Option(min=0, max=1, help="With --guidance: this share of draws takes w = 1, the teacher's conditional ε, on which the student learns the true noise too.")] = LabelConfig.guidance_conditional,
+    fresh_guidance: Annotated[bool, typer.Option("--fresh-guidance", help="With --guidance: keep ε_c and ε_u of each draw (one more fp16 array, no more teacher forwards), so that training draws w afresh each time it reads a draw.")] = False,
     seed: Annotated[int, typer.Option(help="Same seed, same draws, whatever the executor or batch size.")] = LabelConfig.seed,
     batch_size: BatchSize = LabelConfig.batch_size,
     max_dropped: Annotated[float, typer.Option(rich_help_panel=ADVANCED, min=0, max=1, help="Stop when more draws than this get a NaN/inf teacher output.")] = LabelConfig.max_dropped,
@@ -251,7 +252,8 @@ def teacher_label(
         if synthesize else None
     config = LabelConfig(store=store, teacher=teacher, teacher_config=teacher_config, name=labels, draws=draws,
                          timesteps=timesteps, perturb=mix, guidance=LabelConfig.parse_guidance(guidance),
-                         guidance_conditional=guidance_conditional, seed=seed, batch_size=batch_size,
+                         guidance_conditional=guidance_conditional, guidance_fresh=fresh_guidance, seed=seed,
+                         batch_size=batch_size,
                          max_dropped=max_dropped, overwrite=overwrite, device=device, dtype=dtype,
                          ray_address=ray_address, num_workers=num_workers, synthesis=synthesis)
     with progress_bar("teacher-label", "draw") as bar:

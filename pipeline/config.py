@@ -96,6 +96,9 @@ class LabelConfig:
     guidance: tuple[float, float] | None = None  # (w_min, w_max): store ε_u + w(ε_c − ε_u)
     # With guidance: this share of draws takes w = 1 (the conditional ε), on which a student learns the true noise too.
     guidance_conditional: float = 0.0
+    # With guidance: keep ε_c and ε_u of each draw (one more fp16 array, no more teacher forwards), so that training
+    # draws w afresh each time it reads the draw instead of the one w drawn here.
+    guidance_fresh: bool = False
     seed: int = 0
     batch_size: int = 64
     max_dropped: float = 0.01  # stop when more than this fraction of draws has a non-finite teacher output
@@ -118,6 +121,8 @@ class LabelConfig:
         if self.guidance_conditional and (self.guidance is None or not 0 <= self.guidance_conditional <= 1):
             raise SDiTError(f"--guidance-conditional {self.guidance_conditional}: a share from 0 to 1 of the draws "
                             "of guided labels (give --guidance W_MIN:W_MAX too)")
+        if self.guidance_fresh and self.guidance is None:
+            raise SDiTError("--fresh-guidance keeps both ε of guided labels: give --guidance W_MIN:W_MAX too")
         if not self.name or "/" in self.name:
             raise SDiTError(f"--labels {self.name!r}: a plain name, no '/'")
         if self.synthesis is not None:

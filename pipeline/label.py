@@ -27,7 +27,15 @@ from sdit.config import DRAWN_KINDS
 from sdit.devices import setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
-from sdit.labels import CaptionBank, LabelsManifest, read_labels, teacher_inputs, write_index, write_labels
+from sdit.labels import (
+    CaptionBank,
+    LabelsManifest,
+    guidance_scale,
+    read_labels,
+    teacher_inputs,
+    write_index,
+    write_labels,
+)
 from sdit.loader import read_ahead
 from sdit.perturb import Kind, draw_generator, sample_draw
 from sdit.progress import Progress, no_progress
@@ -76,7 +84,7 @@ class ShardLabeler:
         generator = synthetic_draw_generator if synthetic else draw_generator
         shape = tuple(self.manifest.latent_shape)
         labels = {name: np.zeros((n, K, *self._tail(name, shape)), dtype=col.dtype)
-                  for name, col in LABEL_COLUMNS.items() if col.per_record}
+                  for name, col in LABEL_COLUMNS.items() if col.per_record and (not col.optional or c.guidance_fresh)}
         labels["xi_index"][:] = -1
         if states is not None:
             labels["timesteps"][:] = self.synthesizer.state_timesteps
@@ -87,7 +95,7 @@ class ShardLabeler:
                 gen = generator(c.seed, shard, r, d)
                 if states is not None:
                     if c.guidance:
-                        labels["guidance"][r, d] = self._guidance(gen)
+                        labels["guidance"][r, d] = guidance_scale(gen, c.guidance, c.guidance_conditional)
                     continue
                 draw = sample_draw(c.perturb, gen, latent_shape=shape, num_timesteps=self.schedule.num_timesteps,
                                    num_records=self.bank.size("records"), num_prompts=self.bank.size("prompts"),
@@ -99,26 +107,20 @@ class ShardLabeler:
                     labels["xi_index"][r, d] = len(xi)
                     xi.append(draw.xi)
                 if c.guidance:
-                    labels["guidance"][r, d] = self._guidance(gen)
+                    labels["guidance"][r, d] = guidance_scale(gen, c.guidance, c.guidance_conditional)
         labels["xi"] = np.stack(xi) if xi else np.zeros((0, *shape), np.float16)
         return labels
 
-    def _guidance(self, gen: np.random.Generator) -> float:
-        """A guided draw's w: 1 (the conditional ε) for a share `guidance_conditional` of draws, else uniform in
-        the window."""
-        share = self.config.guidance_conditional
-        if share and gen.random() < share:
-            return 1.0
-        return gen.uniform(*self.config.guidance)
-
     @staticmethod
     def _tail(name: str, latent_shape: tuple) -> tuple:
-        per_draw = {"caption_from": (2,), "caption_index": (2,), "noise": latent_shape, "eps_teacher": latent_shape}
+        per_draw = {"caption_from": (2,), "caption_index": (2,), "noise": latent_shape, "eps_teacher": latent_shape,
+                    "eps_uncond": latent_shape}
         return per_draw.get(name, ())
 
     @torch.inference_mode()
     def teacher_eps(self, inputs, guidance: np.ndarray | None) -> torch.Tensor:
-        """(B, C, h, w) float32 ε of the teacher (guided when `guidance` is given)."""
+        """(B, C, h, w) float32 ε of the teacher; with `guidance`, ε_u + w(ε_c − ε_u), or with fresh guidance
+        (2, B, C, h, w): ε_c and ε_u."""
         x = inputs.x_t.to(self.device, self.dtype)
         t = inputs.timesteps.to(self.device)
         text = inputs.text.to(self.device, self.dtype)
@@ -130,6 +132,8 @@ class ShardLabeler:
         x_t2 = torch.cat([inputs.x_t, inputs.x_t]).to(self.device)
         eps_c, eps_u = epsilon_from_prediction(self.schedule, out.float(), x_t2,
                                                torch.cat([inputs.timesteps, inputs.timesteps])).chunk(2)
+        if self.config.guidance_fresh:
+            return torch.stack([eps_c, eps_u])
         w = torch.as_tensor(guidance, dtype=torch.float32, device=self.device).view(-1, 1, 1, 1)
         return eps_u + w * (eps_c - eps_u)
 
@@ -155,8 +159,12 @@ class ShardLabeler:
             eps = self.teacher_eps(inputs, labels["guidance"][r, d] if self.config.guidance else None)
             eps16 = eps.cpu().to(torch.float16).numpy()
             finite = np.isfinite(eps16)
-            labels["valid"][r, d] = finite.reshape(len(r), -1).all(axis=1)
-            labels["eps_teacher"][r, d] = np.where(finite, eps16, 0)
+            if self.config.guidance_fresh:  # ε_c and ε_u: a draw is valid when both are finite
+                labels["valid"][r, d] = finite.reshape(2, len(r), -1).all(axis=(0, 2))
+                labels["eps_teacher"][r, d], labels["eps_uncond"][r, d] = np.where(finite, eps16, 0)
+            else:
+                labels["valid"][r, d] = finite.reshape(len(r), -1).all(axis=1)
+                labels["eps_teacher"][r, d] = np.where(finite, eps16, 0)
         kinds = {k.name.lower(): int(((labels["kind"] == k) & labels["valid"]).sum()) for k in Kind}
         kinds = {name: count for name, count in kinds.items() if count or Kind[name.upper()] in DRAWN_KINDS}
         invalid = (~labels["valid"]).sum(axis=1)
@@ -281,15 +289,15 @@ def _manifest(config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifes
         name=config.name, teacher=teacher.identity.to_json(), scheduler=teacher.scheduler_config,
         prediction_type=schedule.prediction_type, seed=config.seed, draws=config.draws, timesteps=config.timesteps,
         perturb=dataclasses.asdict(config.perturb), guidance=list(config.guidance) if config.guidance else None,
-        guidance_conditional=config.guidance_conditional,
+        guidance_conditional=config.guidance_conditional, guidance_fresh=config.guidance_fresh,
         synthesis=dataclasses.asdict(config.synthesis) if config.synthesis else None,
         synthetic_set=synthetic.set_id if synthetic else None)
 
 
 # What must match for a rerun to resume a labelling rather than refuse it; of the teacher, its weights' hashes
 # alone: the same weights resume wherever their files sit and in either layout.
-_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "guidance_conditional", "synthesis",
-                "synthetic_set")
+_RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "guidance_conditional",
+                "guidance_fresh", "synthesis", "synthetic_set")
 
 
 def _resume_value(meta: LabelsManifest, key: str):

@@ -54,7 +54,7 @@ def verify(url: str, progress: Progress = no_progress) -> Report:
     _check_null_embedding(store, report)
     for group in groups(store):
         damaged: list[Damaged] = []
-        extra = _trajectory_columns(store) if group == SYNTHETIC else set()
+        extra = _optional_columns(store, group)
         for index, record in store.finished(group, damaged).items():
             report.shards += 1
             _check_shard(store, group, index, record, report, extra)
@@ -99,13 +99,19 @@ def _check_null_embedding(store: Store, report: Report) -> None:
         report.problems.append(f"null_text_emb: unreadable ({type(err).__name__})")
 
 
-def _trajectory_columns(store: Store) -> set[str]:
-    """The optional columns every synthetic shard must have: a trajectory set's states."""
+def _optional_columns(store: Store, group: str) -> set[str]:
+    """The optional columns every shard of `group` must have: a trajectory set's states, the unconditional ε of
+    labels made with fresh guidance."""
     try:
-        made = read_synthetic(store)
+        if group == SYNTHETIC:
+            made = read_synthetic(store)
+            return {"states"} if made is not None and made.config.get("trajectory") else set()
+        if group.startswith("labels/"):
+            meta = read_labels(store, group.split("/")[1])
+            return {"eps_uncond"} if meta is not None and meta.guidance_fresh else set()
     except (SDiTError, ValueError, KeyError, TypeError):  # reported with the manifests
-        return set()
-    return {"states"} if made is not None and made.config.get("trajectory") else set()
+        pass
+    return set()
 
 
 def _check_shard(store: Store, group: str, index: int, record: dict, report: Report, extra: set[str]) -> None:

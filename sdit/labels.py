@@ -44,6 +44,9 @@ class LabelsManifest:
     perturb: dict  # PerturbConfig as a dict
     guidance: list[float] | None = None  # [w_min, w_max] of guided targets; None: unguided
     guidance_conditional: float = 0.0  # share of guided draws at w = 1 (the conditional ε)
+    # eps_teacher holds ε_c and eps_uncond ε_u: a reader composes the guided target at a w of its own (training: a
+    # fresh one each time it reads a draw; evaluation: the draw's `guidance`)
+    guidance_fresh: bool = False
     synthesis: dict | None = None  # SynthesisConfig as a dict, when synthetic records are labelled too
     synthetic_set: str | None = None  # set_id of the synthetic records they label
     status: str = "in_progress"  # "complete" once every shard is labelled
@@ -69,6 +72,13 @@ def read_labels(store: Store, name: str) -> LabelsManifest | None:
         return None
     data = store.read_json(labels_group(name), LABELS_MANIFEST)
     return from_versioned(LabelsManifest, data, LABELS_VERSION, f"labels {name!r} of {store.url}: labels manifest")
+
+
+def guidance_scale(gen: np.random.Generator, window: tuple[float, float], conditional: float = 0.0) -> float:
+    """A guided draw's w: 1 (the conditional ε) for a share `conditional` of draws, else uniform in `window`."""
+    if conditional and gen.random() < conditional:
+        return 1.0
+    return gen.uniform(*window)
 
 
 def write_labels(store: Store, manifest: LabelsManifest) -> None:

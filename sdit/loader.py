@@ -20,6 +20,10 @@ Labels made with `--synthesize` also describe synthetic records (the teacher's s
 `synthetic/NNNNN`, labelled in `labels/<name>/synthetic/NNNNN`): their blocks join the records' blocks in the
 same stream, each batch says which draws are synthetic, and they are never held out (the held-out split
 measures real images the student never saw).
+
+Guided labels made with fresh guidance keep ε_c and ε_u of each draw: a training stream composes the target
+ε_u + w(ε_c − ε_u) at a w drawn afresh for each draw in each window (from the seed, epoch and window, so a resumed
+run draws the same w), a stream read once at the draw's own w.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +39,7 @@ import torch
 
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
-from sdit.labels import CaptionBank, LabelsManifest, read_index, read_labels, teacher_inputs
+from sdit.labels import CaptionBank, LabelsManifest, guidance_scale, read_index, read_labels, teacher_inputs
 from sdit.store import CHUNK_RECORDS, Manifest, Store
 from sdit.synthesize import SYNTHETIC, read_synthetic
 
@@ -171,7 +175,8 @@ class LabelledStore:
         """The blocks' records and labels, concatenated as if they were one shard (each block's rows of the
         `xi` side table are gathered and re-indexed). Every array of every block is read at once
         (`concurrently`): on object storage each is a request."""
-        columns = [(self.labels_group, name) for name in LABEL_ARRAYS] + \
+        arrays = LABEL_ARRAYS + (("eps_uncond",) if self.labels.guidance_fresh else ())
+        columns = [(self.labels_group, name) for name in arrays] + \
             [(self.records_group, name) for name in ("latents", "text_emb")]
         reads = [functools.partial(self.store.read, group(b), b.shard, (name,), b.start, b.stop)
                  for b in blocks for group, name in columns]
@@ -201,14 +206,27 @@ class LabelledStore:
         with self.store.checked(self.labels_group(block), block.shard, "xi"):
             return self.store.shard_group(self.labels_group(block), block.shard)["xi"].get_orthogonal_selection(rows)
 
-    def batch(self, data: dict, rows: np.ndarray, draws: np.ndarray) -> Batch:
-        """Rebuild the draws (rows[i], draws[i]) of data read by `read`."""
+    def batch(self, data: dict, rows: np.ndarray, draws: np.ndarray, guidance: np.ndarray | None = None) -> Batch:
+        """Rebuild the draws (rows[i], draws[i]) of data read by `read`. Labels made with fresh guidance compose
+        their target at `guidance` (the draws' own w when not given)."""
         inputs = teacher_inputs(self.schedule, data["latents"], data["text_emb"], data, rows, draws, self.bank,
                                 self.null, self.input_gamma)
-        return Batch(inputs.x_t, inputs.text, inputs.timesteps,
-                     torch.as_tensor(data["guidance"][rows, draws]), torch.as_tensor(data["kind"][rows, draws]).long(),
-                     torch.as_tensor(data["noise"][rows, draws]), torch.as_tensor(data["eps_teacher"][rows, draws]),
-                     torch.as_tensor(data["synthetic"][rows]))
+        w = data["guidance"][rows, draws] if guidance is None else guidance.astype(np.float32)
+        eps_teacher = data["eps_teacher"][rows, draws]
+        if self.labels.guidance_fresh:  # ε_u + w(ε_c − ε_u), in float32, stored as the other targets are
+            eps_u = data["eps_uncond"][rows, draws].astype(np.float32)
+            eps_teacher = (eps_u + w[:, None, None, None] * (eps_teacher - eps_u)).astype(np.float16)
+        return Batch(inputs.x_t, inputs.text, inputs.timesteps, torch.as_tensor(w),
+                     torch.as_tensor(data["kind"][rows, draws]).long(), torch.as_tensor(data["noise"][rows, draws]),
+                     torch.as_tensor(eps_teacher), torch.as_tensor(data["synthetic"][rows]))
+
+    def fresh_guidance(self, seed: Sequence[int], n: int) -> np.ndarray | None:
+        """(n,) w drawn afresh from the labels' window, from generator `seed`; None unless the labels keep both ε."""
+        if not self.labels.guidance_fresh:
+            return None
+        gen = np.random.default_rng(seed)
+        return np.array([guidance_scale(gen, self.labels.guidance, self.labels.guidance_conditional)
+                         for _ in range(n)], np.float32)
 
 
 class DrawStream:
@@ -270,7 +288,10 @@ class DrawStream:
         windows = [[self.blocks[i] for i in order[k:k + w]][self.rank::self.world] for k in range(0, len(order), w)]
         return [blocks for blocks in windows if blocks]
 
-    def _window(self, epoch: int, index: int, blocks: list[Block]) -> tuple[dict, np.ndarray, np.ndarray]:
+    def _window(self, epoch: int, index: int, blocks: list[Block]) -> tuple[dict, np.ndarray, np.ndarray,
+                                                                             np.ndarray | None]:
+        """The window's data, its draws (rows, draws) in the order they are read, and for training (a stream that
+        repeats) on labels with fresh guidance each draw's w this epoch."""
         data = self.data.read(blocks)
         rows, draws, base = [], [], 0
         for b in blocks:
@@ -279,11 +300,12 @@ class DrawStream:
             draws.append(d)
             base += b.stop - b.start
         rows, draws = np.concatenate(rows), np.concatenate(draws)
+        seed = [self.seed, epoch, index, *([self.rank] if self.world > 1 else [])]
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, index, *([self.rank] if self.world > 1 else [])])
-            order = order.permutation(len(rows))
+            order = np.random.default_rng(seed).permutation(len(rows))
             rows, draws = rows[order], draws[order]
-        return data, rows, draws
+        guidance = self.data.fresh_guidance([*seed, 0x6D1], len(rows)) if self.train and self.repeat else None
+        return data, rows, draws, guidance
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches(Position())
@@ -310,10 +332,12 @@ class DrawStream:
         while True:
             windows = self.windows(epoch)
             for index in range(window, len(windows)):
-                data, rows, draws = self._window(epoch, index, windows[index])
+                data, rows, draws, guidance = self._window(epoch, index, windows[index])
                 while offset < len(rows):
                     take = min(size - filled, len(rows) - offset)
-                    parts.append(self.data.batch(data, rows[offset:offset + take], draws[offset:offset + take]))
+                    part = slice(offset, offset + take)
+                    parts.append(self.data.batch(data, rows[part], draws[part],
+                                                 None if guidance is None else guidance[part]))
                     filled, offset = filled + take, offset + take
                     if filled == size:
                         yield Batch.cat(parts, Position(epoch, index, offset))

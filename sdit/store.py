@@ -124,7 +124,10 @@ LABEL_COLUMNS = {
     "noise": Column("float16", ("K", "C", "h", "w")),  # ε: the true-noise target
     "xi_index": Column("int32", ("K",)),  # row of `xi` for input-perturbation draws, -1 elsewhere
     "xi": Column("float16", ("C", "h", "w"), per_record=False),
-    "eps_teacher": Column("float16", ("K", "C", "h", "w")),
+    "eps_teacher": Column("float16", ("K", "C", "h", "w")),  # ε_T; with fresh guidance the conditional ε_c
+    # labels made with fresh guidance only (every shard of them): the unconditional ε_u, so that a reader composes
+    # ε_u + w(ε_c − ε_u) at a w of its own
+    "eps_uncond": Column("float16", ("K", "C", "h", "w"), optional=True),
     "valid": Column("bool", ("K",)),  # False: the teacher's output was not finite; the draw is dropped
 }
 GROUP_COLUMNS = {"records": RECORD_COLUMNS, "prompts": PROMPT_COLUMNS, "synthetic": SYNTHETIC_COLUMNS}

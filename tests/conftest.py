@@ -66,6 +66,20 @@ def labelled_store(encoded_store, tiny_teacher, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fresh_guided_store(encoded_store, tiny_teacher, tmp_path_factory) -> Path:
+    """`encoded_store`, labelled "fresh" with guided targets (w in 2:6, a quarter of draws at w = 1) whose ε_c and
+    ε_u are both kept, 2 draws a record."""
+    from pipeline.label import LabelConfig, label
+    from sdit.perturb import PerturbConfig
+
+    out = shutil.copytree(encoded_store, tmp_path_factory.mktemp("fresh") / "store")
+    label(LabelConfig(store=str(out), teacher=str(tiny_teacher), name="fresh", draws=2, guidance=(2.0, 6.0),
+                      guidance_conditional=0.25, guidance_fresh=True,
+                      perturb=PerturbConfig(mix=ALL_KINDS, caption_min_t=0)))
+    return out
+
+
+@pytest.fixture(scope="session")
 def clip_folder(tmp_path_factory):
     """A tiny random CLIPModel folder, as save_pretrained writes one (tests never download one)."""
     import torch

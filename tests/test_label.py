@@ -26,7 +26,7 @@ from sdit.perturb import CaptionFrom, Kind, PerturbConfig
 from sdit.store import LABEL_COLUMNS, Store
 
 MIX = PerturbConfig(mix=ALL_KINDS, caption_min_t=0)
-DRAWN = [name for name in LABEL_COLUMNS if name not in ("eps_teacher", "valid")]
+DRAWN = [name for name in LABEL_COLUMNS if name not in ("eps_teacher", "eps_uncond", "valid")]
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,28 @@ def test_a_share_of_guided_draws_at_w_1(store, tiny_teacher):
         _label(store, tiny_teacher, name="other", draws=4, guidance_conditional=0.5)
 
 
+def test_fresh_guidance_keeps_both_eps_of_the_same_draws(store, tiny_teacher):
+    _label(store, tiny_teacher, name="composed", draws=2, guidance=(2.0, 6.0), guidance_conditional=0.25)
+    counts = _label(store, tiny_teacher, name="fresh", draws=2, guidance=(2.0, 6.0), guidance_conditional=0.25,
+                    guidance_fresh=True)
+    composed, fresh = _labels(store, "composed"), _labels(store, "fresh")
+    assert set(fresh) == set(composed) | {k.replace("eps_teacher", "eps_uncond") for k in composed}
+    for key in composed:
+        if key.endswith(tuple(DRAWN)):
+            assert np.array_equal(composed[key], fresh[key]), key  # the same draws, the same w
+    for key in (k for k in composed if k.endswith("eps_teacher")):  # ε_c and ε_u give the stored guided target
+        eps_c, eps_u = fresh[key].astype(np.float32), fresh[key.replace("eps_teacher", "eps_uncond")]
+        w = fresh[key.replace("eps_teacher", "guidance")][..., None, None, None]
+        np.testing.assert_allclose(eps_u + w * (eps_c - eps_u), composed[key], atol=2e-2, rtol=1e-2)  # fp16 parts
+        assert not np.allclose(eps_c, composed[key], atol=2e-2)  # ε_c itself is not the guided target
+    meta = json.loads((store / "labels" / "fresh" / "manifest.json").read_text())
+    assert meta["guidance_fresh"] and counts["teacher_forwards"] == {"records": 11 * 2 * 2, "total": 11 * 2 * 2}
+    with pytest.raises(SDiTError, match="another guidance_fresh"):
+        _label(store, tiny_teacher, name="fresh", draws=2, guidance=(2.0, 6.0), guidance_conditional=0.25)
+    with pytest.raises(SDiTError, match="--fresh-guidance keeps both ε of guided labels: give --guidance"):
+        _label(store, tiny_teacher, name="other", draws=2, guidance_fresh=True)
+
+
 @pytest.mark.slow
 def test_labels_made_before_synthesis_existed_still_resume(store, tiny_teacher):
     _label(store, tiny_teacher, name="older", draws=2)
@@ -335,8 +357,8 @@ def test_sigkill_between_shards_or_mid_shard_then_rerun_equals_an_uninterrupted_
 
     kill_when([*args, "--labels", "between"], lambda: len(done("between")) >= 3)
     # Just before the second array of the third shard: its first array written, the rest not, no completion mark.
-    kill_paused_at([*args, "--labels", "mid-shard"], "zarr:Group.create_array", 2 * len(LABEL_COLUMNS) + 2,
-                   tmp_path / "paused")
+    arrays = sum(not column.optional for column in LABEL_COLUMNS.values())  # a shard of unguided labels
+    kill_paused_at([*args, "--labels", "mid-shard"], "zarr:Group.create_array", 2 * arrays + 2, tmp_path / "paused")
     assert len(done("mid-shard")) == 2 and len(list((store / "labels" / "mid-shard" / "00002").iterdir())) == 2
     for name in ("between", "mid-shard"):
         assert 2 <= len(done(name)) < 24, "the kill should land mid-run"

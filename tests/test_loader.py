@@ -78,6 +78,46 @@ def test_inputs_equal_the_teachers_rebuilt_from_whole_shards(data, synthetic_dat
     assert got.synthetic.sum() == 24
 
 
+def _by_draw(batches: list[Batch]) -> dict[bytes, tuple[float, torch.Tensor]]:
+    return {i: (float(w), eps) for b in batches for i, w, eps in zip(_ids(b), b.guidance, b.eps_teacher)}
+
+
+def test_fresh_guidance_composes_each_target_at_a_w_drawn_anew_each_epoch(fresh_guided_store):
+    data = LabelledStore(str(fresh_guided_store), "fresh")
+    stored = Batch.cat(list(DrawStream(data, 4, shuffle=False, repeat=False)), Position())
+    parts = {"eps_c": [], "eps_u": [], "w": []}
+    for shard in data.counts:  # ε_c, ε_u and the draw's own w, as stored
+        labels = {k: v[:] for k, v in data.store.shard_group(data.group, shard).arrays()}
+        rows, draws = np.nonzero(labels["valid"])
+        parts["eps_c"].append(labels["eps_teacher"][rows, draws].astype(np.float32))
+        parts["eps_u"].append(labels["eps_uncond"][rows, draws].astype(np.float32))
+        parts["w"].append(labels["guidance"][rows, draws])
+    eps_c, eps_u, w = (torch.as_tensor(np.concatenate(v)) for v in parts.values())
+    # evaluation (a stream read once) takes each draw at its own w
+    assert torch.equal(stored.guidance, w) and len(stored) == 22
+    torch.testing.assert_close(stored.eps_teacher.float(), eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u),
+                               atol=1e-2, rtol=1e-3)
+    want = {i: (u, c) for i, u, c in zip(_ids(stored), eps_u, eps_c)}
+    # training: each epoch every draw at a w of its own, from the labels' window, the target composed at that w
+    stream = DrawStream(data, 2, seed=5, buffer_records=8)
+    epochs = _take(stream, 22)
+    first, second = _by_draw(epochs[:11]), _by_draw(epochs[11:])
+    assert set(first) == set(second) == set(want)
+    for seen in (first, second):
+        for i, (w_i, eps) in seen.items():
+            assert w_i == 1.0 or 2.0 <= w_i <= 6.0
+            u, c = want[i]
+            torch.testing.assert_close(eps.float(), u + w_i * (c - u), atol=1e-2, rtol=1e-3)
+    ws = np.array([[first[i][0], second[i][0]] for i in want])
+    assert 0 < (ws == 1.0).mean() < 0.6 and (ws[:, 0] != ws[:, 1]).mean() > 0.5  # drawn again, not the stored w
+    assert not np.array_equal(ws[:, 0], stored.guidance.numpy())
+    # ... and as deterministic as the order: the same seed or a resumed stream gives the same w
+    again = _take(DrawStream(data, 2, seed=5, buffer_records=8), 22)
+    assert [b.guidance.tolist() for b in again] == [b.guidance.tolist() for b in epochs]
+    resumed = _take(stream, 10, epochs[11].position)
+    assert [b.guidance.tolist() for b in resumed] == [b.guidance.tolist() for b in epochs[12:]]
+
+
 def test_synthetic_records_are_never_held_out(synthetic_data):
     split = Split(holdout=0.5, seed=0)
     held = list(DrawStream(synthetic_data, 4, split=split, train=False, shuffle=False, repeat=False))

@@ -22,7 +22,7 @@ from sdit.errors import SDiTError
 from sdit.loader import Batch, DrawStream, LabelledStore, Position
 from sdit.losses import distillation_loss, draw_weight, true_noise_mask
 from sdit.perturb import Kind, PerturbConfig
-from sdit.store import LABEL_COLUMNS, Store, columns_of
+from sdit.store import Store, columns_of
 from sdit.synthesize import ShardSynthesizer, initial_noise, read_prompts, read_synthetic
 from sdit.teacher import load_teacher
 
@@ -117,8 +117,8 @@ def test_sigkill_while_synthesizing_or_labelling_synthetic_records_then_rerun_eq
 
     whole = shutil.copytree(store, tmp_path / "whole")
     subprocess.run(cli_command(*args(whole)), check=True, env=child_env(), capture_output=True)
-    n_synthetic = sum(not column.optional for column in columns_of("synthetic").values())
-    n_labels = len(LABEL_COLUMNS)
+    n_synthetic, n_labels = (sum(not column.optional for column in columns_of(group).values())
+                             for group in ("synthetic", "labels/synth"))
     n_records = len(Store(str(store)).finished("records"))
     # Zarr arrays are written in this order: 2 synthetic shards, the labels of the record shards, then those of
     # the 2 synthetic shards. Kill just before the second array of the second synthetic shard, and of its labels.

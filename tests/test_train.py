@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import child_env, cli_command, kill_paused_at, kill_when, new_run
 from pipeline.init import init_for_store
-from pipeline.train import TrainConfig, train
+from pipeline.train import TrainConfig, Trainer, train
 from pipeline.train_monitor import read_metrics
 from sdit.dit import SDiT, build_student
 from sdit.errors import SDiTError
+from sdit.loader import DrawStream, LabelledStore
 from sdit.run import load_student, read_run
 from sdit.tiny import save_tiny_teacher
 
@@ -471,6 +472,24 @@ def test_sample_prompts_0_trains_without_sample_grids(labelled_store, tmp_path):
     run = tmp_path / "run"
     summary = _train(labelled_store, run, steps=2, sample_every=1, sample_prompts=0)
     assert summary["steps"] == 2 and summary["samples"] is None and not (run / "samples").exists()
+
+
+def test_a_student_of_labels_with_fresh_guidance_trains_on_ws_drawn_anew(fresh_guided_store, tmp_path, monkeypatch):
+    seen = []
+    original = Trainer.losses
+
+    def spy(self, batch):
+        seen.append(batch.guidance.clone())
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "losses", spy)
+    summary = _train(fresh_guided_store, tmp_path / "run", labels="fresh", steps=12, batch_size=4, task_weight=0.25)
+    assert summary["steps"] == 12 and load_student(tmp_path / "run").config.guidance_embed
+    w = torch.cat(seen)
+    assert len(w) == 48 and ((w == 1) | ((w >= 2) & (w <= 6))).all()
+    stored = LabelledStore(str(fresh_guided_store), "fresh")
+    own = torch.cat([b.guidance for b in DrawStream(stored, 4, shuffle=False, repeat=False)])
+    assert sorted(w[:22].tolist()) != sorted(own.tolist())  # the first epoch's w are not the draws' own
 
 
 def test_guided_labels_take_a_task_weight_only_with_draws_at_w_1():

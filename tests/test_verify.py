@@ -126,3 +126,10 @@ def test_a_trajectory_set_without_its_states_is_a_problem(encoded_store, tiny_te
     assert verify(str(store)).ok
     shutil.rmtree(store / "synthetic" / "00000" / "states")
     assert verify(str(store)).problems == ["synthetic/00000 states: missing"]
+
+
+def test_labels_with_fresh_guidance_without_their_unconditional_eps_are_a_problem(fresh_guided_store, tmp_path):
+    store = shutil.copytree(fresh_guided_store, tmp_path / "store")
+    assert verify(str(store)).ok
+    shutil.rmtree(store / "labels" / "fresh" / "00001" / "eps_uncond")
+    assert verify(str(store)).problems == ["labels/fresh/00001 eps_uncond: missing"]

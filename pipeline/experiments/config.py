@@ -45,7 +45,8 @@ SYNTHESIS_LABELS = ("synthetic", "trajectory")  # labellings that make the teach
 # What a variant (`--variants FILE`) may change of the run it starts `from`: its labelling's options, then its
 # training's. Each takes the type given.
 LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "draws": int, "guidance_range": str,
-                 "guidance_conditional": float, "synth_samples": int, "trajectory_steps": int, "trajectories": bool}
+                 "guidance_conditional": float, "fresh_guidance": bool, "synth_samples": int, "trajectory_steps": int,
+                 "trajectories": bool}
 
 
 # ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
@@ -160,8 +161,9 @@ def check_variant(name: str, options: dict) -> None:
     if "trajectory_steps" in options and not trajectories:
         raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants (or kd_guided's with "
                         "trajectories = true)")
-    if options.get("guidance_linear") and kind != GUIDED_LABELS:
-        raise SDiTError(f"variant {name!r}: guidance_linear is for students of guided labels (from = \"kd_guided\")")
+    for key in ("guidance_range", "guidance_conditional", "fresh_guidance", "guidance_linear"):
+        if options.get(key) and kind != GUIDED_LABELS:
+            raise SDiTError(f"variant {name!r}: {key} is for students of guided labels (from = \"kd_guided\")")
     if "student" in options and options["student"] not in PRESETS:
         raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
     if "perturb" in options:  # a mix that does not sum to 1 is refused before the experiment starts

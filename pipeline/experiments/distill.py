@@ -198,7 +198,8 @@ def prepare_store(config: DistillConfig, out: Path, labellings: dict[str, Labell
         label(LabelConfig(store=str(out / store_of(name, labelling)), teacher=config.teacher, name=name,
                           draws=labelling.draws, perturb=labelling.perturb, seed=config.seed,
                           synthesis=_synthesis(config, labelling), guidance=labelling.guidance,
-                          guidance_conditional=labelling.guidance_conditional))
+                          guidance_conditional=labelling.guidance_conditional,
+                          guidance_fresh=labelling.guidance_fresh))
 
 
 def _synthesis(config: DistillConfig, labelling: Labelling) -> SynthesisConfig | None:

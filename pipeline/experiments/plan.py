@@ -54,6 +54,7 @@ class Labelling:
     draws: int
     guidance: tuple[float, float] | None  # guided targets: w drawn per draw in this window
     guidance_conditional: float = 0.0  # guided targets: this share of draws at w = 1 instead
+    guidance_fresh: bool = False  # guided targets: both ε kept, w drawn afresh in training
     samples: int = 0  # the teacher's samples (or trajectories) per prompt of the bank; 0: none
     trajectory_steps: int = 0  # trajectories: the DDIM schedule they step through
 
@@ -113,7 +114,8 @@ def _labelling(config: DistillConfig, kind: str, options: dict) -> Labelling:
     samples = options.get("synth_samples", config.synth_samples if kind in SYNTHESIS_LABELS or trajectories else 0)
     steps = options.get("trajectory_steps", config.trajectory_steps) if trajectories else 0
     conditional = options.get("guidance_conditional", 0.0) if kind == GUIDED_LABELS else 0.0
-    return Labelling(kind, perturb, options.get("draws", config.draws), guidance, conditional, samples, steps)
+    fresh = bool(options.get("fresh_guidance")) if kind == GUIDED_LABELS else False
+    return Labelling(kind, perturb, options.get("draws", config.draws), guidance, conditional, fresh, samples, steps)
 
 
 def train_configs(config: DistillConfig, runs: dict[str, Run]) -> dict[str, TrainConfig]:

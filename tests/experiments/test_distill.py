@@ -212,7 +212,8 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
                 "guided_traj": {"from": "kd_guided", "trajectories": True, "trajectory_steps": 9},
                 "guided_traj_linear": {"from": "kd_guided", "trajectories": True, "synth_samples": 2,
                                        "guidance_linear": True},
-                "guided_synth": {"from": "kd_guided", "synth_samples": 2}}
+                "guided_synth": {"from": "kd_guided", "synth_samples": 2},
+                "fresh": {"from": "kd_guided", "fresh_guidance": True}}
     config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
     config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
     labellings, runs = plan(config)
@@ -223,7 +224,8 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
         "traj2": ("init", "store-traj2", False),  # a store holds one set of the teacher's samples or trajectories
         "guided_traj": ("init-guided", "store-guided_traj", False),
         "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
-        "guided_synth": ("init-guided", "store-guided_synth", False)}
+        "guided_synth": ("init-guided", "store-guided_synth", False), "fresh": ("init-guided", "store", False)}
+    assert labellings["fresh"].guidance_fresh and not labellings["guided"].guidance_fresh
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
     guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
     assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
@@ -277,6 +279,7 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a]\nfrom = "kd_perturb"\nperturb = "none=0.5,swap=0.2"\n',
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
+    ('[a]\nfrom = "kd_synth"\nfresh_guidance = true\n', "fresh_guidance is for students of guided labels"),
     ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's, kd_traj's"),
     ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
     ('[a]\nfrom = "kd_guided"\ntrajectory_steps = 9\n', "trajectory_steps is for kd_traj's variants"),
