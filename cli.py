@@ -221,7 +221,7 @@ def teacher_label(
     input_gamma: Annotated[float, typer.Option(rich_help_panel=PERTURB, min=0, help="γ of input perturbation: the input uses ε + γ·ξ.")] = PerturbConfig.input_gamma,
     caption_min_t: Annotated[int, typer.Option(rich_help_panel=PERTURB, min=0, help="Swap and mix captions only at timesteps from here up.")] = PerturbConfig.caption_min_t,
     prompt_share: Annotated[float, typer.Option(rich_help_panel=PERTURB, min=0, max=1, help="Share of swap/mix captions from the prompt bank.")] = PerturbConfig.prompt_share,
-    guidance: Annotated[Optional[str], typer.Option(help="W_MIN:W_MAX: store guided targets ε_u + w(ε_c − ε_u) with w stored.")] = None,
+    guidance: Annotated[Optional[str], typer.Option(help="W_MIN:W_MAX: store guided targets ε_u + w(ε_c − ε_u) for a w drawn per draw, and that w.")] = None,
     guidance_conditional: Annotated[float, typer.Option(min=0, max=1, help="With --guidance: this share of draws takes w = 1, the teacher's conditional ε, on which the student learns the true noise too.")] = LabelConfig.guidance_conditional,
     fresh_guidance: Annotated[bool, typer.Option("--fresh-guidance", help="With --guidance: keep ε_c and ε_u of each draw (one more fp16 array, no more teacher forwards), so that training draws w afresh each time it reads a draw.")] = False,
     seed: Annotated[int, typer.Option(help="Same seed, same draws, whatever the executor or batch size.")] = LabelConfig.seed,

@@ -28,6 +28,7 @@ from sdit.devices import setup_worker
 from sdit.diffusion import NoiseSchedule, epsilon_from_prediction
 from sdit.errors import SDiTError
 from sdit.labels import (
+    LABELS_VERSION,
     CaptionBank,
     LabelsManifest,
     guidance_scale,
@@ -291,7 +292,8 @@ def _manifest(config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifes
         perturb=dataclasses.asdict(config.perturb), guidance=list(config.guidance) if config.guidance else None,
         guidance_conditional=config.guidance_conditional, guidance_fresh=config.guidance_fresh,
         synthesis=dataclasses.asdict(config.synthesis) if config.synthesis else None,
-        synthetic_set=synthetic.set_id if synthetic else None)
+        synthetic_set=synthetic.set_id if synthetic else None,
+        schema_version=LABELS_VERSION if config.guidance_fresh else 1)
 
 
 # What must match for a rerun to resume a labelling rather than refuse it; of the teacher, its weights' hashes

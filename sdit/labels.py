@@ -26,7 +26,9 @@ from sdit.perturb import CaptionFrom, Kind, input_noise, perturbed_text
 from sdit.store import CHECKSUM, Damaged, Store, from_versioned
 
 LABELS_MANIFEST = "manifest.json"
-LABELS_VERSION = 1
+# 2: labels with fresh guidance, whose eps_teacher is ε_c and no target by itself (an SDiT that reads only 1 must
+# refuse them); other labels are still written as 1, which every SDiT since reads
+LABELS_VERSION = 2
 LABELS_INDEX = "index"  # labels/<name>/index: what a reader needs before its first read (`write_index`)
 
 
@@ -71,7 +73,8 @@ def read_labels(store: Store, name: str) -> LabelsManifest | None:
     if not store.exists(labels_group(name), LABELS_MANIFEST):
         return None
     data = store.read_json(labels_group(name), LABELS_MANIFEST)
-    return from_versioned(LabelsManifest, data, LABELS_VERSION, f"labels {name!r} of {store.url}: labels manifest")
+    return from_versioned(LabelsManifest, data, LABELS_VERSION, f"labels {name!r} of {store.url}: labels manifest",
+                          older=(1,))
 
 
 def guidance_scale(gen: np.random.Generator, window: tuple[float, float], conditional: float = 0.0) -> float:

@@ -209,6 +209,8 @@ class LabelledStore:
     def batch(self, data: dict, rows: np.ndarray, draws: np.ndarray, guidance: np.ndarray | None = None) -> Batch:
         """Rebuild the draws (rows[i], draws[i]) of data read by `read`. Labels made with fresh guidance compose
         their target at `guidance` (the draws' own w when not given)."""
+        if guidance is not None and not self.labels.guidance_fresh:
+            raise ValueError(f"labels {self.labels.name!r} hold targets at their own w only (no --fresh-guidance)")
         inputs = teacher_inputs(self.schedule, data["latents"], data["text_emb"], data, rows, draws, self.bank,
                                 self.null, self.input_gamma)
         w = data["guidance"][rows, draws] if guidance is None else guidance.astype(np.float32)

@@ -171,11 +171,12 @@ class Manifest:
         return replace(manifest, latent_shape=tuple(manifest.latent_shape), text_shape=tuple(manifest.text_shape))
 
 
-def from_versioned(cls, data: dict, version: int, what: str):
+def from_versioned(cls, data: dict, version: int, what: str, older: tuple[int, ...] = ()):
     """A stage-owned JSON record as the frozen dataclass `cls`, refused in one line when it was written with
-    another `schema_version` than this SDiT reads, or lacks a field (`what` names it: "STORE: store schema")."""
+    another `schema_version` than this SDiT reads (`version`, or one of the `older` ones it still reads), or lacks
+    a field (`what` names it: "STORE: store schema")."""
     found = data.get("schema_version")
-    if found != version:
+    if found != version and found not in older:
         raise OtherVersion(f"{what} version {found}, this SDiT reads version {version}")
     missing = [f.name for f in fields(cls)
                if f.default is MISSING and f.default_factory is MISSING and f.name not in data]

@@ -232,6 +232,9 @@ def test_fresh_guidance_keeps_both_eps_of_the_same_draws(store, tiny_teacher):
         assert not np.allclose(eps_c, composed[key], atol=2e-2)  # ε_c itself is not the guided target
     meta = json.loads((store / "labels" / "fresh" / "manifest.json").read_text())
     assert meta["guidance_fresh"] and counts["teacher_forwards"] == {"records": 11 * 2 * 2, "total": 11 * 2 * 2}
+    # an SDiT that reads version 1 alone would take ε_c for the target: it refuses these; other labels stay at 1
+    assert meta["schema_version"] == 2
+    assert json.loads((store / "labels" / "composed" / "manifest.json").read_text())["schema_version"] == 1
     with pytest.raises(SDiTError, match="another guidance_fresh"):
         _label(store, tiny_teacher, name="fresh", draws=2, guidance=(2.0, 6.0), guidance_conditional=0.25)
     with pytest.raises(SDiTError, match="--fresh-guidance keeps both ε of guided labels: give --guidance"):

@@ -206,12 +206,12 @@ def test_labels_of_another_manifest_version_are_refused_in_one_line(labelled_sto
     store = shutil.copytree(labelled_store, tmp_path / "store")
     manifest = store / "labels" / "default" / "manifest.json"
     meta = json.loads(manifest.read_text())
-    assert meta["schema_version"] == 1
-    manifest.write_text(json.dumps(meta | {"schema_version": 2}))
+    assert meta["schema_version"] == 1  # version 2 is for labels with fresh guidance
+    manifest.write_text(json.dumps(meta | {"schema_version": 3}))
     with pytest.raises(SDiTError) as err:
         LabelledStore(str(store))
     message = str(err.value)
-    assert "\n" not in message and "labels manifest version 2, this SDiT reads version 1" in message
+    assert "\n" not in message and "labels manifest version 3, this SDiT reads version 2" in message
 
 
 def test_prefetch_reads_ahead_in_order_raises_the_readers_error_and_stops_when_closed(data):

@@ -69,7 +69,7 @@ def random_labelled_store(url: str, shards: int, records: int, draws: int = 2, l
             "positions": np.arange(base, base + n, dtype=np.int64)}, {"rejects": [], "truncated": 0})
         kind = rng.choice([Kind.NONE, Kind.SWAP, Kind.MIX, Kind.NULL], size=(n, draws)).astype(np.uint8)
         labels = {name: np.zeros((n, draws, *((2,) if name.startswith("caption") else ())), col.dtype)
-                  for name, col in LABEL_COLUMNS.items() if col.per_record}
+                  for name, col in LABEL_COLUMNS.items() if col.per_record and not col.optional}
         labels |= {"timesteps": rng.integers(0, 1000, (n, draws), dtype=np.int32), "kind": kind,
                    "caption_index": rng.integers(0, shards * records, (n, draws, 2)),
                    "xi_index": np.full((n, draws), -1, np.int32),
