@@ -136,14 +136,14 @@ class LabelConfig:
         return labels_group(self.name)
 
     @staticmethod
-    def parse_guidance(text: str | None) -> tuple[float, float] | None:
-        """`--guidance W_MIN:W_MAX` as a (w_min, w_max) window; None for unguided targets."""
+    def parse_guidance(text: str | None, option: str = "--guidance") -> tuple[float, float] | None:
+        """`--guidance W_MIN:W_MAX` (or another `option`'s) as a (w_min, w_max) window; None for unguided targets."""
         if not text:
             return None
         try:
             low, high = (float(x) for x in text.split(":"))
         except ValueError:
-            raise SDiTError(f"--guidance {text!r}: give W_MIN:W_MAX, e.g. 2:8") from None
+            raise SDiTError(f"{option} {text!r}: give W_MIN:W_MAX, e.g. 2:8") from None
         return low, high
 
     def label_group(self, group: str) -> str:
@@ -195,6 +195,8 @@ class TrainConfig:
     min_snr: float = 0.0  # γ of min-SNR timestep weighting; 0: off, every timestep counts the same
     high_noise_weight: float = 0.0  # γ: weight draws by min(1/ᾱ_t, γ) (sdit.losses.high_noise_weight); 0: off
     synthetic_weight: float = 1.0  # scales the loss (task and KD) of synthetic records' draws
+    # labels with fresh guidance: draw training's w from this window (w_min, w_max) instead of the labels' own
+    fresh_guidance_range: tuple[float, float] | None = None
     holdout: float = 0.0  # fraction of records held out for `sdit eval`
     seed: int = 0
     buffer_records: int = 1024  # records in the shuffle window
@@ -227,6 +229,9 @@ class TrainConfig:
             raise SDiTError(f"--min-snr {self.min_snr}: a γ above 0 (e.g. 5), or 0 (off)")
         if self.synthetic_weight < 0:
             raise SDiTError(f"--synthetic-weight {self.synthetic_weight}: must be >= 0")
+        window = self.fresh_guidance_range
+        if window is not None and not 0 <= window[0] <= window[1]:
+            raise SDiTError(f"--fresh-guidance-range {window}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
         if not 0 <= self.holdout < 1:
             raise SDiTError(f"--holdout {self.holdout}: a fraction in [0, 1)")
         if not 0 <= self.ema_decay < 1:

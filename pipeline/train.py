@@ -224,7 +224,10 @@ class NonFinite(SDiTError):
 
 def check_targets(data: LabelledStore, config: TrainConfig) -> None:
     """Guided labels are no task target (but for their draws at w = 1): a one-line refusal of --task-weight for
-    labels with none of those."""
+    labels with none of those; a window of w only for labels that keep both ε."""
+    if config.fresh_guidance_range is not None and not data.labels.guidance_fresh:
+        raise SDiTError(f"--fresh-guidance-range: labels {config.labels!r} hold each target at its own w; label them "
+                        "with --fresh-guidance to draw w in training")
     if data.labels.guided and not data.labels.guidance_conditional and config.task_weight > 0:
         raise SDiTError(f"labels {config.labels!r} are guided (ε_T = ε_u + w·(ε_c − ε_u)), so the true noise is "
                         "no target for them: pass --task-weight 0, or label with --guidance-conditional")
@@ -264,7 +267,8 @@ def train(config: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if config.resume:
         resume(out, state)
     stream = DrawStream(data, config.batch_size, split=Split(config.holdout, config.seed), seed=config.seed,
-                        buffer_records=config.buffer_records, rank=workers.rank, world=workers.world)
+                        buffer_records=config.buffer_records, rank=workers.rank, world=workers.world,
+                        guidance_range=config.fresh_guidance_range)
     if state.saved_positions:
         state.position, reset = stream.resumed(state.saved_positions, state.saved_window_blocks)
         state.reset += [reset] if reset else []

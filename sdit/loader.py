@@ -222,13 +222,14 @@ class LabelledStore:
                      torch.as_tensor(data["kind"][rows, draws]).long(), torch.as_tensor(data["noise"][rows, draws]),
                      torch.as_tensor(eps_teacher), torch.as_tensor(data["synthetic"][rows]))
 
-    def fresh_guidance(self, seed: Sequence[int], n: int) -> np.ndarray | None:
-        """(n,) w drawn afresh from the labels' window, from generator `seed`; None unless the labels keep both ε."""
+    def fresh_guidance(self, seed: Sequence[int], n: int, window: Sequence[float] | None = None) -> np.ndarray | None:
+        """(n,) w drawn afresh from `window` (default: the labels' own), from generator `seed`; None unless the labels
+        keep both ε."""
         if not self.labels.guidance_fresh:
             return None
         gen = np.random.default_rng(seed)
-        return np.array([guidance_scale(gen, self.labels.guidance, self.labels.guidance_conditional)
-                         for _ in range(n)], np.float32)
+        window = self.labels.guidance if window is None else window
+        return np.array([guidance_scale(gen, window, self.labels.guidance_conditional) for _ in range(n)], np.float32)
 
 
 class DrawStream:
@@ -238,16 +239,18 @@ class DrawStream:
     each window holds `world` x `buffer_records` records, and worker `rank` reads blocks rank, rank + world, ...
     of it, shuffles their draws and takes batch_size / world of them a step. Each worker's stream is its own and
     so is its `Position`; together the workers see every draw of the split once an epoch. `repeat=False,
-    shuffle=False` reads the split once in store order (evaluation).
+    shuffle=False` reads the split once in store order (evaluation). `guidance_range`: for labels with fresh
+    guidance, the window a training stream draws w from (default: the labels' own).
     """
 
     def __init__(self, data: LabelledStore, batch_size: int, *, split: Split = Split(), train: bool = True,
                  seed: int = 0, buffer_records: int = 1024, shuffle: bool = True, repeat: bool = True,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, guidance_range: Sequence[float] | None = None):
         if batch_size % world:
             raise SDiTError(f"batch size {batch_size} is not divisible by the {world} workers")
         self.data, self.batch_size, self.split, self.train = data, batch_size, split, train
         self.seed, self.shuffle, self.repeat, self.rank, self.world = seed, shuffle, repeat, rank, world
+        self.guidance_range = guidance_range
         self.blocks_per_window = max(1, buffer_records // CHUNK_RECORDS) * world
         self.blocks = _at_least(data.blocks(), world)
         self.total = self._count(self.blocks)
@@ -306,7 +309,8 @@ class DrawStream:
         if self.shuffle:
             order = np.random.default_rng(seed).permutation(len(rows))
             rows, draws = rows[order], draws[order]
-        guidance = self.data.fresh_guidance([*seed, 0x6D1], len(rows)) if self.train and self.repeat else None
+        guidance = self.data.fresh_guidance([*seed, 0x6D1], len(rows), self.guidance_range) \
+            if self.train and self.repeat else None
         return data, rows, draws, guidance
 
     def __iter__(self) -> Iterator[Batch]:

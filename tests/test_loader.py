@@ -116,6 +116,11 @@ def test_fresh_guidance_composes_each_target_at_a_w_drawn_anew_each_epoch(fresh_
     assert [b.guidance.tolist() for b in again] == [b.guidance.tolist() for b in epochs]
     resumed = _take(stream, 10, epochs[11].position)
     assert [b.guidance.tolist() for b in resumed] == [b.guidance.tolist() for b in epochs[12:]]
+    # training may draw w from a window of its own, the targets composed at those w
+    narrow = _by_draw(_take(DrawStream(data, 2, seed=5, buffer_records=8, guidance_range=(3.0, 3.5)), 11))
+    for i, (w_i, eps) in narrow.items():
+        assert w_i == 1.0 or 3.0 <= w_i <= 3.5
+        torch.testing.assert_close(eps.float(), want[i][0] + w_i * (want[i][1] - want[i][0]), atol=1e-2, rtol=1e-3)
 
 
 def test_synthetic_records_are_never_held_out(synthetic_data):

@@ -490,6 +490,16 @@ def test_a_student_of_labels_with_fresh_guidance_trains_on_ws_drawn_anew(fresh_g
     stored = LabelledStore(str(fresh_guided_store), "fresh")
     own = torch.cat([b.guidance for b in DrawStream(stored, 4, shuffle=False, repeat=False)])
     assert sorted(w[:22].tolist()) != sorted(own.tolist())  # the first epoch's w are not the draws' own
+    seen.clear()
+    _train(fresh_guided_store, tmp_path / "narrow", labels="fresh", steps=3, batch_size=4, task_weight=0.25,
+           fresh_guidance_range=(3.0, 3.5))
+    w = torch.cat(seen)
+    assert ((w == 1) | ((w >= 3) & (w <= 3.5))).all() and (w != 1).any()
+
+
+def test_a_window_of_w_is_refused_for_labels_that_keep_one_target_a_draw(labelled_store, tmp_path):
+    with pytest.raises(SDiTError, match="--fresh-guidance-range: labels 'default' hold each target at its own w"):
+        _train(labelled_store, tmp_path / "run", steps=1, fresh_guidance_range=(2.0, 4.0))
 
 
 def test_guided_labels_take_a_task_weight_only_with_draws_at_w_1():

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import LabelConfig
 from sdit.config import TOY_TEACHER, PerturbConfig
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
@@ -54,7 +55,8 @@ INIT_OPTIONS = {"guidance_linear": bool}
 
 
 TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "warmup": int, "lr_schedule": str,
-                 "high_noise_weight": float, "kd_weight": float, "task_weight": float, "student": str}
+                 "high_noise_weight": float, "kd_weight": float, "task_weight": float, "student": str,
+                 "fresh_guidance_range": str}
 
 
 PROMPTS_PER_PAIR = 6  # each shape-colour pair of the evaluation prompts: 3 backgrounds x 2 sizes
@@ -164,6 +166,14 @@ def check_variant(name: str, options: dict) -> None:
     for key in ("guidance_range", "guidance_conditional", "fresh_guidance", "guidance_linear"):
         if options.get(key) and kind != GUIDED_LABELS:
             raise SDiTError(f"variant {name!r}: {key} is for students of guided labels (from = \"kd_guided\")")
+    if "fresh_guidance_range" in options:
+        if not options.get("fresh_guidance"):
+            raise SDiTError(f"variant {name!r}: fresh_guidance_range is the window training draws w from, for labels "
+                            "with fresh_guidance = true")
+        try:
+            LabelConfig.parse_guidance(options["fresh_guidance_range"], "fresh_guidance_range")
+        except SDiTError as err:
+            raise SDiTError(f"variant {name!r}: {err}") from None
     if "student" in options and options["student"] not in PRESETS:
         raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
     if "perturb" in options:  # a mix that does not sum to 1 is refused before the experiment starts

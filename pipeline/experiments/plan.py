@@ -89,6 +89,8 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
             "" if student == config.student else "-" + student.replace("/", "-"))
         training = {"kd_weight": recipe.kd_weight, "task_weight": recipe.task_weight} | {
             k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"}
+        if "fresh_guidance_range" in training:
+            training["fresh_guidance_range"] = LabelConfig.parse_guidance(training["fresh_guidance_range"])
         runs[name] = Run(options["from"], labels, store_of(labels, labelling), init, student, linear, training)
     return labellings, runs
 

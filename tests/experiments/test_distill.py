@@ -19,7 +19,7 @@ from experiments.conftest import run_variants, variants_args
 from pipeline.config import InitConfig
 from pipeline.experiments.config import DistillConfig
 from pipeline.experiments.distill import DATA, SPLIT_RECORD, _synthesis, write_split
-from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps
+from pipeline.experiments.plan import load_variants, longest_steps, plan, total_steps, train_configs
 from pipeline.experiments.scoring import teacher_samples
 from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init, init_for_store
@@ -213,7 +213,8 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
                 "guided_traj_linear": {"from": "kd_guided", "trajectories": True, "synth_samples": 2,
                                        "guidance_linear": True},
                 "guided_synth": {"from": "kd_guided", "synth_samples": 2},
-                "fresh": {"from": "kd_guided", "fresh_guidance": True}}
+                "fresh": {"from": "kd_guided", "fresh_guidance": True},
+                "fresh24": {"from": "kd_guided", "fresh_guidance": True, "fresh_guidance_range": "2:4"}}
     config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
     config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
     labellings, runs = plan(config)
@@ -224,8 +225,11 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
         "traj2": ("init", "store-traj2", False),  # a store holds one set of the teacher's samples or trajectories
         "guided_traj": ("init-guided", "store-guided_traj", False),
         "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
-        "guided_synth": ("init-guided", "store-guided_synth", False), "fresh": ("init-guided", "store", False)}
+        "guided_synth": ("init-guided", "store-guided_synth", False), "fresh": ("init-guided", "store", False),
+        "fresh24": ("init-guided", "store", False)}
     assert labellings["fresh"].guidance_fresh and not labellings["guided"].guidance_fresh
+    assert runs["fresh24"].labels == "fresh"  # the window is training's: the same labels
+    assert train_configs(config, runs)["fresh24"].fresh_guidance_range == (2.0, 4.0)
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
     guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
     assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
@@ -280,6 +284,9 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
     ('[a]\nfrom = "kd_synth"\nfresh_guidance = true\n', "fresh_guidance is for students of guided labels"),
+    ('[a]\nfrom = "kd_guided"\nfresh_guidance_range = "2:4"\n', "for labels with fresh_guidance = true"),
+    ('[a]\nfrom = "kd_guided"\nfresh_guidance = true\nfresh_guidance_range = "2"\n',
+     "fresh_guidance_range '2': give W_MIN:W_MAX"),
     ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's, kd_traj's"),
     ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
     ('[a]\nfrom = "kd_guided"\ntrajectory_steps = 9\n', "trajectory_steps is for kd_traj's variants"),
