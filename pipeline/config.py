@@ -84,6 +84,12 @@ class EncodeConfig:
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 
 
+def check_guidance_window(window: tuple[float, float] | None, option: str) -> None:
+    """A window (w_min, w_max) of guidance scales, or None: refused in one line unless 0 <= w_min <= w_max."""
+    if window is not None and not 0 <= window[0] <= window[1]:
+        raise SDiTError(f"{option} {window}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     store: str
@@ -116,8 +122,7 @@ class LabelConfig:
             raise SDiTError("--draws and --batch-size must be at least 1")
         if self.timesteps not in TIMESTEP_SAMPLING:
             raise SDiTError(f"--timesteps {self.timesteps!r}: choose {' or '.join(TIMESTEP_SAMPLING)}")
-        if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
-            raise SDiTError(f"--guidance {self.guidance}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
+        check_guidance_window(self.guidance, "--guidance")
         if self.guidance_conditional and (self.guidance is None or not 0 <= self.guidance_conditional <= 1):
             raise SDiTError(f"--guidance-conditional {self.guidance_conditional}: a share from 0 to 1 of the draws "
                             "of guided labels (give --guidance W_MIN:W_MAX too)")
@@ -229,9 +234,7 @@ class TrainConfig:
             raise SDiTError(f"--min-snr {self.min_snr}: a γ above 0 (e.g. 5), or 0 (off)")
         if self.synthetic_weight < 0:
             raise SDiTError(f"--synthetic-weight {self.synthetic_weight}: must be >= 0")
-        window = self.fresh_guidance_range
-        if window is not None and not 0 <= window[0] <= window[1]:
-            raise SDiTError(f"--fresh-guidance-range {window}: give W_MIN:W_MAX with 0 <= W_MIN <= W_MAX")
+        check_guidance_window(self.fresh_guidance_range, "--fresh-guidance-range")
         if not 0 <= self.holdout < 1:
             raise SDiTError(f"--holdout {self.holdout}: a fraction in [0, 1)")
         if not 0 <= self.ema_decay < 1:

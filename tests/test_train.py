@@ -195,6 +195,8 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
         train(TrainConfig(store=str(labelled_store), out=str(tmp_path / "x")))
     with pytest.raises(SDiTError, match="--high-noise-weight 0.5: a cap of at least 1"):
         _train(labelled_store, tmp_path / "v", high_noise_weight=0.5)
+    with pytest.raises(SDiTError, match=r"--fresh-guidance-range \(4.0, 2.0\): give W_MIN:W_MAX with 0 <= W_MIN"):
+        _train(labelled_store, tmp_path / "v", fresh_guidance_range=(4.0, 2.0))
     wide = save_tiny_teacher(tmp_path / "wide", seed=1)  # same shapes, another VAE and text encoder
     other = new_run(tmp_path / "other", wide, "SDiT-Nano/2")
     with pytest.raises(SDiTError, match="not the one the store was encoded with"):
