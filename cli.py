@@ -611,8 +611,8 @@ def bench_distill(
         _substitution(SubstitutionConfig(sizes=_ints(sizes, "--sizes"), multiplier_at=multiplier_at,
                                          distill=dataclasses.replace(config, curve_points=0)), json_out)
         return
-    with _stage_bars(longest_steps(config), total_steps(config)) as (stage, on_step):
-        report = distill(config, stage, on_step)
+    with _stage_bars(longest_steps(config), total_steps(config)) as bars:
+        report = distill(config, *bars)
     _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
     curves = f"; learning curves: {out}/curves.png" if curve_points else ""
     typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md{curves}; "
@@ -672,8 +672,8 @@ def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
     from pipeline.experiments.plan import longest_steps, total_steps
     from pipeline.experiments.substitution import format_substitution, substitution
 
-    with _stage_bars(longest_steps(config.distill), total_steps(config.distill)) as (stage, on_step):
-        result = substitution(config, stage, on_step)
+    with _stage_bars(longest_steps(config.distill), total_steps(config.distill)) as bars:
+        result = substitution(config, *bars)
     _report(format_substitution(result), result, json_out)
     out = config.distill.out
     typer.echo(f"curve: {out}/substitution.png; report: {out}/substitution.md; each size: {out}/n<records>/")
@@ -681,8 +681,9 @@ def _substitution(config: SubstitutionConfig, json_out: Optional[Path]) -> None:
 
 @contextlib.contextmanager
 def _stage_bars(steps: int, all_steps: int):
-    """(stage, on_step) for a multi-stage experiment: each stage's name on stderr, a progress bar while runs
-    train: of a run's `steps` when one trains at a time, of the `all_steps` of all runs together side by side."""
+    """(stage, on_step, progress, on_total) for a multi-stage experiment: each stage's name on stderr, a progress
+    bar while runs train (of a run's `steps` when one trains at a time, of the `all_steps` of all runs together side
+    by side) and while the scoring and curves stages sample (of the images they announce with on_total)."""
     bar = None
 
     def stage(name: str) -> None:
@@ -690,8 +691,9 @@ def _stage_bars(steps: int, all_steps: int):
         if bar is not None:
             bar.close()
         typer.echo(name, err=True)
-        bar = progress_bar(name, "step") if "train " in name else None
-        if bar is not None:
+        sampling = name.endswith(("sample and score", "learning curves"))
+        bar = progress_bar(name, "step") if "train " in name else progress_bar(name, "image") if sampling else None
+        if bar is not None and not sampling:
             bar.total = all_steps if "side by side" in name else steps
 
     def on_step(m: dict) -> None:
@@ -699,8 +701,14 @@ def _stage_bars(steps: int, all_steps: int):
             bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
         bar.update(m["step"] - bar.n)
 
+    def progress(n: int) -> None:
+        bar.update(n)
+
+    def on_total(n: int) -> None:
+        bar.reset(total=n)
+
     try:
-        yield stage, on_step
+        yield stage, on_step, progress, on_total
     finally:
         if bar is not None:
             bar.close()

@@ -57,7 +57,7 @@ from pipeline.experiments.config import DistillConfig, Say
 from pipeline.experiments.plan import STORE, Labelling, Run, plan, store_of, train_configs
 from pipeline.experiments.plots import plot_budget
 from pipeline.experiments.report import format_report
-from pipeline.experiments.scoring import add_curves, score_all
+from pipeline.experiments.scoring import add_curves, curve_images, score_all, scoring_images
 from pipeline.experiments.side_by_side import train_side_by_side
 from pipeline.init import init_for_store
 from pipeline.label import LabelConfig, label
@@ -65,6 +65,7 @@ from pipeline.train_monitor import METRICS, read_metrics
 from sdit.config import SynthesisConfig
 from sdit.errors import SDiTError
 from sdit.files import check_folder, replace_text, writing_folder
+from sdit.progress import Progress, no_progress
 from sdit.run import read_run
 from sdit.shapes import files, world
 from sdit.store import WRITER_LOCK
@@ -75,10 +76,13 @@ SPLIT_RECORD = "split.json"
 
 
 def distill(config: DistillConfig, say: Say = lambda _: None,
-            on_step: Callable[[dict], None] | None = None) -> dict:
+            on_step: Callable[[dict], None] | None = None, progress: Progress = no_progress,
+            on_total: Callable[[int], None] = lambda _: None) -> dict:
     """Every stage of the experiment into `config.out`; returns the report (also report.json). `say` hears
-    each stage's name, `on_step` each training step's metrics. A rerun into the same folder picks up where the
-    last one stopped: finished stages are kept, training resumes from each run's last checkpoint."""
+    each stage's name, `on_step` each training step's metrics; `on_total(n)` hears the samples the scoring and
+    the curves stages each draw, once each stage starts, and `progress(n)` counts them. A rerun into the same
+    folder picks up where the last one stopped: finished stages are kept, training resumes from each run's last
+    checkpoint."""
     config.check()
     out = check_folder(config.out)
     labellings, runs = plan(config)
@@ -100,13 +104,15 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
                 shutil.rmtree(training.out, ignore_errors=True)
         train_side_by_side(trainings, config.jobs or min(len(runs), len(os.sched_getaffinity(0))), say, on_step)
     say("sample and score")
+    on_total(scoring_images(config))
     with timed(stages, "score"):
         teacher = load_teacher(config.teacher)  # once, for the teacher's row and its curve reference
-        results = score_all(config, out, teacher, labellings, runs)
+        results = score_all(config, out, teacher, labellings, runs, progress)
     if config.curve_points:
         say("learning curves")
+        on_total(curve_images(config, out, runs))
         with timed(stages, "curves"):
-            add_curves(config, out, results, teacher, runs)
+            add_curves(config, out, results, teacher, runs, progress)
     for name, training in trainings.items():
         results[name]["train_steps_per_s"] = steps_per_second(Path(training.out), training.batch_size)
     report = {"runs": {n: results[n] for n in config.names}, "teacher": results["teacher"],

@@ -17,23 +17,26 @@ from pipeline.experiments.plots import plot_curves, write_grid
 from pipeline.train_run import checkpoint_dirs
 from sdit.files import replacing
 from sdit.pipeline_sdit import SDiTPipeline
+from sdit.progress import Progress, no_progress
 from sdit.run import read_run
 from sdit.shapes import reader, samples, world
 from sdit.shapes.scores import HEADLINES, figures, headline_draws, interval, resample
 
 
 def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, Labelling],
-              runs: dict[str, Run]) -> dict[str, dict]:
-    """Samples of the teacher and every student from the same noise; fair held-out scores, attribute accuracy
-    on held-out and seen prompts; teacher agreement on held-out draws."""
+              runs: dict[str, Run], progress: Progress = no_progress) -> dict[str, dict]:
+    """Samples of the teacher and every student from the same noise (`progress(n)` counts them, `scoring_images`
+    in all); fair held-out scores, attribute accuracy on held-out and seen prompts; teacher agreement on held-out
+    draws."""
     prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
     texts = {split: [p.text for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     images, seconds = {}, {}
-    images["teacher"], seconds["teacher"] = teacher_samples(config, out, teacher, texts)
+    images["teacher"], seconds["teacher"] = teacher_samples(config, out, teacher, texts, progress)
     for name in config.names:  # the clock runs over sampling only: the pipeline is loaded before it starts
         pipe = student_pipeline(out / name)
         started = time.perf_counter()
-        images[name] = {split: _sample(config, out / name, teacher, t, pipe=pipe) for split, t in texts.items()}
+        images[name] = {split: _sample(config, out / name, teacher, t, pipe=pipe, progress=progress)
+                        for split, t in texts.items()}
         seconds[name] = time.perf_counter() - started
     asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     results, weights, draws = {}, resample(asked, seed=config.seed), {}
@@ -59,6 +62,12 @@ def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, L
     return results
 
 
+def scoring_images(config: DistillConfig) -> int:
+    """The samples `score_all` draws: every evaluation prompt `per_prompt` times, for the teacher and each run."""
+    prompts = len(world.heldout_prompts()) + len(world.seen_prompts())
+    return prompts * config.per_prompt * (len(config.names) + 1)
+
+
 def add_intervals(results: dict[str, dict], draws: dict[str, dict[str, np.ndarray]]) -> None:
     """Adds to each model's results the 95% intervals of its headline figures (`intervals`) and each held-out
     concept's standard error (`fair_se`); with a no-teacher run among them, each other student's gain over it
@@ -78,20 +87,22 @@ def add_intervals(results: dict[str, dict], draws: dict[str, dict[str, np.ndarra
                               for key in HEADLINES}
 
 
-def teacher_samples(config: DistillConfig, out: Path, teacher,
-                    texts: dict[str, list[str]]) -> tuple[dict[str, list[np.ndarray]], float]:
+def teacher_samples(config: DistillConfig, out: Path, teacher, texts: dict[str, list[str]],
+                    progress: Progress = no_progress) -> tuple[dict[str, list[np.ndarray]], float]:
     """The teacher's samples of `texts` and the seconds they took: read from `config.teacher_samples` (default
     OUT/teacher-samples.npz) when that file was made by the same teacher, prompts, noise and sampler, else
-    made and kept there. The substitution curve's sizes share one file: the teacher does not change with them."""
+    made and kept there (`progress(n)` counts them, read or made). The substitution curve's sizes share one file:
+    the teacher does not change with them."""
     path = Path(config.teacher_samples or out / "teacher-samples.npz")
     key = json.dumps({"teacher": teacher.identity.hashes, "texts": texts,
                       "steps": config.sample_steps, "guidance": config.guidance, "seed": config.seed}, sort_keys=True)
     if path.exists():
         with np.load(path) as kept:
             if str(kept["key"]) == key:
+                progress(sum(map(len, texts.values())))
                 return {split: list(kept[split]) for split in texts}, float(kept["seconds"])
     started = time.perf_counter()
-    images = {split: _sample(config, None, teacher, t) for split, t in texts.items()}
+    images = {split: _sample(config, None, teacher, t, progress=progress) for split, t in texts.items()}
     seconds = time.perf_counter() - started
     with replacing(path) as tmp:
         with open(tmp, "wb") as f:
@@ -114,16 +125,19 @@ def curve_prompts(config: DistillConfig) -> dict[str, list[world.Prompt]]:
             for split, plist in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts()))}
 
 
-def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher, runs: dict[str, Run]) -> None:
+def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher, runs: dict[str, Run],
+               progress: Progress = no_progress) -> None:
     """Score the EMA weights of every checkpoint of every run (and the shared initial weights at step 0) on the
-    curve prompts, from the same noise each time; the teacher on them too, as the reference line. Adds `curves`
-    and `speedup` to each run's results and writes curves.png."""
+    curve prompts, from the same noise each time (`progress(n)` counts the samples, `curve_images` in all); the
+    teacher on them too, as the reference line. Adds `curves` and `speedup` to each run's results and writes
+    curves.png."""
     prompts = curve_prompts(config)
     asked = {split: [p for p in plist for _ in range(config.curve_per_prompt)] for split, plist in prompts.items()}
     texts = {split: [p.text for p in plist] for split, plist in asked.items()}
 
     def point(run: Path | None, ema: Path | None = None) -> dict:
-        readings = {split: reader.read_batch(_sample(config, run, teacher, texts[split], ema=ema)) for split in texts}
+        readings = {split: reader.read_batch(_sample(config, run, teacher, texts[split], ema=ema, progress=progress))
+                    for split in texts}
         scored = figures(readings, asked)
         return {"heldout_acc": scored["heldout_acc"], "seen_acc": scored["seen_acc"]}
 
@@ -143,6 +157,14 @@ def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teach
         results[name]["speedup"] = baseline["step"] / needed if needed else None
     results["teacher"]["curve_reference"] = reference
     plot_curves(out / "curves.png", {name: results[name]["curves"] for name in config.names}, reference)
+
+
+def curve_images(config: DistillConfig, out: Path, runs: dict[str, Run]) -> int:
+    """The samples `add_curves` draws: each curve point's (every checkpoint of each trained run, each initial
+    weights, the teacher's reference) on the curve prompts."""
+    prompts = sum(map(len, curve_prompts(config).values())) * config.curve_per_prompt
+    checkpoints = sum(len(checkpoint_dirs(out / name)) for name in config.names)
+    return (checkpoints + len({runs[name].init for name in config.names}) + 1) * prompts
 
 
 def steps_to_reach(curve: list[dict], target: float, key: str = "seen_acc") -> float | None:
@@ -182,12 +204,13 @@ def student_pipeline(run: Path, ema: Path | None = None) -> SDiTPipeline:
 
 
 def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str], batch: int = 64,
-            ema: Path | None = None, pipe: SDiTPipeline | None = None) -> list:
+            ema: Path | None = None, pipe: SDiTPipeline | None = None, progress: Progress = no_progress) -> list:
     """(H, W, 3) uint8 images of a student run (its `pipe` when loaded already, else loaded with the EMA weights of
     checkpoint file `ema` when given), or of the teacher (run=None); image i starts from the noise of seed
-    config.seed + i whichever model draws it."""
+    config.seed + i whichever model draws it. `progress(n)` counts them."""
     if run is None:
-        return samples.sample_teacher(teacher, prompts, config.sample_steps, config.guidance, config.seed, batch)
+        return samples.sample_teacher(teacher, prompts, config.sample_steps, config.guidance, config.seed, batch,
+                                      progress)
     pipe = pipe or student_pipeline(run, ema)
     made = []
     for start in range(0, len(prompts), batch):
@@ -195,4 +218,5 @@ def _sample(config: DistillConfig, run: Path | None, teacher, prompts: list[str]
         noise = samples.seeded_noise(samples.latent_shape(teacher), config.seed, start, len(chunk))
         made += [np.asarray(i) for i in pipe(chunk, latents=noise, num_inference_steps=config.sample_steps,
                                               guidance_scale=config.guidance).images]
+        progress(len(chunk))
     return made

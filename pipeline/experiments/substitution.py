@@ -26,12 +26,15 @@ from pipeline.experiments.config import DistillConfig, Say, SubstitutionConfig
 from pipeline.experiments.distill import distill
 from pipeline.experiments.plots import plot_scores
 from sdit.files import check_folder, replace_text
+from sdit.progress import Progress, no_progress
 from sdit.teacher import load_teacher
 
 
 def substitution(config: SubstitutionConfig, say: Say = lambda _: None,
-                 on_step: Callable[[dict], None] | None = None) -> dict:
-    """Every size's experiment, then the figures per size and run, the multiplier and the plot."""
+                 on_step: Callable[[dict], None] | None = None, progress: Progress = no_progress,
+                 on_total: Callable[[int], None] = lambda _: None) -> dict:
+    """Every size's experiment, then the figures per size and run, the multiplier and the plot (`say`, `on_step`,
+    `progress` and `on_total` as `distill`'s)."""
     config.check()
     out = check_folder(config.distill.out)
     hashes = load_teacher(config.distill.teacher).identity.hashes
@@ -40,7 +43,7 @@ def substitution(config: SubstitutionConfig, say: Say = lambda _: None,
         sized = dataclasses.replace(config.distill, out=str(out / f"n{records}"), records=records, curve_points=0,
                                     teacher_samples=config.distill.teacher_samples or str(out / "teacher-samples.npz"))
         report = finished(sized, hashes) or distill(sized, lambda stage, n=records: say(f"{n} records: {stage}"),
-                                            on_step)
+                                                    on_step, progress, on_total)
         per_size[records] = {name: _figures(run) for name, run in report["runs"].items()}
         per_size[records]["teacher"] = _figures(report["teacher"])
     curves = {name: [(n, per_size[n][name]) for n in config.sizes] for name in config.distill.names}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sdit import sampling
+from sdit.progress import Progress, no_progress
 from sdit.shapes import reader, scores, world
 from sdit.shapes.config import EVAL_GUIDANCE, EVAL_STEPS
 
@@ -33,9 +34,9 @@ def latent_shape(teacher) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def sample_teacher(teacher, prompts: list[str], steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE, seed: int = 0,
-                   batch: int = 64) -> list[np.ndarray]:
+                   batch: int = 64, progress: Progress = no_progress) -> list[np.ndarray]:
     """(H, W, 3) uint8 samples of a loaded teacher (sdit.teacher.Teacher) on the CPU, one per prompt: DDIM with
-    classifier-free guidance from `seeded_noise`, `batch` prompts at a time."""
+    classifier-free guidance from `seeded_noise`, `batch` prompts at a time (`progress(n)` counts them)."""
     made: list[np.ndarray] = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
@@ -43,6 +44,7 @@ def sample_teacher(teacher, prompts: list[str], steps: int = EVAL_STEPS, guidanc
         scheduler = sampling.make_scheduler("ddim", teacher.scheduler_config)
         made += list(sampling.teacher_images(teacher, chunk, None, noise, scheduler, steps, guidance,
                                              torch.device("cpu")))
+        progress(len(chunk))
     return made
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,10 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert len({json.dumps(start) for start in starts.values()}) == 1  # every run starts from the same weights
     assert {"heldout_acc", "heldout_hit", "seen_acc", "heldout_concepts"} <= set(report["teacher"])
     assert (out / "curves.png").exists() and "curves.png" in result.output
+    # the sampling stages count their images up to the totals they announced: 216 evaluation prompts x 2 samples,
+    # for the teacher and six runs; the curves' points on their prompts
+    assert "sample and score: 3,024/3,024 images (100%)" in result.output
+    assert re.search(r"learning curves: ([\d,]+)/\1 images \(100%\)", result.output), result.output
     assert Image.open(out / "budget.png").size == (600, 400) and "budget.png" in result.output
     assert read_run(out / "no_teacher")["train"]["config"]["kd_weight"] == 0
     assert {read_run(out / name)["train"]["config"]["high_noise_weight"] for name in report["runs"]} == {5.0}
