@@ -142,3 +142,12 @@ def test_a_marker_that_names_what_does_not_exist_is_refused(tmp_path, monkeypatc
                         ("distill bare", "no \"command\"")):
         with pytest.raises(results.ResultsError, match=words):
             results.render(spec)
+
+
+def test_the_experiment_page_names_every_option_a_variant_may_change():
+    from pipeline.experiments.config import INIT_OPTIONS, LABEL_OPTIONS, TRAIN_OPTIONS
+
+    page = (ROOT / "docs" / "shapes-world.md").read_text()
+    paragraph = page[page.index("`--variants FILE` adds runs"):].split("\n\n")[0]
+    named = set(re.findall(r"`(\w+)`", paragraph))
+    assert set(LABEL_OPTIONS) | set(TRAIN_OPTIONS) | set(INIT_OPTIONS) <= named

@@ -55,8 +55,8 @@ INIT_OPTIONS = {"guidance_linear": bool}
 
 
 TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "warmup": int, "lr_schedule": str,
-                 "high_noise_weight": float, "kd_weight": float, "task_weight": float, "student": str,
-                 "fresh_guidance_range": str}
+                 "high_noise_weight": float, "kd_weight": float, "task_weight": float, "synthetic_weight": float,
+                 "student": str, "fresh_guidance_range": str}
 
 
 PROMPTS_PER_PAIR = 6  # each shape-colour pair of the evaluation prompts: 3 backgrounds x 2 sizes

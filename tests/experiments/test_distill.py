@@ -219,7 +219,8 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
                                        "guidance_linear": True},
                 "guided_synth": {"from": "kd_guided", "synth_samples": 2},
                 "fresh": {"from": "kd_guided", "fresh_guidance": True},
-                "fresh24": {"from": "kd_guided", "fresh_guidance": True, "fresh_guidance_range": "2:4"}}
+                "fresh24": {"from": "kd_guided", "fresh_guidance": True, "fresh_guidance_range": "2:4"},
+                "light": {"from": "kd_synth", "synthetic_weight": 0.5}}
     config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
     config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
     labellings, runs = plan(config)
@@ -231,10 +232,11 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
         "guided_traj": ("init-guided", "store-guided_traj", False),
         "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
         "guided_synth": ("init-guided", "store-guided_synth", False), "fresh": ("init-guided", "store", False),
-        "fresh24": ("init-guided", "store", False)}
+        "fresh24": ("init-guided", "store", False), "light": ("init", "store", False)}
     assert labellings["fresh"].guidance_fresh and not labellings["guided"].guidance_fresh
     assert runs["fresh24"].labels == "fresh"  # the window is training's: the same labels
     assert train_configs(config, runs)["fresh24"].fresh_guidance_range == (2.0, 4.0)
+    assert runs["light"].labels == "synthetic" and train_configs(config, runs)["light"].synthetic_weight == 0.5
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
     guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
     assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
