@@ -28,8 +28,9 @@ def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, L
     """Samples of the teacher and every student from the same noise (`progress(n)` counts them, `scoring_images`
     in all); fair held-out scores, attribute accuracy on held-out and seen prompts; teacher agreement on held-out
     draws."""
-    prompts = {"heldout": world.heldout_prompts(), "seen": world.seen_prompts()}
-    texts = {split: [p.text for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
+    prompts = samples.evaluation_prompts()
+    asked = samples.repeat(prompts, config.per_prompt)
+    texts = {split: [p.text for p in plist] for split, plist in asked.items()}
     images, seconds = {}, {}
     images["teacher"], seconds["teacher"] = teacher_samples(config, out, teacher, texts, progress)
     for name in config.names:  # the clock runs over sampling only: the pipeline is loaded before it starts
@@ -38,7 +39,6 @@ def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, L
         images[name] = {split: _sample(config, out / name, teacher, t, pipe=pipe, progress=progress)
                         for split, t in texts.items()}
         seconds[name] = time.perf_counter() - started
-    asked = {split: [p for p in plist for _ in range(config.per_prompt)] for split, plist in prompts.items()}
     results, weights, draws = {}, resample(asked, seed=config.seed), {}
     for name in images:
         readings = {split: reader.read_batch(images[name][split]) for split in prompts}
@@ -64,7 +64,7 @@ def score_all(config: DistillConfig, out: Path, teacher, labellings: dict[str, L
 
 def scoring_images(config: DistillConfig) -> int:
     """The samples `score_all` draws: every evaluation prompt `per_prompt` times, for the teacher and each run."""
-    prompts = len(world.heldout_prompts()) + len(world.seen_prompts())
+    prompts = sum(map(len, samples.evaluation_prompts().values()))
     return prompts * config.per_prompt * (len(config.names) + 1)
 
 
@@ -122,7 +122,7 @@ def curve_prompts(config: DistillConfig) -> dict[str, list[world.Prompt]]:
     """The fixed subset the curves score: `curve_prompts` of each pair's six prompts, both splits."""
     keep = np.linspace(0, PROMPTS_PER_PAIR - 1, config.curve_prompts).round().astype(int)
     return {split: [p for i, p in enumerate(plist) if i % PROMPTS_PER_PAIR in keep]
-            for split, plist in (("heldout", world.heldout_prompts()), ("seen", world.seen_prompts()))}
+            for split, plist in samples.evaluation_prompts().items()}
 
 
 def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teacher, runs: dict[str, Run],
@@ -132,7 +132,7 @@ def add_curves(config: DistillConfig, out: Path, results: dict[str, dict], teach
     teacher on them too, as the reference line. Adds `curves` and `speedup` to each run's results and writes
     curves.png."""
     prompts = curve_prompts(config)
-    asked = {split: [p for p in plist for _ in range(config.curve_per_prompt)] for split, plist in prompts.items()}
+    asked = samples.repeat(prompts, config.curve_per_prompt)
     texts = {split: [p.text for p in plist] for split, plist in asked.items()}
 
     def point(run: Path | None, ema: Path | None = None) -> dict:
