@@ -57,7 +57,7 @@ from sdit.console import (
 )
 from sdit.errors import SDiTError
 from sdit.presets import PRESETS
-from sdit.progress import progress_bar
+from sdit.progress import advance_to, progress_bar
 from sdit.shapes import config as toy
 
 app = typer_app(name="sdit", help="Distil a Stable Diffusion teacher into a Diffusion Transformer.")
@@ -380,7 +380,7 @@ def train(
             held_out = f" held-out {m['eval_teacher_mse']:.4f}" if "eval_teacher_mse" in m else ""
             bar.set_postfix_str(f"loss {m['loss']:.4f} task {_fmt(m['task_loss'])} kd {m['kd_loss']:.4f} "
                                 f"{m['samples_per_s']:.0f} draws/s{held_out}", refresh=False)
-            bar.update(m["step"] - bar.n)
+            advance_to(bar, m["step"])
 
         summary = run_train(config, on_step, make_run)
     if main:
@@ -699,7 +699,7 @@ def _stage_bars(steps: int, all_steps: int):
     def on_step(m: dict) -> None:
         if "loss" in m:  # one run at a time; side by side, the bar counts the steps of all runs
             bar.set_postfix_str(f"loss {m['loss']:.4f}", refresh=False)
-        bar.update(m["step"] - bar.n)
+        advance_to(bar, m["step"])
 
     def progress(n: int) -> None:
         bar.update(n)

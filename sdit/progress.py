@@ -34,6 +34,17 @@ def progress_bar(desc: str, unit: str, total: int | None = None):
     return LogProgress(desc, unit, total, interval=float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)))
 
 
+def advance_to(bar, done: int) -> None:
+    """Move `bar` (tqdm or `LogProgress`) to `done` units in all. A first report past the first unit is work that
+    began before this process (a resumed run's steps): the bar starts there, so that its rate and time left count
+    only what this process does."""
+    if bar.n == 0 and done > 1:
+        bar.n = bar.initial = done - 1
+        if hasattr(bar, "last_print_n"):  # tqdm: its smoothed rate counts the units since this
+            bar.last_print_n = done - 1
+    bar.update(done - bar.n)
+
+
 def duration(seconds: float) -> str:
     """12s, 7m05s, 3h02m."""
     seconds = int(seconds)
@@ -56,7 +67,7 @@ class LogProgress:
         self.reset(total)
 
     def reset(self, total: int | None = None) -> None:
-        self.n, self.total = 0, total
+        self.n, self.initial, self.total = 0, 0, total  # initial: units done before this bar (tqdm's name)
         self.start = self.last = self.clock()
         self.written = 0  # n at the last line
 
@@ -80,7 +91,7 @@ class LogProgress:
         if self.disable:
             return
         elapsed = self.clock() - self.start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         done = (f"{self.n:,}" if self.total is None
                 else f"{self.n:,}/{self.total:,} {self.unit}s ({self.n / max(self.total, 1):.0%})")
         parts = [f"{self.desc}: {done}", f"{rate:.3g} {self.unit}s/s", f"elapsed {duration(elapsed)}"]

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import child_env, cli_command
-from sdit.progress import LogProgress, duration
+from sdit.progress import LogProgress, advance_to, duration
 
 
 class Clock:
@@ -53,6 +53,24 @@ def test_reset_starts_a_new_stage():
     assert log.getvalue().splitlines() == [
         "synthesize: 4/4 samples (100%), 2 samples/s, elapsed 2s",
         "label: 5/10 draws (50%), 5 draws/s, elapsed 1s, eta 1s"]
+
+
+def test_a_resumed_run_starts_the_bar_where_it_stopped_and_its_rate_counts_only_new_steps():
+    clock, log = Clock(), io.StringIO()
+    with LogProgress("train", "step", total=1000, interval=30, file=log, clock=clock) as bar:
+        for step in range(601, 661):  # resumed after step 600, one step a second
+            clock.now += 1
+            advance_to(bar, step)
+    assert log.getvalue().splitlines()[0] == "train: 630/1,000 steps (63%), 1 steps/s, elapsed 30s, eta 6m10s"
+
+
+def test_a_fresh_run_counts_every_step():
+    clock, log = Clock(), io.StringIO()
+    with LogProgress("train", "step", total=100, interval=10, file=log, clock=clock) as bar:
+        for step in range(1, 11):
+            clock.now += 1
+            advance_to(bar, step)
+    assert log.getvalue().splitlines()[0] == "train: 10/100 steps (10%), 1 steps/s, elapsed 10s, eta 1m30s"
 
 
 def test_durations_read_at_a_glance():
