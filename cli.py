@@ -578,7 +578,7 @@ def bench_distill(
     per_prompt: Annotated[int, typer.Option(min=2, help="Samples per evaluation prompt (96 held-out, 120 seen prompts); 2 or more, for the 95% intervals.")] = DistillConfig.per_prompt,
     sample_steps: Annotated[int, typer.Option(min=1, help="DDIM steps of every sample.")] = DistillConfig.sample_steps,
     guidance: Annotated[float, typer.Option(min=0, help="Classifier-free guidance of every sample.")] = DistillConfig.guidance,
-    guidance_range: Annotated[str, typer.Option(help="kd_guided's labels: W_MIN:W_MAX, w drawn per draw.")] = "{:g}:{:g}".format(*DistillConfig.guidance_range),
+    guidance_range: Annotated[str, typer.Option(help="kd_guided's labels and training: W_MIN:W_MAX, w drawn afresh for each draw.")] = "{:g}:{:g}".format(*DistillConfig.guidance_range),
     perturb: Annotated[Optional[str], typer.Option(help="The kd_perturb run's mix, e.g. none=0.4,input=0.1,swap=0.3,mix=0.1,null=0.1 (default: that mix).")] = None,
     caption_min_t: Annotated[int, typer.Option(min=0, help="Swap and mix captions only at timesteps from here up.")] = PerturbConfig.caption_min_t,
     seed: Annotated[int, typer.Option(help="Seeds the split, the labels, the students and the samples.")] = DistillConfig.seed,

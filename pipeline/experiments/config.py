@@ -27,6 +27,8 @@ class Recipe:
     labels: str  # the kind of labelling the run trains on: plain, perturbed, synthetic, trajectory or guided
     kd_weight: float
     task_weight: float = 1.0
+    # Variant options (LABEL_OPTIONS) the recipe sets itself; a variant `from` it starts from them.
+    options: dict = field(default_factory=dict)
 
 
 RECIPES = {
@@ -35,7 +37,10 @@ RECIPES = {
     "kd_perturb": Recipe("perturbed", 1.0),
     "kd_synth": Recipe("synthetic", 1.0),
     "kd_traj": Recipe("trajectory", 1.0),  # labels only: the teacher's ε at states of its own sampler, no image
-    "kd_guided": Recipe("guided", 1.0, task_weight=0.0),  # guided targets: the true noise is no target
+    # guided targets (the true noise is no target) on the records and on four trajectories per prompt of the bank,
+    # keeping ε_c and ε_u so that training draws w afresh: the guided recipe that scored best (docs/shapes-world.md)
+    "kd_guided": Recipe("guided", 1.0, task_weight=0.0,
+                        options={"trajectories": True, "synth_samples": 4, "fresh_guidance": True}),
 }
 
 
@@ -93,7 +98,7 @@ class DistillConfig:
     per_prompt: int = 17
     sample_steps: int = EVAL_STEPS
     guidance: float = EVAL_GUIDANCE  # students and teacher
-    guidance_range: tuple[float, float] = (1.0, 5.0)  # kd_guided's labels: w drawn per draw from this window
+    guidance_range: tuple[float, float] = (1.0, 3.0)  # kd_guided's labels: w drawn per draw from this window
     seed: int = 0
     perturb: PerturbConfig = field(default_factory=lambda: PERTURBED)
     curve_points: int = 8  # checkpoints of each run scored for its learning curve (0: no curves)
@@ -118,7 +123,7 @@ class DistillConfig:
             raise SDiTError(f"--per-prompt {self.per_prompt}: give 2 or more (a score's 95% interval resamples each "
                             "prompt's samples)")
         for name in self.names:
-            options = self.variants.get(name, {"from": name})
+            options = self.options(name)
             steps, draws = options.get("trajectory_steps", self.trajectory_steps), options.get("draws", self.draws)
             if has_trajectories(RECIPES[options["from"]].labels, options) and not draws < steps:
                 raise SDiTError(f"{name}: a trajectory stops after its {draws} draws' steps, so --trajectory-steps "
@@ -136,6 +141,11 @@ class DistillConfig:
         """Every run of the experiment: --runs, then the variants."""
         return (*self.runs, *self.variants)
 
+    def options(self, name: str) -> dict:
+        """Run `name`'s options: `from` its recipe, the recipe's own options, then those its variant changes."""
+        options = self.variants.get(name, {"from": name})
+        return {**RECIPES[options["from"]].options, **options}
+
 
 def check_variant(name: str, options: dict) -> None:
     """A variant's name and options, refused in one line when wrong."""
@@ -152,14 +162,18 @@ def check_variant(name: str, options: dict) -> None:
         kind = allowed[key]
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise SDiTError(f"variant {name!r}: {key} takes a {kind.__name__}, not {value!r}")
-    kind = RECIPES[options["from"]].labels
+    recipe = RECIPES[options["from"]]
+    kind, merged = recipe.labels, {**recipe.options, **options}
     if "trajectories" in options and kind != GUIDED_LABELS:
         raise SDiTError(f"variant {name!r}: trajectories is for kd_guided's variants (kd_traj has them)")
-    trajectories = has_trajectories(kind, options)  # a guided student of trajectory draws takes kd_traj's options
-    if "synth_samples" in options and (kind not in (*SYNTHESIS_LABELS, GUIDED_LABELS)
-                                       or options["synth_samples"] < 1):
-        raise SDiTError(f"variant {name!r}: synth_samples is 1 or more, for kd_synth's, kd_traj's or kd_guided's "
-                        "variants")
+    trajectories = has_trajectories(kind, merged)  # a guided student of trajectory draws takes kd_traj's options
+    if "synth_samples" in options:
+        if kind not in (*SYNTHESIS_LABELS, GUIDED_LABELS):
+            raise SDiTError(f"variant {name!r}: synth_samples is for kd_synth's, kd_traj's or kd_guided's variants")
+        if options["synth_samples"] < (1 if kind in SYNTHESIS_LABELS or trajectories else 0):
+            raise SDiTError(f"variant {name!r}: synth_samples is 1 or more"
+                            + (" (0, the records alone, for kd_guided's variants with trajectories = false)"
+                               if kind == GUIDED_LABELS else ""))
     if "trajectory_steps" in options and not trajectories:
         raise SDiTError(f"variant {name!r}: trajectory_steps is for kd_traj's variants (or kd_guided's with "
                         "trajectories = true)")
@@ -167,7 +181,7 @@ def check_variant(name: str, options: dict) -> None:
         if options.get(key) and kind != GUIDED_LABELS:
             raise SDiTError(f"variant {name!r}: {key} is for students of guided labels (from = \"kd_guided\")")
     if "fresh_guidance_range" in options:
-        if not options.get("fresh_guidance"):
+        if not merged.get("fresh_guidance"):
             raise SDiTError(f"variant {name!r}: fresh_guidance_range is the window training draws w from, for labels "
                             "with fresh_guidance = true")
         try:

@@ -76,12 +76,12 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
     labellings: dict[str, Labelling] = {}
     runs: dict[str, Run] = {}
     for name in config.names:
-        options = config.variants.get(name, {"from": name})
+        options = config.options(name)
         recipe = RECIPES[options["from"]]
         labelling = _labelling(config, recipe.labels, options)
         labels = next((k for k, v in labellings.items() if v == labelling), None)
         if labels is None:  # a recipe's own labelling keeps its kind's name; a variant's takes the variant's
-            labels = recipe.labels if labelling == _labelling(config, recipe.labels, {}) else name
+            labels = recipe.labels if labelling == _labelling(config, recipe.labels, recipe.options) else name
             labellings[labels] = labelling
         student = options.get("student", config.student)
         linear = bool(options.get("guidance_linear"))

@@ -75,7 +75,9 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     assert read_run(out / "kd_perturb")["train"]["labels"] == "perturbed"
     forwards = {name: run["teacher_forwards"] for name, run in report["runs"].items()}
     assert forwards["no_teacher"] == 0 and forwards["kd"] == forwards["kd_perturb"] < forwards["kd_synth"]
-    assert forwards["kd_guided"] == 2 * forwards["kd_perturb"]  # a guided target costs two teacher forwards
+    # kd_guided: a guided target costs two teacher forwards, for each draw of the records and each state of its four
+    # trajectories per prompt (two more forwards, the guided step that reaches it)
+    assert forwards["kd_guided"] == 2 * forwards["kd_perturb"] + 36 * 4 * 2 * 4
     # kd_traj: 36 prompts x 2 states, each state 2 forwards to reach (a guided step) and 1 to label, in its own store
     assert forwards["kd_traj"] == forwards["kd_perturb"] + 36 * 2 * 3
     assert read_run(out / "kd_traj")["train"]["config"]["store"] == str(out / "store-trajectory")
@@ -84,6 +86,8 @@ def test_bench_distill_runs_every_stage_and_reports_each_run(tiny_teacher, tmp_p
     # kd_guided: guided targets alone, a student that takes w and samples with one forward a step
     guided = read_run(out / "kd_guided")["train"]
     assert (guided["labels"], guided["config"]["task_weight"]) == ("guided", 0.0)
+    assert guided["config"]["store"] == str(out / "store-guided")
+    assert LabelledStore(str(out / "store-guided"), "guided").labels.guidance_fresh  # training draws its w afresh
     sampling = {name: run["sample_forwards"] for name, run in {**report["runs"], "teacher": report["teacher"]}.items()}
     assert sampling == {"kd_guided": 2} | {name: 4 for name in sampling if name != "kd_guided"}  # 2 DDIM steps
     assert LabelledStore(str(out / "store"), "synthetic").synthetic_counts
@@ -214,38 +218,44 @@ def test_a_split_left_half_written_is_written_again_whole(tmp_path):
 def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
     variants = {"linear": {"from": "kd_guided", "guidance_linear": True},
                 "small": {"from": "kd", "student": "SDiT-Nano/2"}, "traj2": {"from": "kd_traj", "synth_samples": 2},
-                "guided_traj": {"from": "kd_guided", "trajectories": True, "trajectory_steps": 9},
-                "guided_traj_linear": {"from": "kd_guided", "trajectories": True, "synth_samples": 2,
-                                       "guidance_linear": True},
-                "guided_synth": {"from": "kd_guided", "synth_samples": 2},
-                "fresh": {"from": "kd_guided", "fresh_guidance": True},
-                "fresh24": {"from": "kd_guided", "fresh_guidance": True, "fresh_guidance_range": "2:4"},
+                "records": {"from": "kd_guided", "trajectories": False, "synth_samples": 0, "fresh_guidance": False},
+                "guided_traj": {"from": "kd_guided", "trajectory_steps": 9},
+                "guided_traj_linear": {"from": "kd_guided", "synth_samples": 2, "guidance_linear": True},
+                "guided_synth": {"from": "kd_guided", "trajectories": False, "synth_samples": 2},
+                "fresh24": {"from": "kd_guided", "fresh_guidance_range": "2:4"},
                 "light": {"from": "kd_synth", "synthetic_weight": 0.5}}
     config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
     config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
     labellings, runs = plan(config)
     assert {name: (run.init, run.store, run.guidance_linear) for name, run in runs.items()} == {
         "kd": ("init", "store", False), "kd_synth": ("init", "store", False),
-        "kd_traj": ("init", "store-trajectory", False), "kd_guided": ("init-guided", "store", False),
-        "linear": ("init-guided-linear", "store", True), "small": ("init-SDiT-Nano-2", "store", False),
+        "kd_traj": ("init", "store-trajectory", False), "kd_guided": ("init-guided", "store-guided", False),
+        "linear": ("init-guided-linear", "store-guided", True), "small": ("init-SDiT-Nano-2", "store", False),
         "traj2": ("init", "store-traj2", False),  # a store holds one set of the teacher's samples or trajectories
+        "records": ("init-guided", "store", False),
         "guided_traj": ("init-guided", "store-guided_traj", False),
         "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
-        "guided_synth": ("init-guided", "store-guided_synth", False), "fresh": ("init-guided", "store", False),
-        "fresh24": ("init-guided", "store", False), "light": ("init", "store", False)}
-    assert labellings["fresh"].guidance_fresh and not labellings["guided"].guidance_fresh
-    assert runs["fresh24"].labels == "fresh"  # the window is training's: the same labels
+        "guided_synth": ("init-guided", "store-guided_synth", False), "fresh24": ("init-guided", "store-guided", False),
+        "light": ("init", "store", False)}
+    # kd_guided's own labels: w from 1:3 kept fresh, on the records and four trajectories per prompt of the bank
+    guided = labellings["guided"]
+    assert (guided.guidance, guided.guidance_fresh, guided.samples, guided.trajectory_steps) == (
+        (1.0, 3.0), True, 4, config.trajectory_steps)
+    assert runs["linear"].labels == runs["fresh24"].labels == "guided"  # the window is training's: the same labels
     assert train_configs(config, runs)["fresh24"].fresh_guidance_range == (2.0, 4.0)
     assert runs["light"].labels == "synthetic" and train_configs(config, runs)["light"].synthetic_weight == 0.5
+    records = labellings["records"]  # a variant that turns the recipe's options off: guided draws of the records
+    assert (records.samples, records.guidance_fresh, records.trajectory_steps) == (0, False, 0)
+    assert _synthesis(config, records) is None
     assert (labellings["traj2"].samples, labellings["trajectory"].samples) == (2, 1)
-    guided = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
-    assert (guided.kind, guided.samples, guided.trajectory_steps, guided.guidance) == ("guided", 1, 9, (1.0, 5.0))
-    assert _synthesis(config, guided).trajectory == guided.draws  # the teacher stops at the states it labels
+    traj = labellings["guided_traj"]  # guided targets at the states of 9-step trajectories
+    assert (traj.kind, traj.samples, traj.trajectory_steps, traj.guidance) == ("guided", 4, 9, (1.0, 3.0))
+    assert _synthesis(config, traj).trajectory == traj.draws  # the teacher stops at the states it labels
     # without trajectories, a guided variant's samples are finished images, drawn as kd_synth's
     finished = labellings["guided_synth"]
     assert (finished.samples, finished.trajectory_steps) == (2, 0)
     assert _synthesis(config, finished) == replace(_synthesis(config, labellings["synthetic"]), samples=2)
-    assert _synthesis(config, finished).trajectory == 0 and _synthesis(config, labellings["guided"]) is None
+    assert _synthesis(config, finished).trajectory == 0
 
 
 def test_the_runs_steps_set_the_progress_bars():
@@ -291,12 +301,16 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
     ('[a]\nfrom = "kd_synth"\nfresh_guidance = true\n', "fresh_guidance is for students of guided labels"),
-    ('[a]\nfrom = "kd_guided"\nfresh_guidance_range = "2:4"\n', "for labels with fresh_guidance = true"),
+    ('[a]\nfrom = "kd_guided"\nfresh_guidance = false\nfresh_guidance_range = "2:4"\n',
+     "for labels with fresh_guidance = true"),
     ('[a]\nfrom = "kd_guided"\nfresh_guidance = true\nfresh_guidance_range = "2"\n',
      "fresh_guidance_range '2': give W_MIN:W_MAX"),
-    ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is 1 or more, for kd_synth's, kd_traj's"),
+    ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is for kd_synth's, kd_traj's"),
+    ('[a]\nfrom = "kd_synth"\nsynth_samples = 0\n', "synth_samples is 1 or more"),
+    ('[a]\nfrom = "kd_guided"\nsynth_samples = 0\n', "synth_samples is 1 or more (0, the records alone, for"),
     ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
-    ('[a]\nfrom = "kd_guided"\ntrajectory_steps = 9\n', "trajectory_steps is for kd_traj's variants"),
+    ('[a]\nfrom = "kd_guided"\ntrajectories = false\ntrajectory_steps = 9\n',
+     "trajectory_steps is for kd_traj's variants"),
     ('[a]\nfrom = "kd_traj"\ntrajectories = true\n', "trajectories is for kd_guided's variants"),
     ('[a]\nfrom = "kd_guided"\ntrajectories = true\ntrajectory_steps = 8\n', "must be above --draws (now 8)"),
 ])
