@@ -38,9 +38,11 @@ RECIPES = {
     "kd_synth": Recipe("synthetic", 1.0),
     "kd_traj": Recipe("trajectory", 1.0),  # labels only: the teacher's ε at states of its own sampler, no image
     # guided targets (the true noise is no target) on the records and on four trajectories per prompt of the bank,
-    # keeping ε_c and ε_u so that training draws w afresh: the guided recipe that scored best (docs/shapes-world.md)
+    # their states on a 12-step schedule (t = 831 down to 250), keeping ε_c and ε_u so that training draws w afresh:
+    # the guided recipe that passed 90% of kd_perturb at both seeds (docs/shapes-world.md)
     "kd_guided": Recipe("guided", 1.0, task_weight=0.0,
-                        options={"trajectories": True, "synth_samples": 4, "fresh_guidance": True}),
+                        options={"trajectories": True, "synth_samples": 4, "trajectory_steps": 12,
+                                 "fresh_guidance": True}),
 }
 
 

@@ -10,9 +10,10 @@ limited data for each run; only what the student learns from differs:
     kd_traj      as kd_perturb, plus trajectory draws for every prompt of the bank: the teacher's ε at the states
                  its own sampler visits in its first steps from pure noise (labels only: no teacher image)
     kd_guided    as kd_perturb, but the targets are the teacher's guided ε_u + w(ε_c − ε_u), on the records and on
-                 four trajectories per prompt of the bank; the labels keep ε_c and ε_u and training draws w afresh
-                 in `guidance_range` each time it reads a draw; the student takes w (--guidance-embed) and learns
-                 the targets alone (--task-weight 0): it samples with one forward a step where the others run two
+                 four trajectories per prompt of the bank (states down to t = 250); the labels keep ε_c and ε_u
+                 and training draws w afresh in `guidance_range` each time it reads a draw; the student takes w
+                 (--guidance-embed) and learns the targets alone (--task-weight 0): it samples with one forward a
+                 step where the others run two
 
 Steps, each a stage of its own: write the limited split (held-out concepts never drawn) and the prompt bank
 of the whole world -> `encode` -> `teacher-label` (one labelling per perturbation mix) -> `train` each run
