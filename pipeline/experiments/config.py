@@ -128,8 +128,9 @@ class DistillConfig:
             options = self.options(name)
             steps, draws = options.get("trajectory_steps", self.trajectory_steps), options.get("draws", self.draws)
             if has_trajectories(RECIPES[options["from"]].labels, options) and not draws < steps:
-                raise SDiTError(f"{name}: a trajectory stops after its {draws} draws' steps, so --trajectory-steps "
-                                f"must be above --draws (now {steps})")
+                option = "trajectory_steps" if "trajectory_steps" in options else "--trajectory-steps"
+                raise SDiTError(f"{name}: a trajectory stops after its {draws} draws' steps, so {option} must be "
+                                f"above --draws (now {steps})")
         if self.jobs < 0:
             raise SDiTError("--jobs must be at least 0 (0: as many as runs, up to the cores)")
         if self.curve_points < 0 or not 1 <= self.curve_prompts <= PROMPTS_PER_PAIR or self.curve_per_prompt < 1:

@@ -237,10 +237,12 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
         "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
         "guided_synth": ("init-guided", "store-guided_synth", False), "fresh24": ("init-guided", "store-guided", False),
         "light": ("init", "store", False)}
-    # kd_guided's own labels: w from 1:3 kept fresh, on the records and four trajectories per prompt of the bank
+    # kd_guided's own labels: w from 1:3 kept fresh, on the records and four trajectories per prompt of the bank,
+    # their states on a 12-step schedule (kd_traj's take --trajectory-steps, 16)
     guided = labellings["guided"]
     assert (guided.guidance, guided.guidance_fresh, guided.samples, guided.trajectory_steps) == (
-        (1.0, 3.0), True, 4, config.trajectory_steps)
+        (1.0, 3.0), True, 4, 12)
+    assert labellings["trajectory"].trajectory_steps == config.trajectory_steps == 16
     assert runs["linear"].labels == runs["fresh24"].labels == "guided"  # the window is training's: the same labels
     assert train_configs(config, runs)["fresh24"].fresh_guidance_range == (2.0, 4.0)
     assert runs["light"].labels == "synthetic" and train_configs(config, runs)["light"].synthetic_weight == 0.5
@@ -308,17 +310,32 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a]\nfrom = "kd_perturb"\nsynth_samples = 2\n', "synth_samples is for kd_synth's, kd_traj's"),
     ('[a]\nfrom = "kd_synth"\nsynth_samples = 0\n', "synth_samples is 1 or more"),
     ('[a]\nfrom = "kd_guided"\nsynth_samples = 0\n', "synth_samples is 1 or more (0, the records alone, for"),
-    ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "--trajectory-steps must be above --draws (now 8)"),
+    ('[a]\nfrom = "kd_traj"\ntrajectory_steps = 8\n', "so trajectory_steps must be above --draws (now 8)"),
     ('[a]\nfrom = "kd_guided"\ntrajectories = false\ntrajectory_steps = 9\n',
      "trajectory_steps is for kd_traj's variants"),
     ('[a]\nfrom = "kd_traj"\ntrajectories = true\n', "trajectories is for kd_guided's variants"),
-    ('[a]\nfrom = "kd_guided"\ntrajectories = true\ntrajectory_steps = 8\n', "must be above --draws (now 8)"),
+    ('[a]\nfrom = "kd_guided"\ntrajectories = true\ntrajectory_steps = 8\n',
+     "so trajectory_steps must be above --draws (now 8)"),
 ])
 def test_bad_variants_are_refused_in_one_line_before_any_work(tiny_teacher, tmp_path, text, error):
     variants, out = tmp_path / "variants.toml", tmp_path / "distill"
     variants.write_text(text)
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
                                       "--variants", str(variants)])
+    assert result.exit_code != 0 and error in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--runs", "kd_traj", "--trajectory-steps", "8"], "kd_traj: a trajectory stops after its 8 draws' steps, so "
+                                                        "--trajectory-steps must be above --draws (now 8)"),
+    # kd_guided's schedule is its recipe's (12 steps), not --trajectory-steps
+    (["--runs", "kd_guided", "--draws", "12"], "kd_guided: a trajectory stops after its 12 draws' steps, so "
+                                               "trajectory_steps must be above --draws (now 12)"),
+])
+def test_a_trajectory_schedule_within_its_draws_is_refused_naming_what_set_it(tiny_teacher, tmp_path, args, error):
+    out = tmp_path / "distill"
+    result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher), *args])
     assert result.exit_code != 0 and error in result.output
     assert not out.exists()
 
