@@ -89,7 +89,7 @@ tune-best-run: install
 
 # The levers at equal teacher cost: labels only, trajectory draws, the teacher's samples, guidance-distilled students.
 tune-levers: install
-	$(BIN)/sdit bench distill --runs no_teacher,kd_perturb,kd_synth,kd_traj,kd_guided --variants docs/tuning/levers.toml \
+	$(BIN)/sdit bench distill --runs no_teacher,kd_perturb,kd_synth,kd_traj --variants docs/tuning/levers.toml \
 		--curve-points 0 --per-prompt 2 --out runs/levers --json runs/levers.json
 
 # What delays the students' first shapes: the demo's runs with one change at a time, a curve point every 100 steps.
