@@ -252,8 +252,13 @@ def _finite(values: np.ndarray) -> np.ndarray:
 
 # --- the set's manifest ------------------------------------------------------------------------------------------
 
-# What must match for a rerun to resume a synthetic set rather than refuse it.
+# What must match for a rerun to resume a synthetic set rather than refuse it; of the teacher, its weights' hashes
+# alone: the same weights resume wherever their files sit and in either layout.
 _RESUME_KEYS = ("teacher", "config", "scheduler", "prompts", "prompts_per_shard")
+
+
+def _resume_value(meta: SyntheticManifest, key: str):
+    return meta.teacher["hashes"] if key == "teacher" else getattr(meta, key)
 
 
 def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> SyntheticManifest:
@@ -280,7 +285,7 @@ def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> S
     if old is None or old.store_created != manifest.created:
         return meta  # none yet, or made for an earlier encoding of this store (re-encoded with --overwrite)
     for key in _RESUME_KEYS:
-        if getattr(old, key) != getattr(meta, key):
+        if _resume_value(old, key) != _resume_value(meta, key):
             differs = _difference(key, getattr(old, key), getattr(meta, key))
             raise SDiTError(f"the store's synthetic records were made with {differs}; pass the same --synthesize/"
                             f"--synth-* options, or delete {store.url}/{SYNTHETIC} and {store.url}/_done/{SYNTHETIC} "
@@ -316,7 +321,8 @@ def _difference(key: str, old, new) -> str:
     if isinstance(new, dict):
         old = old or {}
     if key == "teacher":
-        return f"another teacher ({old.get('path')}; its UNet hash differs)"
+        parts = [part for part, digest in new["hashes"].items() if old.get("hashes", {}).get(part) != digest]
+        return f"another teacher ({old.get('path')}: other {' and '.join(parts) or 'weights'} weights)"
     if key == "config":
         return ", ".join(f"{k} {old.get(k)} (now {new[k]})" for k in new if old.get(k) != new[k])
     if key == "scheduler":

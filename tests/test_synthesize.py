@@ -7,6 +7,7 @@ import pytest
 import torch
 import zarr
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli import app
@@ -167,6 +168,21 @@ def test_stage_two_rebuilds_every_input_from_the_store_alone(store, tiny_teacher
 
 
 @pytest.mark.slow
+def test_a_synthetic_set_resumes_with_the_same_weights_from_another_place_and_refuses_other_weights(
+        store, tiny_teacher, tmp_path):
+    _label(store, tiny_teacher)
+    made = _arrays(store, "synthetic")
+    (store / "_done" / "synthetic" / "00001.json").unlink()  # the second of its two shards, to make again
+    elsewhere = shutil.copytree(tiny_teacher, tmp_path / "another-machine" / "teacher")
+    _label(store, elsewhere, name="moved")
+    assert _same(_arrays(store, "synthetic"), made)
+    retrained = shutil.copytree(tiny_teacher, tmp_path / "retrained")
+    unet = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
+    with pytest.raises(SDiTError, match=r"made with another teacher \(.*: other unet weights\)"):
+        _label(store, retrained, name="retrained")
+
+
 def test_labels_of_a_replaced_synthetic_set_are_refused(store, tiny_teacher):
     _label(store, tiny_teacher, synthesis=SynthesisConfig(samples=1, steps=2))
     shutil.rmtree(store / "synthetic")
