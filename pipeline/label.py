@@ -40,7 +40,7 @@ from sdit.labels import (
 from sdit.loader import read_ahead
 from sdit.perturb import Kind, draw_generator, sample_draw
 from sdit.progress import Progress, no_progress
-from sdit.store import LABEL_COLUMNS, Store, write_shard
+from sdit.store import LABEL_COLUMNS, Store, resume_value, write_shard
 from sdit.synthesize import (
     SYNTHETIC,
     ShardSynthesizer,
@@ -296,14 +296,9 @@ def _manifest(config: LabelConfig, teacher: Teacher, synthetic: SyntheticManifes
         schema_version=LABELS_VERSION if config.guidance_fresh else 1)
 
 
-# What must match for a rerun to resume a labelling rather than refuse it; of the teacher, its weights' hashes
-# alone: the same weights resume wherever their files sit and in either layout.
+# What must match (as `resume_value` compares it) for a rerun to resume a labelling rather than refuse it.
 _RESUME_KEYS = ("teacher", "seed", "draws", "timesteps", "perturb", "guidance", "guidance_conditional",
                 "guidance_fresh", "synthesis", "synthetic_set")
-
-
-def _resume_value(meta: LabelsManifest, key: str):
-    return meta.teacher["hashes"] if key == "teacher" else getattr(meta, key)
 
 
 def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher,
@@ -314,7 +309,7 @@ def prepare_labels(store: Store, config: LabelConfig, teacher: Teacher,
         store.remove("_done", config.group)
     elif (old := read_labels(store, config.name)) is not None:
         for key in _RESUME_KEYS:
-            if _resume_value(old, key) != _resume_value(meta, key):
+            if resume_value(old, key) != resume_value(meta, key):
                 what = "set of synthetic records" if key == "synthetic_set" else key
                 raise SDiTError(f"labels {config.name!r} were made with another {what}; pass --labels NAME for a "
                                 "new set, or --overwrite")

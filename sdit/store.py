@@ -186,6 +186,13 @@ def from_versioned(cls, data: dict, version: int, what: str, older: tuple[int, .
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def resume_value(record, key: str):
+    """Field `key` of a stage-owned record (labels, synthetic records) as a rerun compares it to resume: of the
+    teacher, its weights' hashes alone, so that the same weights resume wherever their files sit and in either
+    layout."""
+    return record.teacher["hashes"] if key == "teacher" else getattr(record, key)
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec's filesystem and path for a local path or URL; a URL whose filesystem package is not installed
     (s3fs for s3://, gcsfs for gs://) is refused in one line."""

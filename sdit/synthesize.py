@@ -50,7 +50,7 @@ from sdit import sampling
 from sdit.config import SynthesisConfig
 from sdit.diffusion import NoiseSchedule
 from sdit.errors import SDiTError
-from sdit.store import Store, from_versioned, write_shard
+from sdit.store import Store, from_versioned, resume_value, write_shard
 
 if TYPE_CHECKING:
     from sdit.teacher import Teacher  # a type only: stage two reads synthetic records without the teacher
@@ -252,13 +252,8 @@ def _finite(values: np.ndarray) -> np.ndarray:
 
 # --- the set's manifest ------------------------------------------------------------------------------------------
 
-# What must match for a rerun to resume a synthetic set rather than refuse it; of the teacher, its weights' hashes
-# alone: the same weights resume wherever their files sit and in either layout.
+# What must match (as `resume_value` compares it) for a rerun to resume a synthetic set rather than refuse it.
 _RESUME_KEYS = ("teacher", "config", "scheduler", "prompts", "prompts_per_shard")
-
-
-def _resume_value(meta: SyntheticManifest, key: str):
-    return meta.teacher["hashes"] if key == "teacher" else getattr(meta, key)
 
 
 def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> SyntheticManifest:
@@ -285,7 +280,7 @@ def plan_synthesis(store: Store, config: SynthesisConfig, teacher: Teacher) -> S
     if old is None or old.store_created != manifest.created:
         return meta  # none yet, or made for an earlier encoding of this store (re-encoded with --overwrite)
     for key in _RESUME_KEYS:
-        if _resume_value(old, key) != _resume_value(meta, key):
+        if resume_value(old, key) != resume_value(meta, key):
             differs = _difference(key, getattr(old, key), getattr(meta, key))
             raise SDiTError(f"the store's synthetic records were made with {differs}; pass the same --synthesize/"
                             f"--synth-* options, or delete {store.url}/{SYNTHETIC} and {store.url}/_done/{SYNTHETIC} "

@@ -183,6 +183,7 @@ def test_a_synthetic_set_resumes_with_the_same_weights_from_another_place_and_re
         _label(store, retrained, name="retrained")
 
 
+@pytest.mark.slow
 def test_labels_of_a_replaced_synthetic_set_are_refused(store, tiny_teacher):
     _label(store, tiny_teacher, synthesis=SynthesisConfig(samples=1, steps=2))
     shutil.rmtree(store / "synthetic")
