@@ -45,13 +45,14 @@ DEMO := runs/demo
 SEED ?= 0
 # The shapes world with the toy teacher in data/toy-sd: write the limited split and a small balanced prompt bank
 # (4 prompts of each shape-colour pair), then encode -> teacher-label (the teacher's own samples of the bank, 6 a
-# prompt, as extra records) -> train a student with the teacher and one without, side by side -> sample, score, curves.
+# prompt, as extra records) -> train a student with the teacher and one without, side by side, each cross-attending
+# to the first 24 text positions (the world's captions take 18 at most) -> sample (10 DDIM steps), score, curves.
 # `make demo SEED=1` draws another split, other labels, other students and other samples.
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/sdit bench distill --out $(DEMO) --runs no_teacher,kd_synth --bank-per-pair 4 --synth-samples 6 \
-		--steps 1500 --lr 3e-3 --per-prompt 2 --sample-steps 20 --curve-points 5 --curve-prompts 1 --seed $(SEED) \
-		--json $(DEMO)/figures.json
+		--text-positions 24 --steps 1500 --lr 3e-3 --per-prompt 2 --sample-steps 10 --curve-points 5 \
+		--curve-prompts 1 --seed $(SEED) --json $(DEMO)/figures.json
 
 bench: install
 	$(BIN)/sdit bench startup --json runs/bench-startup.json

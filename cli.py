@@ -96,6 +96,10 @@ BenchTeacher = Annotated[Optional[str], typer.Option(help="Teacher (default: a t
 PRESET_NAMES = ", ".join(PRESETS)
 Student = Annotated[str, typer.Option("--student", "-s", help=f"Student preset: {PRESET_NAMES}.")]
 Scheduler = Annotated[str, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)}.")]
+TextPositions = Annotated[Optional[int], typer.Option(min=2,
+    help="The student's cross-attention reads only the first N of the text encoder's 77 positions (start token, "
+         "caption, end token, padding): cheaper when every caption is shorter. Training refuses a store with a "
+         "longer caption. Default: all.")]
 
 
 def _quiet_libraries() -> None:
@@ -287,6 +291,7 @@ def init(
     sample_size: Annotated[Optional[int], typer.Option(min=1, help="Latent side the student is built for (default: the teacher UNet's).")] = None,
     guidance_embed: Annotated[bool, typer.Option("--guidance-embed", help="A guidance-distilled student: it takes the CFG scale w (for guided labels).")] = False,
     guidance_linear: Annotated[bool, typer.Option("--guidance-linear", help="With --guidance-embed: w scales a second output head, ε = u + w·d, as the teacher's ε_u + w(ε_c − ε_u), rather than entering through an embedding.")] = False,
+    text_positions: TextPositions = None,
     seed: Annotated[int, typer.Option(help="Seed of the student's initial weights.")] = InitConfig.seed,
 ):
     """Write an untrained run folder: a fresh student beside the teacher's VAE, text encoder, tokenizer and scheduler."""
@@ -294,7 +299,7 @@ def init(
 
     summary = run_init(InitConfig(teacher=teacher, student=student, out=out, teacher_config=teacher_config,
                                   sample_size=sample_size, guidance_embed=guidance_embed,
-                                  guidance_linear=guidance_linear, seed=seed))
+                                  guidance_linear=guidance_linear, text_positions=text_positions, seed=seed))
     typer.echo(summary.line())
 
 
@@ -570,6 +575,7 @@ def bench_distill(
     records: Annotated[int, typer.Option(min=1, help="Records in the limited split.")] = DistillConfig.records,
     draws: Annotated[int, typer.Option(min=1, help="Teacher draws per record.")] = DistillConfig.draws,
     student: Student = DistillConfig.student,
+    text_positions: TextPositions = DistillConfig.text_positions,
     steps: Annotated[int, typer.Option(min=1, help="Training steps of every run.")] = DistillConfig.steps,
     batch_size: Annotated[int, typer.Option(min=1, help="Draws per training step of every run.")] = DistillConfig.batch_size,
     lr: Annotated[float, typer.Option(min=0, help="Learning rate of every run.")] = DistillConfig.lr,
@@ -599,7 +605,8 @@ def bench_distill(
     default_runs = SubstitutionConfig().distill.runs if sizes else DistillConfig.runs
     config = DistillConfig(out=out, teacher=teacher, runs=default_runs if runs is None else _names(runs),
                            variants=load_variants(variants),
-                           records=records, draws=draws, student=student, steps=steps, batch_size=batch_size,
+                           records=records, draws=draws, student=student, text_positions=text_positions,
+                           steps=steps, batch_size=batch_size,
                            lr=lr, lr_schedule=lr_schedule, per_prompt=per_prompt, sample_steps=sample_steps,
                            guidance=guidance, seed=seed, high_noise_weight=high_noise_weight,
                            synth_samples=synth_samples, trajectory_steps=trajectory_steps,
@@ -613,7 +620,7 @@ def bench_distill(
         return
     with _stage_bars(longest_steps(config), total_steps(config)) as bars:
         report = distill(config, *bars)
-    _report(format_report(report), {"runs": report["runs"], "teacher": report["teacher"]}, json_out)
+    _report(format_report(report), {k: report[k] for k in ("runs", "teacher", "seconds", "stages")}, json_out)
     curves = f"; learning curves: {out}/curves.png" if curve_points else ""
     typer.echo(f"grid: {out}/grid.png (teacher row, then one row per run); report: {out}/report.md{curves}; "
                f"score against the teacher's cost: {out}/budget.png")

@@ -22,7 +22,7 @@ from sdit.config import (
 )
 from sdit.errors import SDiTError
 from sdit.fid_protocols import DEFAULT_PROTOCOL
-from sdit.presets import PRESETS
+from sdit.presets import PRESETS, check_text_positions
 
 
 def check_cluster_path(ray_address: str | None, path: str, what: str) -> None:
@@ -165,6 +165,7 @@ class InitConfig:
     sample_size: int | None = None  # latent side the student is built for; None: the teacher UNet's
     guidance_embed: bool = False  # a guidance-distilled student: it takes the CFG scale w (for guided labels)
     guidance_linear: bool = False  # with guidance_embed: w at the output, ε = u + w·d of two heads, not embedded
+    text_positions: int | None = None  # of the text encoder's positions, the first the student cross-attends to
     seed: int = 0  # of the student's initial weights
 
     def check(self) -> None:
@@ -174,6 +175,7 @@ class InitConfig:
             raise SDiTError(f"--sample-size {self.sample_size}: at least 1")
         if self.guidance_linear and not self.guidance_embed:
             raise SDiTError("--guidance-linear is how a guidance-distilled student takes w: add --guidance-embed")
+        check_text_positions(self.text_positions, "--text-positions")
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up; cosine and linear decay to 0 at --steps

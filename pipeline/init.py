@@ -32,11 +32,13 @@ class InitSummary:
     preset: str
     parameters: int
     space: LatentSpace
+    text_positions: int | None = None
 
     def line(self) -> str:
         s = self.space
+        positions = f", cross-attending to {self.text_positions} of its positions" if self.text_positions else ""
         return (f"wrote {self.run}: {self.preset}, {self.parameters / 1e6:.1f}M parameters, latents {s.in_channels}x"
-                f"{s.sample_size}x{s.sample_size}, text width {s.text_dim}")
+                f"{s.sample_size}x{s.sample_size}, text width {s.text_dim}{positions}")
 
 
 def teacher_latent_space(teacher: str | Path, config_dir: str | Path | None = None) -> LatentSpace:
@@ -64,17 +66,21 @@ def init(config: InitConfig, space: LatentSpace | None = None) -> InitSummary:
         torch.manual_seed(config.seed)
         student = build_student(config.student, sample_size=space.sample_size, in_channels=space.in_channels,
                                 text_dim=space.text_dim, guidance_embed=config.guidance_embed,
-                                guidance_linear=config.guidance_linear)
+                                guidance_linear=config.guidance_linear, text_positions=config.text_positions)
     parts = load_teacher(config.teacher, components=("vae", "text_encoder"), config_dir=config.teacher_config)
-    run = write_run(config.out, student, parts, {"student": {"preset": config.student, "seed": config.seed}})
-    return InitSummary(run, config.student, count_parameters(student)["total"], space)
+    made = {"preset": config.student, "seed": config.seed} | (
+        {"text_positions": config.text_positions} if config.text_positions else {})
+    run = write_run(config.out, student, parts, {"student": made})
+    return InitSummary(run, config.student, count_parameters(student)["total"], space, config.text_positions)
 
 
 def init_for_store(store: str, labels: str, out: str, student: str, *, teacher: str | None = None,
-                   teacher_config: str | None = None, seed: int = 0, guidance_linear: bool = False) -> InitSummary:
+                   teacher_config: str | None = None, seed: int = 0, guidance_linear: bool = False,
+                   text_positions: int | None = None) -> InitSummary:
     """A fresh student for training on `store`'s labels: sized from the store's latents and text width, taking
-    the guidance scale when the labels are guided (at the output with `guidance_linear`), beside the VAE and text
-    encoder of the store's teacher (or of `teacher`, when that one's files are elsewhere)."""
+    the guidance scale when the labels are guided (at the output with `guidance_linear`), cross-attending to the
+    first `text_positions` of the text (None: all), beside the VAE and text encoder of the store's teacher (or of
+    `teacher`, when that one's files are elsewhere)."""
     s = Store(store)
     manifest = s.manifest()
     meta = read_labels(s, labels)
@@ -85,5 +91,6 @@ def init_for_store(store: str, labels: str, out: str, student: str, *, teacher: 
     c, h, _ = manifest.latent_shape
     config = InitConfig(teacher=path, student=student, out=out, teacher_config=teacher_config,
                         guidance_embed=meta is not None and meta.guided,
-                        guidance_linear=guidance_linear and meta is not None and meta.guided, seed=seed)
+                        guidance_linear=guidance_linear and meta is not None and meta.guided,
+                        text_positions=text_positions, seed=seed)
     return init(config, LatentSpace(h, c, manifest.text_shape[1]))

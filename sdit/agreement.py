@@ -67,7 +67,7 @@ class Agreement:
 def check_fit(data: LabelledStore, student: torch.nn.Module, run: dict, *, size: bool = False) -> None:
     """One-line refusals where the student's ε cannot be set against these labels: latent channels and text width
     (with `size`, the latent grid too, as training needs), the VAE and text encoder the store was encoded with,
-    and guided labels for a guidance-distilled student only."""
+    guided labels for a guidance-distilled student only, and no caption longer than the student's text positions."""
     cfg = student.config
     c, h, w = data.manifest.latent_shape
     width = data.manifest.text_shape[1]
@@ -83,6 +83,12 @@ def check_fit(data: LabelledStore, student: torch.nn.Module, run: dict, *, size:
     if data.labels.guided != bool(cfg.guidance_embed):
         raise SDiTError("guided labels need a guidance-distilled student (init with --guidance-embed), and only "
                         f"they do: this run and labels {data.group.split('/')[-1]!r} do not belong together")
+    if cfg.get("text_positions") and cfg.text_positions < data.manifest.text_shape[0]:
+        longest = data.store.longest_caption()
+        if longest > cfg.text_positions:
+            raise SDiTError(f"the store's captions run to {longest} tokens (start and end included) and this student "
+                            f"reads the first {cfg.text_positions} text positions: init it with --text-positions "
+                            f"{longest} or more")
 
 
 @torch.no_grad()

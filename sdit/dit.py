@@ -2,10 +2,12 @@
 
 DiT (Peebles & Xie, 2023) with two additions for text: cross-attention to the projected
 CLIP token embeddings in every block, and a pooled text vector added to the conditioning
-vector c that drives the adaLN-Zero modulation. With `guidance_embed`, the student also takes the
-classifier-free guidance scale w, for students distilled from a guided teacher: through c (an embedding of w,
-as LCM's), or, with `guidance_linear`, at the output, which then has two heads combined as u + w·d, the form of
-the teacher's own ε_u + w·(ε_c − ε_u), so that w needs no learning at all.
+vector c that drives the adaLN-Zero modulation. With `text_positions`, the cross-attention
+reads only the first so many of the text encoder's positions (the pooled vector still
+averages them all). With `guidance_embed`, the student also takes the classifier-free
+guidance scale w, for students distilled from a guided teacher: through c (an embedding of w,
+as LCM's), or, with `guidance_linear`, at the output, which then has two heads combined as
+u + w·d, the form of the teacher's own ε_u + w·(ε_c − ε_u), so that w needs no learning at all.
 
 The file reads from small parts to large: embedders, attention, the block, the final
 layer, the model, positional helpers, size presets. The network is only ε(x_t, t, text, [w]);
@@ -27,7 +29,7 @@ from torch import nn
 # Relative imports, of modules that import only torch, diffusers, transformers, numpy and PIL: run folders carry
 # a copy of this module and of what it imports (sdit.run), which loads where sdit is not installed.
 from .errors import SDiTError
-from .presets import PRESETS, Preset
+from .presets import PRESETS, Preset, check_text_positions
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width fed to the timestep and guidance MLPs (DiT's value)
 MAX_PERIOD = 10_000  # longest sinusoid period, for timesteps, guidance and positions alike
@@ -214,9 +216,11 @@ class SDiT(ModelMixin, ConfigMixin):
         text_dim: int = 768,
         guidance_embed: bool = False,
         guidance_linear: bool = False,
+        text_positions: int | None = None,
     ):
         super().__init__()
         check_sizes(sample_size=sample_size, patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads)
+        check_text_positions(text_positions)
         if guidance_linear and not guidance_embed:
             raise SDiTError("guidance_linear is a way for a guidance-distilled student to take w: set guidance_embed")
         self.gradient_checkpointing = False  # switched by enable_gradient_checkpointing()
@@ -266,7 +270,8 @@ class SDiT(ModelMixin, ConfigMixin):
         """Predict ε for noisy latents.
 
         sample (N, C, H, W) with H and W multiples of patch_size; timestep (N,) or a scalar,
-        on the teacher's scale (0..999 for SD); encoder_hidden_states (N, L, text_dim);
+        on the teacher's scale (0..999 for SD); encoder_hidden_states (N, L, text_dim), whose first
+        text_positions alone a student built with them cross-attends to;
         guidance (N,) or a scalar, the CFG scale w, required if and only if the model was
         built with guidance_embed. Returns ε (N, C, H, W), or a Transformer2DModelOutput
         with return_dict=True; with guidance_linear, ε = u + w·d of the output's two heads.
@@ -281,6 +286,7 @@ class SDiT(ModelMixin, ConfigMixin):
         if self.g_embedder is not None:
             c = c + self.g_embedder(per_sample(guidance, n, sample.device))  # (N, D)
         c = c + self.text_pool(text)  # (N, D)
+        text = text[:, : self.config.text_positions]  # (N, L', D): the keys and values of every cross-attention
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c, text)  # (N, T, D)
@@ -385,6 +391,7 @@ def build_student(
     text_dim: int,
     guidance_embed: bool = False,
     guidance_linear: bool = False,
+    text_positions: int | None = None,
     **overrides,
 ) -> SDiT:
     """A fresh student of a named size; `overrides` replace any of the preset's fields."""
@@ -396,7 +403,7 @@ def build_student(
     size = asdict(PRESETS[preset]) | overrides
     return SDiT(
         sample_size=sample_size, in_channels=in_channels, text_dim=text_dim, guidance_embed=guidance_embed,
-        guidance_linear=guidance_linear, **size
+        guidance_linear=guidance_linear, text_positions=text_positions, **size
     )
 
 

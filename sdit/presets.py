@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import SDiTError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -31,3 +33,9 @@ PRESETS: dict[str, Preset] = {
 
 # The sizes benchmarks compare at SD 1.5's scale, as DiT's paper does.
 DEFAULT_PRESETS = ("SDiT-S/2", "SDiT-B/2", "SDiT-L/2", "SDiT-XL/2")
+
+
+def check_text_positions(value: int | None, name: str = "text_positions") -> None:
+    """A student's text positions (None: all), refused in one line below the two a caption takes."""
+    if value is not None and value < 2:
+        raise SDiTError(f"{name} {value}: give 2 or more (a caption's start and end tokens)")

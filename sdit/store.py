@@ -447,6 +447,14 @@ class Store:
                             "machine share (a shared filesystem or object storage), then run again")
         return done
 
+    def longest_caption(self) -> int:
+        """The most tokens (start and end included) of any caption in the store: its records, prompt bank and
+        synthetic records; one small read of each finished shard."""
+        groups = [group for group in ("records", "prompts", "synthetic") if self.exists(group)]
+        reads = [functools.partial(self.read, group, index, ("token_count",)) for group in groups
+                 for index in self.finished(group)]
+        return max((int(part["token_count"].max(initial=0)) for part in self.concurrently(reads)), default=0)
+
     def iter_shards(self, group: str = "records") -> Iterator[tuple[int, zarr.Group]]:
         for index in self.finished(group):
             yield index, self.shard_group(group, index)

@@ -116,6 +116,27 @@ def test_a_linear_guidance_student_is_exactly_affine_in_w():
         nano(guidance_linear=True)
 
 
+def test_a_student_of_fewer_text_positions_cross_attends_to_those_and_keeps_them_when_saved(tmp_path):
+    model = nano(text_positions=3)
+    randomize(model)
+    x = inputs(2)
+    whole = nano()
+    whole.load_state_dict(model.state_dict())  # the same weights, cross-attending to every position
+    with torch.no_grad():
+        eps = model(**x)
+        assert not torch.allclose(eps, whole(**x))
+        for block in whole.blocks:  # what the cross-attention sees: the first 3 positions' keys and values
+            attend = block.cross_attn.forward
+            block.cross_attn.forward = lambda q, text, attend=attend: attend(q, text[:, :3])
+        assert torch.allclose(eps, whole(**x), atol=1e-6)  # and the pooled vector, as ever, of them all
+    model.save_pretrained(tmp_path)
+    assert SDiT.from_pretrained(tmp_path).config.text_positions == 3
+    model.save_pretrained(tmp_path)
+    assert SDiT.from_pretrained(tmp_path).config.text_positions == 3
+    with pytest.raises(SDiTError, match="text_positions 1: give 2 or more"):
+        nano(text_positions=1)
+
+
 def test_save_and_load_round_trip_exactly(tmp_path):
     model = nano(guidance_embed=True)
     randomize(model)

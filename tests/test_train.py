@@ -12,6 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
 from cli import app
@@ -23,6 +24,8 @@ from sdit.dit import SDiT, build_student
 from sdit.errors import SDiTError
 from sdit.loader import DrawStream, LabelledStore
 from sdit.run import load_student, read_run
+from sdit.store import Store
+from sdit.text import tokenize
 from sdit.tiny import save_tiny_teacher
 
 FAST = dict(batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, sample_steps=4, sample_prompts=4)
@@ -209,6 +212,23 @@ def test_what_does_not_fit_is_refused_in_one_line(labelled_store, tiny_teacher, 
     build_student("SDiT-Nano/2", sample_size=16, in_channels=4, text_dim=32).save_pretrained(good / "transformer")
     with pytest.raises(SDiTError, match="latents are 4x8x8 with text 32 wide; the student takes 4x16x16 with text 32"):
         _train(labelled_store, tmp_path / "w", init=str(good), student=None)
+
+
+def test_a_student_reading_fewer_text_positions_trains_only_where_every_caption_fits(labelled_store, tiny_teacher,
+                                                                                     tmp_path):
+    store = Store(str(labelled_store))
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_teacher / "tokenizer")
+    captions = [str(c) for group in ("records", "prompts") for _, shard in store.iter_shards(group)
+                for c in shard["captions"][:]]
+    longest = int(tokenize(tokenizer, captions)[1].max())
+    assert store.longest_caption() == longest > 2
+    short = new_run(tmp_path / "short", tiny_teacher, text_positions=longest - 1)
+    with pytest.raises(SDiTError, match=f"captions run to {longest} tokens .* reads the first {longest - 1} text "
+                                        f"positions: init it with --text-positions {longest} or more"):
+        _train(labelled_store, tmp_path / "a", init=str(short), student=None, steps=1)
+    enough = new_run(tmp_path / "enough", tiny_teacher, text_positions=longest)
+    assert _train(labelled_store, tmp_path / "b", init=str(enough), student=None, steps=2)["steps"] == 2
+    assert load_student(tmp_path / "b").config.text_positions == longest
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.config import LabelConfig
 from sdit.config import TOY_TEACHER, PerturbConfig
 from sdit.errors import SDiTError
-from sdit.presets import PRESETS
+from sdit.presets import PRESETS, check_text_positions
 from sdit.shapes.config import EVAL_GUIDANCE, EVAL_STEPS
 
 Say = Callable[[str], None]  # hears the name of each stage of an experiment as it starts
@@ -58,7 +58,7 @@ LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "d
 
 
 # ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
-INIT_OPTIONS = {"guidance_linear": bool}
+INIT_OPTIONS = {"guidance_linear": bool, "text_positions": int}
 
 
 TRAIN_OPTIONS = {"steps": int, "batch_size": int, "lr": float, "warmup": int, "lr_schedule": str,
@@ -87,6 +87,9 @@ class DistillConfig:
     records: int = 1000  # the limited split
     draws: int = 8
     student: str = "SDiT-T/2"
+    # Every student cross-attends to this many of the 77 text positions (None: all); the world's captions take 18 at
+    # most.
+    text_positions: int | None = None
     steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3  # 3e-3 learnt shapes sooner than 1e-3 for both kinds of student (1,000-step runs)
@@ -121,6 +124,7 @@ class DistillConfig:
             raise SDiTError(f"variants {sorted(clash)} are also runs of --runs: give them other names")
         if self.student not in PRESETS:
             raise SDiTError(f"unknown student preset {self.student!r}; choose one of: {', '.join(PRESETS)}")
+        check_text_positions(self.text_positions, "--text-positions")
         if self.per_prompt < 2:
             raise SDiTError(f"--per-prompt {self.per_prompt}: give 2 or more (a score's 95% interval resamples each "
                             "prompt's samples)")
@@ -193,6 +197,7 @@ def check_variant(name: str, options: dict) -> None:
             raise SDiTError(f"variant {name!r}: {err}") from None
     if "student" in options and options["student"] not in PRESETS:
         raise SDiTError(f"variant {name!r}: unknown student preset {options['student']!r}")
+    check_text_positions(options.get("text_positions"), f"variant {name!r}: text_positions")
     if "perturb" in options:  # a mix that does not sum to 1 is refused before the experiment starts
         try:
             PerturbConfig.from_option(options["perturb"])

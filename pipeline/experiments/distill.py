@@ -100,7 +100,8 @@ def distill(config: DistillConfig, say: Say = lambda _: None,
         for run in inits(runs):
             if not (out / run.init).exists():
                 init_for_store(str(out / run.store), run.labels, str(out / run.init), run.student,
-                               teacher=config.teacher, seed=config.seed, guidance_linear=run.guidance_linear)
+                               teacher=config.teacher, seed=config.seed, guidance_linear=run.guidance_linear,
+                               text_positions=run.text_positions)
         for training in trainings.values():  # a folder left by a start that trained nothing begins again
             if not training.resume:
                 shutil.rmtree(training.out, ignore_errors=True)
@@ -148,16 +149,23 @@ def inits(runs: dict[str, Run]) -> list[Run]:
 
 def check_inits(out: Path, runs: dict[str, Run], seed: int) -> None:
     """Refuse a rerun whose students differ from the initial weights an earlier start left in `out` (another
-    --student or --seed): its runs would resume training those."""
+    --student, --text-positions or --seed): its runs would resume training those."""
     for run in inits(runs):
         folder = out / run.init
         if not folder.exists():
             continue
         made = read_run(folder)["student"]
-        if (made["preset"], made["seed"]) != (run.student, seed):
-            raise SDiTError(f"{folder} holds the initial weights of a {made['preset']} student of seed "
-                            f"{made['seed']}, and this experiment trains a {run.student} of seed {seed}: pass "
-                            f"another --out, or remove {out} to start again")
+        made = (made["preset"], made.get("text_positions"), made["seed"])
+        wanted = (run.student, run.text_positions, seed)
+        if made != wanted:
+            raise SDiTError(f"{folder} holds the initial weights of {_student(*made)}, and this experiment trains "
+                            f"{_student(*wanted)}: pass another --out, or remove {out} to start again")
+
+
+def _student(preset: str, text_positions: int | None, seed: int) -> str:
+    """'a SDiT-T/2 student of seed 0', with its text positions when it reads fewer than all."""
+    return f"a {preset} student" + (f" of {text_positions} text positions" if text_positions else "") + \
+        f" of seed {seed}"
 
 
 def split_options(config: DistillConfig) -> dict:

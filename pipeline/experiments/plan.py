@@ -68,6 +68,7 @@ class Run:
     init: str  # the folder (in OUT) of its initial weights, shared by every run of its student and kind
     student: str  # its preset
     guidance_linear: bool  # a guided student that takes w at its output (sdit init --guidance-linear)
+    text_positions: int | None  # of the text its student cross-attends to (sdit init --text-positions)
     training: dict  # TrainConfig fields set for this run: its recipe's weights, a variant's training options
 
 
@@ -85,13 +86,16 @@ def plan(config: DistillConfig) -> tuple[dict[str, Labelling], dict[str, Run]]:
             labellings[labels] = labelling
         student = options.get("student", config.student)
         linear = bool(options.get("guidance_linear"))
+        positions = options.get("text_positions", config.text_positions)
         init = "init" + ("-guided" if recipe.labels == GUIDED_LABELS else "") + ("-linear" if linear else "") + (
-            "" if student == config.student else "-" + student.replace("/", "-"))
+            "" if student == config.student else "-" + student.replace("/", "-")) + (
+            "" if positions == config.text_positions else f"-text{positions}")
         training = {"kd_weight": recipe.kd_weight, "task_weight": recipe.task_weight} | {
             k: v for k, v in options.items() if k in TRAIN_OPTIONS and k != "student"}
         if "fresh_guidance_range" in training:
             training["fresh_guidance_range"] = LabelConfig.parse_guidance(training["fresh_guidance_range"])
-        runs[name] = Run(options["from"], labels, store_of(labels, labelling), init, student, linear, training)
+        runs[name] = Run(options["from"], labels, store_of(labels, labelling), init, student, linear, positions,
+                         training)
     return labellings, runs
 
 

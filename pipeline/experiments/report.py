@@ -51,7 +51,8 @@ def format_report(report: dict) -> str:
     for name, options in c["variants"].items():
         changes = ", ".join(f"{k}={v}" for k, v in options.items() if k != "from")
         lines.append(f"{name}: {options['from']} with {changes}.")
-    lines.append(f"{c['student']}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "
+    positions = f" cross-attending to {c['text_positions']} text positions" if c.get("text_positions") else ""
+    lines.append(f"{c['student']}{positions}, {c['steps']} steps at batch {c['batch_size']}, {c['records']} records x "
                  f"{c['draws']} draws, {c['per_prompt']} samples per prompt (DDIM {c['sample_steps']}, guidance "
                  f"{c['guidance']}), high-noise weight {c['high_noise_weight']}; {report['seconds']:.0f} s in all"
                  + timing(report) + ".")

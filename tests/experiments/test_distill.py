@@ -174,15 +174,19 @@ def test_variants_train_beside_the_runs_on_their_own_labels_and_a_rerun_keeps_wh
             {k: report["runs"][name][k] for k in ("heldout_acc", "seen_acc", "curves")}
 
 
-@pytest.mark.parametrize("student, seed", [("SDiT-T/2", 0), ("SDiT-Nano/2", 1)])
-def test_a_rerun_with_another_student_or_seed_is_refused_before_any_work(tiny_teacher, tmp_path, student, seed):
+@pytest.mark.parametrize("student, positions, seed, trains", [
+    ("SDiT-T/2", None, 0, "a SDiT-T/2 student of seed 0"), ("SDiT-Nano/2", None, 1, "a SDiT-Nano/2 student of seed 1"),
+    ("SDiT-Nano/2", 20, 0, "a SDiT-Nano/2 student of 20 text positions of seed 0")])
+def test_a_rerun_with_another_student_or_seed_is_refused_before_any_work(tiny_teacher, tmp_path, student, positions,
+                                                                         seed, trains):
     """Its runs would otherwise resume training the students an earlier start made."""
     out = tmp_path / "distill"
     init(InitConfig(teacher=str(tiny_teacher), student="SDiT-Nano/2", out=str(out / "init"), seed=0))
     result = CliRunner().invoke(app, ["bench", "distill", "--out", str(out), "--teacher", str(tiny_teacher),
-                                      "--runs", "no_teacher", "--student", student, "--seed", str(seed)])
+                                      "--runs", "no_teacher", "--student", student, "--seed", str(seed),
+                                      *(["--text-positions", str(positions)] if positions else [])])
     assert result.exit_code != 0
-    assert f"a SDiT-Nano/2 student of seed 0, and this experiment trains a {student} of seed {seed}" in result.output
+    assert f"a SDiT-Nano/2 student of seed 0, and this experiment trains {trains}:" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["init"]
 
 
@@ -223,7 +227,8 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
                 "guided_traj_linear": {"from": "kd_guided", "synth_samples": 2, "guidance_linear": True},
                 "guided_synth": {"from": "kd_guided", "trajectories": False, "synth_samples": 2},
                 "fresh24": {"from": "kd_guided", "fresh_guidance_range": "2:4"},
-                "light": {"from": "kd_synth", "synthetic_weight": 0.5}}
+                "light": {"from": "kd_synth", "synthetic_weight": 0.5},
+                "short": {"from": "kd_synth", "text_positions": 20}}
     config = DistillConfig(runs=("kd", "kd_synth", "kd_traj", "kd_guided"), variants=variants)
     config.check()  # a guided student of trajectory draws takes kd_traj's options and kd_guided's alike
     labellings, runs = plan(config)
@@ -236,7 +241,9 @@ def test_each_run_starts_from_the_initial_weights_of_its_kind_of_student():
         "guided_traj": ("init-guided", "store-guided_traj", False),
         "guided_traj_linear": ("init-guided-linear", "store-guided_traj_linear", True),
         "guided_synth": ("init-guided", "store-guided_synth", False), "fresh24": ("init-guided", "store-guided", False),
-        "light": ("init", "store", False)}
+        "light": ("init", "store", False), "short": ("init-text20", "store", False)}
+    assert (runs["short"].text_positions, runs["kd"].text_positions) == (20, None)
+    assert plan(replace(config, text_positions=20))[1]["short"].init == "init"  # every student reads 20
     # kd_guided's own labels: w from 1:3 kept fresh, on the records and four trajectories per prompt of the bank,
     # their states on a 12-step schedule (kd_traj's take --trajectory-steps, 16)
     guided = labellings["guided"]
@@ -302,6 +309,7 @@ def test_the_teachers_samples_are_drawn_again_for_a_teacher_with_another_unet(ti
     ('[a]\nfrom = "kd_perturb"\nperturb = "none=0.5,swap=0.2"\n',
      "variant 'a': --perturb none=0.5,swap=0.2 sums to 0.7"),
     ('[a]\nfrom = "kd_perturb"\nguidance_linear = true\n', "guidance_linear is for students of guided labels"),
+    ('[a]\nfrom = "kd"\ntext_positions = 1\n', "variant 'a': text_positions 1: give 2 or more"),
     ('[a]\nfrom = "kd_synth"\nfresh_guidance = true\n', "fresh_guidance is for students of guided labels"),
     ('[a]\nfrom = "kd_guided"\nfresh_guidance = false\nfresh_guidance_range = "2:4"\n',
      "for labels with fresh_guidance = true"),
