@@ -57,7 +57,8 @@ LABEL_OPTIONS = {"perturb": str, "caption_min_t": int, "prompt_share": float, "d
                  "trajectories": bool}
 
 
-# ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels.
+# ... and its student's initial weights (`sdit init`): w at the output rather than embedded, for guided labels; the
+# text positions its cross-attention reads.
 INIT_OPTIONS = {"guidance_linear": bool, "text_positions": int}
 
 
