@@ -270,8 +270,8 @@ class SDiT(ModelMixin, ConfigMixin):
         """Predict ε for noisy latents.
 
         sample (N, C, H, W) with H and W multiples of patch_size; timestep (N,) or a scalar,
-        on the teacher's scale (0..999 for SD); encoder_hidden_states (N, L, text_dim), whose first
-        text_positions alone a student built with them cross-attends to;
+        on the teacher's scale (0..999 for SD); encoder_hidden_states (N, L, text_dim), of which
+        a student built with text_positions cross-attends to the first text_positions only;
         guidance (N,) or a scalar, the CFG scale w, required if and only if the model was
         built with guidance_embed. Returns ε (N, C, H, W), or a Transformer2DModelOutput
         with return_dict=True; with guidance_linear, ε = u + w·d of the output's two heads.
